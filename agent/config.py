@@ -1,0 +1,365 @@
+"""Configuration: typed, frozen settings from YAML, then env, then flags; validate() checks cross-field rules.
+
+The YAML keys are a contract (issue 2 and 3): tools outside the package write these files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from agent.errors import ConfigError
+
+__all__ = [
+    "ISTIO_CA_FIELDS",
+    "TLS_FIELDS",
+    "AgentConfig",
+    "AuthConfig",
+    "BundleConfig",
+    "Duration",
+    "ExecReload",
+    "HttpReload",
+    "NoReload",
+    "RolloutRestartReload",
+    "SignalReload",
+    "load",
+    "parse_duration",
+]
+
+CONFIG_ENV = "ISTIO_VAULT_AGENT_CONFIG"
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+#: output file -> KV key, the runbook's layout (seeds/003): ca_key, ca_cert, root_cert, cert_chain
+ISTIO_CA_FIELDS: Mapping[str, str] = {
+    "ca-key.pem": "ca_key",
+    "ca-cert.pem": "ca_cert",
+    "root-cert.pem": "root_cert",
+    "cert-chain.pem": "cert_chain",
+}
+TLS_FIELDS: Mapping[str, str] = {"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"}
+
+
+class Duration(float):
+    """Seconds, written in YAML as `30s`, `5m`, `1h`, `500ms`, `1h30m` or a bare number of seconds."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a duration such as `120s` or `1h30m` into seconds; raise ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return Duration(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return Duration(float(text))
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return Duration(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+
+class VaultConfig(_Section):
+    address: str = ""
+    ca_cert: str | None = None
+    namespace: str | None = None
+    tls_server_name: str | None = None
+    skip_verify: bool = False
+    #: per-request timeout; hvac blocks, so this bounds every call
+    timeout: Duration = Duration(10)
+
+
+class AuthConfig(_Section):
+    method: Literal["kubernetes", "jwt", "token"] = "kubernetes"
+    mount: str | None = None
+    role: str | None = None
+    token_path: str = SA_TOKEN_PATH
+
+
+class KVSource(_Section):
+    kv: str
+    fields: dict[str, str] = {}
+
+
+class SignalReload(_Section, tag_field="action", tag="signal"):
+    signal: str = "SIGHUP"
+    process: str | None = None
+    pid_file: str | None = None
+
+
+class ExecReload(_Section, tag_field="action", tag="exec"):
+    command: list[str]
+    timeout: Duration = Duration(10)
+
+
+class HttpReload(_Section, tag_field="action", tag="http"):
+    url: str
+    method: str = "POST"
+    timeout: Duration = Duration(10)
+
+
+class RolloutTarget(_Section):
+    kind: Literal["Deployment", "DaemonSet", "StatefulSet"]
+    name: str
+    namespace: str | None = None
+
+
+class RolloutRestartReload(_Section, tag_field="action", tag="rollout-restart"):
+    target: RolloutTarget
+
+
+class NoReload(_Section, tag_field="action", tag="none"):
+    pass
+
+
+Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReload
+
+
+class BundleConfig(_Section):
+    name: str
+    dir: str
+    source: KVSource
+    type: Literal["istio-ca", "tls"] = "istio-ca"
+    file_mode: int = 0o644
+    key_mode: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
+    reload: Reload = NoReload()
+    multiroot: bool = False
+    on_root_change: Literal["restart", "none"] = "restart"
+    restart_process: str = "pilot-discovery"
+    ready_min_remaining: Duration = Duration(3600)
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Output file -> KV key, the defaults for the type overlaid with `source.fields`."""
+        defaults = ISTIO_CA_FIELDS if self.type == "istio-ca" else TLS_FIELDS
+        return {**defaults, **self.source.fields}
+
+
+class InitConfig(_Section):
+    timeout: Duration = Duration(120)
+
+
+class HealthConfig(_Section):
+    listen: str = "0.0.0.0:8099"
+
+
+class SidecarConfig(_Section):
+    poll_interval: Duration = Duration(30)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class AgentConfig(_Section):
+    bundles: list[BundleConfig]
+    vault: VaultConfig = VaultConfig()
+    auth: AuthConfig = AuthConfig()
+    init: InitConfig = InitConfig()
+    health: HealthConfig = HealthConfig()
+    sidecar: SidecarConfig = SidecarConfig()
+    log: LogConfig = LogConfig()
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError
+
+
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "nothing",
+}
+
+
+def _friendly(err: msgspec.ValidationError) -> str:
+    """Turn msgspec's message into one sentence that names the key in YAML terms."""
+    text = str(err)
+    where = ""
+    if " - at `$" in text:
+        text, _, path = text.rpartition(" - at `$")
+        where = path.rstrip("`").lstrip(".")
+    prefix = f"{where}." if where else ""
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        return f"unknown key {prefix}{m.group(1)}: remove it or check its spelling"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+        return f"missing required key {prefix}{m.group(1)}"
+    if m := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
+        want = " or ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in m.group(1).split("|"))
+        return f"{where or 'the config'} must be {want}, not {_TYPE_WORDS.get(m.group(2), m.group(2))}"
+    if m := re.fullmatch(r"Invalid value '(.*)'", text):
+        return f"{where} has an invalid value {m.group(1)!r}"
+    if m := re.fullmatch(r"Expected `(.+)` of length >= (\d+)", text):
+        return f"{where} must not be empty"
+    return f"{where}: {text}" if where else text
+
+
+def _loads_yaml(text: str, source: str) -> Any:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader / CSafeLoader only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source} is not valid YAML{at}: {problem}") from None
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Env overrides the file, like the vault CLI: VAULT_ADDR (or BAO_ADDR), VAULT_CACERT, ..."""
+    vault = raw.setdefault("vault", {})
+    if not isinstance(vault, dict):
+        return
+    addr = env.get("VAULT_ADDR") or env.get("BAO_ADDR")
+    if addr:
+        vault["address"] = addr
+    cacert = env.get("VAULT_CACERT") or env.get("BAO_CACERT")
+    if cacert:
+        vault["ca_cert"] = cacert
+    namespace = env.get("VAULT_NAMESPACE") or env.get("BAO_NAMESPACE")
+    if namespace:
+        vault["namespace"] = namespace
+    skip = env.get("VAULT_SKIP_VERIFY") or env.get("BAO_SKIP_VERIFY")
+    if skip is not None and skip != "":
+        lowered = skip.strip().lower()
+        if lowered not in {"1", "0", "true", "false", "yes", "no"}:
+            raise ConfigError(f"VAULT_SKIP_VERIFY must be true or false, not {skip!r}")
+        vault["skip_verify"] = lowered in {"1", "true", "yes"}
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Load and validate the config file (path, else $ISTIO_VAULT_AGENT_CONFIG); env then flags override it.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown, mistyped or missing.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"no config file given: pass --config FILE or set {CONFIG_ENV}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    raw = _loads_yaml(text, f"config file {path}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a YAML mapping at the top level")
+    return from_mapping(raw, env=env, overrides=overrides)
+
+
+def from_mapping(
+    raw: dict[str, Any], *, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> AgentConfig:
+    """Build an AgentConfig from parsed YAML, applying env and flag overrides, then validate it."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _apply_env(raw, os.environ if env is None else env)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        target = raw.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = value
+    if "bundles" not in raw:
+        raise ConfigError("missing required key bundles: list at least one bundle to publish")
+    try:
+        cfg = msgspec.convert(raw, type=AgentConfig, dec_hook=_dec_hook, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_friendly(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+_SIGNALS = {"SIGHUP", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGKILL"}
+
+
+def validate(cfg: AgentConfig) -> None:
+    """Rules across fields that types cannot express. Raises ConfigError naming the key."""
+    if not cfg.vault.address:
+        raise ConfigError("missing required key vault.address (or set VAULT_ADDR)")
+    if not re.match(r"^https?://[^/]+", cfg.vault.address):
+        raise ConfigError(f"vault.address must be an http:// or https:// URL, not {cfg.vault.address!r}")
+    auth = cfg.auth
+    if auth.method in {"kubernetes", "jwt"}:
+        if not auth.role:
+            raise ConfigError(f"missing required key auth.role: the {auth.method} auth role to log in with")
+        if not auth.mount:
+            raise ConfigError(f"missing required key auth.mount: the path the {auth.method} auth method is mounted at")
+    if not cfg.bundles:
+        raise ConfigError("bundles must list at least one bundle to publish")
+    names: set[str] = set()
+    dirs: set[str] = set()
+    for i, b in enumerate(cfg.bundles):
+        key = f"bundles[{i}]"
+        if not b.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", b.name):
+            raise ConfigError(f"{key}.name must be letters, digits, '.', '_' or '-', not {b.name!r}")
+        if b.name in names:
+            raise ConfigError(f"{key}.name {b.name!r} is used by another bundle: names must be unique")
+        names.add(b.name)
+        norm = os.path.normpath(b.dir)
+        if not b.dir or norm in dirs:
+            raise ConfigError(f"{key}.dir must be a directory of its own, not {b.dir!r}")
+        dirs.add(norm)
+        if "/" not in b.source.kv.strip("/"):
+            raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {b.source.kv!r}")
+        allowed = ISTIO_CA_FIELDS if b.type == "istio-ca" else TLS_FIELDS
+        for out in b.source.fields:
+            if out not in allowed:
+                raise ConfigError(
+                    f"{key}.source.fields has {out!r}, which a {b.type} bundle does not publish;"
+                    f" use {', '.join(allowed)}"
+                )
+        for mode_key in ("file_mode", "key_mode"):
+            mode = getattr(b, mode_key)
+            if not 0 <= mode <= 0o777:
+                raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0o640 (0-511), not {mode}")
+        r = b.reload
+        if isinstance(r, SignalReload):
+            if r.signal.upper() not in _SIGNALS and f"SIG{r.signal.upper()}" not in _SIGNALS:
+                raise ConfigError(f"{key}.reload.signal must be one of {', '.join(sorted(_SIGNALS))}")
+            if bool(r.process) == bool(r.pid_file):
+                raise ConfigError(f"{key}.reload needs exactly one of process or pid_file for action signal")
+        if isinstance(r, ExecReload) and not r.command:
+            raise ConfigError(f"{key}.reload.command must not be empty for action exec")
+        if isinstance(r, HttpReload) and not re.match(r"^https?://", r.url):
+            raise ConfigError(f"{key}.reload.url must be an http:// or https:// URL")
+        if b.type != "istio-ca" and b.multiroot:
+            raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
+    host, sep, port = cfg.health.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"health.listen must be HOST:PORT such as 0.0.0.0:8099, not {cfg.health.listen!r}")
+    if cfg.sidecar.poll_interval < 0.1:
+        raise ConfigError("sidecar.poll_interval must be at least 100ms")

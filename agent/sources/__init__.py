@@ -1,0 +1,1 @@
+"""Where bundles come from: KV now (kv.py), PKI next. A source returns file name -> PEM bytes."""
