@@ -127,3 +127,23 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
         renewable=bool(auth.get("renewable")),
         obtained_at=time.time(),
     )
+
+
+def renew(client: hvac.Client, current: Login) -> Login:
+    """Renew the client's token; the returned Login carries the new TTL (shorter than asked near max TTL).
+
+    Raises:
+        AuthError: the token was revoked, expired or is not renewable: log in again.
+        VaultUnavailable: Vault could not be reached.
+    """
+    response = vault.call(
+        client.auth.token.renew_self, address=client.url, action="renewing the Vault token", login=True
+    )
+    data = (response or {}).get("auth") or {}
+    return Login(
+        token=current.token,
+        accessor=data.get("accessor", current.accessor),
+        ttl=float(data.get("lease_duration") or 0),
+        renewable=bool(data.get("renewable")),
+        obtained_at=time.time(),
+    )
