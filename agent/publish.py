@@ -1,0 +1,414 @@
+"""Atomic publishing of a bundle into a directory, kubelet AtomicWriter style.
+
+Files go into a fresh hidden generation ``DIR/..<timestamp>``, one rename swaps the ``DIR/..data`` symlink
+to it, and each visible ``DIR/<file>`` is a symlink to ``..data/<file>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import PublishError
+
+__all__ = ["DATA", "KEYS", "PublishResult", "publish", "read_current", "repair_needed"]
+
+#: files written with ``key_mode`` (0600 by default) instead of ``file_mode``
+KEYS: frozenset[str] = frozenset({"ca-key.pem", "tls.key"})
+#: the symlink that names the live generation; readers resolve it once per read
+DATA = "..data"
+
+_DATA_TMP = "..data_tmp"
+_LINK_TMP_PREFIX = "..tmp_"
+# kubelet's generation names: ..2006_01_02_15_04_05.<random>
+_GENERATION = re.compile(r"^\.\.\d{4}(?:_\d{2}){5}\.[A-Za-z0-9_]+$")
+# a reader racing a publisher may find the generation it resolved already removed; it then resolves again
+_READ_ATTEMPTS = 100
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What `publish` did."""
+
+    #: False when the live generation already held identical bytes and modes (nothing written, no swap)
+    changed: bool
+    #: name of the live ``..<timestamp>`` directory inside `path`
+    generation: str
+    #: the published directory
+    path: Path
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The wanted content of one generation."""
+
+    files: Mapping[str, bytes]
+    modes: Mapping[str, int]
+    uid: int | None
+    gid: int | None
+
+    @classmethod
+    def build(
+        cls,
+        files: Mapping[str, bytes],
+        key_files: Collection[str],
+        file_mode: int,
+        key_mode: int,
+        owner: tuple[int | None, int | None],
+    ) -> _Spec:
+        modes = {name: key_mode if name in key_files else file_mode for name in files}
+        return cls(files, modes, owner[0], owner[1])
+
+
+@dataclass(frozen=True)
+class _Entry:
+    data: bytes | None  # None: not a regular file
+    mode: int
+    uid: int
+    gid: int
+
+
+def publish(
+    dir: Path,
+    files: Mapping[str, bytes],
+    *,
+    key_files: Collection[str] = KEYS,
+    file_mode: int = 0o644,
+    key_mode: int = 0o600,
+    uid: int | None = None,
+    gid: int | None = None,
+    forbid: Collection[str] = (),
+) -> PublishResult:
+    """Publish `files` into `dir` as one new generation, unless the live one already matches.
+
+    `dir` is created (0755) if missing. Files named in `key_files` get `key_mode`, the others `file_mode`;
+    each is chowned to `uid`/`gid` when given. Visible links for files no longer in `files`, leftovers of an
+    interrupted publish and older generations are removed. Readers that resolve ``..data`` once see either
+    the old or the new generation, never a mix.
+
+    Raises:
+        PublishError: a file name is in `forbid` or is not a plain name, a forbidden file already exists
+            in `dir`, or the directory cannot be written; the previous generation then stays live.
+    """
+    dir = Path(dir)
+    _check_names(dir, files, forbid)
+    spec = _Spec.build(files, key_files, file_mode, key_mode, (uid, gid))
+    try:
+        _ensure_dir(dir)
+        with _locked(dir) as dir_fd:
+            _check_forbidden_entries(dir, forbid)
+            live = _snapshot(dir)
+            if live is not None and _intact(dir, live, spec):
+                _cleanup(dir, live[0], files)
+                return PublishResult(changed=False, generation=live[0], path=dir)
+            # keys first: a watcher that reacts to the first write then finds the key before the cert
+            order = sorted(files, key=lambda name: (name not in key_files, name))
+            generation = _write_generation(dir, dir_fd, spec, order)
+            _link_visible(dir, files)
+            _cleanup(dir, generation, files)
+            _fsync_dir(dir_fd)
+            return PublishResult(changed=True, generation=generation, path=dir)
+    except OSError as exc:
+        raise PublishError(_describe(dir, exc)) from exc
+
+
+def read_current(dir: Path) -> dict[str, bytes] | None:
+    """Return the live generation's regular files (resolved through ``..data`` once), or None if none.
+
+    Raises:
+        PublishError: the directory cannot be read.
+    """
+    try:
+        live = _snapshot(Path(dir))
+    except OSError as exc:
+        raise PublishError(_describe(Path(dir), exc)) from exc
+    if live is None:
+        return None
+    return {name: entry.data for name, entry in live[1].items() if entry.data is not None}
+
+
+def repair_needed(
+    dir: Path,
+    files: Mapping[str, bytes],
+    *,
+    key_files: Collection[str] = KEYS,
+    file_mode: int = 0o644,
+    key_mode: int = 0o600,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> bool:
+    """Return True if ``..data``, a visible link, or a file's bytes, mode or owner differ from `files`.
+
+    The sidecar uses this to notice tampering or loss; `publish` with the same arguments heals it.
+
+    Raises:
+        PublishError: the directory cannot be read.
+    """
+    dir = Path(dir)
+    spec = _Spec.build(files, key_files, file_mode, key_mode, (uid, gid))
+    try:
+        live = _snapshot(dir)
+        return live is None or not _intact(dir, live, spec)
+    except OSError as exc:
+        raise PublishError(_describe(dir, exc)) from exc
+
+
+def _check_names(dir: Path, files: Mapping[str, bytes], forbid: Collection[str]) -> None:
+    for name in files:
+        # names starting with '..' are ours (..data, generations, temp links), as in kubelet
+        if not name or name == "." or "/" in name or "\0" in name or name.startswith(".."):
+            raise PublishError(
+                f"cannot publish {name!r} into {dir}: a file name must be a plain name without '/' "
+                "that does not start with '..'."
+            )
+        if name in forbid:
+            raise PublishError(
+                f"refusing to publish {name} into {dir}: istiod would read that directory in the "
+                f"kubernetes.io/tls format, so an istio-ca bundle must not contain {name}."
+            )
+
+
+def _ensure_dir(dir: Path) -> None:
+    try:
+        st = os.stat(dir)  # follows a symlinked DIR; DIR may also be a mount point, which is never renamed
+    except FileNotFoundError:
+        os.makedirs(dir, mode=0o755, exist_ok=True)
+        os.chmod(dir, 0o755)  # noqa: S103 - the umask may have narrowed it; istiod often runs as another user
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise PublishError(f"cannot publish into {dir}: it exists and is not a directory; point dir at a directory.")
+
+
+@contextlib.contextmanager
+def _locked(dir: Path) -> Iterator[int]:
+    """Hold an exclusive flock on DIR so two publishers never clean up each other's new generation."""
+    fd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # best effort: some network filesystems refuse flock, and one publisher per DIR is the norm
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # also releases the lock, as SIGKILL would
+
+
+def _check_forbidden_entries(dir: Path, forbid: Collection[str]) -> None:
+    for name in forbid:
+        path = dir / name
+        try:
+            target: str | None = os.readlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            target = None  # exists and is not a symlink
+        # our own visible link from an earlier bundle is removed after the swap; anything else is the user's
+        if target != f"{DATA}/{name}":
+            raise PublishError(
+                f"{path} exists, so istiod would read {dir} in the kubernetes.io/tls format instead of "
+                f"ca-cert.pem/ca-key.pem; remove {path}."
+            )
+
+
+def _live_generation(dir: Path) -> str | None:
+    try:
+        target = os.readlink(dir / DATA)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL):  # EINVAL: ..data is not a symlink
+            return None
+        raise
+    # only a generation of ours counts: ..data pointing elsewhere is tampering, not content to serve
+    return target if _GENERATION.match(target) else None
+
+
+def _snapshot(dir: Path) -> tuple[str, dict[str, _Entry]] | None:
+    """Resolve ``..data`` once and read that generation; None if there is no live generation."""
+    for _ in range(_READ_ATTEMPTS):
+        generation = _live_generation(dir)
+        if generation is None:
+            return None
+        entries = _read_generation(dir / generation)
+        if entries is not None:
+            return generation, entries
+    return None
+
+
+def _read_generation(path: Path) -> dict[str, _Entry] | None:
+    """Read every entry of a generation; None if it vanished meanwhile (a concurrent publish removed it)."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return None
+    entries: dict[str, _Entry] = {}
+    for name in names:
+        try:
+            # O_NOFOLLOW: never serve a symlink planted in a generation; O_NONBLOCK: never hang on a FIFO
+            fd = os.open(path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            st = os.lstat(path / name)
+            entries[name] = _Entry(None, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            continue
+        with open(fd, "rb", closefd=True) as handle:
+            st = os.fstat(fd)
+            data = handle.read() if stat.S_ISREG(st.st_mode) else None
+        entries[name] = _Entry(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return entries
+
+
+def _intact(dir: Path, live: tuple[str, dict[str, _Entry]], spec: _Spec) -> bool:
+    _, entries = live
+    if entries.keys() != spec.files.keys():
+        return False
+    for name, data in spec.files.items():
+        entry = entries[name]
+        if entry.data != data or entry.mode != spec.modes[name]:
+            return False
+        if (spec.uid is not None and entry.uid != spec.uid) or (spec.gid is not None and entry.gid != spec.gid):
+            return False
+        try:
+            if os.readlink(dir / name) != f"{DATA}/{name}":
+                return False
+        except OSError:  # missing, or replaced by a regular file
+            return False
+    return True
+
+
+def _write_generation(dir: Path, dir_fd: int, spec: _Spec, order: list[str]) -> str:
+    """Write a complete new generation, then swap ``..data`` to it; on failure before the swap, remove it."""
+    prefix = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime())
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    generation = os.path.basename(path)
+    swapped = False
+    try:
+        for name in order:
+            _write_file(Path(path) / name, spec.files[name], spec.modes[name], spec)
+        os.chmod(path, 0o755)  # noqa: S103 - mkdtemp makes 0700; istiod may run as another user
+        _fsync_path(path)
+        tmp = dir / _DATA_TMP
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a killed publish
+        os.symlink(generation, tmp)
+        data = dir / DATA
+        if data.is_dir() and not data.is_symlink():
+            shutil.rmtree(data)  # tampering: rename() cannot replace a real directory with a symlink
+        os.rename(tmp, data)  # the one atomic step readers observe
+        swapped = True
+        _fsync_dir(dir_fd)
+    except BaseException:
+        if not swapped:
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(dir / _DATA_TMP)
+        raise
+    return generation
+
+
+def _write_file(path: Path, data: bytes, mode: int, spec: _Spec) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)  # the umask may have cleared bits of mode
+        if spec.uid is not None or spec.gid is not None:
+            try:
+                os.fchown(fd, -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid)
+            except OSError as exc:
+                raise PublishError(
+                    f"cannot give {path.name} in {path.parent.parent} to uid {spec.uid} gid {spec.gid}: "
+                    f"{_reason(exc)}; run the agent as root (or with CAP_CHOWN) or drop uid/gid from the bundle."
+                ) from exc
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_visible(dir: Path, files: Mapping[str, bytes]) -> None:
+    for name in files:
+        link = dir / name
+        want = f"{DATA}/{name}"
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == want:
+                continue
+        # temp link + rename also replaces a regular file someone put in its place, atomically
+        tmp = dir / f"{_LINK_TMP_PREFIX}{name}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(want, tmp)
+        os.rename(tmp, link)
+
+
+def _cleanup(dir: Path, live: str, files: Mapping[str, bytes]) -> None:
+    """Remove stale visible links, temp links and every generation but the live one."""
+    links: list[str] = []
+    generations: list[str] = []
+    with os.scandir(dir) as it:
+        for entry in it:
+            name = entry.name
+            if name in (live, DATA):
+                continue
+            if _GENERATION.match(name):
+                generations.append(entry.path)
+            elif name == _DATA_TMP or name.startswith(_LINK_TMP_PREFIX):
+                if entry.is_symlink():
+                    links.append(entry.path)
+            elif name not in files and entry.is_symlink() and os.readlink(entry.path) == f"{DATA}/{name}":
+                links.append(entry.path)
+    # links first, as kubelet does: no visible name ever points into a generation being removed
+    for path in links:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    for path in generations:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
+
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _fsync_dir(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # some filesystems cannot fsync a directory; the rename still holds
+            raise
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def _describe(dir: Path, exc: OSError) -> str:
+    """One sentence naming DIR and what to fix, for an OSError met while publishing."""
+    reason = _reason(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write {dir}: {reason}; mount a writable volume there (emptyDir) "
+            "or run as a user that owns it."
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {dir}: {reason}; free space on that volume or raise its size limit."
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        return f"cannot use {dir}: {reason} in its path; point dir at a directory."
+    return f"cannot publish into {dir}: {reason}; check that the directory is writable."
