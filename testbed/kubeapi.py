@@ -1,0 +1,634 @@
+"""A small HTTPS stand-in for the kube-apiserver: mints service-account JWTs and answers TokenReviews.
+
+It is the only thing the test bed fakes; OpenBao is always a real `bao server -dev`.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+import hashlib
+import json
+import re
+import secrets
+import ssl
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "DEFAULT_ISSUER",
+    "KubeAPI",
+    "KubeRequest",
+    "KubeResponse",
+    "merge_patch",
+]
+
+#: the `iss` (and default audience) of tokens minted by a real cluster with default flags
+DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+@dataclass(frozen=True)
+class KubeRequest:
+    """One request the stand-in received, as recorded in `KubeAPI.requests`."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: Any
+    params: dict[str, str] = field(default_factory=dict)
+    #: the `system:serviceaccount:NS:NAME` the bearer token authenticated as, or None
+    user: str | None = None
+
+
+#: (HTTP status, JSON-serialisable body)
+KubeResponse = tuple[int, Any]
+Handler = Callable[[KubeRequest], KubeResponse]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _k8s_time(when: dt.datetime | None = None) -> str:
+    return (when or _now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(code: int, reason: str, message: str) -> KubeResponse:
+    """A metav1.Status failure body, the way the apiserver reports errors."""
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _make_tls(tmpdir: Path) -> tuple[bytes, Path, Path, Path]:
+    """Self-signed EC P-256 CA plus a server cert for 127.0.0.1/localhost; returns (ca_pem, ca, cert, key)."""
+    now = _now()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-standin-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    ca_file, cert_file, key_file = tmpdir / "ca.crt", tmpdir / "tls.crt", tmpdir / "tls.key"
+    ca_file.write_bytes(ca_pem)
+    cert_file.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        srv_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_file.chmod(0o600)
+    return ca_pem, ca_file, cert_file, key_file
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    """Turn '/api/v1/namespaces/{namespace}/events' into a regex with named groups."""
+    parts = re.split(r"(\{[a-zA-Z_]+\})", pattern)
+    regex = "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(f"^{regex}$")
+
+
+class KubeAPI:
+    """A threaded HTTPS server that behaves like the parts of the kube-apiserver the agent uses.
+
+    Tokens are RS256 JWTs shaped like projected service-account tokens. A token is valid while its
+    signature checks, it has not expired, it was not revoked, and its service account still exists
+    with the same uid (deleting and recreating a service account invalidates old tokens, as in a
+    real cluster). Every request needs a valid bearer token unless `require_auth=False`.
+    """
+
+    issuer: str
+    requests: list[KubeRequest]
+
+    def __init__(self, *, issuer: str = DEFAULT_ISSUER, require_auth: bool = True) -> None:
+        """Create the stand-in (not yet listening); `start()` or use it as a context manager."""
+        self.issuer = issuer
+        self.require_auth = require_auth
+        self.requests = []
+        self._lock = threading.Lock()
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pub_der = self._key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self._kid = _b64url(hashlib.sha256(pub_der).digest())
+        self._service_accounts: dict[tuple[str, str], str] = {}
+        self._revoked_jti: set[str] = set()
+        self._handlers: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._workloads = _Workloads()
+        self._tmp = tempfile.TemporaryDirectory(prefix="kubeapi-")
+        self._tmpdir = Path(self._tmp.name)
+        self._ca_pem, self._ca_file, self._cert_file, self._key_file = _make_tls(self._tmpdir)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._install_defaults()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> KubeAPI:
+        """Listen on a free loopback port in a daemon thread; returns self."""
+        if self._server is not None:
+            return self
+        server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        server.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self._cert_file, self._key_file)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="kubeapi-standin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and remove the temporary TLS files."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._tmp.cleanup()
+
+    def __enter__(self) -> KubeAPI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on."""
+        if self._server is None:
+            raise RuntimeError("KubeAPI is not started; call start() first.")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. https://127.0.0.1:40123 (the server cert has SAN IP:127.0.0.1)."""
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        """PEM of the CA that signed the server certificate (what `kubernetes_ca_cert` needs)."""
+        return self._ca_pem
+
+    @property
+    def ca_file(self) -> Path:
+        """Path of a file holding `ca_pem`."""
+        return self._ca_file
+
+    @property
+    def public_key_pem(self) -> bytes:
+        """PEM of the token-signing public key (usable as `pem_keys` in the kubernetes auth config)."""
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    # -------------------------------------------------------------- service accounts
+
+    def mint_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        audience: str | list[str] | None = None,
+        ttl: int = 3600,
+        uid: str | None = None,
+    ) -> str:
+        """Return a signed projected service-account token for NAMESPACE/NAME.
+
+        The service account is created on first use. Passing a `uid` different from the current one
+        recreates the service account, which invalidates its older tokens. `audience=None` gives the
+        API server's default audience (the issuer). A negative `ttl` mints an already expired token.
+        """
+        with self._lock:
+            current = self._service_accounts.get((namespace, name))
+            sa_uid = uid or current or str(uuid.uuid4())
+            self._service_accounts[(namespace, name)] = sa_uid
+        if audience is None:
+            aud = [self.issuer]
+        elif isinstance(audience, str):
+            aud = [audience]
+        else:
+            aud = list(audience)
+        now = int(time.time())
+        claims = {
+            "aud": aud,
+            "exp": now + ttl,
+            "iat": min(now, now + ttl),
+            "nbf": min(now, now + ttl),
+            "iss": self.issuer,
+            "jti": str(uuid.uuid4()),
+            "sub": f"system:serviceaccount:{namespace}:{name}",
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": name, "uid": sa_uid},
+            },
+        }
+        header = {"alg": "RS256", "kid": self._kid}
+        signing_input = (
+            _b64url(json.dumps(header, separators=(",", ":")).encode())
+            + "."
+            + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        )
+        signature = self._key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def revoke(self, namespace: str, name: str) -> None:
+        """Delete the service account NAMESPACE/NAME: every token minted for it stops authenticating."""
+        with self._lock:
+            self._service_accounts.pop((namespace, name), None)
+
+    def revoke_token(self, token: str) -> None:
+        """Invalidate one token (as when its bound pod or secret is deleted)."""
+        claims = self._verify(token, check_state=False)
+        if claims is None:
+            return
+        with self._lock:
+            self._revoked_jti.add(str(claims.get("jti", "")))
+
+    def service_account_uid(self, namespace: str, name: str) -> str | None:
+        """The current uid of NAMESPACE/NAME, or None if it does not exist."""
+        with self._lock:
+            return self._service_accounts.get((namespace, name))
+
+    def review(self, token: str, audiences: list[str] | None = None) -> dict[str, Any]:
+        """Compute a TokenReview `status` for `token`, exactly as the HTTP endpoint answers it."""
+        claims = self._verify(token)
+        if claims is None:
+            return {"authenticated": False, "error": "[invalid bearer token, service account token is not valid]"}
+        token_aud = claims.get("aud", [])
+        token_aud = [token_aud] if isinstance(token_aud, str) else list(token_aud)
+        wanted = audiences or [self.issuer]
+        matched = [a for a in wanted if a in token_aud]
+        if not matched:
+            return {
+                "authenticated": False,
+                "error": "[invalid bearer token, token audiences "
+                f"{json.dumps(token_aud)} is invalid for the target audiences {json.dumps(wanted)}]",
+            }
+        k8s = claims["kubernetes.io"]
+        ns, sa = k8s["namespace"], k8s["serviceaccount"]
+        return {
+            "authenticated": True,
+            "user": {
+                "username": f"system:serviceaccount:{ns}:{sa['name']}",
+                "uid": sa["uid"],
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{ns}",
+                    "system:authenticated",
+                ],
+                "extra": {"authentication.kubernetes.io/credential-id": [f"JTI={claims.get('jti', '')}"]},
+            },
+            "audiences": matched,
+        }
+
+    def _verify(self, token: str, *, check_state: bool = True) -> dict[str, Any] | None:
+        """Claims of a token this server signed that is still valid, else None."""
+        try:
+            header_b64, claims_b64, sig_b64 = token.strip().split(".")
+            header = json.loads(_b64url_decode(header_b64))
+            if header.get("alg") != "RS256":
+                return None
+            self._key.public_key().verify(
+                _b64url_decode(sig_b64),
+                f"{header_b64}.{claims_b64}".encode("ascii"),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+            claims: dict[str, Any] = json.loads(_b64url_decode(claims_b64))
+        except (ValueError, InvalidSignature, UnicodeError):
+            return None
+        if not check_state:
+            return claims
+        now = time.time()
+        if claims.get("iss") != self.issuer or now >= claims.get("exp", 0) or now < claims.get("nbf", 0):
+            return None
+        k8s = claims.get("kubernetes.io", {})
+        key = (k8s.get("namespace"), k8s.get("serviceaccount", {}).get("name"))
+        with self._lock:
+            if claims.get("jti") in self._revoked_jti:
+                return None
+            if self._service_accounts.get(key) != k8s.get("serviceaccount", {}).get("uid"):
+                return None
+        return claims
+
+    # -------------------------------------------------------------- request handling
+
+    def add_handler(self, method: str, pattern: str, handler: Handler) -> Callable[[], None]:
+        """Answer METHOD on paths matching `pattern` ('{name}' matches one segment) with `handler`.
+
+        Handlers added later win over earlier ones (and over the defaults). Returns a function
+        that removes the handler again.
+        """
+        entry = (method.upper(), _compile(pattern), handler)
+        with self._lock:
+            self._handlers.insert(0, entry)
+
+        def remove() -> None:
+            with self._lock:
+                if entry in self._handlers:
+                    self._handlers.remove(entry)
+
+        return remove
+
+    def workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The current state of a Deployment/DaemonSet/StatefulSet after the PATCHes it received, or None."""
+        with self._workloads.lock:
+            obj = self._workloads.objects.get((kind, namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def clear_requests(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self.requests.clear()
+
+    def requests_to(self, method: str, path_prefix: str) -> list[KubeRequest]:
+        """Recorded requests with this method whose path starts with `path_prefix`."""
+        with self._lock:
+            return [r for r in self.requests if r.method == method.upper() and r.path.startswith(path_prefix)]
+
+    def tokenreviews(self) -> list[KubeRequest]:
+        """Recorded TokenReview requests."""
+        return self.requests_to("POST", TOKENREVIEW_PATH)
+
+    def write_kubeconfig(self, path: str | Path, token: str, *, namespace: str = "default") -> Path:
+        """Write a kubeconfig that points at this server with `token` as the bearer; returns the path."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "standin",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self._ca_pem).decode("ascii"),
+                    },
+                }
+            ],
+            "users": [{"name": "standin", "user": {"token": token}}],
+            "contexts": [
+                {"name": "standin", "context": {"cluster": "standin", "user": "standin", "namespace": namespace}}
+            ],
+            "current-context": "standin",
+        }
+        out = Path(path)
+        out.write_text(yaml.safe_dump(config))
+        out.chmod(0o600)
+        return out
+
+    def _install_defaults(self) -> None:
+        self.add_handler("POST", TOKENREVIEW_PATH, self._tokenreview)
+        self.add_handler("POST", "/api/v1/namespaces/{namespace}/events", _create_event)
+        for plural, kind in (
+            ("deployments", "Deployment"),
+            ("daemonsets", "DaemonSet"),
+            ("statefulsets", "StatefulSet"),
+        ):
+            self.add_handler(
+                "PATCH",
+                f"/apis/apps/v1/namespaces/{{namespace}}/{plural}/{{name}}",
+                self._workloads.patcher(kind),
+            )
+
+    def _tokenreview(self, req: KubeRequest) -> KubeResponse:
+        spec = req.body.get("spec", {}) if isinstance(req.body, dict) else {}
+        token = spec.get("token")
+        if not isinstance(token, str) or not token:
+            return _status(
+                400, "BadRequest", "TokenReview.authentication.k8s.io is invalid: spec.token: Required value"
+            )
+        return 201, {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": {"token": token, **({"audiences": spec["audiences"]} if spec.get("audiences") else {})},
+            "status": self.review(token, spec.get("audiences") or None),
+        }
+
+    def _dispatch(self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes) -> KubeResponse:
+        path, _, query = raw_path.partition("?")
+        try:
+            body: Any = json.loads(raw_body) if raw_body else None
+        except ValueError:
+            body = raw_body.decode("utf-8", "replace")
+        user = None
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            claims = self._verify(auth[7:])
+            if claims is not None:
+                user = claims["sub"]
+        with self._lock:
+            handlers = list(self._handlers)
+        handler: Handler | None = None
+        params: dict[str, str] = {}
+        for h_method, regex, h in handlers:
+            match = regex.match(path)
+            if h_method == method and match:
+                handler, params = h, match.groupdict()
+                break
+        req = KubeRequest(method, path, query, headers, body, params, user)
+        with self._lock:
+            self.requests.append(req)
+        if self.require_auth and user is None:
+            return _status(401, "Unauthorized", "Unauthorized")
+        if handler is None:
+            return _status(404, "NotFound", f"the server could not find the requested resource ({method} {path})")
+        try:
+            return handler(req)
+        except Exception as exc:  # a broken test handler must show up as a 500, not a hung client
+            return _status(500, "InternalError", f"stand-in handler failed: {exc!r}")
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status, body = api._dispatch(self.command, self.path, headers, raw)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+            def log_message(self, format: str, *args: Any) -> None:
+                # silence the per-request stderr lines; `requests` is the record
+                return
+
+        return _Handler
+
+
+def _create_event(req: KubeRequest) -> KubeResponse:
+    body = dict(req.body) if isinstance(req.body, dict) else {}
+    meta = dict(body.get("metadata") or {})
+    meta.setdefault("name", f"event.{secrets.token_hex(8)}")
+    meta.update(
+        namespace=req.params["namespace"],
+        uid=str(uuid.uuid4()),
+        resourceVersion=str(int(time.time() * 1000)),
+        creationTimestamp=_k8s_time(),
+    )
+    body.update(kind="Event", apiVersion="v1", metadata=meta)
+    return 201, body
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (null deletes a key); used for both merge and strategic-merge patches."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _workload(kind: str, namespace: str, name: str) -> dict[str, Any]:
+    """A minimal but complete apps/v1 object, so typed clients can deserialize the PATCH answer."""
+    labels = {"app": name}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": labels},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": name, "image": f"example.invalid/{name}:latest"}]},
+        },
+    }
+    status: dict[str, Any] = {"observedGeneration": 1}
+    if kind == "DaemonSet":
+        status.update(currentNumberScheduled=1, desiredNumberScheduled=1, numberMisscheduled=0, numberReady=1)
+    else:
+        spec["replicas"] = 1
+        status.update(replicas=1, readyReplicas=1, availableReplicas=1, updatedReplicas=1)
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "resourceVersion": "1",
+            "generation": 1,
+            "creationTimestamp": _k8s_time(),
+            "labels": labels,
+        },
+        "spec": spec,
+        "status": status,
+    }
+
+
+class _Workloads:
+    """Deployments/DaemonSets/StatefulSets that exist as soon as they are patched, keeping their state."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def patcher(self, kind: str) -> Handler:
+        def patch(req: KubeRequest) -> KubeResponse:
+            if not isinstance(req.body, dict):
+                return _status(400, "BadRequest", "the patch body must be a JSON object")
+            ns, name = req.params["namespace"], req.params["name"]
+            with self.lock:
+                obj = self.objects.get((kind, ns, name)) or _workload(kind, ns, name)
+                patched = merge_patch(obj, req.body)
+                # identity fields are the server's, whatever the patch says
+                patched["metadata"].update(
+                    name=name,
+                    namespace=ns,
+                    uid=obj["metadata"]["uid"],
+                    resourceVersion=str(int(obj["metadata"]["resourceVersion"]) + 1),
+                )
+                if patched.get("spec") != obj.get("spec"):
+                    patched["metadata"]["generation"] = obj["metadata"]["generation"] + 1
+                patched.update(kind=kind, apiVersion="apps/v1")
+                self.objects[(kind, ns, name)] = patched
+                return 200, copy.deepcopy(patched)
+
+        return patch

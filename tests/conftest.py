@@ -1,0 +1,104 @@
+"""Shared fixtures: one real OpenBao dev server and one Kubernetes API stand-in per session.
+
+Tests that stop, seal or restart OpenBao use `bao_factory` for a private server, never the shared `bao`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hvac
+import pytest
+
+# `agent` and `testbed` are imported from the checkout, not an installed copy; pyproject's
+# `pythonpath = ["."]` would do the same, this keeps plain `pytest tests/...` working without it.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from testbed.bao import BaoNotFound, BaoServer, find_bao  # noqa: E402
+from testbed.kubeapi import KubeAPI  # noqa: E402
+
+BaoFactory = Callable[..., BaoServer]
+TokenFileFactory = Callable[..., Path]
+
+
+def _bao_binary() -> str:
+    try:
+        return find_bao()
+    except BaoNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(name="bao", scope="session")
+def fixture_bao() -> Iterator[BaoServer]:
+    """A started `bao server -dev` shared by the whole session (skipped when there is no `bao`)."""
+    server = BaoServer(binary=_bao_binary())
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(name="bao_factory")
+def fixture_bao_factory() -> Iterator[BaoFactory]:
+    """Start private dev servers (`bao_factory(port=..., tls=...)`) that the test may stop or seal."""
+    binary = _bao_binary()
+    servers: list[BaoServer] = []
+
+    def make(*, start: bool = True, **kwargs: object) -> BaoServer:
+        server = BaoServer(binary=binary, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(name="kube", scope="session")
+def fixture_kube() -> Iterator[KubeAPI]:
+    """The Kubernetes API stand-in, listening on https://127.0.0.1:<port> for the whole session."""
+    with KubeAPI() as api:
+        yield api
+
+
+@pytest.fixture(name="vault_admin")
+def fixture_vault_admin(bao: BaoServer) -> hvac.Client:
+    """A root-token hvac client for the shared dev server."""
+    return bao.client()
+
+
+@pytest.fixture(name="unique")
+def fixture_unique() -> str:
+    """A short random suffix for mount, role and service-account names, so tests can share one server."""
+    return secrets.token_hex(3)
+
+
+@pytest.fixture(name="sa_token_file")
+def fixture_sa_token_file(tmp_path: Path, kube: KubeAPI) -> TokenFileFactory:
+    """Factory: `sa_token_file(namespace, name, *, filename="token", **mint_kwargs)` writes a fresh token.
+
+    Calling it again with the same filename replaces the file atomically, like kubelet's token rotation.
+    """
+    token_dir = tmp_path / "serviceaccount"
+    token_dir.mkdir()
+
+    def make(
+        namespace: str = "istio-system",
+        name: str = "istiod",
+        *,
+        filename: str = "token",
+        **mint_kwargs: object,
+    ) -> Path:
+        token = kube.mint_token(namespace, name, **mint_kwargs)  # type: ignore[arg-type]
+        path = token_dir / filename
+        tmp = token_dir / f".{filename}.tmp"
+        tmp.write_text(token)
+        os.replace(tmp, path)
+        return path
+
+    return make
