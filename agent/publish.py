@@ -149,7 +149,8 @@ def repair_needed(
 ) -> bool:
     """Return True if ``..data``, a visible link, or a file's bytes, mode or owner differ from `files`.
 
-    The sidecar uses this to notice tampering or loss; `publish` with the same arguments heals it.
+    The sidecar uses this to notice tampering or loss; `publish` with the same arguments heals it. Pass the
+    same `key_files`, modes and owner as to `publish`, or a bundle with custom modes always looks damaged.
 
     Raises:
         PublishError: the directory cannot be read.
@@ -403,10 +404,7 @@ def _describe(dir: Path, exc: OSError) -> str:
     """One sentence naming DIR and what to fix, for an OSError met while publishing."""
     reason = _reason(exc)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (
-            f"cannot write {dir}: {reason}; mount a writable volume there (emptyDir) "
-            "or run as a user that owns it."
-        )
+        return f"cannot write {dir}: {reason}; mount a writable volume there (emptyDir) or run as a user that owns it."
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"cannot write {dir}: {reason}; free space on that volume or raise its size limit."
     if exc.errno in (errno.ENOTDIR, errno.ELOOP):

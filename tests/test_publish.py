@@ -389,7 +389,11 @@ def run_child(code: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        env=env, capture_output=True, text=True, timeout=30, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return proc.stdout.strip()
 
@@ -425,6 +429,7 @@ class TestConcurrentReader:
                 current = read_current(out)
                 try:
                     assert current is not None
+                    assert set(current) == set(NAMES)
                     seen.add(generation_of(current, size=64))
                 except AssertionError as exc:
                     mixes.append((b"read_current", str(exc).encode()))
@@ -475,17 +480,19 @@ class TestCrashSafety:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         dirty = 0
         for round_ in range(1, 21):
-            child = subprocess.Popen(
+            with subprocess.Popen(
                 [sys.executable, "-c", CHILD_LOOP, str(out), str(round_ * 1000)],
-                env=env, stdout=subprocess.PIPE, text=True,
-            )
-            try:
-                assert child.stdout is not None
-                assert child.stdout.readline().strip() == "ready"
-                threading.Event().wait(rng.uniform(0, 0.05))
-            finally:
-                child.send_signal(signal.SIGKILL)
-                child.wait(timeout=10)
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            ) as child:
+                try:
+                    assert child.stdout is not None
+                    assert child.stdout.readline().strip() == "ready"
+                    threading.Event().wait(rng.uniform(0, 0.05))
+                finally:
+                    child.send_signal(signal.SIGKILL)
+                    child.wait(timeout=10)
             current = read_current(out)
             assert current is not None
             assert set(current) == set(NAMES)
