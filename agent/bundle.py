@@ -36,7 +36,7 @@ KEY_FILES = frozenset({"ca-key.pem", "tls.key"})
 #: bundle kind -> the files it is made of
 KINDS: Mapping[str, tuple[str, ...]] = {"istio-ca": ISTIO_CA_FILES, "tls": TLS_FILES}
 
-# Go's x509.Verify (used by istiod) walks at most this deep; real meshes use 2-4.
+# Bounds path building on hostile input (Go caps signature checks instead); real meshes use 2-4 levels.
 _MAX_DEPTH = 10
 # Go counts these legacy "server gated crypto" usages as serverAuth.
 _SGC_OIDS = frozenset({"2.16.840.1.113730.4.1", "1.3.6.1.4.1.311.10.3.3"})
