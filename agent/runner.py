@@ -115,16 +115,7 @@ class Agent:
             st.refused_digest = fetched.digest
             raise
         root_changed = st.good is not None and st.good.get("root-cert.pem") != fetched.files.get("root-cert.pem")
-        result = publish.publish(
-            Path(b.dir),
-            fetched.files,
-            key_files=bundle.KEY_FILES,
-            file_mode=b.file_mode,
-            key_mode=b.key_mode,
-            uid=b.uid,
-            gid=b.gid,
-            forbid=("tls.crt", "tls.key", "ca.crt") if b.type == "istio-ca" else (),
-        )
+        result = publish.publish(Path(b.dir), fetched.files, **self._publish_options(b))
         st.version, st.digest, st.good, st.info = fetched.version, fetched.digest, fetched.files, info
         st.last_error = None
         st.refused_digest = None
@@ -139,18 +130,26 @@ class Agent:
             )
         return SyncResult(changed=result.changed, root_changed=root_changed and result.changed, info=info)
 
+    @staticmethod
+    def _publish_options(b: BundleConfig) -> dict[str, Any]:
+        return {
+            "key_files": bundle.KEY_FILES, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
+            "gid": b.gid, "forbid": ("tls.crt", "tls.key", "ca.crt") if b.type == "istio-ca" else (),
+        }
+
     def _damaged(self, st: BundleState) -> bool:
-        return st.good is not None and publish.repair_needed(Path(st.cfg.dir), st.good)
+        if st.good is None:
+            return False
+        options = self._publish_options(st.cfg)
+        del options["forbid"]
+        return publish.repair_needed(Path(st.cfg.dir), st.good, **options)
 
     def repair(self, st: BundleState) -> bool:
         """Publish the last good generation again when the files on disk were deleted or altered."""
         if st.good is None or not self._damaged(st):
             return False
         b = st.cfg
-        publish.publish(
-            Path(b.dir), st.good, key_files=bundle.KEY_FILES, file_mode=b.file_mode, key_mode=b.key_mode,
-            uid=b.uid, gid=b.gid,
-        )
+        publish.publish(Path(b.dir), st.good, **self._publish_options(b))
         self.metrics.error(b.name, "tampered")
         self.log.warning("bundle_repaired", bundle=b.name, dir=b.dir, reason="published files were changed on disk")
         return True
