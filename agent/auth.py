@@ -71,6 +71,11 @@ def _login_hint(cfg: AuthConfig, message: str) -> str:
             f"bind role {cfg.role!r} on auth mount {mount!r} to this pod's service account and namespace"
             " (bound_service_account_names, bound_service_account_namespaces)"
         )
+    if "permission denied" in lowered:
+        return (
+            f"check that a {cfg.method} auth method is enabled at auth/{mount} (auth.mount) and that"
+            f" role {cfg.role!r} accepts the token in {cfg.token_path}"
+        )
     return f"check role {cfg.role!r} on auth mount {mount!r} and the token in {cfg.token_path}"
 
 

@@ -65,7 +65,8 @@ class KVSource:
     def mount(self) -> _Mount:
         """Find the KV mount and its version from sys/internal/ui/mounts, which any token with access can read."""
         if self._mount is None:
-            hint = f"grant the agent's policy read on {self.kv_path}"
+            first = self.kv_path.split("/")[0]
+            hint = f"check that {first} is a KV mount and that the agent's policy grants read on the path"
             resp = self._call(
                 lambda: self.client.adapter.get(f"/v1/sys/internal/ui/mounts/{self.kv_path}"),
                 f"looking up the KV mount of {self.kv_path}",
@@ -111,7 +112,11 @@ class KVSource:
             VaultUnavailable: Vault unreachable or sealed; retry.
         """
         m = self.mount()
-        hint = f"write the secret there, or fix source.kv of bundle {self.bundle.name}"
+        policy_path = f"{m.path}/data/{self.secret_path}" if m.version == 2 else self.kv_path
+        hint = (
+            f"check that the secret exists and that the agent's policy grants read on {policy_path},"
+            f" or fix source.kv of bundle {self.bundle.name}"
+        )
         action = f"reading KV v{m.version} path {self.kv_path}"
         version: int | None = None
         if m.version == 2:
