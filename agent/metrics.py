@@ -5,12 +5,30 @@ prometheus_client is imported only by PrometheusMetrics, so init mode never pays
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.bundle import BundleInfo
 
-__all__ = ["Metrics"]
+__all__ = ["METRIC_NAMES", "Metrics", "PrometheusMetrics"]
+
+#: Exposed metric names (a contract with dashboards and alerts; counters are shown with their `_total` suffix).
+METRIC_NAMES = (
+    "istio_vault_agent_cert_expiry_timestamp_seconds",
+    "istio_vault_agent_last_publish_timestamp_seconds",
+    "istio_vault_agent_publish_total",
+    "istio_vault_agent_errors_total",
+    "istio_vault_agent_vault_requests_total",
+    "istio_vault_agent_bundle_expiry_timestamp_seconds",
+    "istio_vault_agent_bundle_ready",
+    "istio_vault_agent_token_expiry_timestamp_seconds",
+)
+
+# Never label a series with a key file, even if a BundleInfo ever listed one.
+_KEY_SUFFIXES = ("key.pem", ".key")
 
 
 class Metrics:
@@ -24,3 +42,170 @@ class Metrics:
 
     def vault_request(self, *_args: object, **_kwargs: object) -> None:
         """One HTTP request was sent to Vault (a requests response hook)."""
+
+
+class PrometheusMetrics(Metrics):
+    """Prometheus metrics in a registry of their own, so several agents can live in one process.
+
+    Series (all timestamps are Unix epoch seconds):
+
+    - ``istio_vault_agent_cert_expiry_timestamp_seconds{bundle,file}`` gauge: earliest notAfter of the
+      certificates in each published certificate file (key files have none).
+    - ``istio_vault_agent_last_publish_timestamp_seconds{bundle}`` gauge: when a new generation last went live.
+    - ``istio_vault_agent_publish_total{bundle}`` counter: generations published.
+    - ``istio_vault_agent_errors_total{bundle,reason}`` counter: failures by short reason.
+    - ``istio_vault_agent_vault_requests_total`` counter: HTTP requests answered by Vault.
+    - ``istio_vault_agent_bundle_expiry_timestamp_seconds{bundle}`` gauge (extra): earliest notAfter of the
+      whole published bundle; alert on it minus time().
+    - ``istio_vault_agent_bundle_ready{bundle}`` gauge (extra): 1 when /readyz counts the bundle as ready;
+      set by the health server through `set_state` at each scrape.
+    - ``istio_vault_agent_token_expiry_timestamp_seconds`` gauge (extra): end of the current Vault token's
+      lease, set through `token_login`; absent before the first login and for tokens without a TTL.
+
+    Counters are built at scrape time by one collector, so there are no `_created` series and every
+    method is a dict update under a lock (the Vault hook runs in worker threads).
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self._lock = threading.Lock()
+        self._cert_expiry: dict[str, dict[str, float]] = {}
+        self._bundle_expiry: dict[str, float] = {}
+        self._last_publish: dict[str, float] = {}
+        self._publish_total: dict[str, int] = {}
+        self._errors_total: dict[tuple[str, str], int] = {}
+        self._vault_requests = 0
+        self._ready: dict[str, bool] = {}
+        self._token_expiry: float | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_collector(self))
+
+    # -- the Metrics interface ------------------------------------------------------------------------------
+    def published(self, bundle: str, info: BundleInfo, when: float) -> None:
+        """Record a new generation of `bundle`: publish count, publish time and certificate expiries."""
+        expiry = {name: at.timestamp() for name, at in info.not_after.items() if not name.endswith(_KEY_SUFFIXES)}
+        with self._lock:
+            # Replace, not merge: a file that left the bundle must not keep reporting its old expiry.
+            self._cert_expiry[bundle] = expiry
+            self._bundle_expiry[bundle] = info.expires_at.timestamp()
+            self._last_publish[bundle] = when
+            self._publish_total[bundle] = self._publish_total.get(bundle, 0) + 1
+
+    def error(self, bundle: str, reason: str) -> None:
+        """Count one failure of `bundle` under `reason`."""
+        with self._lock:
+            self._errors_total[bundle, reason] = self._errors_total.get((bundle, reason), 0) + 1
+
+    def vault_request(self, *_args: object, **_kwargs: object) -> None:
+        """Count one Vault HTTP request. Used as a requests response hook, so it must return None."""
+        with self._lock:
+            self._vault_requests += 1
+
+    # -- extras, fed by the sidecar and the health server ---------------------------------------------------
+    def token_login(self, login: object | None) -> None:
+        """Record the current Vault token (an `auth.Login`, or None after a logout): its lease end, if finite."""
+        expires_at = getattr(login, "expires_at", None)
+        value = float(expires_at) if isinstance(expires_at, int | float) and math.isfinite(expires_at) else None
+        with self._lock:
+            self._token_expiry = value
+
+    def set_state(self, *, ready: Mapping[str, bool]) -> None:
+        """Set readiness per bundle, as /readyz sees it; the health server calls this before each scrape.
+
+        Every bundle in `ready` also gets a publish_total series (0 until its first publish).
+        """
+        with self._lock:
+            self._ready = dict(ready)
+            # A series that exists at 0 lets rate() and increase() see the first publish.
+            for bundle in ready:
+                self._publish_total.setdefault(bundle, 0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition in Prometheus text format 0.0.4, and its Content-Type."""
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def _families(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        with self._lock:
+            cert_expiry = {b: dict(files) for b, files in self._cert_expiry.items()}
+            bundle_expiry = dict(self._bundle_expiry)
+            last_publish = dict(self._last_publish)
+            publish_total = dict(self._publish_total)
+            errors_total = dict(self._errors_total)
+            vault_requests = self._vault_requests
+            ready = dict(self._ready)
+            token_expiry = self._token_expiry
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_cert_expiry_timestamp_seconds",
+            "Earliest notAfter of the certificates in each published file, in Unix seconds.",
+            labels=["bundle", "file"],
+        )
+        for bundle, files in sorted(cert_expiry.items()):
+            for name, value in sorted(files.items()):
+                g.add_metric([bundle, name], value)
+        yield g
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_last_publish_timestamp_seconds",
+            "When the current generation of the bundle was published, in Unix seconds.",
+            labels=["bundle"],
+        )
+        for bundle, value in sorted(last_publish.items()):
+            g.add_metric([bundle], value)
+        yield g
+
+        c = CounterMetricFamily("istio_vault_agent_publish", "Bundle generations published.", labels=["bundle"])
+        for bundle, count in sorted(publish_total.items()):
+            c.add_metric([bundle], count)
+        yield c
+
+        c = CounterMetricFamily(
+            "istio_vault_agent_errors", "Failures by bundle and reason.", labels=["bundle", "reason"]
+        )
+        for (bundle, reason), count in sorted(errors_total.items()):
+            c.add_metric([bundle, reason], count)
+        yield c
+
+        yield CounterMetricFamily(
+            "istio_vault_agent_vault_requests", "HTTP requests answered by Vault.", value=vault_requests
+        )
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_bundle_expiry_timestamp_seconds",
+            "Earliest notAfter over the whole published bundle, in Unix seconds.",
+            labels=["bundle"],
+        )
+        for bundle, value in sorted(bundle_expiry.items()):
+            g.add_metric([bundle], value)
+        yield g
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_bundle_ready", "1 when /readyz counts the bundle as ready, else 0.", labels=["bundle"]
+        )
+        for bundle, ok in sorted(ready.items()):
+            g.add_metric([bundle], 1.0 if ok else 0.0)
+        yield g
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_token_expiry_timestamp_seconds",
+            "When the current Vault token's lease ends, in Unix seconds.",
+        )
+        if token_expiry is not None:
+            g.add_metric([], token_expiry)
+        yield g
+
+
+def _collector(metrics: PrometheusMetrics) -> Any:
+    """A prometheus_client Collector over `metrics` (defined here so the import stays lazy)."""
+    from prometheus_client.registry import Collector
+
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Any]:
+            return metrics._families()
+
+    return _Collector()

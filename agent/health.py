@@ -1,0 +1,222 @@
+"""The health server: /healthz (the loop is alive), /readyz (every bundle published and far from expiry), /metrics.
+
+Answers come from in-memory state only (no Vault call, no disk read per request) and never carry file contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.metrics import PrometheusMetrics
+    from agent.runner import BundleState
+
+__all__ = [
+    "AgentView",
+    "Readiness",
+    "bound_port",
+    "bundle_readiness",
+    "make_app",
+    "parse_listen",
+    "readiness",
+    "serve",
+    "start",
+]
+
+# Probes and scrapers must never cache an answer; nosniff because bodies are JSON or plain text only.
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# Room for a burst of probe and scrape connections (the kernel default of 128 drops SYNs under load).
+_BACKLOG = 1024
+
+
+class AgentView(Protocol):
+    """What the health server reads from the agent: each bundle's state."""
+
+    @property
+    def bundles(self) -> Sequence[BundleState]: ...
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether one bundle counts as ready, and why, in one short sentence."""
+
+    ready: bool
+    reason: str
+
+
+AGENT_KEY = web.AppKey("agent", AgentView)
+METRICS_KEY: web.AppKey[PrometheusMetrics] = web.AppKey("metrics")
+ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
+NOW_KEY: web.AppKey[Callable[[], float]] = web.AppKey("now")
+
+
+def _human(seconds: float) -> str:
+    """A duration as its two largest units: 45s, 40m, 1h, 1h30m, 3d2h."""
+    total = int(max(0.0, seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, total = divmod(total, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts[:2]) or "0s"
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def bundle_readiness(st: BundleState, now: float) -> Readiness:
+    """Ready when `st` has a published, validated bundle with more than `ready_min_remaining` left.
+
+    A failed update does not make a bundle unready: the agent refused the bad data and kept the old,
+    which workloads can keep using; the failure is only mentioned in the reason.
+    """
+    error = f"; last error: {st.last_error}" if st.last_error else ""
+    if st.info is None or st.good is None:
+        return Readiness(False, f"not published yet{error}")
+    expires = st.info.expires_at
+    remaining = expires.timestamp() - now
+    minimum = float(st.cfg.ready_min_remaining)
+    if remaining <= 0:
+        return Readiness(False, f"expired {_human(-remaining)} ago, at {_stamp(expires)}{error}")
+    if remaining <= minimum:
+        return Readiness(False, f"expires in {_human(remaining)}, below ready_min_remaining {_human(minimum)}{error}")
+    return Readiness(True, f"published, expires in {_human(remaining)}{error}")
+
+
+def readiness(agent: AgentView, now: float) -> dict[str, Readiness]:
+    """`bundle_readiness` for every bundle of `agent`, by bundle name."""
+    return {st.cfg.name: bundle_readiness(st, now) for st in agent.bundles}
+
+
+def _bundle_json(st: BundleState, r: Readiness) -> dict[str, Any]:
+    # Only facts that are public anyway (expiry, serial, published time); never file contents.
+    out: dict[str, Any] = {"ready": r.ready, "reason": r.reason}
+    if st.info is not None:
+        out["expires_at"] = _stamp(st.info.expires_at)
+        out["serial"] = st.info.serial
+    if st.published_at is not None:
+        out["published_at"] = _stamp(dt.datetime.fromtimestamp(st.published_at, dt.UTC))
+    if st.last_error:
+        out["last_error"] = st.last_error
+    return out
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    if request.app[ALIVE_KEY]():
+        return web.json_response({"status": "ok"}, headers=_HEADERS)
+    return web.json_response(
+        {"status": "unhealthy", "reason": "the agent's sync loop has stopped"}, status=503, headers=_HEADERS
+    )
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    now = request.app[NOW_KEY]()
+    states = {st.cfg.name: st for st in agent.bundles}
+    result = readiness(agent, now)
+    ok = all(r.ready for r in result.values())
+    body = {
+        "status": "ok" if ok else "not ready",
+        "bundles": {name: _bundle_json(states[name], r) for name, r in result.items()},
+    }
+    return web.json_response(body, status=200 if ok else 503, headers=_HEADERS)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    result = readiness(request.app[AGENT_KEY], request.app[NOW_KEY]())
+    metrics.set_state(ready={name: r.ready for name, r in result.items()})
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={**_HEADERS, "Content-Type": content_type})
+
+
+def make_app(
+    agent: AgentView,
+    metrics: PrometheusMetrics,
+    *,
+    alive: Callable[[], bool],
+    now: Callable[[], float] = time.time,
+) -> web.Application:
+    """The aiohttp application: GET (and HEAD) /healthz, /readyz and /metrics; anything else is 404.
+
+    `alive` says whether the agent's loop still runs; `now` is the clock readiness is judged by.
+    """
+    app = web.Application()
+    app[AGENT_KEY] = agent
+    app[METRICS_KEY] = metrics
+    app[ALIVE_KEY] = alive
+    app[NOW_KEY] = now
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split `health.listen` ("HOST:PORT", "[::]:PORT"; port 0 picks a free one) into host and port.
+
+    Raises:
+        ConfigError: the value is not HOST:PORT with a port in 0-65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"health.listen must be HOST:PORT such as 0.0.0.0:8099, not {listen!r}")
+    return host, int(port)
+
+
+async def start(app: web.Application, listen: str) -> web.AppRunner:
+    """Serve `app` on `listen` (HOST:PORT) and return the runner; the caller must `await runner.cleanup()`.
+
+    Raises:
+        ConfigError: `listen` is malformed, or the address cannot be bound (in use, not local, no permission).
+    """
+    host, port = parse_listen(listen)
+    # Probes every few seconds would flood the log; failures show up in the probes themselves.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=_BACKLOG)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"health.listen {listen} cannot be bound ({exc.strerror or exc}); choose a free local address and port"
+        ) from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port `runner` listens on (useful when health.listen asked for port 0)."""
+    addresses = runner.addresses
+    if not addresses:
+        raise RuntimeError("the health server is not listening")
+    return int(addresses[0][1])
+
+
+async def serve(app: web.Application, listen: str, *, started: asyncio.Event | None = None) -> None:
+    """Serve `app` on `listen` until cancelled, as a root task; sets `started` once the socket is bound.
+
+    Raises:
+        ConfigError: as `start`.
+    """
+    runner = await start(app, listen)
+    try:
+        if started is not None:
+            started.set()
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,260 @@
+"""PrometheusMetrics: the exposed names, labels and values are a contract with dashboards and alerts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.server
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.bundle import BundleInfo, validate
+from agent.metrics import METRIC_NAMES, Metrics, PrometheusMetrics
+from testbed import pki
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def samples(metrics: PrometheusMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition as {(name, sorted labels): value}, parsed the way Prometheus does."""
+    body, _ = metrics.render()
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+@pytest.fixture(name="istio_info", scope="module")
+def fixture_istio_info() -> BundleInfo:
+    """A valid istio-ca bundle whose root outlives its intermediate, validated by agent.bundle."""
+    root = pki.root_ca(days=3650)
+    inter = pki.intermediate_ca(root, days=400)
+    return validate("istio-ca", pki.istio_ca_files(root, inter))
+
+
+@pytest.fixture(name="tls_info", scope="module")
+def fixture_tls_info() -> BundleInfo:
+    """A valid tls bundle (leaf + ca.crt)."""
+    ca = pki.root_ca(cn="Gateway CA")
+    leaf = pki.leaf_cert(ca, days=30)
+    return validate("tls", pki.tls_files(leaf, ca))
+
+
+class TestImport:
+    def test_init_mode_does_not_load_prometheus_client(self) -> None:
+        """Importing agent.metrics (as init mode does) must not import prometheus_client."""
+        code = "import sys, agent.metrics, agent.runner; print('prometheus_client' in sys.modules)"
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        )
+        assert out.stdout.strip() == "False"
+
+    def test_constructing_loads_it(self) -> None:
+        """PrometheusMetrics imports prometheus_client when built, and is a Metrics."""
+        code = (
+            "import sys, agent.metrics as m; p = m.PrometheusMetrics(); "
+            "print(isinstance(p, m.Metrics), 'prometheus_client' in sys.modules)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        )
+        assert out.stdout.split() == ["True", "True"]
+
+
+class TestExposition:
+    def test_names_are_the_contract(self) -> None:
+        """Every documented name appears as a HELP/TYPE line, counters with exactly one `_total`."""
+        m = PrometheusMetrics()
+        text = m.render()[0].decode()
+        declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        assert declared == set(METRIC_NAMES)
+        assert "# TYPE istio_vault_agent_publish_total counter" in text
+        assert "# TYPE istio_vault_agent_errors_total counter" in text
+        assert "# TYPE istio_vault_agent_vault_requests_total counter" in text
+        assert "_total_total" not in text
+        assert "_created" not in text
+
+    def test_content_type_is_prometheus_text(self) -> None:
+        """render() returns the text exposition format 0.0.4 content type, which every Prometheus scrapes."""
+        _, content_type = PrometheusMetrics().render()
+        assert content_type.startswith("text/plain; version=0.0.4")
+
+    def test_fresh_metrics_have_zero_vault_requests(self) -> None:
+        """The unlabelled request counter exists at 0 before any request."""
+        assert samples(PrometheusMetrics())["istio_vault_agent_vault_requests_total", ()] == 0
+
+
+class TestPublished:
+    def test_cert_expiry_per_certificate_file(self, istio_info: BundleInfo) -> None:
+        """One expiry per certificate file with its earliest notAfter; key files get none."""
+        m = PrometheusMetrics()
+        m.published("istiod-cacerts", istio_info, 1_700_000_000.0)
+        got = {
+            dict(labels)["file"]: value
+            for (name, labels), value in samples(m).items()
+            if name == "istio_vault_agent_cert_expiry_timestamp_seconds"
+        }
+        assert got == {
+            "ca-cert.pem": istio_info.not_after["ca-cert.pem"].timestamp(),
+            "cert-chain.pem": istio_info.not_after["cert-chain.pem"].timestamp(),
+            "root-cert.pem": istio_info.not_after["root-cert.pem"].timestamp(),
+        }
+        # the intermediate expires first, so the chain reports it, not the root
+        assert got["cert-chain.pem"] == got["ca-cert.pem"] < got["root-cert.pem"]
+        labels = {
+            k for (name, ls), _ in samples(m).items() for k, _v in ls if name.endswith("expiry_timestamp_seconds")
+        }
+        assert labels == {"bundle", "file"}
+
+    def test_tls_bundle_files(self, tls_info: BundleInfo) -> None:
+        """A tls bundle reports tls.crt and ca.crt, never tls.key."""
+        m = PrometheusMetrics()
+        m.published("gateway", tls_info, 1.0)
+        files = {
+            dict(labels)["file"]
+            for (name, labels), _ in samples(m).items()
+            if name == "istio_vault_agent_cert_expiry_timestamp_seconds"
+        }
+        assert files == {"tls.crt", "ca.crt"}
+
+    def test_publish_total_and_last_publish(self, istio_info: BundleInfo, tls_info: BundleInfo) -> None:
+        """publish_total counts generations per bundle; last_publish is the time of the latest one."""
+        m = PrometheusMetrics()
+        m.published("a", istio_info, 100.0)
+        m.published("a", istio_info, 250.5)
+        m.published("b", tls_info, 300.0)
+        s = samples(m)
+        assert s["istio_vault_agent_publish_total", (("bundle", "a"),)] == 2
+        assert s["istio_vault_agent_publish_total", (("bundle", "b"),)] == 1
+        assert s["istio_vault_agent_last_publish_timestamp_seconds", (("bundle", "a"),)] == 250.5
+        assert s["istio_vault_agent_last_publish_timestamp_seconds", (("bundle", "b"),)] == 300.0
+        assert s["istio_vault_agent_bundle_expiry_timestamp_seconds", (("bundle", "a"),)] == (
+            istio_info.expires_at.timestamp()
+        )
+
+    def test_new_generation_replaces_expiries(self, istio_info: BundleInfo) -> None:
+        """After a rotation the expiry gauges show the new certificates, not the old ones."""
+        m = PrometheusMetrics()
+        m.published("a", istio_info, 1.0)
+        root = pki.root_ca()
+        later = pki.intermediate_ca(root, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=900))
+        newer = validate("istio-ca", pki.istio_ca_files(root, later))
+        m.published("a", newer, 2.0)
+        key = ("istio_vault_agent_cert_expiry_timestamp_seconds", (("bundle", "a"), ("file", "ca-cert.pem")))
+        assert samples(m)[key] == newer.not_after["ca-cert.pem"].timestamp()
+        assert newer.not_after["ca-cert.pem"] != istio_info.not_after["ca-cert.pem"]
+
+
+class TestErrors:
+    def test_errors_by_bundle_and_reason(self) -> None:
+        """errors_total has one series per (bundle, reason), counting each failure."""
+        m = PrometheusMetrics()
+        m.error("a", "invalid_bundle")
+        m.error("a", "invalid_bundle")
+        m.error("a", "vault_unavailable")
+        m.error("b", "tampered")
+        got = {labels: v for (name, labels), v in samples(m).items() if name == "istio_vault_agent_errors_total"}
+        assert got == {
+            (("bundle", "a"), ("reason", "invalid_bundle")): 2,
+            (("bundle", "a"), ("reason", "vault_unavailable")): 1,
+            (("bundle", "b"), ("reason", "tampered")): 1,
+        }
+
+    def test_registries_are_independent(self) -> None:
+        """Two agents in one process do not share counts (and constructing two does not clash)."""
+        first, second = PrometheusMetrics(), PrometheusMetrics()
+        first.error("a", "x")
+        assert ("istio_vault_agent_errors_total", (("bundle", "a"), ("reason", "x"))) in samples(first)
+        assert not any(name == "istio_vault_agent_errors_total" for name, _ in samples(second))
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture(name="http_url")
+def fixture_http_url() -> Iterator[str]:
+    """A local HTTP server on 127.0.0.1 answering every GET with `hello`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+class TestVaultRequests:
+    def test_counts_as_response_hook_and_keeps_the_response(self, http_url: str) -> None:
+        """As a requests response hook it counts each request and leaves the response untouched."""
+        m = PrometheusMetrics()
+        with requests.Session() as session:
+            session.hooks["response"].append(m.vault_request)
+            responses = [session.get(f"{http_url}/v1/sys/health", timeout=5) for _ in range(3)]
+        assert [r.text for r in responses] == ["hello"] * 3
+        assert samples(m)["istio_vault_agent_vault_requests_total", ()] == 3
+
+    def test_hook_returns_none(self) -> None:
+        """requests replaces the response with a hook's non-None return value, so it must return None."""
+        assert PrometheusMetrics().vault_request(object(), timeout=1) is None  # type: ignore[func-returns-value]
+        assert Metrics().vault_request(object()) is None  # type: ignore[func-returns-value]
+
+    def test_counting_from_threads_loses_nothing(self) -> None:
+        """hvac runs in worker threads: concurrent increments all count."""
+        m = PrometheusMetrics()
+
+        def hit() -> None:
+            for _ in range(2000):
+                m.vault_request()
+
+        threads = [threading.Thread(target=hit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert samples(m)["istio_vault_agent_vault_requests_total", ()] == 16000
+
+
+class _Login:
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+        self.token = "hvs.CAESIsecret-token-value-that-must-not-leak"
+
+
+class TestExtras:
+    def test_token_expiry(self) -> None:
+        """token_login exposes the token's lease end; a token without TTL (inf) or a logout removes it."""
+        m = PrometheusMetrics()
+        assert not any(n == "istio_vault_agent_token_expiry_timestamp_seconds" for n, _ in samples(m))
+        m.token_login(_Login(1_800_000_000.0))
+        assert samples(m)["istio_vault_agent_token_expiry_timestamp_seconds", ()] == 1_800_000_000.0
+        assert b"hvs." not in m.render()[0]
+        m.token_login(_Login(float("inf")))
+        assert not any(n == "istio_vault_agent_token_expiry_timestamp_seconds" for n, _ in samples(m))
+        m.token_login(_Login(5.0))
+        m.token_login(None)
+        assert not any(n == "istio_vault_agent_token_expiry_timestamp_seconds" for n, _ in samples(m))
+
+    def test_ready_gauge_and_zero_publish_total(self) -> None:
+        """set_state exposes readiness per bundle and starts publish_total at 0 for unpublished bundles."""
+        m = PrometheusMetrics()
+        m.set_state(ready={"a": True, "b": False})
+        s = samples(m)
+        assert s["istio_vault_agent_bundle_ready", (("bundle", "a"),)] == 1
+        assert s["istio_vault_agent_bundle_ready", (("bundle", "b"),)] == 0
+        assert s["istio_vault_agent_publish_total", (("bundle", "b"),)] == 0
