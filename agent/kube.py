@@ -1,0 +1,315 @@
+"""Kubernetes side: `kubectl rollout restart` of a workload and best-effort Events on the agent's own pod.
+
+The `kubernetes` client is imported only inside functions, so init mode (and `import agent.reload`) never loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.config import RolloutTarget
+from agent.errors import ConfigError, ReloadError
+from agent.log import get_logger, redact
+
+__all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "Kube", "emit_event"]
+
+#: the pod-template annotation `kubectl rollout restart` sets; a new value makes the controller roll the pods
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+#: `source.component` (and reportingComponent) of the Events the agent records
+EVENT_COMPONENT = "istio-vault-agent"
+#: where kubelet mounts the pod's service-account token, CA and namespace
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+_PLURALS = {"Deployment": "deployment", "DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}
+_STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+_MAX_MESSAGE = 1024
+#: (connect, read) seconds; the client blocks, and a thread cannot be cancelled, so every call is bounded
+_PATCH_TIMEOUT = (5.0, 10.0)
+_EVENT_TIMEOUT = (2.0, 3.0)
+_unavailable_logged = False
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call in a daemon thread of its own.
+
+    Unlike `asyncio.to_thread`, an abandoned call never holds up `asyncio.run`'s executor shutdown, so a
+    SIGTERM exit stays prompt while a request to a hanging apiserver runs out its own timeout.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: Any = (True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result = (False, exc)
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=run, name=f"kube-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+def _now_rfc3339() -> str:
+    # kubectl formats with Go's time.RFC3339 (seconds, 'Z' in UTC)
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kubeconfig_path() -> str | None:
+    """KUBECONFIG (may list several files, as kubectl allows), else ~/.kube/config when it exists."""
+    env = os.environ.get("KUBECONFIG", "")
+    if env.strip(os.pathsep):
+        return env
+    default = Path("~/.kube/config").expanduser()
+    return str(default) if default.is_file() else None
+
+
+class Kube:
+    """A Kubernetes API client for the agent: in-cluster service account, else a kubeconfig."""
+
+    #: the `kubernetes.client.ApiClient` every call goes through
+    api_client: Any
+    #: namespace of the pod (service-account namespace file) or of the kubeconfig's current context
+    namespace: str | None
+    #: where the credentials came from, for logs: "in-cluster" or the kubeconfig path
+    origin: str
+
+    def __init__(self, api_client: Any, *, namespace: str | None = None, origin: str = "") -> None:
+        """Wrap a ready `kubernetes.client.ApiClient`; most callers want `Kube.load()` or `Kube.maybe()`."""
+        self.api_client = api_client
+        self.namespace = namespace
+        self.origin = origin
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when in-cluster config (KUBERNETES_SERVICE_HOST) or a kubeconfig file is there to load."""
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or _kubeconfig_path() is not None
+
+    @classmethod
+    def load(cls, *, sa_dir: Path = SA_DIR) -> Kube:
+        """Build a client from in-cluster config when KUBERNETES_SERVICE_HOST is set, else from the kubeconfig.
+
+        Raises:
+            ConfigError: neither is available, or the one found cannot be loaded.
+        """
+        from kubernetes import client, config
+        from kubernetes.config.incluster_config import InClusterConfigLoader
+
+        cfg = client.Configuration()
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            try:
+                # the loader re-reads the token file every minute, so a rotated projected token is picked up
+                loader = InClusterConfigLoader(  # type: ignore[no-untyped-call]
+                    token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt")
+                )
+                loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
+            except config.ConfigException as exc:
+                raise ConfigError(
+                    f"in-cluster Kubernetes config cannot be loaded from {sa_dir}: {exc};"
+                    " mount a service-account token (automountServiceAccountToken: true)"
+                ) from None
+            ns_file = sa_dir / "namespace"
+            try:
+                namespace: str | None = ns_file.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                namespace = None
+            return cls(client.ApiClient(cfg), namespace=namespace, origin="in-cluster")
+        path = _kubeconfig_path()
+        if path is None:
+            raise ConfigError(
+                "no Kubernetes API access: run in a pod with a service account, or set KUBECONFIG to a kubeconfig file"
+            )
+        try:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, client_configuration=cfg, persist_config=False
+            )
+            _, active = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
+        except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"kubeconfig {path} cannot be loaded: {exc}") from None
+        namespace = ((active or {}).get("context") or {}).get("namespace") or None
+        return cls(client.ApiClient(cfg), namespace=namespace, origin=path)
+
+    @classmethod
+    def maybe(cls, *, sa_dir: Path = SA_DIR) -> Kube | None:
+        """`load()`, or None when there is no Kubernetes config at all (logged once, at debug).
+
+        A config that exists but cannot be loaded is logged as a warning, and None is returned too.
+        """
+        global _unavailable_logged
+        if not cls.available():
+            if not _unavailable_logged:
+                _unavailable_logged = True
+                get_logger().debug("kube_unavailable", detail="no in-cluster config and no kubeconfig")
+            return None
+        try:
+            return cls.load(sa_dir=sa_dir)
+        except ConfigError as exc:
+            get_logger().warning("kube_config_unusable", error=str(exc))
+            return None
+
+    def close(self) -> None:
+        """Release the client's connection pool."""
+        self.api_client.close()
+
+    # ------------------------------------------------------------------ rollout restart
+
+    def resolve_namespace(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
+        """The namespace of `target`: its own, else `default_namespace`, POD_NAMESPACE, the pod's or context's.
+
+        Raises:
+            ReloadError: none of them is set.
+        """
+        ns = target.namespace or default_namespace or os.environ.get("POD_NAMESPACE") or self.namespace
+        if not ns:
+            raise ReloadError(
+                f"no namespace for rollout-restart of {target.kind} {target.name}: set reload.target.namespace"
+            )
+        return ns
+
+    def rollout_restart(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
+        """Restart the pods of a Deployment, DaemonSet or StatefulSet exactly as `kubectl rollout restart` does.
+
+        Sends a strategic merge patch that sets the pod template annotation `kubectl.kubernetes.io/restartedAt`
+        to now (RFC 3339). Blocks; call it through `asyncio.to_thread`. Returns a short description.
+
+        Raises:
+            ReloadError: the workload does not exist, RBAC forbids the patch, or the API cannot be reached.
+        """
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        ns = self.resolve_namespace(target, default_namespace)
+        what = f"{target.kind} {ns}/{target.name}"
+        now = _now_rfc3339()
+        body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
+        patch = getattr(client.AppsV1Api(self.api_client), f"patch_namespaced_{_PLURALS[target.kind]}")
+        try:
+            # without _content_type the client picks json-patch+json, which the apiserver rejects for a dict
+            patch(
+                target.name,
+                ns,
+                body,
+                field_manager="istio-vault-agent",
+                _content_type=_STRATEGIC_MERGE,
+                _request_timeout=_PATCH_TIMEOUT,
+            )
+        except ApiException as exc:
+            raise ReloadError(_api_failure(exc.status, what, f"{target.kind.lower()}s")) from None
+        except Exception as exc:  # noqa: BLE001 - urllib3/ssl/socket errors all mean "cannot reach the API"
+            raise ReloadError(
+                f"cannot reach the Kubernetes API at {self.api_client.configuration.host} to restart {what}:"
+                f" {_short(exc)}"
+            ) from None
+        return f"rollout restart of {what} (restartedAt={now})"
+
+    async def rollout_restart_async(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
+        """`rollout_restart` in a daemon thread, for the event loop; raises what it raises."""
+        return await _in_daemon_thread(self.rollout_restart, target, default_namespace)
+
+    # ------------------------------------------------------------------------ events
+
+    def event(self, reason: str, message: str, type: str = "Normal") -> bool:
+        """Record a core/v1 Event on the agent's pod (POD_NAME, POD_NAMESPACE, POD_UID); True when created.
+
+        Best effort: without POD_NAME/POD_NAMESPACE nothing is sent, and every failure is logged, never raised.
+        `message` must already be free of secret material; it is cut to 1024 characters. Blocks.
+        """
+        pod, ns = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        if not pod or not ns:
+            return False
+        try:
+            from kubernetes import client
+
+            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            text = str(redact(None, "", {"message": message})["message"])[:_MAX_MESSAGE]
+            body = client.CoreV1Event(
+                api_version="v1",
+                kind="Event",
+                # client-go names events <object>.<unix nanos in hex>
+                metadata=client.V1ObjectMeta(name=f"{pod}.{time.time_ns():x}", namespace=ns),
+                involved_object=client.V1ObjectReference(
+                    api_version="v1", kind="Pod", name=pod, namespace=ns, uid=os.environ.get("POD_UID") or None
+                ),
+                reason=reason,
+                message=text,
+                type=type,
+                source=client.V1EventSource(component=EVENT_COMPONENT, host=os.environ.get("NODE_NAME") or None),
+                first_timestamp=now,
+                last_timestamp=now,
+                count=1,
+                reporting_component=EVENT_COMPONENT,
+                reporting_instance=pod,
+            )
+            client.CoreV1Api(self.api_client).create_namespaced_event(ns, body, _request_timeout=_EVENT_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - an Event is never worth failing a publish for
+            status = getattr(exc, "status", None)
+            get_logger().warning(
+                "kube_event_failed", reason=reason, status=status, error=_short(exc) if status is None else None
+            )
+            return False
+        return True
+
+    async def emit_event(
+        self,
+        reason: str,
+        message: str,
+        type: str = "Normal",
+        *,
+        timeout: float = 5.0,
+    ) -> bool:
+        """`event()` in a thread, waiting at most `timeout` seconds; never raises, True when created."""
+        try:
+            return await asyncio.wait_for(_in_daemon_thread(self.event, reason, message, type), timeout)
+        except TimeoutError:
+            # the thread itself ends within the request timeout; we just stop waiting for it
+            get_logger().warning("kube_event_failed", reason=reason, error=f"no answer within {timeout:g}s")
+            return False
+
+
+async def emit_event(
+    kube: Kube | None,
+    reason: str,
+    message: str,
+    type: str = "Normal",
+    *,
+    timeout: float = 5.0,
+) -> bool:
+    """Record an Event on the agent's pod through `kube` if there is one; never raises, True when created."""
+    if kube is None:
+        return False
+    return await kube.emit_event(reason, message, type, timeout=timeout)
+
+
+def _api_failure(status: int | None, what: str, plural: str) -> str:
+    if status == 404:
+        return f"{what} does not exist: check reload.target (kind, name, namespace)"
+    if status == 403:
+        return f"the agent may not patch {what}: grant its service account RBAC verb patch on apps {plural}"
+    if status == 401:
+        return f"the Kubernetes API refused the agent's credentials while restarting {what}"
+    return f"the Kubernetes API answered {status} to the rollout restart of {what}"
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line reason without the urllib3 retry noise."""
+    reason = getattr(exc, "reason", None)
+    text = str(reason if reason is not None else exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
