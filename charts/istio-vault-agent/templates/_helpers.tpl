@@ -1,0 +1,122 @@
+{{/*
+Chart name, truncated to the 63 characters a label value allows.
+*/}}
+{{- define "istio-vault-agent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of every object: the release name when it already names the chart, so the
+common `helm install istio-vault-agent ...` gives a ConfigMap called istio-vault-agent,
+which is what the example values mount.
+*/}}
+{{- define "istio-vault-agent.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "istio-vault-agent.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "istio-vault-agent.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: {{ .Values.mode }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the agent container sees the ConfigMap; the example values mount it here.
+*/}}
+{{- define "istio-vault-agent.configDir" -}}
+/etc/istio-vault-agent
+{{- end }}
+
+{{/*
+The bundles for the selected mode, each with its type filled in, as a YAML list.
+Every bundle needs name, source.kv and dir; a missing one fails the render with the
+values key to set.
+*/}}
+{{- define "istio-vault-agent.bundles" -}}
+{{- $bundles := list }}
+{{- if eq .Values.mode "istiod" }}
+{{- $b := deepCopy (required "istiod.bundle is required when mode is istiod" .Values.istiod.bundle) }}
+{{- $_ := set $b "type" "istio-ca" }}
+{{- $bundles = append $bundles $b }}
+{{- else if eq .Values.mode "gateway" }}
+{{- if not .Values.gateway.bundles }}
+{{- fail "gateway.bundles must list at least one tls bundle when mode is gateway" }}
+{{- end }}
+{{- range .Values.gateway.bundles }}
+{{- $b := deepCopy . }}
+{{- if not (hasKey $b "type") }}
+{{- $_ := set $b "type" "tls" }}
+{{- end }}
+{{- $bundles = append $bundles $b }}
+{{- end }}
+{{- else }}
+{{- fail (printf "mode must be istiod or gateway, not %q" (toString .Values.mode)) }}
+{{- end }}
+{{- range .Values.extraBundles }}
+{{- $bundles = append $bundles (deepCopy .) }}
+{{- end }}
+{{- range $i, $b := $bundles }}
+{{- $where := printf "bundle %d (%s)" $i (toString ($b.name | default "unnamed")) }}
+{{- if not $b.name }}
+{{- fail (printf "%s needs a name" $where) }}
+{{- end }}
+{{- if not (and $b.source (kindIs "map" $b.source) $b.source.kv) }}
+{{- fail (printf "%s needs source.kv (<kv mount>/<path>)" $where) }}
+{{- end }}
+{{- if not $b.dir }}
+{{- fail (printf "%s needs dir (a path on the volume shared with istiod or istio-proxy)" $where) }}
+{{- end }}
+{{- end }}
+{{- toYaml $bundles }}
+{{- end }}
+
+{{/*
+The agent configuration file (issue 2 contract), built as a dict and serialised with
+toYaml so values never need YAML quoting by hand.
+*/}}
+{{- define "istio-vault-agent.config" -}}
+{{- $vault := dict "address" (required "vault.address is required (the Vault or OpenBao URL seen from the pod)" .Values.vault.address) }}
+{{- if .Values.vault.caCertPEM }}
+{{- $_ := set $vault "ca_cert" (printf "%s/vault-ca.crt" (include "istio-vault-agent.configDir" .)) }}
+{{- else if .Values.vault.caCertPath }}
+{{- $_ := set $vault "ca_cert" .Values.vault.caCertPath }}
+{{- end }}
+{{- with .Values.vault.namespace }}
+{{- $_ := set $vault "namespace" . }}
+{{- end }}
+{{- with .Values.vault.tlsServerName }}
+{{- $_ := set $vault "tls_server_name" . }}
+{{- end }}
+{{- $auth := dict
+  "method" .Values.auth.method
+  "mount" (required "auth.mount is required (the Vault auth mount for this cluster)" .Values.auth.mount)
+  "role" (required "auth.role is required (the Vault role bound to the pod's service account)" .Values.auth.role)
+  "token_path" .Values.auth.tokenPath }}
+{{- $config := dict
+  "vault" $vault
+  "auth" $auth
+  "bundles" (include "istio-vault-agent.bundles" . | fromYamlArray)
+  "init" (dict "timeout" .Values.init.timeout)
+  "health" (dict "listen" .Values.health.listen)
+  "sidecar" (dict "poll_interval" .Values.sidecar.pollInterval) }}
+{{- $config = mustMergeOverwrite $config (deepCopy (.Values.extraConfig | default dict)) }}
+{{- toYaml $config }}
+{{- end }}

@@ -1,0 +1,373 @@
+"""The istio-vault-agent chart and its example overrides, rendered by Helm's own engine and checked against Kubernetes.
+
+The examples are proven on small fixture charts (tests/fixtures/charts) that template initContainers,
+env, volumeMounts and volumes the way the upstream istiod (1.24+) and gateway (1.27+) charts do.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the [test] extra) renders the charts")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate checks the objects")
+
+from agent import config as agent_config  # noqa: E402
+from agent.inject import InjectOptions, agent_container, agent_volumes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "istio-vault-agent"
+EXAMPLES = CHART / "examples"
+FIXTURE_CHARTS = ROOT / "tests" / "fixtures" / "charts"
+#: a recent Kubernetes with native sidecars on by default (beta 1.29, GA 1.33)
+K8S_VERSION = "1.33"
+AGENT = "istio-vault-agent"
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUZm9v\n-----END CERTIFICATE-----\n"
+
+
+def render(
+    chart: Path, values: dict[str, Any] | None = None, *, name: str = AGENT, namespace: str = "istio-system"
+) -> tuple[list[dict[str, Any]], str]:
+    """Render a chart offline; return its objects (in template order) and NOTES.txt."""
+    with helm.Chart.load(chart) as loaded:
+        manifests = loaded.render(values or {}, name=name, namespace=namespace)
+    objects: list[dict[str, Any]] = []
+    notes = ""
+    for path in sorted(manifests):
+        if path.endswith("NOTES.txt"):
+            notes = manifests[path]
+            continue
+        objects.extend(d for d in yaml.safe_load_all(manifests[path]) if d)
+    return objects, notes
+
+
+def validate(objects: list[dict[str, Any]]) -> None:
+    """Every object must match the Kubernetes schema (strict: no unknown fields)."""
+    assert objects
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, got {len(matches)}"
+    return matches[0]
+
+
+def containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod.get("initContainers") or []
+    yield from pod["containers"]
+
+
+def check_pod_wiring(pod: dict[str, Any]) -> None:
+    """What the API server or kubelet would reject but a schema cannot see: dangling or duplicate names."""
+    volumes = [v["name"] for v in pod.get("volumes") or []]
+    assert len(volumes) == len(set(volumes)), f"duplicate volumes: {volumes}"
+    names = [c["name"] for c in containers(pod)]
+    assert len(names) == len(set(names)), f"duplicate containers: {names}"
+    for c in containers(pod):
+        paths = [m["mountPath"] for m in c.get("volumeMounts") or []]
+        assert len(paths) == len(set(paths)), f"{c['name']} mounts two volumes at one path"
+        for m in c.get("volumeMounts") or []:
+            assert m["name"] in volumes, f"{c['name']} mounts missing volume {m['name']}"
+        for port in c.get("ports") or []:
+            assert len(port.get("name", "")) <= 15
+
+
+def load_values(name: str) -> dict[str, Any]:
+    values = yaml.safe_load((EXAMPLES / name).read_text())
+    assert isinstance(values, dict)
+    return values
+
+
+def agent_config_of(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], agent_config.AgentConfig]:
+    """The rendered config.yaml, raw and as the agent itself loads it (so the chart follows the contract)."""
+    configmap = find(objects, "ConfigMap")
+    raw = yaml.safe_load(configmap["data"]["config.yaml"])
+    return raw, agent_config.from_mapping(raw, env={})
+
+
+def mount_of(container: dict[str, Any], volume: str) -> dict[str, Any]:
+    mounts = [m for m in container.get("volumeMounts") or [] if m["name"] == volume]
+    assert len(mounts) == 1, f"{container['name']} should mount {volume} once"
+    return mounts[0]
+
+
+@pytest.fixture(name="rendered_istiod", scope="module")
+def fixture_rendered_istiod() -> list[dict[str, Any]]:
+    """The istiod-like fixture chart rendered with examples/istiod-values.yaml."""
+    objects, _ = render(FIXTURE_CHARTS / "istiod-like", load_values("istiod-values.yaml"), name="istiod")
+    return objects
+
+
+@pytest.fixture(name="pod", scope="module")
+def fixture_pod(rendered_istiod: list[dict[str, Any]]) -> dict[str, Any]:
+    """The istiod pod spec from that render."""
+    pod: dict[str, Any] = find(rendered_istiod, "Deployment", "istiod")["spec"]["template"]["spec"]
+    return pod
+
+
+@pytest.fixture(name="rendered_gateway", scope="module")
+def fixture_rendered_gateway() -> list[dict[str, Any]]:
+    """The gateway-like fixture chart rendered with examples/gateway-values.yaml."""
+    objects, _ = render(
+        FIXTURE_CHARTS / "gateway-like",
+        load_values("gateway-values.yaml"),
+        name="istio-ingressgateway",
+        namespace="istio-ingress",
+    )
+    return objects
+
+
+class TestAgentChart:
+    def test_lint_is_clean(self) -> None:
+        """`helm lint --strict` reports no warning or error, in either mode, with RBAC on."""
+        for values in ({}, {"mode": "gateway", "rbac": {"create": True, "rolloutRestart": {"enabled": True}}}):
+            report = helm.lint(CHART, values, strict=True, kube_version="v1.33.0")
+            assert report["errors"] == []
+            assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+    def test_default_render_is_a_valid_istiod_config(self) -> None:
+        """Defaults give one valid ConfigMap whose config.yaml the agent loads: one istio-ca bundle in ROOT_CA_DIR."""
+        objects, notes = render(CHART)
+        validate(objects)
+        assert [o["kind"] for o in objects] == ["ConfigMap"]
+        assert find(objects, "ConfigMap")["metadata"]["name"] == AGENT
+        raw, cfg = agent_config_of(objects)
+        assert [(b.name, b.type, b.dir) for b in cfg.bundles] == [
+            ("istiod-cacerts", "istio-ca", "/var/run/secrets/istio-ca")
+        ]
+        assert cfg.bundles[0].source.kv == "kubernetes-cluster1-secrets/istiod-service/certs"
+        assert (cfg.auth.method, cfg.auth.mount, cfg.auth.role) == ("kubernetes", "kubernetes-cluster1", "istiod")
+        assert cfg.auth.token_path == "/var/run/secrets/vault/token"
+        assert cfg.health.listen == "0.0.0.0:8099"
+        assert "ca_cert" not in raw["vault"]
+        assert "Use plugged-in cert at /var/run/secrets/istio-ca" in notes
+        assert "audience=vault" in notes
+
+    def test_vault_settings_reach_the_config(self) -> None:
+        """Address, CA PEM, namespace, server name and auth values land under the contract's keys."""
+        values = {
+            "vault": {
+                "address": "https://openbao.example:8200",
+                "caCertPEM": PEM,
+                "namespace": "production",
+                "tlsServerName": "openbao.internal",
+            },
+            "auth": {"method": "jwt", "mount": "auth/jwt-cluster2", "role": "istiod-c2"},
+            "init": {"timeout": "5m"},
+            "sidecar": {"pollInterval": "10s"},
+        }
+        objects, _ = render(CHART, values)
+        validate(objects)
+        raw, cfg = agent_config_of(objects)
+        assert raw["vault"] == {
+            "address": "https://openbao.example:8200",
+            "ca_cert": "/etc/istio-vault-agent/vault-ca.crt",
+            "namespace": "production",
+            "tls_server_name": "openbao.internal",
+        }
+        # The CA file the config points at is in the same ConfigMap, which the examples mount there.
+        assert find(objects, "ConfigMap")["data"]["vault-ca.crt"] == PEM
+        assert (cfg.auth.method, cfg.auth.mount, cfg.auth.role) == ("jwt", "auth/jwt-cluster2", "istiod-c2")
+        assert (cfg.init.timeout, cfg.sidecar.poll_interval) == (300, 10)
+
+    def test_gateway_mode_publishes_tls_bundles(self) -> None:
+        """mode=gateway renders tls bundles and NOTES show the Gateway fields pointing at their files."""
+        values = {
+            "mode": "gateway",
+            "auth": {"role": "istio-ingressgateway"},
+            "extraBundles": [
+                {
+                    "name": "api-cert",
+                    "type": "tls",
+                    "source": {"kv": "secrets/api"},
+                    "dir": "/var/run/secrets/istio-ca/api-cert",
+                }
+            ],
+        }
+        objects, notes = render(CHART, values, namespace="istio-ingress")
+        validate(objects)
+        _, cfg = agent_config_of(objects)
+        assert [(b.name, b.type) for b in cfg.bundles] == [("ingress-cert", "tls"), ("api-cert", "tls")]
+        assert "serverCertificate: /var/run/secrets/istio-ca/ingress-cert/tls.crt" in notes
+        assert "privateKey: /var/run/secrets/istio-ca/ingress-cert/tls.key" in notes
+        assert "caCertificates: /var/run/secrets/istio-ca/ingress-cert/ca.crt" in notes
+
+    def test_extra_config_is_merged(self) -> None:
+        """extraConfig reaches the agent config and per-bundle agent settings pass through."""
+        values = {
+            "extraConfig": {"log": {"level": "debug"}},
+            "istiod": {"bundle": {"multiroot": True, "on_root_change": "none"}},
+        }
+        objects, _ = render(CHART, values)
+        _, cfg = agent_config_of(objects)
+        assert cfg.log.level == "debug"
+        assert (cfg.bundles[0].multiroot, cfg.bundles[0].on_root_change) == (True, "none")
+
+    def test_rbac_is_off_by_default_and_grants_only_what_is_asked(self) -> None:
+        """rbac.create adds a Role for events (and rollout-restart patches when enabled) bound to the pod's account."""
+        objects, _ = render(CHART)
+        assert not [o for o in objects if o["kind"] in {"Role", "RoleBinding"}]
+
+        objects, _ = render(CHART, {"rbac": {"create": True}})
+        validate(objects)
+        rules = find(objects, "Role")["rules"]
+        assert all(r["resources"] == ["events"] for r in rules)
+        assert {g for r in rules for g in r["apiGroups"]} == {"", "events.k8s.io"}
+
+        values = {
+            "serviceAccountName": "istio-ingressgateway",
+            "rbac": {
+                "create": True,
+                "events": False,
+                "rolloutRestart": {"enabled": True, "resourceNames": ["istio-ingressgateway"]},
+            },
+        }
+        objects, _ = render(CHART, values, namespace="istio-ingress")
+        validate(objects)
+        (rule,) = find(objects, "Role")["rules"]
+        assert rule == {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": ["istio-ingressgateway"],
+            "verbs": ["get", "patch"],
+        }
+        binding = find(objects, "RoleBinding")
+        assert binding["roleRef"]["name"] == find(objects, "Role")["metadata"]["name"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "istio-ingressgateway", "namespace": "istio-ingress"}
+        ]
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            ({"mode": "ingress"}, 'mode must be istiod or gateway, not "ingress"'),
+            ({"vault": {"address": ""}}, "vault.address is required"),
+            ({"auth": {"role": ""}}, "auth.role is required"),
+            (
+                {"mode": "gateway", "gateway": {"bundles": [{"name": "x", "source": {"kv": "a/b"}}]}},
+                "bundle 0 (x) needs dir",
+            ),
+            ({"mode": "gateway", "gateway": {"bundles": []}}, "gateway.bundles must list at least one tls bundle"),
+            ({"rbac": {"create": True, "events": False}}, "neither rbac.events nor rbac.rolloutRestart.enabled"),
+        ],
+    )
+    def test_bad_values_fail_with_the_key_to_fix(self, values: dict[str, Any], message: str) -> None:
+        """A wrong or missing value stops the render with a message naming the values key."""
+        with pytest.raises(helm.HelmRenderError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            render(CHART, values)
+
+
+class TestIstiodExample:
+    def test_rendered_istiod_is_valid(self, rendered_istiod: list[dict[str, Any]], pod: dict[str, Any]) -> None:
+        """The istiod-like chart with the example values gives schema-valid objects and a consistent pod."""
+        validate(rendered_istiod)
+        check_pod_wiring(pod)
+
+    def test_agent_is_a_native_sidecar_gating_discovery(self, pod: dict[str, Any]) -> None:
+        """The agent is an initContainer with restartPolicy Always whose startupProbe waits on /readyz."""
+        (agent,) = pod["initContainers"]
+        assert agent["name"] == AGENT
+        assert agent["restartPolicy"] == "Always"
+        assert agent["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8099}
+        assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8099}
+        # The startup budget must outlast the agent's init timeout, or the kubelet kills it first.
+        probe = agent["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] > 120
+        assert agent["args"] == ["run", "--config", "/etc/istio-vault-agent/config.yaml", "--mode", "sidecar"]
+
+    def test_discovery_reads_root_ca_dir_from_the_shared_volume(self, pod: dict[str, Any]) -> None:
+        """discovery's ROOT_CA_DIR is its mount of the memory emptyDir the agent writes, and the bundle dir."""
+        discovery = next(c for c in pod["containers"] if c["name"] == "discovery")
+        env = {e["name"]: e.get("value") for e in discovery["env"]}
+        root_ca_dir = env["ROOT_CA_DIR"]
+        (agent,) = pod["initContainers"]
+        shared = next(v for v in pod["volumes"] if "emptyDir" in v)
+        assert shared["emptyDir"]["medium"] == "Memory"
+        assert mount_of(discovery, shared["name"])["mountPath"] == root_ca_dir
+        assert mount_of(discovery, shared["name"]).get("readOnly") is True
+        assert mount_of(agent, shared["name"])["mountPath"] == root_ca_dir
+        assert root_ca_dir != "/etc/cacerts"
+        # The chart's cacerts Secret mount stays where it was, untouched.
+        assert mount_of(discovery, "cacerts")["mountPath"] == "/etc/cacerts"
+        _, cfg = agent_config_of(render(CHART)[0])
+        assert cfg.bundles[0].dir == root_ca_dir
+
+    def test_agent_logs_in_with_a_vault_audience_token(self, pod: dict[str, Any]) -> None:
+        """A projected token with audience vault sits where the chart's auth.tokenPath expects it."""
+        (agent,) = pod["initContainers"]
+        token_volume = next(v for v in pod["volumes"] if "projected" in v and v["name"].startswith(AGENT))
+        (source,) = token_volume["projected"]["sources"]
+        token = source["serviceAccountToken"]
+        assert token["audience"] == "vault"
+        assert 600 <= token["expirationSeconds"] <= 86400
+        _, cfg = agent_config_of(render(CHART)[0])
+        mount = mount_of(agent, token_volume["name"])
+        assert posixpath.join(mount["mountPath"], token["path"]) == cfg.auth.token_path
+        assert mount["readOnly"] is True
+
+    def test_agent_mounts_the_chart_configmap(self, pod: dict[str, Any]) -> None:
+        """The ConfigMap volume names what the chart renders for release istio-vault-agent, at the --config dir."""
+        (agent,) = pod["initContainers"]
+        configmap_volume = next(v for v in pod["volumes"] if "configMap" in v)
+        chart_configmap = find(render(CHART)[0], "ConfigMap")
+        assert configmap_volume["configMap"]["name"] == chart_configmap["metadata"]["name"]
+        mount = mount_of(agent, configmap_volume["name"])
+        config_arg = agent["args"][agent["args"].index("--config") + 1]
+        assert posixpath.dirname(config_arg) == mount["mountPath"]
+        assert posixpath.basename(config_arg) in chart_configmap["data"]
+
+    def test_agent_runs_locked_down_and_small(self, pod: dict[str, Any]) -> None:
+        """Non-root 1337, read-only root, no escalation, no capabilities; resources far below vault-k8s."""
+        (agent,) = pod["initContainers"]
+        sc = agent["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert (sc["runAsUser"], sc["runAsGroup"]) == (1337, 1337)
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        requests = agent["resources"]["requests"]
+        assert requests["cpu"].endswith("m") and int(requests["cpu"][:-1]) < 250
+        assert requests["memory"].endswith("Mi") and int(requests["memory"][:-2]) < 64
+        assert "memory" in agent["resources"]["limits"]
+
+    def test_example_matches_what_inject_adds(self, pod: dict[str, Any]) -> None:
+        """`istio-vault-agent inject` adds exactly the container and volumes of the example values."""
+        example = load_values("istiod-values.yaml")
+        assert example["initContainers"] == [agent_container(InjectOptions())]
+        assert example["volumes"] == agent_volumes(InjectOptions())
+
+
+class TestGatewayExample:
+    def test_rendered_gateway_is_valid_with_bundles_on_the_proxy(self, rendered_gateway: list[dict[str, Any]]) -> None:
+        """The gateway-like chart with the example values is valid and istio-proxy sees every bundle dir."""
+        validate(rendered_gateway)
+        pod = find(rendered_gateway, "Deployment", "istio-ingressgateway")["spec"]["template"]["spec"]
+        check_pod_wiring(pod)
+        (agent,) = pod["initContainers"]
+        assert agent["restartPolicy"] == "Always"
+        assert agent["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8099}
+        proxy = next(c for c in pod["containers"] if c["name"] == "istio-proxy")
+        shared = next(v for v in pod["volumes"] if "emptyDir" in v)
+        proxy_mount = mount_of(proxy, shared["name"])
+        assert proxy_mount["readOnly"] is True
+        assert mount_of(agent, shared["name"])["mountPath"] == proxy_mount["mountPath"]
+        # Gateways take certificate files, not a CA directory: no ROOT_CA_DIR there.
+        assert "env" not in proxy or all(e["name"] != "ROOT_CA_DIR" for e in proxy["env"])
+        _, cfg = agent_config_of(render(CHART, {"mode": "gateway"}, namespace="istio-ingress")[0])
+        for bundle in cfg.bundles:
+            assert bundle.dir.startswith(proxy_mount["mountPath"] + "/")
+
+    def test_gateway_example_is_the_istiod_one_minus_root_ca_dir(self) -> None:
+        """Both examples add the same agent container and volumes; only the istiod one sets env."""
+        gateway, istiod = load_values("gateway-values.yaml"), load_values("istiod-values.yaml")
+        assert gateway["initContainers"] == istiod["initContainers"]
+        assert gateway["volumes"] == istiod["volumes"]
+        assert gateway["volumeMounts"] == istiod["volumeMounts"]
+        assert "env" not in gateway
