@@ -196,6 +196,17 @@ _TYPE_WORDS = {
 }
 
 
+_CHOICES = {
+    "method": "kubernetes, jwt, token",
+    "type": "istio-ca, tls",
+    "action": "signal, exec, http, rollout-restart, none",
+    "on_root_change": "restart, none",
+    "kind": "Deployment, DaemonSet, StatefulSet",
+    "level": "debug, info, warning, error",
+    "format": "json, console",
+}
+
+
 def _friendly(err: msgspec.ValidationError) -> str:
     """Turn msgspec's message into one sentence that names the key in YAML terms."""
     text = str(err)
@@ -211,8 +222,9 @@ def _friendly(err: msgspec.ValidationError) -> str:
     if m := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
         want = " or ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in m.group(1).split("|"))
         return f"{where or 'the config'} must be {want}, not {_TYPE_WORDS.get(m.group(2), m.group(2))}"
-    if m := re.fullmatch(r"Invalid value '(.*)'", text):
-        return f"{where} has an invalid value {m.group(1)!r}"
+    if m := re.fullmatch(r"Invalid (?:enum )?value '?(.*?)'?", text):
+        choices = _CHOICES.get(re.sub(r".*\.", "", where), "")
+        return f"{where} has an invalid value {m.group(1)!r}" + (f"; use one of {choices}" if choices else "")
     if m := re.fullmatch(r"Expected `(.+)` of length >= (\d+)", text):
         return f"{where} must not be empty"
     return f"{where}: {text}" if where else text

@@ -1,0 +1,101 @@
+"""Config loading: the issue-2 YAML contract, env overrides, and one clear error per malformed key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.config import ExecReload, NoReload, SignalReload, parse_duration
+from agent.errors import ConfigError
+from tests.support import cli_env, error_line, run_cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "config"
+BAD = sorted(p.stem for p in FIXTURES.glob("bad-*.yaml"))
+
+
+class TestContract:
+    def test_issue_example_loads_with_its_values(self):
+        """The example config of the contract loads and keeps every value it names."""
+        cfg = config.load(FIXTURES / "good-runbook.yaml", env={})
+        assert cfg.vault.address == "https://openbao.example:8200"
+        assert cfg.vault.namespace == "production" and cfg.vault.ca_cert == "/vault/tls/ca.crt"
+        assert (cfg.auth.method, cfg.auth.mount, cfg.auth.role) == ("kubernetes", "kubernetes-cluster1", "istiod")
+        b = cfg.bundles[0]
+        assert b.type == "istio-ca" and b.dir == "/var/run/secrets/istio-ca"
+        assert b.files["ca-key.pem"] == "ca_key" and b.files["cert-chain.pem"] == "cert_chain"
+        assert cfg.init.timeout == 120 and cfg.sidecar.poll_interval == 30
+        assert cfg.health.listen == "0.0.0.0:8099"
+        assert isinstance(b.reload, NoReload) and b.key_mode == 0o600 and b.file_mode == 0o644
+
+    def test_defaults_for_tls_bundles(self):
+        """A tls bundle publishes tls.key, tls.crt and ca.crt from keys of the same names by default."""
+        cfg = config.from_mapping(
+            {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"},
+             "bundles": [{"name": "gw", "type": "tls", "dir": "/o", "source": {"kv": "s/gw"}}]},
+            env={},
+        )
+        assert cfg.bundles[0].files == {"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"}
+
+    def test_reload_variants(self):
+        """Each reload action of the contract parses into its own typed settings."""
+        base = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"}}
+        cfg = config.from_mapping(
+            {**base, "bundles": [
+                {"name": "a", "dir": "/a", "source": {"kv": "s/a"},
+                 "reload": {"action": "signal", "signal": "SIGHUP", "process": "nginx: master"}},
+                {"name": "b", "dir": "/b", "source": {"kv": "s/b"},
+                 "reload": {"action": "exec", "command": ["/bin/true"], "timeout": "10s"}},
+            ]},
+            env={},
+        )
+        assert cfg.bundles[0].reload == SignalReload(signal="SIGHUP", process="nginx: master")
+        assert cfg.bundles[1].reload == ExecReload(command=["/bin/true"], timeout=10)
+
+    def test_env_overrides_file(self):
+        """VAULT_ADDR/BAO_ADDR, VAULT_CACERT, VAULT_NAMESPACE and VAULT_SKIP_VERIFY override the file."""
+        cfg = config.load(
+            FIXTURES / "good-runbook.yaml",
+            env={"BAO_ADDR": "http://127.0.0.1:8200", "VAULT_CACERT": "/ca.pem", "VAULT_NAMESPACE": "ns2",
+                 "VAULT_SKIP_VERIFY": "true"},
+        )
+        assert cfg.vault.address == "http://127.0.0.1:8200"
+        assert (cfg.vault.ca_cert, cfg.vault.namespace, cfg.vault.skip_verify) == ("/ca.pem", "ns2", True)
+
+    def test_config_path_from_env(self):
+        """Without --config the path comes from ISTIO_VAULT_AGENT_CONFIG."""
+        cfg = config.load(None, env={"ISTIO_VAULT_AGENT_CONFIG": str(FIXTURES / "good-runbook.yaml")})
+        assert cfg.bundles[0].name == "istiod-cacerts"
+
+    def test_no_config_at_all(self):
+        """No --config and no env says how to give one."""
+        with pytest.raises(ConfigError, match="--config FILE or set ISTIO_VAULT_AGENT_CONFIG"):
+            config.load(None, env={})
+
+    @pytest.mark.parametrize(
+        ("text", "seconds"), [("30s", 30), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5), (45, 45), ("2", 2)]
+    )
+    def test_durations(self, text, seconds):
+        """Durations take Go-style units or bare seconds."""
+        assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_config_is_one_sentence_naming_the_key(name):
+    """Every malformed config gives one ConfigError that names the key at fault."""
+    expected = (FIXTURES / f"{name}.expect").read_text().strip()
+    with pytest.raises(ConfigError) as info:
+        config.load(FIXTURES / f"{name}.yaml", env={})
+    message = str(info.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_bad_config_on_the_command_line(tmp_path):
+    """The CLI prints the config error as one `error:` line and exits 1, without a traceback."""
+    proc = run_cli("run", "--config", str(FIXTURES / "bad-unknown-vault.yaml"), env=cli_env())
+    assert proc.returncode == 1
+    assert "unknown key vault.adress" in error_line(proc)
+    missing = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 1 and "does not exist" in error_line(missing)
