@@ -48,8 +48,8 @@ def _config(tmp_path, bao, token_file, layout, **kw) -> Path:
 
 
 def _assert_no_secrets(text: str, *secrets: str | bytes) -> None:
-    for s in secrets:
-        s = s.decode() if isinstance(s, bytes) else s
+    for secret in secrets:
+        s = secret.decode() if isinstance(secret, bytes) else secret
         body = s.strip().splitlines()[1] if s.startswith("-----BEGIN") else s
         assert body not in text
 
