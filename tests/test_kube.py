@@ -91,7 +91,9 @@ class TestRolloutRestart:
             name="gw",
             dir="/unused",
             source=KVSource(kv="secret/gw"),
-            reload=RolloutRestartReload(target=RolloutTarget(kind="StatefulSet", name=f"db-{unique}", namespace="apps")),
+            reload=RolloutRestartReload(
+                target=RolloutTarget(kind="StatefulSet", name=f"db-{unique}", namespace="apps")
+            ),
         )
         desc = asyncio.run(reload(bundle, kube=client))
         assert _patches(kube, f"/apis/apps/v1/namespaces/apps/statefulsets/db-{unique}")
