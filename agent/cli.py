@@ -15,7 +15,8 @@ __all__ = ["main"]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `inject`'s options are loaded only when that command runs (start-up time)."""
     p = argparse.ArgumentParser(
         prog="istio-vault-agent",
         description="Give Istio its CA from Vault or OpenBao: log in with Kubernetes auth, read the CA bundle,"
@@ -35,11 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     inject = sub.add_parser(
         "inject", help="Helm post-renderer: add the agent to istiod/gateway Deployments read on stdin"
     )
-    try:
+    if command == "inject":
         from agent import inject as inject_mod
-    except ImportError:  # pragma: no cover - inject ships with the package
-        inject_mod = None  # type: ignore[assignment]
-    if inject_mod is not None:
+
         inject_mod.add_arguments(inject)
     return p
 
@@ -76,7 +75,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `istio-vault-agent` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     handlers: dict[str, Any] = {"run": _run, "check": _check}
     try:
         if args.command == "inject":
