@@ -33,6 +33,8 @@ def make_client(
     if cfg.tls_server_name:
         session.mount(cfg.address.rstrip("/") + "/", _ServerNameAdapter(cfg.tls_server_name))
     verify: bool | str = False if cfg.skip_verify else (cfg.ca_cert or True)
+    # hvac takes verify from a session it is given (hvac#991) and ignores its own argument then
+    session.verify = verify
     return hvac.Client(
         url=cfg.address,
         token=token,

@@ -296,3 +296,67 @@ class TestTokenFile:
         assert second.token != first.token and second.ttl > 0
         reviewed = [r.body["spec"]["token"] for r in kube.tokenreviews()]
         assert token.read_text() in reviewed
+
+
+class TestOtherAuthMethods:
+    def test_jwt_method_with_the_same_token_file(self, tmp_path, bao, vault_admin, kube, unique, sa_token_file,
+                                                 runbook):
+        """`auth.method: jwt` logs in through a jwt auth mount that trusts the cluster's signing key."""
+        mount = f"jwt-{unique}"
+        vault_admin.sys.enable_auth_method("jwt", path=mount)
+        vault_admin.write_data(f"auth/{mount}/config", data={"jwt_validation_pubkeys": [kube.public_key_pem.decode()],
+                                                            "bound_issuer": kube.issuer})
+        vault_admin.write_data(f"auth/{mount}/role/istiod", data={
+            "role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"],
+            "bound_subject": "system:serviceaccount:istio-system:istiod", "token_policies": [runbook.policy]})
+        token = sa_token_file("istio-system", "istiod", audience="vault")
+        cfg = _config(tmp_path, bao, token, runbook, mount=mount, method="jwt")
+        proc = run_cli("run", "--config", str(cfg))
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "out" / "ca-key.pem").exists()
+
+    def test_token_method_for_development(self, tmp_path, bao, vault_admin, runbook):
+        """`auth.method: token` reads a Vault token from a file (development), and a bad one is refused."""
+        child = vault_admin.auth.token.create(policies=[runbook.policy], ttl="1h")["auth"]["client_token"]
+        token_file = tmp_path / "vault-token"
+        token_file.write_text(child + "\n")
+        cfg = _config(tmp_path, bao, token_file, runbook, method="token")
+        proc = run_cli("run", "--config", str(cfg))
+        assert proc.returncode == 0, proc.stderr
+        token_file.write_text("not-a-token")
+        bad = run_cli("run", "--config", str(cfg))
+        assert bad.returncode == 1 and "put a valid Vault token in" in error_line(bad)
+        assert child not in proc.stderr + bad.stderr
+
+
+class TestTLS:
+    def test_vault_over_tls_with_ca_cert_and_a_wrong_ca(self, tmp_path, bao_factory, kube, sa_token_file, ca):
+        """With vault.ca_cert (or VAULT_CACERT) init works over TLS; a wrong CA is one final error naming the fix."""
+        server = bao_factory(tls=True)
+        seed_runbook_layout(server.client(), kube, pki.istio_ca_files(*ca))
+        token = sa_token_file("istio-system", "istiod")
+        cfg = agent_config(address=server.address, token_path=token, out=tmp_path / "out",
+                           kv="kubernetes-cluster1-secrets/istiod-service/certs")
+        path = write_config(tmp_path / "a.yaml", cfg)
+        ok = run_cli("run", "--config", str(path), env=cli_env(VAULT_CACERT=str(server.ca_file)))
+        assert ok.returncode == 0, ok.stderr
+        wrong = tmp_path / "other-ca.pem"
+        wrong.write_bytes(pki.root_ca(cn="Not Vault's CA").cert_pem)
+        bad = run_cli("run", "--config", str(path), env=cli_env(VAULT_CACERT=str(wrong)))
+        assert bad.returncode == 1
+        assert "TLS verification failed" in error_line(bad) and "vault.ca_cert" in error_line(bad)
+
+    def test_tls_server_name_is_checked(self, tmp_path, bao_factory, kube, sa_token_file, ca):
+        """vault.tls_server_name is the name the certificate must carry: one it has works, another is refused."""
+        server = bao_factory(tls=True)
+        seed_runbook_layout(server.client(), kube, pki.istio_ca_files(*ca))
+        token = sa_token_file("istio-system", "istiod")
+        results = {}
+        for name in ("localhost", "openbao.wrong.example"):
+            cfg = agent_config(address=server.address, token_path=token, out=tmp_path / name,
+                               kv="kubernetes-cluster1-secrets/istiod-service/certs")
+            cfg["vault"].update(ca_cert=str(server.ca_file), tls_server_name=name)
+            results[name] = run_cli("run", "--config", str(write_config(tmp_path / f"{name}.yaml", cfg)))
+        assert results["localhost"].returncode == 0, results["localhost"].stderr
+        assert results["openbao.wrong.example"].returncode == 1
+        assert "TLS verification failed" in error_line(results["openbao.wrong.example"])
