@@ -147,7 +147,7 @@ class TestAgentChart:
         assert cfg.auth.token_path == "/var/run/secrets/vault/token"
         assert cfg.health.listen == "0.0.0.0:8099"
         assert "ca_cert" not in raw["vault"]
-        assert "Use plugged-in cert at /var/run/secrets/istio-ca" in notes
+        assert "Added cacerts files watcher at /var/run/secrets/istio-ca" in notes
         assert "audience=vault" in notes
 
     def test_vault_settings_reach_the_config(self) -> None:
