@@ -446,7 +446,7 @@ def _validate_istio_ca(files: Mapping[str, bytes], now: dt.datetime) -> BundleIn
     )
 
 
-def _validate_tls(files: Mapping[str, bytes], now: dt.datetime) -> BundleInfo:
+def _validate_tls(files: Mapping[str, bytes], now: dt.datetime, *, chain_to_ca: bool = True) -> BundleInfo:
     _require("tls", files, ("tls.key", "tls.crt"))
     certs = _parse_certs("tls.crt", files["tls.crt"])
     key = _parse_key("tls.key", files["tls.key"])
@@ -455,7 +455,7 @@ def _validate_tls(files: Mapping[str, bytes], now: dt.datetime) -> BundleInfo:
 
     _check_key_matches("tls.key", key, certs[0])
     _check_validity([*certs, *cas], now)
-    if cas:
+    if cas and chain_to_ca:
         builder = _ChainBuilder(cas, [*certs[1:], *cas], leaf_issues=False, check_eku=False, roots_file="ca.crt")
         builder.build(certs[0])
 
@@ -477,7 +477,9 @@ def _fingerprint(c: _Cert) -> str:
     return c.cert.fingerprint(hashes.SHA256()).hex()
 
 
-def validate(kind: str, files: Mapping[str, bytes], *, now: dt.datetime | None = None) -> BundleInfo:
+def validate(
+    kind: str, files: Mapping[str, bytes], *, now: dt.datetime | None = None, chain_to_ca: bool = True
+) -> BundleInfo:
     """Check a bundle the way its consumer will, and describe it.
 
     istio-ca: all four files parse; ca-key.pem is one unencrypted RSA/EC key matching ca-cert.pem (first PEM
@@ -485,7 +487,8 @@ def validate(kind: str, files: Mapping[str, bytes], *, now: dt.datetime | None =
     root in root-cert.pem (which may hold several roots); cert-chain.pem starts with ca-cert.pem and ends at
     a root from root-cert.pem; every certificate is valid at `now`.
     tls: tls.key matches the first certificate of tls.crt; when ca.crt is non-empty, tls.crt (with any
-    intermediates after the leaf) verifies to it; every certificate is valid at `now`.
+    intermediates after the leaf) verifies to it, unless `chain_to_ca` is false (a gateway in MUTUAL mode,
+    where ca.crt is the CA of client certificates); every certificate is valid at `now`.
 
     Raises:
         BundleError: one sentence naming the file and the failed check; never key material.
@@ -495,7 +498,7 @@ def validate(kind: str, files: Mapping[str, bytes], *, now: dt.datetime | None =
     if kind == "istio-ca":
         return _validate_istio_ca(files, when)
     if kind == "tls":
-        return _validate_tls(files, when)
+        return _validate_tls(files, when, chain_to_ca=chain_to_ca)
     raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
 
 

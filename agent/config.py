@@ -144,6 +144,8 @@ class BundleConfig(_Section):
     on_root_change: Literal["restart", "none"] = "restart"
     restart_process: str = "pilot-discovery"
     ready_min_remaining: Duration = Duration(3600)
+    #: tls: tls.crt must chain to ca.crt; false when ca.crt is the CA of client certificates (gateway MUTUAL)
+    ca_signs_cert: bool = True
 
     @property
     def files(self) -> dict[str, str]:
@@ -368,6 +370,8 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"{key}.reload.command must not be empty for action exec")
         if isinstance(r, HttpReload) and not re.match(r"^https?://", r.url):
             raise ConfigError(f"{key}.reload.url must be an http:// or https:// URL")
+        if b.type != "tls" and not b.ca_signs_cert:
+            raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
         if b.type != "istio-ca" and b.multiroot:
             raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
     host, sep, port = cfg.health.listen.rpartition(":")

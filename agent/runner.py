@@ -106,7 +106,7 @@ class Agent:
             st.version = fetched.version
             return SyncResult(changed=False, info=st.info)
         try:
-            info = bundle.validate(b.type, fetched.files)
+            info = bundle.validate(b.type, fetched.files, chain_to_ca=b.ca_signs_cert)
         except BundleError as exc:
             st.last_error = str(exc)
             if st.refused_digest != fetched.digest:

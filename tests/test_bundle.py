@@ -391,3 +391,14 @@ class TestTls:
         pki.write_files(tmp_path, {k: v for k, v in tls_files(leaf, root).items() if k != "ca.crt"})
         assert validate_dir(tmp_path, "tls").kind == "tls"
         assert set(TLS_FILES) - {p.name for p in tmp_path.iterdir()} == {"ca.crt"}
+
+
+def test_tls_with_an_unrelated_client_ca_when_ca_signs_cert_is_false():
+    """A gateway in MUTUAL mode: ca.crt is the clients' CA, so it need not have signed tls.crt."""
+    server_root = pki.root_ca()
+    client_root = pki.root_ca(cn="Client CA")
+    files = pki.tls_files(pki.leaf_cert(server_root), client_root)
+    with pytest.raises(BundleError, match="ca.crt"):
+        validate("tls", files)
+    info = validate("tls", files, chain_to_ca=False)
+    assert info.kind == "tls" and "ca.crt" in info.not_after
