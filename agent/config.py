@@ -347,35 +347,40 @@ def validate(cfg: AgentConfig) -> None:
         if not b.dir or norm in dirs:
             raise ConfigError(f"{key}.dir must be a directory of its own, not {b.dir!r}")
         dirs.add(norm)
-        if "/" not in b.source.kv.strip("/"):
-            raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {b.source.kv!r}")
-        allowed = ISTIO_CA_FIELDS if b.type == "istio-ca" else TLS_FIELDS
-        for out in b.source.fields:
-            if out not in allowed:
-                raise ConfigError(
-                    f"{key}.source.fields has {out!r}, which a {b.type} bundle does not publish;"
-                    f" use {', '.join(allowed)}"
-                )
-        for mode_key in ("file_mode", "key_mode"):
-            mode = getattr(b, mode_key)
-            if not 0 <= mode <= 0o777:
-                raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0o640 (0-511), not {mode}")
-        r = b.reload
-        if isinstance(r, SignalReload):
-            if r.signal.upper() not in _SIGNALS and f"SIG{r.signal.upper()}" not in _SIGNALS:
-                raise ConfigError(f"{key}.reload.signal must be one of {', '.join(sorted(_SIGNALS))}")
-            if bool(r.process) == bool(r.pid_file):
-                raise ConfigError(f"{key}.reload needs exactly one of process or pid_file for action signal")
-        if isinstance(r, ExecReload) and not r.command:
-            raise ConfigError(f"{key}.reload.command must not be empty for action exec")
-        if isinstance(r, HttpReload) and not re.match(r"^https?://", r.url):
-            raise ConfigError(f"{key}.reload.url must be an http:// or https:// URL")
-        if b.type != "tls" and not b.ca_signs_cert:
-            raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
-        if b.type != "istio-ca" and b.multiroot:
-            raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
+        _validate_bundle(key, b)
     host, sep, port = cfg.health.listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"health.listen must be HOST:PORT such as 0.0.0.0:8099, not {cfg.health.listen!r}")
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
+
+
+def _validate_bundle(key: str, b: BundleConfig) -> None:
+    """Rules within one bundle; `key` is its place in the file, such as bundles[0]."""
+    if "/" not in b.source.kv.strip("/"):
+        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {b.source.kv!r}")
+    allowed = ISTIO_CA_FIELDS if b.type == "istio-ca" else TLS_FIELDS
+    for out in b.source.fields:
+        if out not in allowed:
+            raise ConfigError(
+                f"{key}.source.fields has {out!r}, which a {b.type} bundle does not publish;"
+                f" use {', '.join(allowed)}"
+            )
+    for mode_key in ("file_mode", "key_mode"):
+        mode = getattr(b, mode_key)
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0640 (octal in YAML; 0-511 as a number), not {mode}")
+    r = b.reload
+    if isinstance(r, SignalReload):
+        if r.signal.upper() not in _SIGNALS and f"SIG{r.signal.upper()}" not in _SIGNALS:
+            raise ConfigError(f"{key}.reload.signal must be one of {', '.join(sorted(_SIGNALS))}")
+        if bool(r.process) == bool(r.pid_file):
+            raise ConfigError(f"{key}.reload needs exactly one of process or pid_file for action signal")
+    if isinstance(r, ExecReload) and not r.command:
+        raise ConfigError(f"{key}.reload.command must not be empty for action exec")
+    if isinstance(r, HttpReload) and not re.match(r"^https?://", r.url):
+        raise ConfigError(f"{key}.reload.url must be an http:// or https:// URL")
+    if b.type != "tls" and not b.ca_signs_cert:
+        raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
+    if b.type != "istio-ca" and b.multiroot:
+        raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")

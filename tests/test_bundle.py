@@ -398,7 +398,7 @@ def test_tls_with_an_unrelated_client_ca_when_ca_signs_cert_is_false():
     server_root = pki.root_ca()
     client_root = pki.root_ca(cn="Client CA")
     files = pki.tls_files(pki.leaf_cert(server_root), client_root)
-    with pytest.raises(BundleError, match="ca.crt"):
+    with pytest.raises(BundleError, match=r"ca\.crt"):
         validate("tls", files)
     info = validate("tls", files, chain_to_ca=False)
     assert info.kind == "tls" and "ca.crt" in info.not_after
