@@ -75,6 +75,8 @@ class Sidecar:
         self._kube: Any = None
         self._background: set[asyncio.Task[Any]] = set()
         self.tamper_or_token = asyncio.Event()
+        #: the token accessor each bundle was last synced with (a new login forces a full read)
+        self._synced_with: dict[str, str] = {}
 
     # -- helpers ----------------------------------------------------------------------------------------
     async def _sleep(self, seconds: float, *also: asyncio.Event) -> None:
@@ -102,10 +104,16 @@ class Sidecar:
     async def _sync(self, st: BundleState) -> SyncResult:
         first = st.good is None
         before = self.agent.login
+        name = st.cfg.name
 
         def sync() -> SyncResult:
-            self.agent.ensure_login()
-            return self.agent.sync(st, check_version=not first)
+            login = self.agent.ensure_login()
+            # After a new login, read in full: Vault may have been restored or restarted, or the secret
+            # recreated, so an equal KV v2 version number no longer proves the content is the same.
+            same_login = self._synced_with.get(name) == login.accessor
+            result = self.agent.sync(st, check_version=not first and same_login)
+            self._synced_with[name] = login.accessor
+            return result
 
         try:
             return await self.vault(sync)
