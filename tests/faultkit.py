@@ -1,0 +1,340 @@
+"""Helpers for the fault, fuzz and leak tests: a leak guard, a sniffing/delaying proxy, the agent as a subprocess.
+
+The leak guard is the reusable part: register the secrets a test uses and the logs it captured; it fails the
+test if any secret (or anything shaped like a private key, a JWT or a Vault token) shows up in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+
+from testbed.kubeapi import KubeAPI
+from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
+from tests.support import ROOT, cli_env
+
+ISTIO_FILES = ("ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem")
+
+# Shapes of secrets, whatever their value: a PEM private key, a JWT (SA tokens), a Vault/OpenBao token.
+_SHAPES = {
+    "a PEM private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "a JWT": re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    "a Vault token": re.compile(r"\b(?:hv[sbr]|s|b|r)\.[A-Za-z0-9]{24,}\b"),
+}
+_CLIENT_TOKEN = re.compile(rb'"client_token"\s*:\s*"([^"]+)"')
+_TOKEN_HEADER = re.compile(rb"(?im)^x-vault-token:\s*(\S+)\r?$")
+
+
+def slow_only(request: pytest.FixtureRequest) -> None:
+    """Skip unless the run selected slow tests (`-m slow`): the default run must stay fast."""
+    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption(
+        "markexpr"
+    ):
+        pytest.skip("long run: select it with -m slow")
+
+
+# ---------------------------------------------------------------------------------------------- leak guard
+
+
+class LeakGuard:
+    """Collects the secrets a test used and the text it captured; `check()` fails on any secret in that text."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+        self.logs: list[tuple[str, Callable[[], str]]] = []
+
+    def secret(self, label: str, value: str | bytes) -> None:
+        """Register a secret; a PEM private key is registered by each line of its base64 body."""
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        text = text.strip()
+        if not text:
+            return
+        if text.startswith("-----BEGIN"):
+            for n, line in enumerate(text.splitlines()[1:-1]):
+                if len(line) >= 16:
+                    self.secrets[f"{label} (PEM body line {n + 1})"] = line
+            return
+        self.secrets[label] = text
+        if text.count(".") == 2 and text.startswith("eyJ"):
+            self.secrets[f"{label} (signature)"] = text.rsplit(".", 1)[1]
+
+    def key_files(self, label: str, files: Mapping[str, bytes]) -> None:
+        """Register the private key of a bundle (ca-key.pem or tls.key)."""
+        for name in ("ca-key.pem", "tls.key"):
+            if name in files:
+                self.secret(f"{label} {name}", files[name])
+
+    def watch(self, name: str, source: Path | Callable[[], str] | str) -> None:
+        """Scan `source` (a file, a text, or a callable giving text) at `check()`."""
+        if isinstance(source, Path):
+            path = source
+            self.logs.append((name, lambda: path.read_text(errors="replace") if path.exists() else ""))
+        elif isinstance(source, str):
+            text = source
+            self.logs.append((name, lambda: text))
+        else:
+            self.logs.append((name, source))
+
+    def scan(self, text: str, where: str) -> None:
+        """Fail if `text` holds a registered secret or anything shaped like one (never printing the secret)."""
+        for label, value in self.secrets.items():
+            assert value not in text, f"{where} leaks {label}"
+        for shape, pattern in _SHAPES.items():
+            found = pattern.search(text)
+            assert found is None, f"{where} holds {shape} at offset {found.start() if found else -1}"
+
+    def check(self) -> None:
+        """Scan every watched source."""
+        for name, read in self.logs:
+            self.scan(read(), name)
+
+
+@pytest.fixture(name="leaks")
+def fixture_leaks() -> Iterator[LeakGuard]:
+    """A LeakGuard checked when the test ends: everything it watched must be free of the registered secrets."""
+    guard = LeakGuard()
+    yield guard
+    guard.check()
+
+
+# ---------------------------------------------------------------------------------------------- proxy
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of OpenBao: `delay` holds back each answer; it records Vault tokens.
+
+    Plain HTTP only (the dev server), so it can read the `client_token` of each login and the X-Vault-Token
+    of each request: the exact tokens the agent used, for the leak guard.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.delay = 0.0
+        self.tokens: set[str] = set()
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(256)
+        self.port = int(self._sock.getsockname()[1])
+        self._closed = False
+        self._conns: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answer: bool) -> None:
+        seen = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                seen = (seen + data)[-65536:]
+                self._harvest(seen)
+                if answer and self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+            with self._lock:
+                self._conns -= {src, dst}
+
+    def _harvest(self, data: bytes) -> None:
+        for pattern in (_CLIENT_TOKEN, _TOKEN_HEADER):
+            for m in pattern.finditer(data):
+                self.tokens.add(m.group(1).decode("ascii", "replace"))
+
+    def drop_connections(self) -> None:
+        """Close every open connection (as an OpenBao restart would)."""
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+        self.drop_connections()
+
+
+# ---------------------------------------------------------------------------------------------- OpenBao setup
+
+
+def seed_kv2(client: hvac.Client, kube: KubeAPI, files: Mapping[str, bytes], *, token_ttl: str = "1h") -> str:
+    """KV v2 `kv2/istio/cacerts` holding `files`, readable by role `istiod` on auth mount `kubernetes`; the KV path."""
+    ensure_secrets_engine(client, "kv2", kv_version=2)
+    write_bundle(client, files)
+    client.sys.create_or_update_policy(
+        name="istio-ca",
+        policy='path "kv2/data/istio/cacerts" { capabilities = ["read"] }\n'
+        'path "kv2/metadata/istio/cacerts" { capabilities = ["read"] }\n',
+    )
+    configure_kubernetes_auth(
+        client, kube, mount="kubernetes", role="istiod", namespace="istio-system", service_account="istiod",
+        policies=["istio-ca"], token_ttl=token_ttl,
+    )
+    return "kv2/istio/cacerts"
+
+
+def write_bundle(client: hvac.Client, files: Mapping[str, bytes]) -> None:
+    """Write a bundle (file-named keys) as the next version of kv2/istio/cacerts."""
+    client.secrets.kv.v2.create_or_update_secret(
+        path="istio/cacerts", secret={k: v.decode() for k, v in files.items()}, mount_point="kv2"
+    )
+
+
+def agent_yaml(
+    *, address: str, token_path: Path, out: Path, kv: str = "kv2/istio/cacerts", poll: str = "100ms",
+    timeout: str = "1s", init_timeout: str = "10s", level: str = "info",
+) -> dict[str, Any]:
+    """A one-bundle config for the KV v2 layout of `seed_kv2`."""
+    return {
+        "vault": {"address": address, "timeout": timeout},
+        "auth": {"method": "kubernetes", "mount": "kubernetes", "role": "istiod", "token_path": str(token_path)},
+        "bundles": [{"name": "istiod-cacerts", "type": "istio-ca", "source": {"kv": kv}, "dir": str(out)}],
+        "init": {"timeout": init_timeout},
+        "sidecar": {"poll_interval": poll},
+        "health": {"listen": "127.0.0.1:0"},
+        "log": {"level": level},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the agent
+
+
+class AgentProc:
+    """`python -m agent.cli run --config F --mode M` in a subprocess, stderr (JSON log lines) to a file."""
+
+    def __init__(self, config: Path, log: Path, *, mode: str = "sidecar", guard: LeakGuard | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.mode = mode
+        self.proc: subprocess.Popen[bytes] | None = None
+        if guard is not None:
+            guard.watch(f"agent log {log.name}", log)
+
+    def start(self) -> AgentProc:
+        with self.log.open("ab") as err:
+            err.write(b"")  # every (re)start appends: the guard scans the whole history
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--mode", self.mode],
+                cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The agent's JSON log events so far (all runs), optionally only those named `name`."""
+        out = []
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and (name is None or event.get("event") == name):
+                    out.append(event)
+        return out
+
+    def wait_event(self, name: str, *, count: int = 1, timeout: float = 15) -> dict[str, Any]:
+        """Wait until `count` events named `name` were logged; return the last."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events(name)
+            if len(found) >= count:
+                return found[-1]
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}) before {name}: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {name} event after {timeout}s: {self.tail()}")
+            time.sleep(0.02)
+
+    def tail(self) -> str:
+        return (self.log.read_text(errors="replace") if self.log.exists() else "")[-3000:]
+
+    @property
+    def health(self) -> str:
+        """Base URL of the health server (after health_listening)."""
+        return f"http://127.0.0.1:{self.wait_event('health_listening')['port']}"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not stop. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------------------------------------- the output dir
+
+
+def live_files(out: Path) -> dict[str, bytes]:
+    """The live generation's files, read through one resolution of ..data (as istiod's reader would)."""
+    generation = out / os.readlink(out / "..data")
+    return {p.name: p.read_bytes() for p in generation.iterdir()}
+
+
+def debris(out: Path) -> list[str]:
+    """Entries that a finished publish leaves no trace of: temp links and generations other than the live one."""
+    live = os.readlink(out / "..data") if (out / "..data").is_symlink() else None
+    return sorted(
+        p.name for p in out.iterdir()
+        if p.name.startswith("..") and p.name not in ("..data", live)
+    )
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
