@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.errors import AgentError, BundleError, ConfigError, VaultError, VaultUnavailable
+from agent.errors import AgentError, AuthError, BundleError, ConfigError, SecretError, VaultError, VaultUnavailable
 from agent.log import get_logger
 from agent.runner import Agent, BundleState, SyncResult, backoff_delays
 
@@ -100,6 +100,17 @@ class Sidecar:
         self.metrics.token_login(self.agent.login)
         self.login_changed.set()
 
+    def _token_accepted(self) -> bool:
+        """Whether Vault still accepts the agent's token (lookup-self, which every token may call)."""
+        from agent import vault
+
+        client = self.agent.client
+        try:
+            vault.call(client.auth.token.lookup_self, address=client.url, action="looking up the agent's Vault token")
+        except SecretError:  # 403: revoked, expired, or unknown to a restarted Vault
+            return False
+        return True
+
     # -- per bundle -------------------------------------------------------------------------------------
     async def _sync(self, st: BundleState) -> SyncResult:
         first = st.good is None
@@ -117,8 +128,11 @@ class Sidecar:
 
         try:
             return await self.vault(sync)
-        except VaultError:
-            # a revoked or expired token reads as permission denied: log in again once, then retry
+        except VaultError as exc:
+            # A revoked or expired token reads as permission denied: log in again once, then retry. Only then:
+            # a missing secret or a policy gap would otherwise mint a new token (and lease) at every retry.
+            if isinstance(exc, AuthError) or await self.vault(self._token_accepted):
+                raise
             await self._login()
             return await self.vault(sync)
         finally:
