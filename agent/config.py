@@ -52,6 +52,16 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+# YAML's .nan/.inf, or 400 digits, would make a poll loop spin (NaN sleeps 0) or a deadline never come.
+_MAX_SECONDS = 100 * 366 * 86400.0
+
+
+def _bounded(seconds: float) -> Duration:
+    if not 0 <= seconds <= _MAX_SECONDS:  # also false for NaN; int comparison never overflows
+        raise ValueError("expected a finite duration such as 30s, 5m or 1h (at most 100 years)")
+    return Duration(seconds)
+
+
 def parse_duration(value: object) -> Duration:
     """Parse a duration such as `120s` or `1h30m` into seconds; raise ValueError with the accepted forms."""
     if isinstance(value, bool):
@@ -59,14 +69,14 @@ def parse_duration(value: object) -> Duration:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return Duration(value)
+        return _bounded(value)
     if isinstance(value, str):
         text = value.strip()
         if re.fullmatch(r"\d+(\.\d+)?", text):
-            return Duration(float(text))
+            return _bounded(float(text))
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
-            return Duration(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+            return _bounded(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
     raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
 
 
