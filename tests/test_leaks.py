@@ -1,0 +1,143 @@
+"""Secrets never reach a log, an error line or a health answer, even at log level debug; and the leak guard works.
+
+The guard (tests/faultkit.py) is applied to every test of the fault and fuzz suites; these tests check the guard
+itself and run the agent at its most verbose through the paths that handle secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from testbed import pki
+from tests.faultkit import (
+    AgentProc,
+    LeakGuard,
+    Proxy,
+    agent_yaml,
+    fixture_leaks,  # noqa: F401 - the `leaks` fixture
+    live_files,
+    seed_kv2,
+    wait_for,
+    write_bundle,
+)
+from tests.support import error_line, run_cli, write_config
+
+
+@pytest.fixture(name="ca", scope="module")
+def fixture_ca() -> tuple[dict[str, bytes], dict[str, bytes]]:
+    root = pki.root_ca()
+    return pki.istio_ca_files(root, pki.intermediate_ca(root)), pki.istio_ca_files(root, pki.intermediate_ca(root))
+
+
+class TestGuard:
+    def test_it_finds_registered_secrets_and_secret_shapes(self, ca):
+        """The guard flags a registered key line, a JWT, a Vault token and a PEM key block, and names none of them."""
+        guard = LeakGuard()
+        guard.key_files("ca", ca[0])
+        line = ca[0]["ca-key.pem"].decode().splitlines()[1]
+        for text, what in [
+            (f'{{"event": "x", "reason": "bad {line}"}}', "leaks ca ca-key.pem"),
+            ("token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW0.c2lnbmF0dXJlLXBhcnQ", "a JWT"),
+            ("vault said s.AbCdEfGhIjKlMnOpQrStUvWx ok", "a Vault token"),
+            ("-----BEGIN EC PRIVATE KEY-----", "a PEM private key"),
+        ]:
+            with pytest.raises(AssertionError) as info:
+                guard.scan(text, "sample")
+            assert what in str(info.value)
+            assert line not in str(info.value)
+
+    def test_it_passes_an_ordinary_agent_log(self):
+        """A normal publish log (paths, serials, accessor-free) is clean."""
+        guard = LeakGuard()
+        guard.secret("jwt", "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXBhcnQ")
+        guard.scan(
+            '{"bundle": "istiod-cacerts", "dir": "/var/run/secrets/istio-ca", "serial": "3aacd407afb1", '
+            '"event": "bundle_published", "token_path": "/var/run/secrets/tokens/vault-token", "ttl": 3600.0}',
+            "sample",
+        )
+
+    def test_the_fixture_checks_watched_files(self, tmp_path):
+        """`leaks` scans a watched file at the end, so a leak written after registration is caught."""
+        guard = LeakGuard()
+        log = tmp_path / "agent.log"
+        guard.watch("agent log", log)
+        guard.secret("vault token", "s.AbCdEfGhIjKlMnOpQrStUvWx")
+        guard.check()  # no file yet: nothing to find
+        log.write_text('{"event": "oops", "t": "s.AbCdEfGhIjKlMnOpQrStUvWx"}\n')
+        with pytest.raises(AssertionError, match="leaks vault token"):
+            guard.check()
+
+
+@pytest.fixture(name="world")
+def fixture_world(tmp_path, bao_factory, kube, leaks, sa_token_file, ca) -> Iterator[dict[str, object]]:
+    server = bao_factory(start=False)
+    server.add_seeder(lambda c: seed_kv2(c, kube, ca[0]), run_now=False)
+    server.start()
+    proxy = Proxy(server.port)
+    token = sa_token_file("istio-system", "istiod")
+    leaks.secret("root token", server.root_token)
+    leaks.secret("SA token", token.read_text())
+    for i, files in enumerate(ca):
+        leaks.key_files(f"bundle {i}", files)
+    try:
+        yield {"server": server, "proxy": proxy, "token": token, "out": tmp_path / "out"}
+    finally:
+        proxy.close()
+        for t in proxy.tokens:
+            leaks.secret("a Vault token the agent used", t)
+
+
+def _get(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.read().decode()
+
+
+class TestDebugLogs:
+    def test_refused_bundles_at_debug_level(self, tmp_path, world, leaks, ca):
+        """Init at log level debug with a key that does not match, then a JWT pasted as root-cert.pem:
+        one error line each, and neither the key nor the JWT in anything printed."""
+        server, token = world["server"], world["token"]
+        cfg = write_config(tmp_path / "a.yaml", agent_yaml(address=world["proxy"].address, token_path=token,
+                                                          out=world["out"], level="debug"))
+        jwt = token.read_text()
+        for files, expect in [({**ca[0], "ca-key.pem": ca[1]["ca-key.pem"]}, "ca-key.pem"),
+                              ({**ca[0], "root-cert.pem": jwt.encode()}, "root-cert.pem")]:
+            write_bundle(server.client(), files)
+            proc = run_cli("run", "--config", str(cfg), "--mode", "init")
+            leaks.watch(f"init output ({expect})", proc.stdout + proc.stderr)
+            assert proc.returncode == 1
+            assert expect in error_line(proc)
+
+    def test_sidecar_at_debug_level(self, tmp_path, world, leaks, ca, kube, sa_token_file):
+        """A debug-level sidecar through a rotation, a revoked Vault token and a new SA token logs no secret,
+        and its health answers carry none either."""
+        server, proxy = world["server"], world["proxy"]
+        cfg = write_config(tmp_path / "s.yaml", agent_yaml(address=proxy.address, token_path=world["token"],
+                                                          out=world["out"], level="debug", poll="200ms"))
+        agent = AgentProc(cfg, tmp_path / "sidecar.log", guard=leaks).start()
+        try:
+            agent.wait_event("sidecar_ready")
+            root = server.client()
+            write_bundle(root, ca[1])
+            wait_for(lambda: live_files(world["out"]) == ca[1], what="the rotated bundle")
+            for t in set(proxy.tokens) - {server.root_token}:
+                root.auth.token.revoke(t)
+            new = sa_token_file("istio-system", "istiod")
+            leaks.secret("rotated SA token", new.read_text())
+            write_bundle(root, ca[0])
+            wait_for(lambda: live_files(world["out"]) == ca[0], what="the bundle after new tokens")
+            for path in ("/healthz", "/readyz", "/metrics"):
+                body = _get(f"{agent.health}{path}")
+                leaks.watch(f"GET {path}", body)
+            readyz = json.loads(_get(f"{agent.health}/readyz"))
+            assert readyz["status"] == "ok"
+        finally:
+            assert agent.stop() == 0
