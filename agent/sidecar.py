@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import signal
 import threading
@@ -311,7 +312,7 @@ class Sidecar:
             async with self.lock:
                 for st in self.agent.bundles:
                     try:
-                        if await in_thread(lambda st=st: self.agent.repair(st)):
+                        if await in_thread(functools.partial(self.agent.repair, st)):
                             await self._event("BundleRepaired", f"bundle {st.cfg.name} was changed on disk; restored")
                     except AgentError as exc:
                         self.log.error("repair_failed", bundle=st.cfg.name, reason=str(exc))
