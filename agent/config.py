@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -77,7 +78,7 @@ def parse_duration(value: object) -> Duration:
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             return _bounded(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
-    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {reprlib.repr(value)}")
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
