@@ -164,6 +164,7 @@ def _short(exc: Exception) -> str:
 
 def _parse_key(name: str, data: bytes) -> PrivateKeyTypes:
     """Parse the single unencrypted RSA or EC private key a key file must hold, the way istiod does."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_der_private_key
 
@@ -188,7 +189,7 @@ def _parse_key(name: str, data: bytes) -> PrivateKeyTypes:
         key = load_der_private_key(first.der, password=None)
     except TypeError:
         raise BundleError(f"{name} is encrypted with a passphrase; istiod needs an unencrypted private key.") from None
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):  # UnsupportedAlgorithm: an unknown curve or key OID
         raise BundleError(f"{name} holds a {first.type} block that is not a valid private key.") from None
     expected = {"RSA PRIVATE KEY": rsa.RSAPrivateKey, "EC PRIVATE KEY": ec.EllipticCurvePrivateKey}.get(first.type)
     if expected is not None and not isinstance(key, expected):
