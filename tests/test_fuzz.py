@@ -4,6 +4,7 @@ of the config parser and the bundle validator. A refusal is always one ConfigErr
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 from collections.abc import Iterator
@@ -362,6 +363,17 @@ class TestBundleFuzz:
         with pytest.raises(BundleError) as info:
             bundle.validate(kind, files)
         keyleaks.scan(_assert_one_line(info.value), "BundleError for random bytes")
+
+    def test_key_with_an_unknown_curve(self, keyleaks):
+        """A key whose curve OID is unknown (one changed byte) is refused as invalid; it once crashed the agent."""
+        lines = GOOD_CA["ca-key.pem"].decode().splitlines()
+        der = base64.b64decode("".join(lines[1:-1]))
+        p256 = bytes.fromhex("2a8648ce3d030107")
+        assert p256 in der
+        bad = base64.encodebytes(der.replace(p256, p256[:-1] + b"\x63")).decode()
+        files = {**GOOD_CA, "ca-key.pem": f"{lines[0]}\n{bad}{lines[-1]}\n".encode()}
+        with pytest.raises(BundleError, match=r"ca-key\.pem holds a PRIVATE KEY block that is not a valid private key"):
+            bundle.validate("istio-ca", files)
 
     def test_files_swapped_pairwise(self, keyleaks):
         """Every pair of istio-ca files swapped is refused, naming one of the two files."""
