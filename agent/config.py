@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +77,9 @@ def parse_duration(value: object) -> Duration:
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             return _bounded(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
-    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {reprlib.repr(value)}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a big nested value would make a huge line
+    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {shown}")
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
