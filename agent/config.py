@@ -381,7 +381,7 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
     for mode_key in ("file_mode", "key_mode"):
         mode = getattr(b, mode_key)
         if not 0 <= mode <= 0o777:
-            raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0640 (octal in YAML; 0-511 as a number), not {mode}")
+            raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0640 (octal in YAML), not {mode}")
     r = b.reload
     if isinstance(r, SignalReload):
         if r.signal.upper() not in _SIGNALS and f"SIG{r.signal.upper()}" not in _SIGNALS:

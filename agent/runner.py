@@ -34,6 +34,7 @@ class BundleState:
     cfg: BundleConfig
     source: KVSource | None = None
     version: int | None = None
+    revision: str | None = None
     digest: str | None = None
     good: dict[str, bytes] | None = None
     info: bundle.BundleInfo | None = None
@@ -97,13 +98,13 @@ class Agent:
             VaultError / VaultUnavailable / PublishError: as raised below.
         """
         b = st.cfg
-        if check_version and st.version is not None:
-            version = self.source(st).current_version()
-            if version is not None and version == st.version and not self._damaged(st):
+        if check_version and st.revision is not None:
+            revision = self.source(st).current_revision()
+            if revision is not None and revision == st.revision and not self._damaged(st):
                 return SyncResult(changed=False, info=st.info)
         fetched = self.fetch(st)
         if fetched.digest == st.digest and st.good is not None and not self._damaged(st):
-            st.version = fetched.version
+            st.version, st.revision = fetched.version, fetched.revision
             return SyncResult(changed=False, info=st.info)
         try:
             info = bundle.validate(b.type, fetched.files, chain_to_ca=b.ca_signs_cert)
@@ -116,7 +117,8 @@ class Agent:
             raise
         root_changed = st.good is not None and st.good.get("root-cert.pem") != fetched.files.get("root-cert.pem")
         result = publish.publish(Path(b.dir), fetched.files, **self._publish_options(b))
-        st.version, st.digest, st.good, st.info = fetched.version, fetched.digest, fetched.files, info
+        st.version, st.revision, st.digest = fetched.version, fetched.revision, fetched.digest
+        st.good, st.info = fetched.files, info
         st.last_error = None
         st.refused_digest = None
         now = time.time()

@@ -182,6 +182,16 @@ class TestRotation:
         assert wait_until(lambda: agent.metric(PUBLISH_TOTAL) == 2, 1)  # counted just after the swap
 
 
+    def test_secret_recreated_with_the_same_version_number(self, world):
+        """A KV v2 secret deleted and written again restarts at version 1; the new content is still published."""
+        agent = world.agent("1s")
+        client, layout = world.client, world.layout
+        client.secrets.kv.v2.delete_metadata_and_all_versions(path=layout.secret_path, mount_point=layout.kv_mount)
+        new = world.bundle()
+        assert layout.write(client, new) == 1  # the same number as the published version
+        assert world.published(new, timeout=2.5), agent.stderr[-3000:]
+
+
 class TestConsistency:
     @staticmethod
     def _run(world: World, rotations: int) -> None:

@@ -1,6 +1,7 @@
 """A bundle from a KV secret: KV v1 or v2 detected from the mount, keys mapped to output files.
 
-Change detection: KV v2 through metadata `current_version`; KV v1 (no versions) through a content digest.
+Change detection: KV v2 through metadata `current_version` and its `created_time` (a version number alone repeats
+when a secret is deleted and recreated, or Vault is restored); KV v1 (no versions) through a content digest.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ def digest(files: Mapping[str, bytes]) -> str:
 
 @dataclass(frozen=True)
 class Fetched:
-    """What one read returned: output file -> bytes, the KV v2 version (None for v1) and the content digest."""
+    """What one read returned: output file -> bytes, the KV v2 version (None for v1) and the content digest.
+
+    `revision` is `version@created_time` for KV v2, what `current_revision()` compares against.
+    """
 
     files: dict[str, bytes]
     version: int | None
     digest: str
+    revision: str | None = None
 
     def __repr__(self) -> str:  # the files hold a private key
         return f"Fetched(files={sorted(self.files)}, version={self.version}, digest={self.digest[:12]})"
@@ -87,8 +92,8 @@ class KVSource:
     def secret_path(self) -> str:
         return self.kv_path[len(self.mount().path) :].strip("/")
 
-    def current_version(self) -> int | None:
-        """KV v2: the secret's current version from its metadata (cheap, no secret bytes); None for KV v1.
+    def current_revision(self) -> str | None:
+        """KV v2: `version@created_time` of the current version, from metadata (no secret bytes); None for KV v1.
 
         Also None when the policy does not allow reading metadata: the caller then falls back to the digest.
         """
@@ -102,7 +107,10 @@ class KVSource:
             )
         except SecretError:
             return None
-        return int(resp["data"]["current_version"])
+        data = resp["data"]
+        current = int(data["current_version"])
+        created = ((data.get("versions") or {}).get(str(current)) or {}).get("created_time", "")
+        return f"{current}@{created}"
 
     def fetch(self) -> Fetched:
         """Read the secret and map its keys to the bundle's files.
@@ -119,6 +127,7 @@ class KVSource:
         )
         action = f"reading KV v{m.version} path {self.kv_path}"
         version: int | None = None
+        revision: str | None = None
         if m.version == 2:
             resp = self._call(
                 lambda: self.client.secrets.kv.v2.read_secret_version(
@@ -128,7 +137,9 @@ class KVSource:
                 hint,
             )
             data = resp["data"]["data"] or {}
-            version = int(resp["data"]["metadata"]["version"])
+            meta = resp["data"]["metadata"]
+            version = int(meta["version"])
+            revision = f"{version}@{meta.get('created_time', '')}"
         else:
             resp = self._call(
                 lambda: self.client.secrets.kv.v1.read_secret(path=self.secret_path, mount_point=m.path),
@@ -137,7 +148,7 @@ class KVSource:
             )
             data = resp.get("data") or {}
         files = self._map(data)
-        return Fetched(files=files, version=version, digest=digest(files))
+        return Fetched(files=files, version=version, digest=digest(files), revision=revision)
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
