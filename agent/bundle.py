@@ -146,7 +146,7 @@ def _parse_certs(name: str, data: bytes, *, first_only: bool = False) -> list[_C
             cert = x509.load_der_x509_certificate(block.der)
             # Extensions, the public key and the names parse lazily: touch them so a malformed certificate fails here.
             _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
             nth = "" if len(blocks) == 1 else f"certificate {i + 1} of {len(blocks)} in "
             raise BundleError(f"{nth}{name} is not a valid X.509 certificate ({_short(exc)}); re-export it.") from None
         certs.append(_Cert(cert, name, i, len(blocks)))
