@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agent.config import NoReload, RolloutRestartReload
 from agent.errors import AgentError, AuthError, BundleError, ConfigError, SecretError, VaultError, VaultUnavailable
 from agent.log import get_logger
 from agent.runner import Agent, BundleState, SyncResult, backoff_delays
@@ -78,6 +79,7 @@ class Sidecar:
         self.tamper_or_token = asyncio.Event()
         #: the token accessor each bundle was last synced with (a new login forces a full read)
         self._synced_with: dict[str, str] = {}
+        self._refused_reported: dict[str, str | None] = {}
 
     # -- helpers ----------------------------------------------------------------------------------------
     async def _sleep(self, seconds: float, *also: asyncio.Event) -> None:
@@ -157,7 +159,9 @@ class Sidecar:
                     st.last_error = str(exc)
                     self.metrics.error(st.cfg.name, exc.reason)
                     self.log.warning("sync_failed", bundle=st.cfg.name, reason=str(exc), retryable=retryable)
-                else:
+                elif self._refused_reported.get(st.cfg.name) != st.refused_digest:
+                    # one Event per refused content, not one per poll
+                    self._refused_reported[st.cfg.name] = st.refused_digest
                     await self._event("BundleRefused", f"bundle {st.cfg.name}: {exc}", "Warning")
                 delay = next(delays) if not isinstance(exc, BundleError) else interval
                 await self._sleep(delay, self.wake[st.cfg.name])
@@ -178,14 +182,14 @@ class Sidecar:
         b = st.cfg
         serial = st.info.serial if st.info else "?"
         await self._event("BundlePublished", f"bundle {b.name} published to {b.dir} (serial {serial})")
-        kube = self._kube_client() if b.reload.__class__.__name__ == "RolloutRestartReload" else None
-        try:
-            done = await reload.reload(b, kube=kube)
-            if done:
+        if not isinstance(b.reload, NoReload):
+            kube = self._kube_client() if isinstance(b.reload, RolloutRestartReload) else None
+            try:
+                done = await reload.reload(b, kube=kube)
                 self.log.info("bundle_reloaded", bundle=b.name, action=done)
-        except AgentError as exc:
-            self.metrics.error(b.name, exc.reason)
-            self.log.error("reload_failed", bundle=b.name, reason=str(exc))
+            except AgentError as exc:
+                self.metrics.error(b.name, exc.reason)
+                self.log.error("reload_failed", bundle=b.name, reason=str(exc))
         if result.root_changed and b.type == "istio-ca" and not b.multiroot:
             self.log.warning(
                 "root_changed",

@@ -89,9 +89,11 @@ class World:
         cfg["sidecar"] = {"poll_interval": poll}
         return write_config(self.tmp / f"agent-{len(self.agents)}.yaml", cfg)
 
-    def agent(self, poll: str = "1s", *, ready: bool = True, **bundle_extra: Any) -> SidecarProc:
+    def agent(
+        self, poll: str = "1s", *, ready: bool = True, env: dict[str, str] | None = None, **bundle_extra: Any
+    ) -> SidecarProc:
         """Start the sidecar; with `ready`, wait for its first publish."""
-        proc = SidecarProc(self.config(poll, **bundle_extra))
+        proc = SidecarProc(self.config(poll, **bundle_extra), env=env)
         self.agents.append(proc)
         proc.start()
         if ready:
@@ -419,6 +421,37 @@ class TestReload:
         finally:
             dummy.kill()
             dummy.wait()
+
+
+class TestKubernetes:
+    """The agent's own calls to the Kubernetes API (the stand-in records them): Events and rollout-restart."""
+
+    def test_events_on_the_pod_and_rollout_restart(self, world, kube, tmp_path):
+        """With POD_NAME/POD_NAMESPACE it records BundlePublished, BundleRefused (once) and restarts the target."""
+        from tests.support import cli_env
+
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig", kube.mint_token("istio-system", "istiod"))
+        pod = f"istiod-{world.unique}"
+        env = cli_env(KUBECONFIG=str(kubeconfig), POD_NAME=pod, POD_NAMESPACE="istio-system")
+        target = {"kind": "Deployment", "name": f"gw-{world.unique}", "namespace": "istio-system"}
+        agent = world.agent("500ms", env=env, reload={"action": "rollout-restart", "target": target})
+        new = world.rotate()
+        assert world.published(new, timeout=2.5)
+        other = world.bundle()
+        world.layout.write(world.client, {**world.bundle(), "ca-key.pem": other["ca-key.pem"]})
+        agent.wait_event("bundle_refused", timeout=3)
+        time.sleep(1.5)  # more polls of the same refused version
+
+        def reasons() -> list[str]:
+            return [r.body.get("reason") for r in kube.requests_to("POST", "/api/v1/namespaces/istio-system/events")
+                    if (r.body.get("involvedObject") or {}).get("name") == pod]
+
+        assert wait_until(lambda: reasons().count("BundlePublished") == 2, 3), reasons()
+        assert reasons().count("BundleRefused") == 1, reasons()
+        patches = kube.requests_to("PATCH", f"/apis/apps/v1/namespaces/istio-system/deployments/{target['name']}")
+        assert len(patches) == 2  # the first publish and the rotation
+        annotations = patches[-1].body["spec"]["template"]["metadata"]["annotations"]
+        assert "kubectl.kubernetes.io/restartedAt" in annotations
 
 
 class TestLifecycle:
