@@ -516,6 +516,8 @@ def validate_dir(path: str | Path, kind: str, *, now: dt.datetime | None = None)
     files: dict[str, bytes] = {}
     for name in KINDS[kind]:
         try:
+            if (directory / name).exists() and not (directory / name).is_file():
+                raise BundleError(f"{name} in {directory} is not a regular file.")
             files[name] = (directory / name).read_bytes()
         except FileNotFoundError:
             if kind == "tls" and name == "ca.crt":

@@ -206,7 +206,7 @@ _TYPE_WORDS = {
     "bool": "true or false",
     "array": "a list",
     "object": "a mapping",
-    "null": "nothing",
+    "null": "null",
 }
 
 
@@ -229,9 +229,9 @@ def _friendly(err: msgspec.ValidationError) -> str:
         text, _, path = text.rpartition(" - at `$")
         where = path.rstrip("`").lstrip(".")
     prefix = f"{where}." if where else ""
-    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
-        return f"unknown key {prefix}{m.group(1)}: remove it or check its spelling"
-    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text, re.DOTALL):
+        return f"unknown key {prefix}{_key(m.group(1))}: remove it or check its spelling"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", text, re.DOTALL):
         return f"missing required key {prefix}{m.group(1)}"
     if m := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
         want = " or ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in m.group(1).split("|"))
@@ -241,7 +241,13 @@ def _friendly(err: msgspec.ValidationError) -> str:
         return f"{where} has an invalid value {m.group(1)!r}" + (f"; use one of {choices}" if choices else "")
     if m := re.fullmatch(r"Expected `(.+)` of length >= (\d+)", text):
         return f"{where} must not be empty"
+    text = " ".join(text.split())
     return f"{where}: {text}" if where else text
+
+
+def _key(name: str) -> str:
+    """A key as the user can find it: quoted when it holds spaces or odd characters, and never too long."""
+    return name if re.fullmatch(r"[\w.-]{1,60}", name) else repr(name[:60])
 
 
 def _loads_yaml(text: str, source: str) -> Any:

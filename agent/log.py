@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -53,6 +54,12 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Python warnings (cryptography warns about odd certificates) become log events, not stray stderr text
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    get_logger().warning("python_warning", category=category.__name__, message=str(message))
 
 
 def get_logger(**fields: Any) -> Any:

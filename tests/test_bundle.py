@@ -402,3 +402,15 @@ def test_tls_with_an_unrelated_client_ca_when_ca_signs_cert_is_false():
         validate("tls", files)
     info = validate("tls", files, chain_to_ca=False)
     assert info.kind == "tls" and "ca.crt" in info.not_after
+
+
+def test_check_refuses_a_fifo_instead_of_hanging(tmp_path):
+    """`check` on a directory whose file is a FIFO says so instead of blocking on the read."""
+    import os
+
+    files = pki.istio_ca_files(pki.root_ca(), pki.intermediate_ca(pki.root_ca()))
+    pki.write_files(tmp_path, files)
+    (tmp_path / "ca-cert.pem").unlink()
+    os.mkfifo(tmp_path / "ca-cert.pem")
+    with pytest.raises(BundleError, match="not a regular file"):
+        validate_dir(tmp_path, "istio-ca")
