@@ -105,6 +105,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_fmt(v['rss_anon_bytes'] / MIB, ' MiB', 1)} | {_fmt(v['cpu_seconds_per_hour'], ' s/h', 1)} "
                 f"| {req} | {v['redundant_writes']} |"
             )
+        tick = 0.01 / idle["window_seconds"] * 3600
+        lines += ["", f"Idle CPU resolution: {tick:.1f} s/h (one 10 ms clock tick over the window)."]
         h = idle.get("headline")
         if h:
             lines += [
