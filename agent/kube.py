@@ -6,18 +6,16 @@ The `kubernetes` client is imported only inside functions, so init mode (and `im
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config import RolloutTarget
 from agent.errors import ConfigError, ReloadError
 from agent.log import get_logger, redact
+from agent.threads import in_daemon_thread
 
 __all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "Kube", "emit_event"]
 
@@ -37,35 +35,6 @@ _EVENT_TIMEOUT = (2.0, 3.0)
 _unavailable_logged = False
 
 T = TypeVar("T")
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking call in a daemon thread of its own.
-
-    Unlike `asyncio.to_thread`, an abandoned call never holds up `asyncio.run`'s executor shutdown, so a
-    SIGTERM exit stays prompt while a request to a hanging apiserver runs out its own timeout.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-    def run() -> None:
-        try:
-            result: Any = (True, fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            result = (False, exc)
-        if not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
-                loop.call_soon_threadsafe(settle, *result)
-
-    threading.Thread(target=run, name=f"kube-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return await future
 
 
 def _now_rfc3339() -> str:
@@ -222,7 +191,7 @@ class Kube:
 
     async def rollout_restart_async(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
         """`rollout_restart` in a daemon thread, for the event loop; raises what it raises."""
-        return await _in_daemon_thread(self.rollout_restart, target, default_namespace)
+        return await in_daemon_thread(self.rollout_restart, target, default_namespace)
 
     # ------------------------------------------------------------------------ events
 
@@ -277,7 +246,7 @@ class Kube:
     ) -> bool:
         """`event()` in a thread, waiting at most `timeout` seconds; never raises, True when created."""
         try:
-            return await asyncio.wait_for(_in_daemon_thread(self.event, reason, message, type), timeout)
+            return await asyncio.wait_for(in_daemon_thread(self.event, reason, message, type), timeout)
         except TimeoutError:
             # the thread itself ends within the request timeout; we just stop waiting for it
             get_logger().warning("kube_event_failed", reason=reason, error=f"no answer within {timeout:g}s")

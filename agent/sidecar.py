@@ -12,7 +12,6 @@ import contextlib
 import functools
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from agent.config import NoReload, RolloutRestartReload
 from agent.errors import AgentError, AuthError, BundleError, ConfigError, SecretError, VaultError, VaultUnavailable
 from agent.log import get_logger
 from agent.runner import Agent, BundleState, SyncResult, backoff_delays
+from agent.threads import in_daemon_thread
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -29,31 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Sidecar", "run_sidecar"]
 
 T = TypeVar("T")
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    """Run a blocking call in a daemon thread and await its result."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def deliver(result: Any, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-
-    def work() -> None:
-        try:
-            result, exc = fn(), None
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            result, exc = None, e
-        with contextlib.suppress(RuntimeError):  # the loop is gone: we are shutting down
-            loop.call_soon_threadsafe(deliver, result, exc)
-
-    threading.Thread(target=work, name="vault-call", daemon=True).start()
-    return await fut
 
 
 class Sidecar:
@@ -96,7 +71,7 @@ class Sidecar:
 
     async def vault(self, fn: Callable[[], T]) -> T:
         async with self.lock:
-            return await in_thread(fn)
+            return await in_daemon_thread(fn)
 
     async def _login(self) -> None:
         await self.vault(lambda: self.agent.ensure_login(force=True))
@@ -316,7 +291,7 @@ class Sidecar:
             async with self.lock:
                 for st in self.agent.bundles:
                     try:
-                        if await in_thread(functools.partial(self.agent.repair, st)):
+                        if await in_daemon_thread(functools.partial(self.agent.repair, st)):
                             await self._event("BundleRepaired", f"bundle {st.cfg.name} was changed on disk; restored")
                     except AgentError as exc:
                         self.log.error("repair_failed", bundle=st.cfg.name, reason=str(exc))
