@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hvac
 import pytest
 
-# `agent` and `testbed` are imported from the checkout, not an installed copy; pyproject's
-# `pythonpath = ["."]` would do the same, this keeps plain `pytest tests/...` working without it.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from testbed.bao import BaoNotFound, BaoServer, find_bao  # noqa: E402
-from testbed.kubeapi import KubeAPI  # noqa: E402
+# `agent` and `testbed` come from the checkout (pyproject: pythonpath = ["."]), not an installed copy
+from testbed.bao import BaoNotFound, BaoServer, find_bao
+from testbed.kubeapi import KubeAPI
 
 BaoFactory = Callable[..., BaoServer]
 TokenFileFactory = Callable[..., Path]
