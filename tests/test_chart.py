@@ -324,7 +324,7 @@ class TestIstiodExample:
         assert posixpath.basename(config_arg) in chart_configmap["data"]
 
     def test_agent_runs_locked_down_and_small(self, pod: dict[str, Any]) -> None:
-        """Non-root 1337, read-only root, no escalation, no capabilities; resources far below vault-k8s."""
+        """Non-root 1337, read-only root, no escalation, no capabilities; CPU far below vault-k8s, memory not above."""
         (agent,) = pod["initContainers"]
         sc = agent["securityContext"]
         assert sc["runAsNonRoot"] is True
@@ -334,8 +334,10 @@ class TestIstiodExample:
         assert sc["capabilities"]["drop"] == ["ALL"]
         requests = agent["resources"]["requests"]
         assert requests["cpu"].endswith("m") and int(requests["cpu"][:-1]) < 250
-        assert requests["memory"].endswith("Mi") and int(requests["memory"][:-2]) < 64
-        assert "memory" in agent["resources"]["limits"]
+        # memory: the measured 63 MiB RSS (bench/RESULTS.md) fits the request, and the limit leaves headroom
+        assert requests["memory"].endswith("Mi") and 63 <= int(requests["memory"][:-2]) <= 64
+        limit = agent["resources"]["limits"]["memory"]
+        assert limit.endswith("Mi") and int(limit[:-2]) >= 2 * int(requests["memory"][:-2])
 
     def test_example_matches_what_inject_adds(self, pod: dict[str, Any]) -> None:
         """`istio-vault-agent inject` adds exactly the container and volumes of the example values."""
