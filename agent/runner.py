@@ -74,7 +74,7 @@ class Agent:
         if force or self.login is None or time.time() >= self.login.expires_at - 1:
             self.login = auth.login(self.client, self.cfg.auth)
             for st in self.bundles:
-                st.source = None  # new client token; re-detect nothing but keep it simple and correct
+                st.source = None  # a new login may face a restarted or restored Vault: detect the KV mount again
             self.log.info(
                 "vault_login", method=self.cfg.auth.method, mount=auth.mount_of(self.cfg.auth),
                 role=self.cfg.auth.role, ttl=self.login.ttl, renewable=self.login.renewable,
