@@ -110,10 +110,10 @@ def _sidecar_tour(proc: subprocess.Popen[str], bao: object, kube: KubeAPI, root:
             return str(exc)
 
     deadline = time.monotonic() + 30
-    while not (out / "ca-cert.pem").exists() and time.monotonic() < deadline:
+    while not get("/readyz").startswith("200") and time.monotonic() < deadline:
         time.sleep(0.2)
-    _show(out)
     _say(f"GET /readyz -> {get('/readyz')[:300]}")
+    _show(out)
     _say("Rotating the intermediate in OpenBao (same root); the agent picks it up within poll_interval")
     before = (out / "ca-cert.pem").read_bytes()
     rotated = pki.istio_ca_files(root, pki.intermediate_ca(root, key_type="rsa"))
@@ -124,7 +124,8 @@ def _sidecar_tour(proc: subprocess.Popen[str], bao: object, kube: KubeAPI, root:
     print("    rotated:", (out / "ca-cert.pem").read_bytes() != before)
     metrics = get("/metrics").splitlines()
     _say("GET /metrics (excerpt)")
-    print("\n".join(f"    {m}" for m in metrics if "publish_total" in m or "expiry" in m))
+    wanted = ("istio_vault_agent_publish_total", "istio_vault_agent_cert")
+    print("\n".join(f"    {m}" for m in metrics if m.startswith(wanted)))
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=10)
 
