@@ -1,4 +1,4 @@
-"""Helpers for the fault, fuzz and leak tests: a leak guard, a sniffing/delaying proxy, the agent as a subprocess.
+"""Fault tools for the fault, fuzz and leak tests: a leak guard, a sniffing/delaying proxy, publish debris.
 
 The leak guard is the reusable part: register the secrets a test uses and the logs it captured; it fails the
 test if any secret (or anything shaped like a private key, a JWT or a Vault token) shows up in them.
@@ -7,27 +7,15 @@ test if any secret (or anything shaped like a private key, a JWT or a Vault toke
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
-import hvac
 import pytest
-
-from testbed.kubeapi import KubeAPI
-from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
-from tests.support import ROOT, cli_env
-
-ISTIO_FILES = ("ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem")
 
 # Shapes of secrets, whatever their value: a PEM private key, a JWT (SA tokens), a Vault/OpenBao token.
 _SHAPES = {
@@ -37,14 +25,6 @@ _SHAPES = {
 }
 _CLIENT_TOKEN = re.compile(rb'"client_token"\s*:\s*"([^"]+)"')
 _TOKEN_HEADER = re.compile(rb"(?im)^x-vault-token:\s*(\S+)\r?$")
-
-
-def slow_only(request: pytest.FixtureRequest) -> None:
-    """Skip unless the run selected slow tests (`-m slow`): the default run must stay fast."""
-    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption(
-        "markexpr"
-    ):
-        pytest.skip("long run: select it with -m slow")
 
 
 # ---------------------------------------------------------------------------------------------- leak guard
@@ -79,7 +59,7 @@ class LeakGuard:
                 self.secret(f"{label} {name}", files[name])
 
     def watch(self, name: str, source: Path | Callable[[], str] | str) -> None:
-        """Scan `source` (a file, a text, or a callable giving text) at `check()`."""
+        """Scan `source` (a file such as an `AgentProc` log, a text, or a callable giving text) at `check()`."""
         if isinstance(source, Path):
             path = source
             self.logs.append((name, lambda: path.read_text(errors="replace") if path.exists() else ""))
@@ -198,129 +178,7 @@ class Proxy:
         self.drop_connections()
 
 
-# ---------------------------------------------------------------------------------------------- OpenBao setup
-
-
-def seed_kv2(client: hvac.Client, kube: KubeAPI, files: Mapping[str, bytes], *, token_ttl: str = "1h") -> str:
-    """KV v2 `kv2/istio/cacerts` holding `files`, readable by role `istiod` on auth mount `kubernetes`; the KV path."""
-    ensure_secrets_engine(client, "kv2", kv_version=2)
-    write_bundle(client, files)
-    client.sys.create_or_update_policy(
-        name="istio-ca",
-        policy='path "kv2/data/istio/cacerts" { capabilities = ["read"] }\n'
-        'path "kv2/metadata/istio/cacerts" { capabilities = ["read"] }\n',
-    )
-    configure_kubernetes_auth(
-        client, kube, mount="kubernetes", role="istiod", namespace="istio-system", service_account="istiod",
-        policies=["istio-ca"], token_ttl=token_ttl,
-    )
-    return "kv2/istio/cacerts"
-
-
-def write_bundle(client: hvac.Client, files: Mapping[str, bytes]) -> None:
-    """Write a bundle (file-named keys) as the next version of kv2/istio/cacerts."""
-    client.secrets.kv.v2.create_or_update_secret(
-        path="istio/cacerts", secret={k: v.decode() for k, v in files.items()}, mount_point="kv2"
-    )
-
-
-def agent_yaml(
-    *, address: str, token_path: Path, out: Path, kv: str = "kv2/istio/cacerts", poll: str = "100ms",
-    timeout: str = "1s", init_timeout: str = "10s", level: str = "info",
-) -> dict[str, Any]:
-    """A one-bundle config for the KV v2 layout of `seed_kv2`."""
-    return {
-        "vault": {"address": address, "timeout": timeout},
-        "auth": {"method": "kubernetes", "mount": "kubernetes", "role": "istiod", "token_path": str(token_path)},
-        "bundles": [{"name": "istiod-cacerts", "type": "istio-ca", "source": {"kv": kv}, "dir": str(out)}],
-        "init": {"timeout": init_timeout},
-        "sidecar": {"poll_interval": poll},
-        "health": {"listen": "127.0.0.1:0"},
-        "log": {"level": level},
-    }
-
-
-# ---------------------------------------------------------------------------------------------- the agent
-
-
-class AgentProc:
-    """`python -m agent.cli run --config F --mode M` in a subprocess, stderr (JSON log lines) to a file."""
-
-    def __init__(self, config: Path, log: Path, *, mode: str = "sidecar", guard: LeakGuard | None = None) -> None:
-        self.config = config
-        self.log = log
-        self.mode = mode
-        self.proc: subprocess.Popen[bytes] | None = None
-        if guard is not None:
-            guard.watch(f"agent log {log.name}", log)
-
-    def start(self) -> AgentProc:
-        with self.log.open("ab") as err:
-            err.write(b"")  # every (re)start appends: the guard scans the whole history
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--mode", self.mode],
-                cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The agent's JSON log events so far (all runs), optionally only those named `name`."""
-        out = []
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and (name is None or event.get("event") == name):
-                    out.append(event)
-        return out
-
-    def wait_event(self, name: str, *, count: int = 1, timeout: float = 15) -> dict[str, Any]:
-        """Wait until `count` events named `name` were logged; return the last."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.events(name)
-            if len(found) >= count:
-                return found[-1]
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"agent exited ({self.proc.returncode}) before {name}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {name} event after {timeout}s: {self.tail()}")
-            time.sleep(0.02)
-
-    def tail(self) -> str:
-        return (self.log.read_text(errors="replace") if self.log.exists() else "")[-3000:]
-
-    @property
-    def health(self) -> str:
-        """Base URL of the health server (after health_listening)."""
-        return f"http://127.0.0.1:{self.wait_event('health_listening')['port']}"
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM and wait; SIGKILL if it does not stop. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        return self.proc.returncode
-
-
 # ---------------------------------------------------------------------------------------------- the output dir
-
-
-def live_files(out: Path) -> dict[str, bytes]:
-    """The live generation's files, read through one resolution of ..data (as istiod's reader would)."""
-    generation = out / os.readlink(out / "..data")
-    return {p.name: p.read_bytes() for p in generation.iterdir()}
 
 
 def debris(out: Path) -> list[str]:
@@ -331,10 +189,3 @@ def debris(out: Path) -> list[str]:
         if p.name.startswith("..") and p.name not in ("..data", live)
     )
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)

@@ -24,21 +24,22 @@ from agent import bundle, cli
 from testbed import pki
 from testbed.bao import BaoNotFound, BaoServer, find_bao
 from testbed.kubeapi import KubeAPI
-from tests.faultkit import (
+from tests.faultkit import LeakGuard, Proxy, debris, fixture_leaks  # noqa: F401 - the `leaks` fixture
+from tests.support import (
     ISTIO_FILES,
     AgentProc,
-    LeakGuard,
-    Proxy,
-    agent_yaml,
-    debris,
-    fixture_leaks,  # noqa: F401 - the `leaks` fixture
+    KV2Layout,
+    agent_config,
+    error_line,
     live_files,
-    seed_kv2,
+    run_cli,
     slow_only,
-    wait_for,
-    write_bundle,
+    wait_until,
+    write_config,
 )
-from tests.support import error_line, run_cli, write_config
+
+# every test here runs on a private OpenBao, so the fixed layout (kv2/istio/cacerts, auth mount kubernetes) is safe
+LAYOUT = KV2Layout()
 
 
 @pytest.fixture(name="ca", scope="module")
@@ -55,7 +56,7 @@ def fixture_server(kube: KubeAPI, ca) -> Iterator[BaoServer]:
         server = BaoServer(binary=find_bao())
     except BaoNotFound as exc:
         pytest.skip(str(exc))
-    server.add_seeder(lambda c: seed_kv2(c, kube, ca[1][0]), run_now=False)
+    server.add_seeder(lambda c: LAYOUT.setup(c, kube, ca[1][0], token_ttl="1h"), run_now=False)
     server.start()
     yield server
     server.close()
@@ -75,19 +76,22 @@ class Lab:
     bundles: list[dict[str, bytes]]
     agents: list[AgentProc] = field(default_factory=list)
 
-    def agent(self, mode: str = "sidecar", **cfg: str) -> AgentProc:
+    def agent(self, mode: str = "sidecar", *, poll: str = "100ms", timeout: str = "1s", **cfg: str) -> AgentProc:
+        """An agent (not started) on the proxy with vault.timeout `timeout`; its log is watched by the leak guard."""
         config = write_config(
             self.tmp / f"agent-{len(self.agents)}.yaml",
-            agent_yaml(address=self.proxy.address, token_path=self.token, out=self.out, **cfg),
+            agent_config(address=self.proxy.address, token_path=self.token, out=self.out, kv=LAYOUT.kv,
+                         mount=LAYOUT.auth_mount, poll=poll, timeout=timeout, level="info", **cfg),
         )
-        proc = AgentProc(config, self.tmp / f"agent-{len(self.agents)}.log", mode=mode, guard=self.leaks)
+        proc = AgentProc(config, mode=mode)
+        self.leaks.watch(f"agent log {proc.log.name}", proc.log)
         self.agents.append(proc)
         return proc
 
 
 def _lab(tmp_path: Path, server: BaoServer, kube: KubeAPI, leaks: LeakGuard, sa_token_file, bundles) -> Iterator[Lab]:
     root = server.client()
-    write_bundle(root, bundles[0])
+    LAYOUT.write(root, bundles[0])
     proxy = Proxy(server.port)
     token = sa_token_file("istio-system", "istiod")
     lab = Lab(server, proxy, root, token, tmp_path / "out", tmp_path, leaks, bundles)
@@ -139,7 +143,7 @@ class _Rotator:
         i = 0
         while not self.stop_event.is_set():
             i = (i + 1) % len(self.bundles)
-            write_bundle(self.client, self.bundles[i])
+            LAYOUT.write(self.client, self.bundles[i])
             self.last = i
             self.stop_event.wait(self.every)
 
@@ -154,11 +158,7 @@ class _Rotator:
 
 def _await_publish_in_progress(out: Path, timeout: float) -> None:
     """Return as soon as a publish is half-way (a new generation or temp link exists beside the live one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if debris(out):
-            return
-        time.sleep(0.0005)
+    wait_until(lambda: debris(out), timeout, interval=0.0005)
 
 
 def _kill_cycles(lab: Lab, kills: int, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,11 +187,13 @@ def _kill_cycles(lab: Lab, kills: int, capsys: pytest.CaptureFixture[str]) -> No
         os.symlink(planted.name, lab.out / name)
     last = lab.bundles[rotator.last]
     agent.start()
-    wait_for(lambda: live_files(lab.out) == last and not debris(lab.out), what="the last bundle, cleaned up")
+    assert wait_until(lambda: live_files(lab.out) == last and not debris(lab.out)), (
+        "timed out waiting for the last bundle, cleaned up"
+    )
     assert len(agent.events("bundle_published")) >= kills + 1
     assert len(seen) > 1, "every kill found the same bundle: the agent was not publishing"
     print(f"{kills} kills, {interrupted} of them mid-publish, {len(seen)} different bundles found live")
-    assert agent.stop() == 0
+    assert agent.stop()[0] == 0
     entries = sorted(p.name for p in lab.out.iterdir())
     assert entries == sorted(["..data", os.readlink(lab.out / "..data"), *ISTIO_FILES]), entries
     check = run_cli("check", str(lab.out))
@@ -234,24 +236,10 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
-def _get(url: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def _errors_total(health: str, reason: str) -> float:
-    _, text = _get(f"{health}/metrics")
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("istio_vault_agent_errors_total{") and f'reason="{reason}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _errors_total(agent: AgentProc, reason: str) -> float:
+    """istio_vault_agent_errors_total for `reason`, summed over bundles."""
+    return sum(value for series, value in agent.metrics(timeout=10).items()
+               if series.startswith("istio_vault_agent_errors_total{") and f'reason="{reason}"' in series)
 
 
 class TestFullDisk:
@@ -263,23 +251,24 @@ class TestFullDisk:
             agent = lab.agent(poll="200ms").start()
             agent.wait_event("sidecar_ready")
             assert live_files(lab.out) == lab.bundles[0]
-            health = agent.health
             # leave two pages free: the new generation gets two of its four files written, then ENOSPC
             (lab.out / "reserve").write_bytes(b"\0" * 8192)
             _fill(lab.out / "filler")
             (lab.out / "reserve").unlink()
-            write_bundle(lab.root, lab.bundles[1])
-            failed = agent.wait_event("sync_failed")
+            LAYOUT.write(lab.root, lab.bundles[1])
+            failed = agent.wait_event("sync_failed")[-1]
             assert "free space" in failed["reason"] and str(lab.out) in failed["reason"], failed
             time.sleep(0.5)
             assert live_files(lab.out) == lab.bundles[0]
             assert debris(lab.out) == [], "a failed publish left a partial generation behind"
             assert bundle.validate_dir(lab.out, "istio-ca")
-            status, body = _get(f"{health}/readyz")
+            status, body = agent.get("/readyz", timeout=10)
             assert status == 200 and "free space" in body, body
-            assert _errors_total(health, "publish") >= 1
+            assert _errors_total(agent, "publish") >= 1
             (lab.out / "filler").unlink()
-            wait_for(lambda: live_files(lab.out) == lab.bundles[1], timeout=15, what="the new bundle after freeing")
+            assert wait_until(lambda: live_files(lab.out) == lab.bundles[1], 15), (
+                "timed out waiting for the new bundle after freeing"
+            )
             assert debris(lab.out) == []
         finally:
             for a in lab.agents:
@@ -318,7 +307,7 @@ class TestHealthUnderLoad:
         for _, _, body in answers:
             assert "PRIVATE KEY" not in body and "eyJ" not in body
         lab.leaks.watch("health answers", "\n".join(b for _, _, b in answers))
-        assert _get(f"{health}/healthz")[0] == 200
+        assert agent.get("/healthz", timeout=10)[0] == 200
 
 
 # ------------------------------------------------------------------------------------------- OpenBao faults
@@ -328,7 +317,7 @@ class TestHealthUnderLoad:
 def fixture_private(tmp_path, bao_factory, kube, leaks, sa_token_file, ca) -> Iterator[Lab]:
     """A Lab on an OpenBao of this test's own, which it may stop, seal and restart."""
     server = bao_factory(start=False)
-    server.add_seeder(lambda c: seed_kv2(c, kube, ca[1][0]), run_now=False)
+    server.add_seeder(lambda c: LAYOUT.setup(c, kube, ca[1][0], token_ttl="1h"), run_now=False)
     server.start()
     yield from _lab(tmp_path, server, kube, leaks, sa_token_file, ca[1])
 
@@ -367,28 +356,31 @@ class TestSidecarThroughFaults:
         lab = private
         agent = lab.agent(poll="100ms", timeout="1s").start()
         agent.wait_event("sidecar_ready")
-        health = agent.health
 
         def still_serving(index: int, why: str) -> None:
-            failed = agent.wait_event("sync_failed", count=len(agent.events("sync_failed")) + 1, timeout=20)
+            failed = agent.wait_event("sync_failed", count=len(agent.events("sync_failed")) + 1, timeout=20)[-1]
             assert why in failed["reason"], failed
             assert live_files(lab.out) == lab.bundles[index]
-            assert _get(f"{health}/readyz")[0] == 200
-            assert _get(f"{health}/healthz")[0] == 200
+            assert agent.get("/readyz", timeout=10)[0] == 200
+            assert agent.get("/healthz", timeout=10)[0] == 200
 
         # slow: every answer takes longer than vault.timeout
         lab.proxy.delay = 1.5
-        write_bundle(lab.root, lab.bundles[1])
+        LAYOUT.write(lab.root, lab.bundles[1])
         still_serving(0, "did not answer in time")
         lab.proxy.delay = 0
-        wait_for(lambda: live_files(lab.out) == lab.bundles[1], what="bundle 1 after the slowness")
+        assert wait_until(lambda: live_files(lab.out) == lab.bundles[1]), (
+            "timed out waiting for bundle 1 after the slowness"
+        )
 
         # sealed, then unsealed
         lab.server.seal()
         still_serving(1, "sealed")
         lab.server.unseal()
-        write_bundle(lab.root, lab.bundles[2])
-        wait_for(lambda: live_files(lab.out) == lab.bundles[2], what="bundle 2 after unsealing")
+        LAYOUT.write(lab.root, lab.bundles[2])
+        assert wait_until(lambda: live_files(lab.out) == lab.bundles[2]), (
+            "timed out waiting for bundle 2 after unsealing"
+        )
 
         # restarted: a dev server comes back empty, with new tokens; the seeder writes bundle 0 again
         logins = len(agent.events("vault_login"))
@@ -396,11 +388,13 @@ class TestSidecarThroughFaults:
         lab.proxy.drop_connections()
         still_serving(2, "cannot reach Vault")
         lab.server.start()
-        write_bundle(lab.server.client(), lab.bundles[3])
-        wait_for(lambda: live_files(lab.out) == lab.bundles[3], timeout=20, what="bundle 3 after the restart")
+        LAYOUT.write(lab.server.client(), lab.bundles[3])
+        assert wait_until(lambda: live_files(lab.out) == lab.bundles[3], 20), (
+            "timed out waiting for bundle 3 after the restart"
+        )
         assert len(agent.events("vault_login")) > logins, "the agent did not log in to the new server"
         assert agent.proc is not None and agent.proc.poll() is None
-        assert agent.stop() == 0
+        assert agent.stop()[0] == 0
 
 
 class TestTokens:
@@ -416,8 +410,10 @@ class TestTokens:
             lab.root.auth.token.revoke(token)
         kube.revoke_token(old_jwt)
         sa_token_file("istio-system", "istiod")
-        write_bundle(lab.root, lab.bundles[4])
-        wait_for(lambda: live_files(lab.out) == lab.bundles[4], timeout=20, what="bundle 4 with new tokens")
+        LAYOUT.write(lab.root, lab.bundles[4])
+        assert wait_until(lambda: live_files(lab.out) == lab.bundles[4], 20), (
+            "timed out waiting for bundle 4 with new tokens"
+        )
         assert len(agent.events("vault_login")) >= 2
         assert agent.proc is not None and agent.proc.poll() is None
 

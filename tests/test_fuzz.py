@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from agent import bundle, config
 from agent.errors import BundleError, ConfigError
 from testbed import pki
-from tests.faultkit import LeakGuard, fixture_leaks, slow_only  # noqa: F401 - the `leaks` fixture
-from tests.support import error_line, run_cli, write_config
+from tests.faultkit import LeakGuard, fixture_leaks  # noqa: F401 - the `leaks` fixture
+from tests.support import error_line, run_cli, slow_only, write_config
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,25 +7,16 @@ itself and run the agent at its most verbose through the paths that handle secre
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from testbed import pki
-from tests.faultkit import (
-    AgentProc,
-    LeakGuard,
-    Proxy,
-    agent_yaml,
-    fixture_leaks,  # noqa: F401 - the `leaks` fixture
-    live_files,
-    seed_kv2,
-    wait_for,
-    write_bundle,
-)
-from tests.support import error_line, run_cli, write_config
+from tests.faultkit import LeakGuard, Proxy, fixture_leaks  # noqa: F401 - the `leaks` fixture
+from tests.support import AgentProc, KV2Layout, agent_config, error_line, live_files, run_cli, wait_until, write_config
+
+# each test runs on a private OpenBao, so the fixed layout (kv2/istio/cacerts, auth mount kubernetes) is safe
+LAYOUT = KV2Layout()
 
 
 @pytest.fixture(name="ca", scope="module")
@@ -76,7 +67,7 @@ class TestGuard:
 @pytest.fixture(name="world")
 def fixture_world(tmp_path, bao_factory, kube, leaks, sa_token_file, ca) -> Iterator[dict[str, object]]:
     server = bao_factory(start=False)
-    server.add_seeder(lambda c: seed_kv2(c, kube, ca[0]), run_now=False)
+    server.add_seeder(lambda c: LAYOUT.setup(c, kube, ca[0], token_ttl="1h"), run_now=False)
     server.start()
     proxy = Proxy(server.port)
     token = sa_token_file("istio-system", "istiod")
@@ -92,25 +83,18 @@ def fixture_world(tmp_path, bao_factory, kube, leaks, sa_token_file, ca) -> Iter
             leaks.secret("a Vault token the agent used", t)
 
 
-def _get(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.read().decode()
-
-
 class TestDebugLogs:
     def test_refused_bundles_at_debug_level(self, tmp_path, world, leaks, ca):
         """Init at log level debug with a key that does not match, then a JWT pasted as root-cert.pem:
         one error line each, and neither the key nor the JWT in anything printed."""
         server, token = world["server"], world["token"]
-        cfg = write_config(tmp_path / "a.yaml", agent_yaml(address=world["proxy"].address, token_path=token,
-                                                          out=world["out"], level="debug"))
+        cfg = write_config(tmp_path / "a.yaml", agent_config(address=world["proxy"].address, token_path=token,
+                                                            out=world["out"], kv=LAYOUT.kv, mount=LAYOUT.auth_mount,
+                                                            poll="100ms", timeout="1s", level="debug"))
         jwt = token.read_text()
         for files, expect in [({**ca[0], "ca-key.pem": ca[1]["ca-key.pem"]}, "ca-key.pem"),
                               ({**ca[0], "root-cert.pem": jwt.encode()}, "root-cert.pem")]:
-            write_bundle(server.client(), files)
+            LAYOUT.write(server.client(), files)
             proc = run_cli("run", "--config", str(cfg), "--mode", "init")
             leaks.watch(f"init output ({expect})", proc.stdout + proc.stderr)
             assert proc.returncode == 1
@@ -120,24 +104,29 @@ class TestDebugLogs:
         """A debug-level sidecar through a rotation, a revoked Vault token and a new SA token logs no secret,
         and its health answers carry none either."""
         server, proxy = world["server"], world["proxy"]
-        cfg = write_config(tmp_path / "s.yaml", agent_yaml(address=proxy.address, token_path=world["token"],
-                                                          out=world["out"], level="debug", poll="200ms"))
-        agent = AgentProc(cfg, tmp_path / "sidecar.log", guard=leaks).start()
+        cfg = write_config(tmp_path / "s.yaml", agent_config(address=proxy.address, token_path=world["token"],
+                                                            out=world["out"], kv=LAYOUT.kv, mount=LAYOUT.auth_mount,
+                                                            poll="200ms", timeout="1s", level="debug"))
+        agent = AgentProc(cfg, tmp_path / "sidecar.log")
+        leaks.watch("agent log sidecar.log", agent.log)
+        agent.start()
         try:
             agent.wait_event("sidecar_ready")
             root = server.client()
-            write_bundle(root, ca[1])
-            wait_for(lambda: live_files(world["out"]) == ca[1], what="the rotated bundle")
+            LAYOUT.write(root, ca[1])
+            assert wait_until(lambda: live_files(world["out"]) == ca[1]), "timed out waiting for the rotated bundle"
             for t in set(proxy.tokens) - {server.root_token}:
                 root.auth.token.revoke(t)
             new = sa_token_file("istio-system", "istiod")
             leaks.secret("rotated SA token", new.read_text())
-            write_bundle(root, ca[0])
-            wait_for(lambda: live_files(world["out"]) == ca[0], what="the bundle after new tokens")
+            LAYOUT.write(root, ca[0])
+            assert wait_until(lambda: live_files(world["out"]) == ca[0]), (
+                "timed out waiting for the bundle after new tokens"
+            )
             for path in ("/healthz", "/readyz", "/metrics"):
-                body = _get(f"{agent.health}{path}")
+                body = agent.get(path, timeout=10)[1]
                 leaks.watch(f"GET {path}", body)
-            readyz = json.loads(_get(f"{agent.health}/readyz"))
+            readyz = json.loads(agent.get("/readyz", timeout=10)[1])
             assert readyz["status"] == "ok"
         finally:
-            assert agent.stop() == 0
+            assert agent.stop()[0] == 0
