@@ -19,14 +19,23 @@ from typing import Any
 
 import hvac
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from testbed import pki
 from testbed.bao import BaoServer
 from testbed.kubeapi import KubeAPI
-from tests.sidecar_support import KV2Layout, SidecarProc, key_matches_cert, setup_kv2, wait_until
-from tests.support import agent_config, write_config
+from tests.support import (
+    ISTIO_FILES,
+    AgentProc,
+    KV2Layout,
+    agent_config,
+    cli_env,
+    slow_only,
+    wait_until,
+    write_config,
+)
 
-ISTIO_FILES = ("ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem")
 BUNDLE = "istiod-cacerts"
 PUBLISH_TOTAL = f'istio_vault_agent_publish_total{{bundle="{BUNDLE}"}}'
 # OpenBao/Vault service tokens (s., hvs., b.) as they would appear if leaked into a log
@@ -35,6 +44,15 @@ VAULT_TOKEN = re.compile(r"\b(hv[sb]|s|b)\.[A-Za-z0-9]{20,}")
 
 def errors_total(reason: str) -> str:
     return f'istio_vault_agent_errors_total{{bundle="{BUNDLE}",reason="{reason}"}}'
+
+
+def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
+    """True when the private key in `key_pem` belongs to the (first) certificate in `cert_pem`."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki))
 
 
 @pytest.fixture(name="root", scope="module")
@@ -53,10 +71,10 @@ class World:
         self.client: hvac.Client = bao.client()
         self.root = root
         self.secrets: list[str] = []
-        self.agents: list[SidecarProc] = []
+        self.agents: list[AgentProc] = []
         self._sa_token_file = sa_token_file
         self.current = self.bundle()
-        self.layout: KV2Layout = setup_kv2(self.client, kube, unique, self.current if seed else None, **auth_kw)
+        self.layout = KV2Layout.unique(unique).setup(self.client, kube, self.current if seed else None, **auth_kw)
         self.token_path = self.token()
         self.out = tmp_path / "out"
 
@@ -83,19 +101,17 @@ class World:
     def config(self, poll: str = "1s", **bundle_extra: Any) -> Path:
         cfg = agent_config(
             address=self.bao.address, token_path=self.token_path, out=self.out, kv=self.layout.kv,
-            mount=self.layout.auth_mount, role=self.layout.role, **bundle_extra,
+            mount=self.layout.auth_mount, role=self.layout.role, poll=poll, **bundle_extra,
         )
-        cfg["health"]["listen"] = "127.0.0.1:0"
-        cfg["sidecar"] = {"poll_interval": poll}
         return write_config(self.tmp / f"agent-{len(self.agents)}.yaml", cfg)
 
     def agent(
         self, poll: str = "1s", *, ready: bool = True, env: dict[str, str] | None = None, **bundle_extra: Any
-    ) -> SidecarProc:
-        """Start the sidecar; with `ready`, wait for its first publish."""
-        proc = SidecarProc(self.config(poll, **bundle_extra), env=env)
+    ) -> AgentProc:
+        """Start the sidecar and wait until its health server listens; with `ready`, wait for its first publish."""
+        proc = AgentProc(self.config(poll, **bundle_extra), env=env)
         self.agents.append(proc)
-        proc.start()
+        proc.start().wait_event("health_listening", timeout=15)
         if ready:
             proc.wait_event("sidecar_ready", timeout=15)
         return proc
@@ -146,10 +162,6 @@ def fixture_make_world(kube, unique, tmp_path, sa_token_file, root) -> Iterator[
 def fixture_world(bao, make_world) -> World:
     """A World on the shared OpenBao dev server, with version 1 of the bundle written."""
     return make_world(bao)
-
-
-def _slow_selected(config: pytest.Config) -> bool:
-    return "slow" in (config.getoption("-m") or "") and "not slow" not in (config.getoption("-m") or "")
 
 
 class TestRotation:
@@ -239,8 +251,7 @@ class TestConsistency:
     @pytest.mark.slow
     def test_reader_never_sees_mixed_generations_soak(self, world, request):
         """The same over 1000 rotations."""
-        if not _slow_selected(request.config):
-            pytest.skip("slow: run with -m slow")
+        slow_only(request)
         self._run(world, 1000)
 
 
@@ -273,7 +284,7 @@ class TestVaultOutage:
         """While OpenBao is down the files stay and /readyz stays 200 with few, backed-off retries; then it recovers."""
         server = bao_factory()
         world = make_world(server)
-        server.add_seeder(lambda c: setup_kv2(c, world.kube, world.unique, world.current), run_now=False)
+        server.add_seeder(lambda c: world.layout.setup(c, world.kube, world.current), run_now=False)
         agent = world.agent("1s")
         new = world.rotate()
         assert world.published(new, timeout=2.5)
@@ -428,8 +439,6 @@ class TestKubernetes:
 
     def test_events_on_the_pod_and_rollout_restart(self, world, kube, tmp_path):
         """With POD_NAME/POD_NAMESPACE it records BundlePublished, BundleRefused (once) and restarts the target."""
-        from tests.support import cli_env
-
         kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig", kube.mint_token("istio-system", "istiod"))
         pod = f"istiod-{world.unique}"
         env = cli_env(KUBECONFIG=str(kubeconfig), POD_NAME=pod, POD_NAMESPACE="istio-system")
