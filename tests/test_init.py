@@ -7,17 +7,17 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from testbed import pki
+from testbed.bao import BaoServer
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine, seed_runbook_layout
-from tests.support import ROOT, agent_config, cli_env, error_line, run_cli, write_config
+from tests.support import ISTIO_FILES, AgentProc, agent_config, cli_env, error_line, run_cli, write_config
 
-ISTIO_FILES = ("ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem")
 NOW = dt.datetime.now(dt.UTC)
 
 
@@ -217,6 +217,25 @@ def test_invalid_bundle_is_refused_and_nothing_is_written(case, tmp_path, bao, v
     _assert_no_secrets(proc.stderr, files["ca-key.pem"])
 
 
+def _init_across_outage(
+    tmp_path: Path, server: BaoServer, token: Path, *, down_for: float, recover: Callable[[], object], timeout: int
+) -> tuple[int | None, str]:
+    """Run init against `server` (the runbook layout) while it cannot answer; after `down_for` seconds check that
+    the agent is still retrying, call `recover()`, and wait up to `timeout` (also init.timeout) seconds for the
+    exit. Returns (exit code, the agent's log)."""
+    cfg = agent_config(address=server.address, token_path=token, out=tmp_path / "out",
+                       kv="kubernetes-cluster1-secrets/istiod-service/certs", init_timeout=f"{timeout}s")
+    agent = AgentProc(write_config(tmp_path / "a.yaml", cfg), mode="init").start()
+    try:
+        time.sleep(down_for)
+        assert agent.proc is not None and agent.proc.poll() is None, "the agent gave up while Vault was down"
+        recover()
+        agent.proc.wait(timeout=timeout)
+    finally:
+        agent.kill()
+    return agent.proc.returncode, agent.stderr
+
+
 class TestVaultAvailability:
     def test_vault_down_then_up_inside_the_timeout(self, tmp_path, bao_factory, kube, sa_token_file, ca):
         """Init retries with backoff while OpenBao is down and publishes once it comes up."""
@@ -224,20 +243,9 @@ class TestVaultAvailability:
         files = pki.istio_ca_files(*ca)
         server.add_seeder(lambda c: seed_runbook_layout(c, kube, files), run_now=False)
         token = sa_token_file("istio-system", "istiod")
-        cfg = agent_config(address=server.address, token_path=token, out=tmp_path / "out",
-                           kv="kubernetes-cluster1-secrets/istiod-service/certs", init_timeout="40s")
-        path = write_config(tmp_path / "a.yaml", cfg)
-        agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
-                                 cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(2.5)
-            assert agent.poll() is None, "the agent gave up while Vault was down"
-            server.start()
-            server.reseed()
-            _, err = agent.communicate(timeout=40)
-        finally:
-            agent.kill()
-        assert agent.returncode == 0, err
+        rc, err = _init_across_outage(tmp_path, server, token, down_for=2.5,
+                                      recover=lambda: server.start().reseed(), timeout=40)
+        assert rc == 0, err
         assert '"vault_unavailable"' in err
         assert (tmp_path / "out" / "ca-cert.pem").read_bytes() == files["ca-cert.pem"]
 
@@ -263,19 +271,8 @@ class TestVaultAvailability:
         seed_runbook_layout(server.client(), kube, files)
         server.seal()
         token = sa_token_file("istio-system", "istiod")
-        cfg = agent_config(address=server.address, token_path=token, out=tmp_path / "out",
-                           kv="kubernetes-cluster1-secrets/istiod-service/certs", init_timeout="30s")
-        path = write_config(tmp_path / "a.yaml", cfg)
-        agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
-                                 cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(2)
-            assert agent.poll() is None
-            server.unseal()
-            _, err = agent.communicate(timeout=30)
-        finally:
-            agent.kill()
-        assert agent.returncode == 0, err
+        rc, err = _init_across_outage(tmp_path, server, token, down_for=2, recover=server.unseal, timeout=30)
+        assert rc == 0, err
         assert "sealed" in err
 
 
