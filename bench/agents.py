@@ -19,11 +19,9 @@ from typing import IO
 
 from bench.env import FILES, KV2_MOUNT
 from testbed.bao import find_bao, free_port
-from tests.support import agent_config, write_config
+from tests.support import ROOT, agent_config, clean_env, cli_env, write_config
 
 __all__ = ["ROOT", "AgentProcess", "AgentSpec", "bao_agent_spec", "bao_binary", "ours_spec"]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -56,13 +54,6 @@ def bao_binary() -> str:
     return find_bao()
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    # no VAULT_*/BAO_* from the caller's shell may redirect either agent
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "ISTIO_VAULT_AGENT_"))}
-    env.update(extra)
-    return env
-
-
 def ours_spec(
     label: str,
     workdir: Path,
@@ -83,7 +74,7 @@ def ours_spec(
     cfg["sidecar"] = {"poll_interval": poll_interval}
     path = write_config(base / "agent.yaml", cfg)
     argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(path), "--mode", mode]
-    env = _clean_env(PYTHONPATH=str(ROOT))
+    env = cli_env()  # no VAULT_*/BAO_* from the caller's shell may redirect either agent
     return AgentSpec(label, "ours", argv, out, path, health_port=port if mode == "sidecar" else None, env=env)
 
 
@@ -162,7 +153,7 @@ def bao_agent_spec(
     )
     path = base / "agent.hcl"
     path.write_text(hcl)
-    env = _clean_env(HOME=str(base))
+    env = clean_env(HOME=str(base))
     return AgentSpec(label, "bao", [bao_binary(), "agent", f"-config={path}"], out, path, env=env)
 
 
