@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from testbed import pki
-from testbed.bao import BaoServer
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine, seed_runbook_layout
 from tests.support import ISTIO_FILES, AgentProc, agent_config, cli_env, error_line, run_cli, write_config
 
@@ -218,12 +217,12 @@ def test_invalid_bundle_is_refused_and_nothing_is_written(case, tmp_path, bao, v
 
 
 def _init_across_outage(
-    tmp_path: Path, server: BaoServer, token: Path, *, down_for: float, recover: Callable[[], object], timeout: int
+    tmp_path: Path, address: str, token: Path, *, down_for: float, recover: Callable[[], object], timeout: int
 ) -> tuple[int | None, str]:
-    """Run init against `server` (the runbook layout) while it cannot answer; after `down_for` seconds check that
-    the agent is still retrying, call `recover()`, and wait up to `timeout` (also init.timeout) seconds for the
-    exit. Returns (exit code, the agent's log)."""
-    cfg = agent_config(address=server.address, token_path=token, out=tmp_path / "out",
+    """Run init against the Vault at `address` (the runbook layout) while it cannot answer; after `down_for`
+    seconds check that the agent is still retrying, call `recover()`, and wait up to `timeout` (also init.timeout)
+    seconds for the exit. Returns (exit code, the agent's log)."""
+    cfg = agent_config(address=address, token_path=token, out=tmp_path / "out",
                        kv="kubernetes-cluster1-secrets/istiod-service/certs", init_timeout=f"{timeout}s")
     agent = AgentProc(write_config(tmp_path / "a.yaml", cfg), mode="init").start()
     try:
@@ -239,12 +238,25 @@ def _init_across_outage(
 class TestVaultAvailability:
     def test_vault_down_then_up_inside_the_timeout(self, tmp_path, bao_factory, kube, sa_token_file, ca):
         """Init retries with backoff while OpenBao is down and publishes once it comes up."""
+        from testbed.bao import free_port
+        from tests.faultkit import Proxy
+
         server = bao_factory(start=False)
         files = pki.istio_ca_files(*ca)
-        server.add_seeder(lambda c: seed_runbook_layout(c, kube, files), run_now=False)
+        # The agent talks to a proxy whose upstream is closed until OpenBao is up *and* seeded, as a restarted
+        # production Vault comes back with its data; an empty dev server would refuse the login for good.
+        proxy = Proxy(free_port())
+
+        def recover() -> None:
+            server.start()
+            seed_runbook_layout(server.client(), kube, files)
+            proxy.upstream_port = server.port
+
         token = sa_token_file("istio-system", "istiod")
-        rc, err = _init_across_outage(tmp_path, server, token, down_for=2.5,
-                                      recover=lambda: server.start().reseed(), timeout=40)
+        try:
+            rc, err = _init_across_outage(tmp_path, proxy.address, token, down_for=2.5, recover=recover, timeout=40)
+        finally:
+            proxy.close()
         assert rc == 0, err
         assert '"vault_unavailable"' in err
         assert (tmp_path / "out" / "ca-cert.pem").read_bytes() == files["ca-cert.pem"]
@@ -271,7 +283,7 @@ class TestVaultAvailability:
         seed_runbook_layout(server.client(), kube, files)
         server.seal()
         token = sa_token_file("istio-system", "istiod")
-        rc, err = _init_across_outage(tmp_path, server, token, down_for=2, recover=server.unseal, timeout=30)
+        rc, err = _init_across_outage(tmp_path, server.address, token, down_for=2, recover=server.unseal, timeout=30)
         assert rc == 0, err
         assert "sealed" in err
 
