@@ -298,7 +298,7 @@ class Sidecar:
             token = self._token_fingerprint(token_path)
             if self.cfg.auth.method != "token" and token != last_token and token is not None:
                 last_token = token
-                self.log.info("sa_token_changed", token_path=token_path, method=auth.mount_of(self.cfg.auth))
+                self.log.info("sa_token_changed", token_path=token_path, mount=auth.mount_of(self.cfg.auth))
                 self.relogin.set()
 
     @staticmethod
