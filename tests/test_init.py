@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from testbed import pki
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine, seed_runbook_layout
-from tests.support import ISTIO_FILES, AgentProc, agent_config, cli_env, error_line, run_cli, write_config
+from tests.support import ISTIO_FILES, ROOT, AgentProc, agent_config, cli_env, error_line, run_cli, write_config
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -369,3 +370,16 @@ class TestTLS:
         assert results["localhost"].returncode == 0, results["localhost"].stderr
         assert results["openbao.wrong.example"].returncode == 1
         assert "TLS verification failed" in error_line(results["openbao.wrong.example"])
+
+
+def test_init_imports_nothing_it_does_not_use(tmp_path, bao, sa_token_file, runbook):
+    """Start-up time: an init pass never imports the sidecar's aiohttp, prometheus_client, watchdog or kubernetes."""
+    token = sa_token_file("istio-system", "istiod")
+    cfg = _config(tmp_path, bao, token, runbook)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent.cli", "run", "--config", str(cfg)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "hvac" in imported  # the measurement works
+    for heavy in ("aiohttp", "prometheus_client", "watchdog", "kubernetes", "agent.inject"):
+        assert heavy not in imported, heavy
