@@ -83,10 +83,13 @@ def parse_duration(value: object) -> Duration:
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """Base of every config section: unknown keys are errors, values are immutable."""
+    """Base of every config section: unknown keys are errors, values are immutable.
+
+    Subclasses inherit these options; they repeat `frozen=True` only so type checkers see it too.
+    """
 
 
-class VaultConfig(_Section):
+class VaultConfig(_Section, frozen=True):
     address: str = ""
     ca_cert: str | None = None
     namespace: str | None = None
@@ -96,53 +99,53 @@ class VaultConfig(_Section):
     timeout: Duration = Duration(10)
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True):
     method: Literal["kubernetes", "jwt", "token"] = "kubernetes"
     mount: str | None = None
     role: str | None = None
     token_path: str = SA_TOKEN_PATH
 
 
-class KVSource(_Section):
+class KVSource(_Section, frozen=True):
     kv: str
     fields: dict[str, str] = {}
 
 
-class SignalReload(_Section, tag_field="action", tag="signal"):
+class SignalReload(_Section, frozen=True, tag_field="action", tag="signal"):
     signal: str = "SIGHUP"
     process: str | None = None
     pid_file: str | None = None
 
 
-class ExecReload(_Section, tag_field="action", tag="exec"):
+class ExecReload(_Section, frozen=True, tag_field="action", tag="exec"):
     command: list[str]
     timeout: Duration = Duration(10)
 
 
-class HttpReload(_Section, tag_field="action", tag="http"):
+class HttpReload(_Section, frozen=True, tag_field="action", tag="http"):
     url: str
     method: str = "POST"
     timeout: Duration = Duration(10)
 
 
-class RolloutTarget(_Section):
+class RolloutTarget(_Section, frozen=True):
     kind: Literal["Deployment", "DaemonSet", "StatefulSet"]
     name: str
     namespace: str | None = None
 
 
-class RolloutRestartReload(_Section, tag_field="action", tag="rollout-restart"):
+class RolloutRestartReload(_Section, frozen=True, tag_field="action", tag="rollout-restart"):
     target: RolloutTarget
 
 
-class NoReload(_Section, tag_field="action", tag="none"):
+class NoReload(_Section, frozen=True, tag_field="action", tag="none"):
     pass
 
 
 Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReload
 
 
-class BundleConfig(_Section):
+class BundleConfig(_Section, frozen=True):
     name: str
     dir: str
     source: KVSource
@@ -166,24 +169,24 @@ class BundleConfig(_Section):
         return {**defaults, **self.source.fields}
 
 
-class InitConfig(_Section):
+class InitConfig(_Section, frozen=True):
     timeout: Duration = Duration(120)
 
 
-class HealthConfig(_Section):
+class HealthConfig(_Section, frozen=True):
     listen: str = "0.0.0.0:8099"
 
 
-class SidecarConfig(_Section):
+class SidecarConfig(_Section, frozen=True):
     poll_interval: Duration = Duration(30)
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
 
 
-class AgentConfig(_Section):
+class AgentConfig(_Section, frozen=True):
     bundles: list[BundleConfig]
     vault: VaultConfig = VaultConfig()
     auth: AuthConfig = AuthConfig()
