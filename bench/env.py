@@ -41,11 +41,14 @@ class Testbed:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kube = KubeAPI().start()
         self.bao = BaoServer().start()
-        root = pki.root_ca()
+        # RSA 4096 like the runbook's certs (istio's Makefile.selfsigned.mk): key parsing is part of the cost
+        rsa = {"key_type": "rsa", "bits": 4096}
+        root = pki.root_ca(**rsa)  # type: ignore[arg-type]
         # distinct intermediates under one root: each is a valid bundle, and rotating between them changes
         # every file but root-cert.pem, like a real intermediate rotation
         self.bundles: list[dict[str, bytes]] = [
-            pki.istio_ca_files(root, pki.intermediate_ca(root, cn=f"Intermediate CA {i}")) for i in range(n_bundles)
+            pki.istio_ca_files(root, pki.intermediate_ca(root, cn=f"Intermediate CA {i}", **rsa))  # type: ignore[arg-type]
+            for i in range(n_bundles)
         ]
         self.admin: hvac.Client = self.bao.client()
         self.layout: RunbookLayout = seed_runbook_layout(self.admin, self.kube, self.bundles[0])

@@ -387,7 +387,8 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 METHOD = [
     "- Both tools run from this machine against one `bao server -dev` (in memory) in the runbook layout: KV v1"
     " `kubernetes-cluster1-secrets`, kubernetes auth `kubernetes-cluster1`, role `istiod`; TokenReview is"
-    " answered by the testbed's HTTPS stand-in. `bao agent` renders the four files with four `template` blocks"
+    " answered by the testbed's HTTPS stand-in. The CA bundles are RSA 4096, as the runbook's."
+    " `bao agent` renders the four files with four `template` blocks"
     " and a token file sink (what vault-agent-init does); istio-vault-agent also validates the bundle like"
     " istiod and publishes it as one `..data` generation.",
     "- Init: fresh output directory per run, wall time from spawn to exit (`python -m agent.cli run --mode init`"
