@@ -428,9 +428,12 @@ class TestRSAKeys:
         good = inter.key.private_numbers()
         broken = rsa.RSAPrivateNumbers(good.p, good.q, good.d + 2, good.dmp1, good.dmq1, good.iqmp,
                                        good.public_numbers).private_key(unsafe_skip_rsa_key_validation=True)
-        files = {**pki.istio_ca_files(root, inter), "ca-key.pem": pki.pem_key(broken)}
-        with pytest.raises(BundleError, match=r"ca-key\.pem holds an RSA key whose numbers are inconsistent"):
-            validate("istio-ca", files)
+        bad_crt = rsa.RSAPrivateNumbers(good.p, good.q, good.d, good.dmp1 + 2, good.dmq1, good.iqmp,
+                                        good.public_numbers).private_key(unsafe_skip_rsa_key_validation=True)
+        for key in (broken, bad_crt):
+            files = {**pki.istio_ca_files(root, inter), "ca-key.pem": pki.pem_key(key)}
+            with pytest.raises(BundleError, match=r"ca-key\.pem holds an RSA key whose numbers are inconsistent"):
+                validate("istio-ca", files)
 
     def test_rsa_4096_bundle_validates_quickly(self):
         """An RSA 4096 bundle validates in well under 0.2 s (OpenSSL's prime tests alone took about 0.4 s)."""
