@@ -20,16 +20,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from testbed import pki
 
 __all__ = [
     "DEFAULT_ISSUER",
@@ -94,65 +93,15 @@ def _status(code: int, reason: str, message: str) -> KubeResponse:
 
 
 def _make_tls(tmpdir: Path) -> tuple[bytes, Path, Path, Path]:
-    """Self-signed EC P-256 CA plus a server cert for 127.0.0.1/localhost; returns (ca_pem, ca, cert, key)."""
-    now = _now()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-standin-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    """A CA and a server cert for 127.0.0.1/localhost from the test PKI; returns (ca_pem, ca, cert, key)."""
+    ca = pki.root_ca(cn="kubeapi-standin-ca", org="testbed", days=2)
+    server = pki.leaf_cert(ca, cn="kube-apiserver", dns_names=("localhost",), ip_addresses=("127.0.0.1",), days=1)
     ca_file, cert_file, key_file = tmpdir / "ca.crt", tmpdir / "tls.crt", tmpdir / "tls.key"
-    ca_file.write_bytes(ca_pem)
-    cert_file.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        srv_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    ca_file.write_bytes(ca.cert_pem)
+    cert_file.write_bytes(server.cert_pem)
+    key_file.write_bytes(server.key_pem)
     key_file.chmod(0o600)
-    return ca_pem, ca_file, cert_file, key_file
+    return ca.cert_pem, ca_file, cert_file, key_file
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
