@@ -5,6 +5,7 @@ Projected service-account tokens rotate (kubelet rewrites the file), so the toke
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
     from agent.config import AuthConfig
 
-__all__ = ["Login", "login", "mount_of"]
+__all__ = ["Login", "credential_digest", "login", "mount_of", "read_token_file", "renew"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Login:
     ttl: float
     renewable: bool
     obtained_at: float
+    #: sha256 of the token file the login used, to notice a rotated service-account token (None: token method)
+    credential_digest: str | None = None
 
     @property
     def expires_at(self) -> float:
@@ -43,6 +46,11 @@ def mount_of(cfg: AuthConfig) -> str:
     """The auth mount without a leading `auth/`: `auth/kubernetes-cluster1` and `kubernetes-cluster1` are the same."""
     mount = (cfg.mount or "").strip("/")
     return mount.removeprefix("auth/")
+
+
+def credential_digest(token: str) -> str:
+    """A fingerprint of a token file's (stripped) content, to tell whether the file now holds another token."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def read_token_file(path: str, what: str) -> str:
@@ -88,6 +96,7 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
         VaultUnavailable: Vault could not be reached; retry.
     """
     address = client.url
+    client.token = ""  # a login never carries an earlier token along
     if cfg.method == "token":
         client.token = read_token_file(cfg.token_path, "Vault token")
         data = vault.call(
@@ -106,6 +115,7 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
         )
 
     jwt = read_token_file(cfg.token_path, "service account token")
+    digest = credential_digest(jwt)
     mount = mount_of(cfg)
     role = cfg.role or ""
     action = f"logging in to auth/{mount} as role {role!r}"
@@ -131,6 +141,7 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
         ttl=float(auth.get("lease_duration") or 0),
         renewable=bool(auth.get("renewable")),
         obtained_at=time.time(),
+        credential_digest=digest,
     )
 
 
@@ -151,4 +162,5 @@ def renew(client: hvac.Client, current: Login) -> Login:
         ttl=float(data.get("lease_duration") or 0),
         renewable=bool(data.get("renewable")),
         obtained_at=time.time(),
+        credential_digest=current.credential_digest,
     )

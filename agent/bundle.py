@@ -521,7 +521,9 @@ def validate(
     raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
 
 
-def validate_dir(path: str | Path, kind: str, *, now: dt.datetime | None = None) -> BundleInfo:
+def validate_dir(
+    path: str | Path, kind: str, *, now: dt.datetime | None = None, chain_to_ca: bool = True
+) -> BundleInfo:
     """Read a published bundle from `path` and validate it (see `validate`).
 
     Raises:
@@ -543,4 +545,4 @@ def validate_dir(path: str | Path, kind: str, *, now: dt.datetime | None = None)
             raise BundleError(f"{name} is missing from {directory}.") from None
         except OSError as exc:
             raise BundleError(f"{name} in {directory} cannot be read: {exc.strerror or exc}.") from None
-    return validate(kind, files, now=now)
+    return validate(kind, files, now=now, chain_to_ca=chain_to_ca)

@@ -7,41 +7,50 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from agent import kinds
 from agent.errors import ConfigError
 
 __all__ = [
-    "ISTIO_CA_FIELDS",
-    "TLS_FIELDS",
+    "CONFIG_ENV",
+    "SA_TOKEN_PATH",
     "AgentConfig",
     "AuthConfig",
     "BundleConfig",
     "Duration",
     "ExecReload",
+    "HealthConfig",
     "HttpReload",
+    "InitConfig",
+    "KubernetesConfig",
+    "LogConfig",
     "NoReload",
+    "Reload",
     "RolloutRestartReload",
+    "RolloutTarget",
+    "SidecarConfig",
     "SignalReload",
+    "SourceConfig",
+    "VaultConfig",
+    "from_mapping",
     "load",
     "parse_duration",
+    "parse_listen",
+    "parse_signal",
+    "safe_yaml_loader",
+    "validate",
 ]
 
+#: the environment variable naming the config file when --config is not given
 CONFIG_ENV = "ISTIO_VAULT_AGENT_CONFIG"
+#: where kubelet mounts the pod's service-account token
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-
-#: output file -> KV key, the runbook's layout (seeds/003): ca_key, ca_cert, root_cert, cert_chain
-ISTIO_CA_FIELDS: Mapping[str, str] = {
-    "ca-key.pem": "ca_key",
-    "ca-cert.pem": "ca_cert",
-    "root-cert.pem": "root_cert",
-    "cert-chain.pem": "cert_chain",
-}
-TLS_FIELDS: Mapping[str, str] = {"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"}
 
 
 class Duration(float):
@@ -106,9 +115,27 @@ class AuthConfig(_Section, frozen=True):
     token_path: str = SA_TOKEN_PATH
 
 
-class KVSource(_Section, frozen=True):
-    kv: str
+class SourceConfig(_Section, frozen=True):
+    """Where a bundle's data comes from: exactly one variant key is set.
+
+    A new source is one more variant here (a key holding its settings) plus its module `agent/sources/<key>.py`.
+    """
+
+    #: KV v1 or v2 secret, MOUNT/PATH; `fields` maps output files to its keys
+    kv: str | None = None
     fields: dict[str, str] = {}
+
+    @property
+    def variant(self) -> str:
+        """The name of the variant that is set (also the module in agent/sources that reads it)."""
+        for name in _SOURCE_VARIANTS:
+            if getattr(self, name) is not None:
+                return name
+        raise ConfigError(f"a bundle source needs one of: {', '.join(_SOURCE_VARIANTS)}")
+
+
+#: the variant keys of SourceConfig, in the order messages list them
+_SOURCE_VARIANTS = ("kv",)
 
 
 class SignalReload(_Section, frozen=True, tag_field="action", tag="signal"):
@@ -148,7 +175,7 @@ Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReloa
 class BundleConfig(_Section, frozen=True):
     name: str
     dir: str
-    source: KVSource
+    source: SourceConfig
     type: Literal["istio-ca", "tls"] = "istio-ca"
     file_mode: int = 0o644
     key_mode: int = 0o600
@@ -163,10 +190,14 @@ class BundleConfig(_Section, frozen=True):
     ca_signs_cert: bool = True
 
     @property
+    def kind(self) -> kinds.Kind:
+        """What this bundle's `type` is made of and how it is validated."""
+        return kinds.get(self.type)
+
+    @property
     def files(self) -> dict[str, str]:
-        """Output file -> KV key, the defaults for the type overlaid with `source.fields`."""
-        defaults = ISTIO_CA_FIELDS if self.type == "istio-ca" else TLS_FIELDS
-        return {**defaults, **self.source.fields}
+        """Output file -> KV key, the kind's defaults overlaid with `source.fields`."""
+        return {**self.kind.kv_fields, **self.source.fields}
 
 
 class InitConfig(_Section, frozen=True):
@@ -184,6 +215,20 @@ class SidecarConfig(_Section, frozen=True):
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    #: where a fatal `error:` line is also written, so `kubectl describe pod` shows it (skipped when not writable)
+    termination_message_path: str = "/dev/termination-log"
+
+
+class KubernetesConfig(_Section, frozen=True):
+    """The pod the agent runs in, from the downward API (env POD_NAME, POD_NAMESPACE, POD_UID, NODE_NAME).
+
+    Read once at start; Events are recorded on this pod when name and namespace are known.
+    """
+
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    pod_uid: str | None = None
+    node_name: str | None = None
 
 
 class AgentConfig(_Section, frozen=True):
@@ -194,6 +239,7 @@ class AgentConfig(_Section, frozen=True):
     health: HealthConfig = HealthConfig()
     sidecar: SidecarConfig = SidecarConfig()
     log: LogConfig = LogConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -253,12 +299,18 @@ def _key(name: str) -> str:
     return name if re.fullmatch(r"[\w.-]{1,60}", name) else repr(name[:60])
 
 
+def safe_yaml_loader() -> Any:
+    """PyYAML's safe loader, the C one when libyaml is there (several times faster on a whole chart)."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _loads_yaml(text: str, source: str) -> Any:
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader / CSafeLoader only
+        return yaml.load(text, Loader=safe_yaml_loader())  # noqa: S506 - SafeLoader / CSafeLoader only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -286,6 +338,14 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         if lowered not in {"1", "0", "true", "false", "yes", "no"}:
             raise ConfigError(f"VAULT_SKIP_VERIFY must be true or false, not {skip!r}")
         vault["skip_verify"] = lowered in {"1", "true", "yes"}
+    # the downward API: the pod the agent runs in, for Events
+    pod = {key: env[var] for var, key in _POD_ENV.items() if env.get(var)}
+    kube = raw.setdefault("kubernetes", {})
+    if pod and isinstance(kube, dict):
+        kube.update(pod)
+
+
+_POD_ENV = {"POD_NAME": "pod_name", "POD_NAMESPACE": "pod_namespace", "POD_UID": "pod_uid", "NODE_NAME": "node_name"}
 
 
 def load(
@@ -338,7 +398,40 @@ def from_mapping(
     return cfg
 
 
-_SIGNALS = {"SIGHUP", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGKILL"}
+#: the signals a reload action may send
+_SIGNALS = ("SIGHUP", "SIGINT", "SIGKILL", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """`SIGHUP`, `hup` or `HUP` as a signal a reload action may send.
+
+    Raises:
+        ConfigError: not one of the allowed signal names.
+    """
+    upper = name.strip().upper()
+    upper = upper if upper.startswith("SIG") else f"SIG{upper}"
+    if upper not in _SIGNALS:
+        raise ConfigError(f"reload.signal must be one of {', '.join(_SIGNALS)}, not {name[:40]!r}")
+    return signal.Signals[upper]
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """Split `health.listen` into host and port: "HOST:PORT", "[::]:PORT", or ":PORT" (every address, None).
+
+    Port 0 picks a free port.
+
+    Raises:
+        ConfigError: the value is not HOST:PORT with a port in 0-65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    bad_host = (":" in host and not bracketed) or (bracketed and not host)
+    if not sep or not port.isdigit() or int(port) > 65535 or bad_host:
+        raise ConfigError(
+            f"health.listen must be HOST:PORT such as [::]:8099, 0.0.0.0:8099 or :8099, not {listen[:80]!r}"
+        )
+    return host or None, int(port)
 
 
 def validate(cfg: AgentConfig) -> None:
@@ -369,18 +462,22 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"{key}.dir must be a directory of its own, not {b.dir!r}")
         dirs.add(norm)
         _validate_bundle(key, b)
-    host, sep, port = cfg.health.listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"health.listen must be HOST:PORT such as 0.0.0.0:8099, not {cfg.health.listen!r}")
+    parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
 
 
 def _validate_bundle(key: str, b: BundleConfig) -> None:
     """Rules within one bundle; `key` is its place in the file, such as bundles[0]."""
-    if "/" not in b.source.kv.strip("/"):
-        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {b.source.kv!r}")
-    allowed = ISTIO_CA_FIELDS if b.type == "istio-ca" else TLS_FIELDS
+    set_variants = [name for name in _SOURCE_VARIANTS if getattr(b.source, name) is not None]
+    if len(set_variants) != 1:
+        raise ConfigError(f"{key}.source needs exactly one of {', '.join(_SOURCE_VARIANTS)}")
+    kv = b.source.kv
+    if kv is not None and "/" not in kv.strip("/"):
+        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {kv[:80]!r}")
+    if kv is None and b.source.fields:
+        raise ConfigError(f"{key}.source.fields only applies to kv sources")
+    allowed = b.kind.files
     for out in b.source.fields:
         if out not in allowed:
             raise ConfigError(
@@ -393,8 +490,10 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
             raise ConfigError(f"{key}.{mode_key} must be a file mode such as 0640 (octal in YAML), not {mode}")
     r = b.reload
     if isinstance(r, SignalReload):
-        if r.signal.upper() not in _SIGNALS and f"SIG{r.signal.upper()}" not in _SIGNALS:
-            raise ConfigError(f"{key}.reload.signal must be one of {', '.join(sorted(_SIGNALS))}")
+        try:
+            parse_signal(r.signal)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
         if bool(r.process) == bool(r.pid_file):
             raise ConfigError(f"{key}.reload needs exactly one of process or pid_file for action signal")
     if isinstance(r, ExecReload) and not r.command:

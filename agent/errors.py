@@ -4,7 +4,8 @@ AgentError
  +-- ConfigError          bad or missing configuration; names the key
  +-- VaultError           Vault answered, and the answer is final (exit at once)
  |    +-- AuthError       login refused: role, mount, service account
- |    +-- SecretError     path missing, key missing, permission denied on a path
+ |    +-- SecretError     path missing, key missing, not what a bundle needs
+ |         +-- PermissionDenied   403 on a path (or a token Vault no longer accepts)
  +-- VaultUnavailable     unreachable, sealed, timing out: retry with backoff
  +-- BundleError          CA material that istiod would reject; names the file and check
  +-- PublishError         the output directory could not be written
@@ -18,6 +19,7 @@ __all__ = [
     "AuthError",
     "BundleError",
     "ConfigError",
+    "PermissionDenied",
     "PublishError",
     "ReloadError",
     "SecretError",
@@ -47,6 +49,10 @@ class AuthError(VaultError):
 
 class SecretError(VaultError):
     reason = "secret"
+
+
+class PermissionDenied(SecretError):
+    """403: the policy does not allow the call, or the token was revoked or expired (log in again, then retry)."""
 
 
 class VaultUnavailable(AgentError):

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import yaml
 
 from agent import __version__
+from agent.config import safe_yaml_loader
 from agent.errors import AgentError, ConfigError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "agent_volumes",
     "inject",
     "main",
+    "options_from_args",
     "run",
 ]
 
@@ -45,12 +47,9 @@ DEFAULT_NAMES = ("istiod", "istiod-*")
 # to be indented, so splitting on it never cuts a document in two; _split() double-checks.
 _DOC_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
-try:  # the C loader/dumper is several times faster on a full istiod chart when libyaml is present
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader
-    _Dumper: type[yaml.SafeDumper] = yaml.CSafeDumper
-except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
-    _Dumper = yaml.SafeDumper
+# the C loader/dumper is several times faster on a full istiod chart when libyaml is present
+_Loader = safe_yaml_loader()
+_Dumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,8 @@ def agent_container(opts: InjectOptions) -> dict[str, Any]:
         # restartPolicy Always makes it a native sidecar: started before the main containers,
         # which wait for its startupProbe, and kept running to follow rotations.
         "restartPolicy": "Always",
+        # the agent's fatal `error:` line, else the log's tail, is what `kubectl describe pod` shows
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "args": ["run", "--config", f"{CONFIG_DIR}/config.yaml", "--mode", "sidecar"],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

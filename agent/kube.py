@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import RolloutTarget
+from agent.config import KubernetesConfig, RolloutTarget
 from agent.errors import ConfigError, ReloadError
 from agent.log import get_logger, redact
-from agent.threads import in_daemon_thread
+from agent.threads import offload
 
-__all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "Kube", "emit_event"]
+__all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "EventRecorder", "Kube", "emit_event"]
 
 #: the pod-template annotation `kubectl rollout restart` sets; a new value makes the controller roll the pods
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -60,12 +60,22 @@ class Kube:
     namespace: str | None
     #: where the credentials came from, for logs: "in-cluster" or the kubeconfig path
     origin: str
+    #: the agent's own pod (downward API), which Events are recorded on
+    pod: KubernetesConfig
 
-    def __init__(self, api_client: Any, *, namespace: str | None = None, origin: str = "") -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        namespace: str | None = None,
+        origin: str = "",
+        pod: KubernetesConfig | None = None,
+    ) -> None:
         """Wrap a ready `kubernetes.client.ApiClient`; most callers want `Kube.load()` or `Kube.maybe()`."""
         self.api_client = api_client
         self.namespace = namespace
         self.origin = origin
+        self.pod = pod or KubernetesConfig()
 
     @classmethod
     def available(cls) -> bool:
@@ -73,7 +83,7 @@ class Kube:
         return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or _kubeconfig_path() is not None
 
     @classmethod
-    def load(cls, *, sa_dir: Path = SA_DIR) -> Kube:
+    def load(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube:
         """Build a client from in-cluster config when KUBERNETES_SERVICE_HOST is set, else from the kubeconfig.
 
         Raises:
@@ -100,7 +110,7 @@ class Kube:
                 namespace: str | None = ns_file.read_text(encoding="utf-8").strip() or None
             except OSError:
                 namespace = None
-            return cls(client.ApiClient(cfg), namespace=namespace, origin="in-cluster")
+            return cls(client.ApiClient(cfg), namespace=namespace, origin="in-cluster", pod=pod)
         path = _kubeconfig_path()
         if path is None:
             raise ConfigError(
@@ -114,10 +124,10 @@ class Kube:
         except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"kubeconfig {path} cannot be loaded: {exc}") from None
         namespace = ((active or {}).get("context") or {}).get("namespace") or None
-        return cls(client.ApiClient(cfg), namespace=namespace, origin=path)
+        return cls(client.ApiClient(cfg), namespace=namespace, origin=path, pod=pod)
 
     @classmethod
-    def maybe(cls, *, sa_dir: Path = SA_DIR) -> Kube | None:
+    def maybe(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube | None:
         """`load()`, or None when there is no Kubernetes config at all (logged once, at debug).
 
         A config that exists but cannot be loaded is logged as a warning, and None is returned too.
@@ -129,7 +139,7 @@ class Kube:
                 get_logger().debug("kube_unavailable", detail="no in-cluster config and no kubeconfig")
             return None
         try:
-            return cls.load(sa_dir=sa_dir)
+            return cls.load(sa_dir=sa_dir, pod=pod)
         except ConfigError as exc:
             get_logger().warning("kube_config_unusable", error=str(exc))
             return None
@@ -141,12 +151,13 @@ class Kube:
     # ------------------------------------------------------------------ rollout restart
 
     def resolve_namespace(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
-        """The namespace of `target`: its own, else `default_namespace`, POD_NAMESPACE, the pod's or context's.
+        """The namespace of `target`: its own, else `default_namespace`, the agent pod's, the service account's or
+        the kubeconfig context's.
 
         Raises:
             ReloadError: none of them is set.
         """
-        ns = target.namespace or default_namespace or os.environ.get("POD_NAMESPACE") or self.namespace
+        ns = target.namespace or default_namespace or self.pod.pod_namespace or self.namespace
         if not ns:
             raise ReloadError(
                 f"no namespace for rollout-restart of {target.kind} {target.name}: set reload.target.namespace"
@@ -157,7 +168,7 @@ class Kube:
         """Restart the pods of a Deployment, DaemonSet or StatefulSet exactly as `kubectl rollout restart` does.
 
         Sends a strategic merge patch that sets the pod template annotation `kubectl.kubernetes.io/restartedAt`
-        to now (RFC 3339). Blocks; call it through `asyncio.to_thread`. Returns a short description.
+        to now (RFC 3339). Blocks; call it through `rollout_restart_async`. Returns a short description.
 
         Raises:
             ReloadError: the workload does not exist, RBAC forbids the patch, or the API cannot be reached.
@@ -191,17 +202,17 @@ class Kube:
 
     async def rollout_restart_async(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
         """`rollout_restart` in a daemon thread, for the event loop; raises what it raises."""
-        return await in_daemon_thread(self.rollout_restart, target, default_namespace)
+        return await offload(self.rollout_restart, target, default_namespace)
 
     # ------------------------------------------------------------------------ events
 
     def event(self, reason: str, message: str, type: str = "Normal") -> bool:
-        """Record a core/v1 Event on the agent's pod (POD_NAME, POD_NAMESPACE, POD_UID); True when created.
+        """Record a core/v1 Event on the agent's pod (`self.pod`: POD_NAME, POD_NAMESPACE, POD_UID); True when created.
 
-        Best effort: without POD_NAME/POD_NAMESPACE nothing is sent, and every failure is logged, never raised.
+        Best effort: without pod name and namespace nothing is sent, and every failure is logged, never raised.
         `message` must already be free of secret material; it is cut to 1024 characters. Blocks.
         """
-        pod, ns = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        pod, ns = self.pod.pod_name, self.pod.pod_namespace
         if not pod or not ns:
             return False
         try:
@@ -215,12 +226,12 @@ class Kube:
                 # client-go names events <object>.<unix nanos in hex>
                 metadata=client.V1ObjectMeta(name=f"{pod}.{time.time_ns():x}", namespace=ns),
                 involved_object=client.V1ObjectReference(
-                    api_version="v1", kind="Pod", name=pod, namespace=ns, uid=os.environ.get("POD_UID") or None
+                    api_version="v1", kind="Pod", name=pod, namespace=ns, uid=self.pod.pod_uid
                 ),
                 reason=reason,
                 message=text,
                 type=type,
-                source=client.V1EventSource(component=EVENT_COMPONENT, host=os.environ.get("NODE_NAME") or None),
+                source=client.V1EventSource(component=EVENT_COMPONENT, host=self.pod.node_name),
                 first_timestamp=now,
                 last_timestamp=now,
                 count=1,
@@ -246,7 +257,7 @@ class Kube:
     ) -> bool:
         """`event()` in a thread, waiting at most `timeout` seconds; never raises, True when created."""
         try:
-            return await asyncio.wait_for(in_daemon_thread(self.event, reason, message, type), timeout)
+            return await asyncio.wait_for(offload(self.event, reason, message, type), timeout)
         except TimeoutError:
             # the thread itself ends within the request timeout; we just stop waiting for it
             get_logger().warning("kube_event_failed", reason=reason, error=f"no answer within {timeout:g}s")
@@ -282,3 +293,45 @@ def _short(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     text = str(reason if reason is not None else exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+class EventRecorder:
+    """Fire-and-forget Events on the agent's pod, and the one Kubernetes client of a running agent.
+
+    The client (and the `kubernetes` package) is loaded in a thread on first use, never on the event loop.
+    Without pod name and namespace no Event is sent and nothing is loaded for it.
+    """
+
+    def __init__(self, pod: KubernetesConfig) -> None:
+        self.pod = pod
+        self._kube: Kube | None = None
+        self._loaded = False
+        self._load_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def client(self) -> Kube | None:
+        """The Kubernetes client, or None without in-cluster config or kubeconfig (looked up once)."""
+        async with self._load_lock:
+            if not self._loaded:
+                self._kube = await offload(lambda: Kube.maybe(pod=self.pod))
+                self._loaded = True
+        return self._kube
+
+    def record(self, reason: str, message: str, type: str = "Normal") -> None:
+        """Record an Event in the background; failures are logged by `Kube.event`, never raised."""
+        if not (self.pod.pod_name and self.pod.pod_namespace):
+            return
+
+        async def send() -> None:
+            await emit_event(await self.client(), reason, message, type)
+
+        task = asyncio.create_task(send(), name=f"event:{reason}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop pending Events and release the client."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._kube is not None:
+            self._kube.close()

@@ -43,6 +43,9 @@ class Metrics:
     def vault_request(self, *_args: object, **_kwargs: object) -> None:
         """One HTTP request was sent to Vault (a requests response hook)."""
 
+    def token_login(self, login: object | None) -> None:
+        """The agent holds a new (or renewed) Vault token, an `auth.Login`."""
+
 
 class PrometheusMetrics(Metrics):
     """Prometheus metrics in a registry of their own, so several agents can live in one process.

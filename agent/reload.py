@@ -18,10 +18,12 @@ from agent.config import (
     NoReload,
     RolloutRestartReload,
     SignalReload,
+    parse_signal,
 )
-from agent.errors import ReloadError
+from agent.errors import ConfigError, ReloadError
 from agent.kube import Kube
 from agent.log import get_logger, redact
+from agent.threads import offload
 
 __all__ = ["STDERR_TAIL", "find_processes", "reload", "restart_on_root_change"]
 
@@ -101,11 +103,10 @@ def find_processes(pattern: str) -> list[int]:
 
 
 def _parse_signal(name: str) -> signal.Signals:
-    upper = name.strip().upper()
     try:
-        return signal.Signals[upper if upper.startswith("SIG") else f"SIG{upper}"]
-    except KeyError:
-        raise ReloadError(f"reload.signal {name!r} is not a signal name such as SIGHUP") from None
+        return parse_signal(name)
+    except ConfigError as exc:
+        raise ReloadError(str(exc)) from None
 
 
 def _pids(pids: list[int]) -> str:
@@ -127,7 +128,7 @@ def _kill(pid: int, sig: signal.Signals) -> bool:
 
 
 async def _signal_matching(pattern: str, sig: signal.Signals, *, key: str) -> list[int]:
-    pids = await asyncio.to_thread(find_processes, pattern)
+    pids = await offload(find_processes, pattern)
     sent = [pid for pid in pids if _kill(pid, sig)]
     if not sent:
         raise ReloadError(
@@ -250,7 +251,7 @@ def _one_line(exc: BaseException) -> str:
 async def _rollout_restart(action: RolloutRestartReload, kube: Kube | None) -> str:
     owned = kube is None
     if kube is None:
-        kube = await asyncio.to_thread(Kube.maybe)
+        kube = await offload(Kube.maybe)
     if kube is None:
         raise ReloadError(
             "reload action rollout-restart needs Kubernetes API access: run in a pod with a service account"

@@ -1,4 +1,4 @@
-"""Blocking calls (hvac, the kubernetes client) from asyncio, in daemon threads of their own.
+"""Blocking calls (hvac, validation, publishing, the kubernetes client) from asyncio, in daemon threads of their own.
 
 Unlike `asyncio.to_thread`, an abandoned call never holds up `asyncio.run`'s executor shutdown: a cancelled
 task cannot stop a thread, so a SIGTERM exit stays prompt while a hanging request runs out its own timeout.
@@ -12,12 +12,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["in_daemon_thread"]
+__all__ = ["offload"]
 
 T = TypeVar("T")
 
 
-async def in_daemon_thread(fn: Callable[..., T], *args: Any, name: str | None = None) -> T:
+async def offload(fn: Callable[..., T], *args: Any, name: str | None = None) -> T:
     """Run `fn(*args)` in a new daemon thread and await its result (or its exception)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()

@@ -1,33 +1,42 @@
-"""The hvac client factory and the one place where hvac/requests errors become AgentErrors.
+"""The hvac client factory, the gate every Vault call goes through, and the one place where hvac/requests
+errors become AgentErrors.
 
 Retryable failures (unreachable, sealed, 5xx, 429, timeouts) become VaultUnavailable; final ones VaultError.
+The client only ever carries a token the agent obtained itself: never VAULT_TOKEN or ~/.vault-token.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.errors import AgentError, AuthError, SecretError, VaultError, VaultUnavailable
+from agent.errors import AgentError, AuthError, PermissionDenied, SecretError, VaultError, VaultUnavailable
+from agent.threads import offload
 
 if TYPE_CHECKING:
     import hvac
 
     from agent.config import VaultConfig
 
-__all__ = ["call", "make_client", "translate"]
+__all__ = ["VaultGate", "call", "make_client", "translate"]
 
 T = TypeVar("T")
 
 
-def make_client(
-    cfg: VaultConfig, token: str | None = None, *, on_request: Callable[..., Any] | None = None
-) -> hvac.Client:
-    """An hvac client for `cfg` with its TLS settings and a per-request timeout; `on_request` sees each response."""
+def make_client(cfg: VaultConfig, *, on_request: Callable[..., Any] | None = None) -> hvac.Client:
+    """An hvac client for `cfg` with its TLS settings and a per-request timeout; `on_request` sees each response.
+
+    The client starts without a token. hvac would otherwise read VAULT_TOKEN or ~/.vault-token and send it
+    along (even on the login request); requests would add ~/.netrc credentials. Proxies still come from
+    HTTPS_PROXY/NO_PROXY, as for any HTTP client in a pod.
+    """
     import hvac
     import requests
 
     session = requests.Session()
+    session.trust_env = False  # no ~/.netrc, no REQUESTS_CA_BUNDLE: TLS trust is vault.ca_cert alone
+    session.proxies.update(requests.utils.get_environ_proxies(cfg.address))
     if on_request is not None:
         session.hooks["response"].append(on_request)
     if cfg.tls_server_name:
@@ -37,7 +46,7 @@ def make_client(
     session.verify = verify
     return hvac.Client(
         url=cfg.address,
-        token=token,
+        token="",  # not None: None makes hvac look for an ambient token
         verify=verify,
         timeout=cfg.timeout,
         namespace=cfg.namespace,
@@ -95,7 +104,7 @@ def translate(exc: Exception, *, address: str, action: str, login: bool = False,
     if login and isinstance(exc, hx.InvalidRequest | hx.Forbidden | hx.Unauthorized):
         return AuthError(f"login refused while {action}: {message}{suffix}")
     if isinstance(exc, hx.Forbidden | hx.Unauthorized):
-        return SecretError(f"permission denied while {action}{suffix}")
+        return PermissionDenied(f"permission denied while {action}{suffix}")
     if isinstance(exc, hx.InvalidPath):
         return SecretError(f"nothing found while {action}{suffix}")
     if isinstance(exc, hx.VaultError):
@@ -113,3 +122,16 @@ def call(fn: Callable[[], T], *, address: str, action: str, login: bool = False,
         raise
     except Exception as exc:
         raise translate(exc, address=address, action=action, login=login, hint=hint) from exc
+
+
+class VaultGate:
+    """Runs blocking hvac calls in daemon threads, one at a time, so one client and session serve every task."""
+
+    def __init__(self, client: hvac.Client) -> None:
+        self.client = client
+        self._lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """`fn()` in a thread once no other Vault call is running; raises what it raises."""
+        async with self._lock:
+            return await offload(fn)

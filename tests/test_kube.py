@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import BundleConfig, KVSource, RolloutRestartReload, RolloutTarget
+from agent.config import BundleConfig, KubernetesConfig, RolloutRestartReload, RolloutTarget, SourceConfig
 from agent.errors import ReloadError
 from agent.kube import RESTARTED_AT, Kube, emit_event
 from agent.reload import reload
@@ -77,11 +77,11 @@ class TestRolloutRestart:
     def test_namespace_falls_back_to_pod_namespace(
         self, kube: KubeAPI, client: Kube, kube_env: pytest.MonkeyPatch, unique: str
     ) -> None:
-        """A target without namespace is restarted in POD_NAMESPACE, else in the kubeconfig context's namespace."""
+        """A target without namespace is restarted in the pod's namespace, else in the kubeconfig context's."""
         target = RolloutTarget(kind="Deployment", name=f"gw-{unique}")
         client.rollout_restart(target)
         assert _patches(kube, f"/apis/apps/v1/namespaces/ctx-{unique}/deployments/gw-{unique}")
-        kube_env.setenv("POD_NAMESPACE", f"pod-{unique}")
+        client.pod = KubernetesConfig(pod_namespace=f"pod-{unique}")
         client.rollout_restart(target)
         assert _patches(kube, f"/apis/apps/v1/namespaces/pod-{unique}/deployments/gw-{unique}")
 
@@ -90,7 +90,7 @@ class TestRolloutRestart:
         bundle = BundleConfig(
             name="gw",
             dir="/unused",
-            source=KVSource(kv="secret/gw"),
+            source=SourceConfig(kv="secret/gw"),
             reload=RolloutRestartReload(
                 target=RolloutTarget(kind="StatefulSet", name=f"db-{unique}", namespace="apps")
             ),
@@ -124,7 +124,7 @@ class TestRolloutRestart:
         bundle = BundleConfig(
             name="gw",
             dir="/unused",
-            source=KVSource(kv="secret/gw"),
+            source=SourceConfig(kv="secret/gw"),
             reload=RolloutRestartReload(target=RolloutTarget(kind="Deployment", name="x", namespace="y")),
         )
         assert Kube.maybe() is None
@@ -152,11 +152,9 @@ class TestRolloutRestart:
 
 class TestEvents:
     def test_event_on_own_pod(self, kube: KubeAPI, client: Kube, kube_env: pytest.MonkeyPatch, unique: str) -> None:
-        """With POD_NAME/POD_NAMESPACE/POD_UID set, an Event about that pod is created with reason and source."""
+        """With the pod's name, namespace and uid known, an Event about that pod is created with reason and source."""
         ns = f"ev-{unique}"
-        kube_env.setenv("POD_NAME", "istiod-abc")
-        kube_env.setenv("POD_NAMESPACE", ns)
-        kube_env.setenv("POD_UID", "1234-uid")
+        client.pod = KubernetesConfig(pod_name="istiod-abc", pod_namespace=ns, pod_uid="1234-uid")
         assert asyncio.run(emit_event(client, "BundlePublished", "published bundle istio-ca (generation 2)"))
         [req] = kube.requests_to("POST", f"/api/v1/namespaces/{ns}/events")
         body = req.body
@@ -174,8 +172,7 @@ class TestEvents:
     ) -> None:
         """A Warning event keeps its type; a long message is cut to 1024 characters and key material never leaves."""
         ns = f"ev-{unique}"
-        kube_env.setenv("POD_NAME", "p")
-        kube_env.setenv("POD_NAMESPACE", ns)
+        client.pod = KubernetesConfig(pod_name="p", pod_namespace=ns)
         leak = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----"
         assert client.event("BundleRefused", f"refused: {leak} " + "x" * 3000, type="Warning")
         [req] = kube.requests_to("POST", f"/api/v1/namespaces/{ns}/events")
@@ -195,8 +192,7 @@ class TestEvents:
     ) -> None:
         """An apiserver that answers 500 makes emit_event return False, not raise."""
         ns = f"ev-{unique}"
-        kube_env.setenv("POD_NAME", "p")
-        kube_env.setenv("POD_NAMESPACE", ns)
+        client.pod = KubernetesConfig(pod_name="p", pod_namespace=ns)
         remove = kube.add_handler("POST", f"/api/v1/namespaces/{ns}/events", lambda _r: (500, {"kind": "Status"}))
         try:
             assert asyncio.run(emit_event(client, "BundlePublished", "m")) is False
@@ -209,8 +205,7 @@ class TestEvents:
     ) -> None:
         """An apiserver that does not answer holds emit_event no longer than its timeout."""
         ns = f"ev-{unique}"
-        kube_env.setenv("POD_NAME", "p")
-        kube_env.setenv("POD_NAMESPACE", ns)
+        client.pod = KubernetesConfig(pod_name="p", pod_namespace=ns)
 
         def hang(_r: KubeRequest) -> tuple[int, object]:
             time.sleep(4)
@@ -230,9 +225,7 @@ class TestEvents:
         path = down.write_kubeconfig(tmp_path / "kubeconfig", down.mint_token("ns", "agent"))
         down.stop()
         kube_env.setenv("KUBECONFIG", str(path))
-        kube_env.setenv("POD_NAME", "p")
-        kube_env.setenv("POD_NAMESPACE", "ns")
-        client = Kube.maybe()
+        client = Kube.maybe(pod=KubernetesConfig(pod_name="p", pod_namespace="ns"))
         assert client is not None
         start = time.monotonic()
         assert asyncio.run(emit_event(client, "BundlePublished", "m", timeout=3)) is False

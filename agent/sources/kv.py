@@ -6,47 +6,26 @@ when a secret is deleted and recreated, or Vault is restored); KV v1 (no version
 
 from __future__ import annotations
 
-import hashlib
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent import vault
 from agent.errors import SecretError
+from agent.sources.base import Fetched, digest
 
 if TYPE_CHECKING:
     import hvac
 
-    from agent.config import BundleConfig
+    from agent.config import AgentConfig, BundleConfig
 
-__all__ = ["Fetched", "KVSource", "digest"]
-
-#: files a bundle may lack; everything else is required
-OPTIONAL_FILES = frozenset({"ca.crt"})
+__all__ = ["KVSource", "open"]
 
 
-def digest(files: Mapping[str, bytes]) -> str:
-    """A stable sha256 over the file names and bytes, to see whether content changed (never logged raw)."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(name.encode() + b"\0" + files[name] + b"\0")
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """What one read returned: output file -> bytes, the KV v2 version (None for v1) and the content digest.
-
-    `revision` is `version@created_time` for KV v2, what `current_revision()` compares against.
-    """
-
-    files: dict[str, bytes]
-    version: int | None
-    digest: str
-    revision: str | None = None
-
-    def __repr__(self) -> str:  # the files hold a private key
-        return f"Fetched(files={sorted(self.files)}, version={self.version}, digest={self.digest[:12]})"
+def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> KVSource:
+    """The KV source of `bundle`, polled every `sidecar.poll_interval`."""
+    return KVSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
 
 
 @dataclass
@@ -56,13 +35,29 @@ class _Mount:
 
 
 class KVSource:
-    """Reads one bundle's KV secret with an authenticated hvac client."""
+    """Reads one bundle's KV secret with an authenticated hvac client (a `Source`)."""
 
-    def __init__(self, client: hvac.Client, bundle: BundleConfig) -> None:
+    def __init__(self, client: hvac.Client, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
         self.client = client
         self.bundle = bundle
-        self.kv_path = bundle.source.kv.strip("/")
+        self.kv_path = (bundle.source.kv or "").strip("/")
+        self.poll_interval = poll_interval
         self._mount: _Mount | None = None
+
+    def reset(self) -> None:
+        """Detect the KV mount and its version again at the next call (Vault may have been restored)."""
+        self._mount = None
+
+    def next_check(self, last: Fetched | None, now: float) -> float:
+        """Every poll_interval, +-10 % jitter so a fleet of agents does not poll in step."""
+        return now + self.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+
+    def changed(self, last: Fetched) -> bool | None:
+        """KV v2: compare the metadata's current revision with `last`; None for KV v1 (no versions)."""
+        if last.revision is None:
+            return None
+        revision = self.current_revision()
+        return None if revision is None else revision != last.revision
 
     def _call(self, fn: Any, action: str, hint: str = "") -> Any:
         return vault.call(fn, address=self.client.url, action=action, hint=hint)
@@ -148,7 +143,7 @@ class KVSource:
             )
             data = resp.get("data") or {}
         files = self._map(data)
-        return Fetched(files=files, version=version, digest=digest(files), revision=revision)
+        return Fetched(files=files, digest=digest(files), revision=revision, version=version)
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
@@ -156,7 +151,7 @@ class KVSource:
         for out, key in self.bundle.files.items():
             chosen = key if key in data else out if out in data else None
             if chosen is None:
-                if out in OPTIONAL_FILES:
+                if out in self.bundle.kind.optional:
                     continue
                 raise SecretError(
                     f"KV secret {self.kv_path} has no key {key!r} (or {out!r}) for {out}: add it, or map"

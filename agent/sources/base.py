@@ -1,0 +1,61 @@
+"""The Source interface: what a bundle's data source must do, and the `Fetched` result it returns.
+
+Sources are synchronous (hvac blocks); the worker calls them in a thread, one Vault call at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Fetched", "Source", "digest"]
+
+
+def digest(files: Mapping[str, bytes]) -> str:
+    """A stable sha256 over the file names and bytes, to see whether content changed (never logged raw)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name] + b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one read returned: output file -> bytes, and how to recognise this content again.
+
+    `revision` is what the source's `changed()` probe compares against (KV v2: `version@created_time`), or
+    None when the source has no cheap probe. `version` is the backend's version number when it has one.
+    """
+
+    files: dict[str, bytes]
+    digest: str
+    revision: str | None = None
+    version: int | None = None
+
+    def __repr__(self) -> str:  # the files hold a private key
+        return f"Fetched(files={sorted(self.files)}, version={self.version}, digest={self.digest[:12]})"
+
+
+class Source(Protocol):
+    """One bundle's data source. Every method blocks and raises AgentErrors only (VaultUnavailable: retry)."""
+
+    def fetch(self) -> Fetched:
+        """Read the bundle's files now."""
+        ...
+
+    def changed(self, last: Fetched) -> bool | None:
+        """Whether the data differs from `last`, by a cheap probe without reading secret bytes.
+
+        None when the source cannot tell (no probe, or the probe is not allowed): the worker then fetches.
+        """
+        ...
+
+    def next_check(self, last: Fetched | None, now: float) -> float:
+        """When (a time.time() value) the worker should look again after a good cycle that ended at `now`."""
+        ...
+
+    def reset(self) -> None:
+        """Forget what was learnt of the backend (a new login may face a restarted or restored Vault)."""
+        ...
