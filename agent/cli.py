@@ -29,9 +29,18 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--config", help="config file (default: $ISTIO_VAULT_AGENT_CONFIG)")
     run.add_argument("--mode", choices=("init", "sidecar"), default="init", help="init: one pass then exit (default)")
 
-    check = sub.add_parser("check", help="validate a published directory the way istiod will")
+    from agent.kinds import KINDS
+
+    check = sub.add_parser("check", help="validate a published directory the way its consumer (istiod) will")
     check.add_argument("dir", help="the directory holding the published files")
-    check.add_argument("--type", choices=("istio-ca", "tls"), default="istio-ca", dest="kind")
+    check.add_argument("--type", choices=tuple(KINDS), default="istio-ca", dest="kind", help="the bundle type")
+    check.add_argument(
+        "--ca-signs-cert",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tls: tls.crt must chain to ca.crt (default); --no-ca-signs-cert for a gateway in MUTUAL mode,"
+        " where ca.crt is the CA of client certificates",
+    )
 
     inject = sub.add_parser(
         "inject", help="Helm post-renderer: add the agent to istiod/gateway Deployments read on stdin"
@@ -43,32 +52,42 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+#: where Kubernetes reads a container's termination message unless the config names another file
+_TERMINATION_LOG = "/dev/termination-log"
+
+
+def _error(message: str, termination_log: str | None = None) -> int:
+    """Print the one `error:` line; for `run`, also write it where `kubectl describe pod` shows it."""
+    line = f"error: {message}"
+    print(line, file=sys.stderr)
+    if termination_log:
+        # best effort: the file exists only in a container, and may not be writable
+        try:
+            with open(termination_log, "w", encoding="utf-8") as out:
+                out.write(line[:4096] + "\n")  # the kubelet keeps at most 4096 bytes
+        except OSError:
+            pass
     return EXIT_ERROR
 
 
-def _run(args: argparse.Namespace) -> int:
-    from agent import config, log
+class _Run:
+    """`run`: remembers the config's termination message path, so a later failure can be written there."""
 
-    cfg = config.load(args.config)
-    log.configure(cfg.log.level, cfg.log.format)
-    if args.mode == "init":
-        from agent.runner import run_init
+    termination_log = _TERMINATION_LOG
 
-        run_init(cfg)
-        return EXIT_OK
-    from agent.sidecar import run_sidecar
+    def __call__(self, args: argparse.Namespace) -> int:
+        from agent import config, log, runner
 
-    return run_sidecar(cfg)
+        cfg = config.load(args.config)
+        self.termination_log = cfg.log.termination_message_path
+        log.configure(cfg.log.level, cfg.log.format)
+        return runner.run(cfg, once=args.mode == "init")
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from agent import kinds
 
-    from agent import bundle
-
-    info = bundle.validate_dir(Path(args.dir), args.kind)
+    info = kinds.get(args.kind).validate_dir(args.dir, ca_signs_cert=args.ca_signs_cert)
     print(f"ok: {args.dir} is a valid {args.kind} bundle; it expires {info.expires_at.isoformat()}")
     return EXIT_OK
 
@@ -77,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `istio-vault-agent` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
-    handlers: dict[str, Any] = {"run": _run, "check": _check}
+    run = _Run()
+    handlers: dict[str, Any] = {"run": run, "check": _check}
     try:
         if args.command == "inject":
             from agent import inject
@@ -85,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(inject.run(args))
         return int(handlers[args.command](args))
     except AgentError as exc:
-        return _error(str(exc))
+        return _error(str(exc), run.termination_log if args.command == "run" else None)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line; the traceback only with log.level debug
@@ -94,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.log import get_logger
 
         get_logger().debug("internal_error", traceback=traceback.format_exc())
-        return _error(f"internal error ({type(exc).__name__}); please report it with the debug log")
+        message = f"internal error ({type(exc).__name__}); please report it with the debug log"
+        return _error(message, run.termination_log if args.command == "run" else None)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from agent.config import parse_listen
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.metrics import PrometheusMetrics
-    from agent.runner import BundleState
+    from agent.worker import BundleState
 
 __all__ = [
     "AgentView",
@@ -26,7 +27,6 @@ __all__ = [
     "bound_port",
     "bundle_readiness",
     "make_app",
-    "parse_listen",
     "readiness",
     "serve",
     "start",
@@ -162,19 +162,6 @@ def make_app(
     return app
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split `health.listen` ("HOST:PORT", "[::]:PORT"; port 0 picks a free one) into host and port.
-
-    Raises:
-        ConfigError: the value is not HOST:PORT with a port in 0-65535.
-    """
-    host, sep, port = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"health.listen must be HOST:PORT such as 0.0.0.0:8099, not {listen!r}")
-    return host, int(port)
-
-
 async def start(app: web.Application, listen: str) -> web.AppRunner:
     """Serve `app` on `listen` (HOST:PORT) and return the runner; the caller must `await runner.cleanup()`.
 
@@ -207,16 +194,15 @@ def bound_port(runner: web.AppRunner) -> int:
     return int(addresses[0][1])
 
 
-async def serve(app: web.Application, listen: str, *, started: asyncio.Event | None = None) -> None:
-    """Serve `app` on `listen` until cancelled, as a root task; sets `started` once the socket is bound.
+async def serve(app: web.Application, listen: str, *, on_listening: Callable[[int], None]) -> None:
+    """Serve `app` on `listen` until cancelled, as a task of its own; `on_listening(port)` once bound.
 
     Raises:
         ConfigError: as `start`.
     """
     runner = await start(app, listen)
     try:
-        if started is not None:
-            started.set()
+        on_listening(bound_port(runner))
         await asyncio.Event().wait()  # until cancelled
     finally:
         await runner.cleanup()

@@ -1,203 +1,151 @@
-"""One code path for both modes: log in, then for each bundle fetch -> validate -> publish -> reload.
+"""One run path for both modes: `Agent.run()` starts a worker per bundle; `once` (init mode) ends after each
+bundle's first publish, otherwise the token keeper, file watcher and health server join them.
 
-`init` stops after one good pass (retrying while Vault is unavailable, until init.timeout);
-`sidecar` (agent/sidecar.py) runs the same pass again whenever a source changes.
+Every component is a named task under `supervise`: the first to fail stops the rest and is reported once.
 """
 
 from __future__ import annotations
 
-import random
+import asyncio
+import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent import auth, bundle, publish
-from agent.errors import AgentError, BundleError, VaultUnavailable
+from agent.keeper import TokenKeeper
 from agent.log import get_logger
-from agent.metrics import Metrics
-from agent.sources.kv import Fetched, KVSource
+from agent.sources import open_source
+from agent.supervisor import supervise
+from agent.vault import VaultGate, make_client
+from agent.worker import BundleState, BundleWorker
 
 if TYPE_CHECKING:
-    import hvac
+    from agent.config import AgentConfig
+    from agent.kube import EventRecorder
+    from agent.metrics import Metrics
 
-    from agent.config import AgentConfig, BundleConfig
+__all__ = ["EXIT_STOPPED", "Agent", "run"]
 
-__all__ = ["Agent", "BundleState", "SyncResult", "backoff_delays", "run_init"]
-
-
-@dataclass
-class BundleState:
-    """What the agent knows of one bundle: the last good content it published and the last failure."""
-
-    cfg: BundleConfig
-    source: KVSource | None = None
-    version: int | None = None
-    revision: str | None = None
-    digest: str | None = None
-    good: dict[str, bytes] | None = None
-    info: bundle.BundleInfo | None = None
-    published_at: float | None = None
-    last_error: str | None = None
-    refused_digest: str | None = field(default=None, repr=False)
-
-    def __repr__(self) -> str:
-        return f"BundleState({self.cfg.name}, version={self.version}, error={self.last_error!r})"
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    """The outcome of syncing one bundle: whether new files went live and whether root-cert.pem changed."""
-
-    changed: bool
-    root_changed: bool = False
-    info: bundle.BundleInfo | None = None
+#: exit code when SIGTERM/SIGINT ends init mode before every bundle was published (128 + SIGTERM)
+EXIT_STOPPED = 143
 
 
 class Agent:
-    """Holds the Vault client, the login and each bundle's state; the pass itself is synchronous (hvac blocks)."""
+    """The components of one agent process and the state they share; build it inside the event loop."""
 
-    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
-        from agent.vault import make_client
+    def __init__(self, cfg: AgentConfig, *, once: bool) -> None:
+        from agent.metrics import Metrics
 
         self.cfg = cfg
-        self.metrics = metrics or Metrics()
-        self.client: hvac.Client = make_client(cfg.vault, on_request=self.metrics.vault_request)
-        self.login: auth.Login | None = None
-        self.bundles = [BundleState(b) for b in cfg.bundles]
-        self.log = get_logger()
+        self.once = once
+        self.metrics: Metrics
+        self.events: EventRecorder | None
+        if once:
+            # init mode: no health server, no Events, no reloads (the consumer has not started yet)
+            self.metrics, self.events = Metrics(), None
+        else:
+            from agent.kube import EventRecorder
+            from agent.metrics import PrometheusMetrics
 
-    # -- login --------------------------------------------------------------------------------------------
-    def ensure_login(self, *, force: bool = False) -> auth.Login:
-        """Log in when there is no token yet, when `force`, or when the token is past its lease."""
-        if force or self.login is None or time.time() >= self.login.expires_at - 1:
-            self.login = auth.login(self.client, self.cfg.auth)
-            for st in self.bundles:
-                st.source = None  # a new login may face a restarted or restored Vault: detect the KV mount again
-            self.log.info(
-                "vault_login", method=self.cfg.auth.method, mount=auth.mount_of(self.cfg.auth),
-                role=self.cfg.auth.role, ttl=self.login.ttl, renewable=self.login.renewable,
+            self.metrics, self.events = PrometheusMetrics(), EventRecorder(cfg.kubernetes)
+        self.gate = VaultGate(make_client(cfg.vault, on_request=self.metrics.vault_request))
+        self.keeper = TokenKeeper(cfg.auth, self.gate, self.metrics)
+        self.workers = [
+            BundleWorker(
+                b,
+                source=open_source(b, self.gate.client, cfg),
+                gate=self.gate,
+                keeper=self.keeper,
+                metrics=self.metrics,
+                init_timeout=cfg.init.timeout,
+                retry_interval=cfg.sidecar.poll_interval,
+                events=self.events,
             )
-        return self.login
+            for b in cfg.bundles
+        ]
+        self.stop = asyncio.Event()
+        self.health_port: int | None = None
+        self._log = get_logger()
 
-    def source(self, st: BundleState) -> KVSource:
-        if st.source is None:
-            st.source = KVSource(self.client, st.cfg)
-        return st.source
+    @property
+    def bundles(self) -> Sequence[BundleState]:
+        """Each bundle's state, for the health server."""
+        return [w.state for w in self.workers]
 
-    # -- one bundle ---------------------------------------------------------------------------------------
-    def fetch(self, st: BundleState) -> Fetched:
-        return self.source(st).fetch()
+    def alive(self) -> bool:
+        """False once stopping, or when a worker's cycle has hung for 3 x its interval (a wedge)."""
+        limit = 3 * max(self.cfg.sidecar.poll_interval, 3 * self.cfg.vault.timeout)
+        now = time.monotonic()
+        return not self.stop.is_set() and not any(w.stalled(now, limit) for w in self.workers)
 
-    def sync(self, st: BundleState, *, check_version: bool = False) -> SyncResult:
-        """Fetch, validate and publish one bundle; a no-op when the content equals what is live.
+    async def run(self) -> bool:
+        """Publish every bundle (and, unless `once`, keep them current) until done or `stop` is set.
+
+        Returns False when `stop` ended init mode before every bundle was published.
 
         Raises:
-            BundleError: the new content would be refused by istiod (nothing written).
-            VaultError / VaultUnavailable / PublishError: as raised below.
+            AgentError: a final failure (init mode), no first publish within init.timeout, or a component
+                that failed; the message is the one line to show.
         """
-        b = st.cfg
-        if check_version and st.revision is not None:
-            revision = self.source(st).current_revision()
-            if revision is not None and revision == st.revision and not self._damaged(st):
-                return SyncResult(changed=False, info=st.info)
-        fetched = self.fetch(st)
-        if fetched.digest == st.digest and st.good is not None and not self._damaged(st):
-            st.version, st.revision = fetched.version, fetched.revision
-            return SyncResult(changed=False, info=st.info)
-        try:
-            info = bundle.validate(b.type, fetched.files, chain_to_ca=b.ca_signs_cert)
-        except BundleError as exc:
-            st.last_error = str(exc)
-            if st.refused_digest != fetched.digest:
-                self.metrics.error(b.name, exc.reason)
-                self.log.warning("bundle_refused", bundle=b.name, reason=str(exc), kv_version=fetched.version)
-            st.refused_digest = fetched.digest
-            raise
-        root_changed = st.good is not None and st.good.get("root-cert.pem") != fetched.files.get("root-cert.pem")
-        result = publish.publish(Path(b.dir), fetched.files, **self._publish_options(b))
-        st.version, st.revision, st.digest = fetched.version, fetched.revision, fetched.digest
-        st.good, st.info = fetched.files, info
-        st.last_error = None
-        st.refused_digest = None
-        now = time.time()
-        if result.changed or st.published_at is None:
-            st.published_at = now
-            self.metrics.published(b.name, info, now)
-            self.log.info(
-                "bundle_published", bundle=b.name, dir=b.dir, type=b.type, kv_version=fetched.version,
-                generation=result.generation, changed=result.changed,
-                expires=info.expires_at.isoformat(), serial=info.serial,
-            )
-        return SyncResult(changed=result.changed, root_changed=root_changed and result.changed, info=info)
-
-    @staticmethod
-    def _publish_options(b: BundleConfig) -> dict[str, Any]:
-        return {
-            "key_files": bundle.KEY_FILES, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
-            "gid": b.gid, "forbid": ("tls.crt", "tls.key", "ca.crt") if b.type == "istio-ca" else (),
+        tasks: dict[str, Coroutine[Any, Any, None]] = {
+            f"worker {w.cfg.name}": w.run(once=self.once) for w in self.workers
         }
-
-    def _damaged(self, st: BundleState) -> bool:
-        if st.good is None:
-            return False
-        options = self._publish_options(st.cfg)
-        del options["forbid"]
-        return publish.repair_needed(Path(st.cfg.dir), st.good, **options)
-
-    def repair(self, st: BundleState) -> bool:
-        """Publish the last good generation again when the files on disk were deleted or altered."""
-        if st.good is None or not self._damaged(st):
-            return False
-        b = st.cfg
-        publish.publish(Path(b.dir), st.good, **self._publish_options(b))
-        self.metrics.error(b.name, "tampered")
-        self.log.warning("bundle_repaired", bundle=b.name, dir=b.dir, reason="published files were changed on disk")
+        if self.once:
+            await supervise(tasks, stop=self.stop, until_all_done=True)
+            if self.stop.is_set():
+                return False
+            self._log.info("init_done", bundles=[b.name for b in self.cfg.bundles])
+            return True
+        tasks["health server"] = self._serve_health()
+        tasks["sidecar"] = self._after_first_pass()
+        try:
+            await supervise(tasks, stop=self.stop, until_all_done=False)
+        finally:
+            if self.events is not None:
+                await self.events.close()
+            self._log.info("sidecar_stopped")
         return True
 
-    def pass_once(self) -> list[SyncResult]:
-        """Log in if needed, then sync every bundle; the first failure stops the pass."""
-        self.ensure_login()
-        return [self.sync(st) for st in self.bundles]
+    async def _serve_health(self) -> None:
+        from agent import health
+        from agent.metrics import PrometheusMetrics
+
+        assert isinstance(self.metrics, PrometheusMetrics)
+        app = health.make_app(self, self.metrics, alive=self.alive)
+
+        def listening(port: int) -> None:
+            self.health_port = port
+            self._log.info("health_listening", listen=self.cfg.health.listen, port=port)
+
+        await health.serve(app, self.cfg.health.listen, on_listening=listening)
+
+    async def _after_first_pass(self) -> None:
+        """Once every bundle is published: renew the token and watch the files, as long as the workers run."""
+        from agent.watch import FileWatcher
+
+        await asyncio.gather(*(w.published.wait() for w in self.workers))
+        self._log.info("sidecar_ready", bundles=[b.name for b in self.cfg.bundles])
+        watcher = FileWatcher(self.cfg.auth, self.workers, self.keeper)
+        await supervise(
+            {"token keeper": self.keeper.run(), "file watcher": watcher.run()},
+            stop=asyncio.Event(),
+            until_all_done=False,
+        )
 
 
-def backoff_delays(initial: float = 0.5, cap: float = 10.0, rng: Callable[[], float] = random.random) -> Any:
-    """Capped exponential backoff with full jitter: yields initial*2^n, capped, times a random factor in [0.5, 1]."""
-    n = 0
-    while True:
-        base = min(cap, initial * (2**n))
-        yield base * (0.5 + 0.5 * rng())
-        n += 1
-
-
-def run_init(cfg: AgentConfig, *, agent: Agent | None = None, sleep: Callable[[float], None] = time.sleep) -> Agent:
-    """Publish every bundle once, retrying while Vault is unavailable until `init.timeout`.
+def run(cfg: AgentConfig, *, once: bool) -> int:
+    """Run the agent until done (init mode) or SIGTERM/SIGINT (sidecar mode); returns the exit code.
 
     Raises:
-        AgentError: a final failure, or VaultUnavailable once the timeout has passed.
+        AgentError: as `Agent.run`.
     """
-    agent = agent or Agent(cfg)
-    log = agent.log
-    deadline = time.monotonic() + cfg.init.timeout
-    delays = backoff_delays()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            agent.pass_once()
-        except VaultUnavailable as exc:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise VaultUnavailable(
-                    f"{exc}; gave up after init.timeout ({cfg.init.timeout:g}s, {attempt} attempts)"
-                ) from exc
-            delay = min(next(delays), remaining)
-            log.warning("vault_unavailable", reason=str(exc), attempt=attempt, retry_in=round(delay, 2))
-            agent.login = None
-            sleep(delay)
-            continue
-        except AgentError:
-            raise
-        log.info("init_done", bundles=[b.name for b in cfg.bundles], attempts=attempt)
-        return agent
+
+    async def main() -> int:
+        agent = Agent(cfg, once=once)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop.set)
+        finished = await agent.run()
+        return 0 if finished else EXIT_STOPPED
+
+    return asyncio.run(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,19 @@ import pytest
 # `agent` and `testbed` come from the checkout (pyproject: pythonpath = ["."]), not an installed copy
 from testbed.bao import BaoNotFound, BaoServer, find_bao
 from testbed.kubeapi import KubeAPI
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hermetic runs: a scratch HOME (no ~/.vault-token, ~/.netrc, ~/.kube/config of the developer) and no
+    VAULT_*/BAO_*/ISTIO_VAULT_AGENT_* variables, for the tests and every process they start."""
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="istio-vault-agent-home-")
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.environ["HOME"] = home
+    for var in [v for v in os.environ if v.startswith(("VAULT_", "BAO_", "ISTIO_VAULT_AGENT_"))]:
+        del os.environ[var]
+
 
 BaoFactory = Callable[..., BaoServer]
 TokenFileFactory = Callable[..., Path]

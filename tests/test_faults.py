@@ -342,11 +342,12 @@ class TestSlowVault:
         """Init retries through slow answers and publishes as soon as OpenBao answers within vault.timeout."""
         private.proxy.delay = 2.5
         agent = private.agent(mode="init", timeout="1s", init_timeout="30s").start()
-        agent.wait_event("vault_unavailable", timeout=20)
+        agent.wait_event("sync_failed", timeout=20)
         private.proxy.delay = 0
         assert agent.proc is not None
         assert agent.proc.wait(timeout=30) == 0, agent.tail()
-        assert "did not answer in time" in agent.events("vault_unavailable")[0]["reason"]
+        first = agent.events("sync_failed")[0]
+        assert "did not answer in time" in first["reason"] and first["retryable"] is True
         assert live_files(private.out) == private.bundles[0]
 
 

@@ -17,13 +17,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import health
+from agent import config, health
 from agent.auth import Login
 from agent.bundle import BundleInfo, validate
-from agent.config import BundleConfig, KVSource, parse_duration
+from agent.config import BundleConfig, SourceConfig, parse_duration, parse_listen
 from agent.errors import ConfigError
 from agent.metrics import PrometheusMetrics
-from agent.runner import BundleState
+from agent.sources import Fetched, digest
+from agent.worker import BundleState
 from testbed import pki
 
 SECRET_TOKEN = "hvs.CAESIJsecretVaultTokenThatMustNeverLeak0123"
@@ -66,13 +67,14 @@ def bundle_state(
     cfg = BundleConfig(
         name=name,
         dir=str(tmp_path / name),
-        source=KVSource(kv=f"secret/{name}"),
+        source=SourceConfig(kv=f"secret/{name}"),
         type=kind,  # type: ignore[arg-type]
         ready_min_remaining=parse_duration(ready_min_remaining),
     )
     st = BundleState(cfg)
     if published is not None:
-        st.good, st.info, st.published_at, st.version = dict(published.files), published.info, time.time(), 3
+        live = Fetched(files=dict(published.files), digest=digest(published.files), revision="3@t", version=3)
+        st.live, st.info, st.published_at = live, published.info, time.time()
     st.last_error = last_error
     return st
 
@@ -263,7 +265,8 @@ class TestReadyz:
             st = bundle_state(tmp_path, "a")
             async with running(AgentStub([st])) as srv:
                 assert (await get(f"{srv.url}/readyz"))[0] == 503
-                st.good, st.info, st.published_at = dict(istio_ca.files), istio_ca.info, time.time()
+                st.live = Fetched(files=dict(istio_ca.files), digest=digest(istio_ca.files))
+                st.info, st.published_at = istio_ca.info, time.time()
                 assert (await get(f"{srv.url}/readyz"))[0] == 200
                 assert not (tmp_path / "a").exists()
 
@@ -379,11 +382,34 @@ class TestNoSecrets:
 
 class TestStart:
     def test_bad_listen_is_a_config_error(self) -> None:
-        """A malformed health.listen is refused with a sentence naming the key."""
-        for listen in ("8099", "localhost", "127.0.0.1:http", "127.0.0.1:70000", ":8099"):
+        """A malformed health.listen is refused, by the config check and at bind time alike, naming the key."""
+        for listen in ("8099", "localhost", "127.0.0.1:http", "127.0.0.1:70000", "::1:8099", "[]:8099"):
             with pytest.raises(ConfigError, match=r"^health\.listen must be HOST:PORT"):
-                health.parse_listen(listen)
-        assert health.parse_listen("[::1]:8099") == ("::1", 8099)
+                parse_listen(listen)
+            with pytest.raises(ConfigError, match=r"health\.listen must be HOST:PORT"):
+                config.from_mapping(
+                    {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"},
+                     "health": {"listen": listen}, "bundles": [{"name": "a", "dir": "/a", "source": {"kv": "s/a"}}]},
+                    env={},
+                )
+        assert parse_listen("[::1]:8099") == ("::1", 8099)
+
+    def test_port_alone_listens_on_every_address(self) -> None:
+        """`:PORT` passes the config check and then serves on IPv4 and IPv6 loopback alike."""
+        port = _free_port()
+        assert parse_listen(f":{port}") == (None, port)
+
+        async def main() -> None:
+            app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
+            runner = await health.start(app, f":{port}")
+            try:
+                assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+                if socket.has_ipv6:
+                    assert (await get(f"http://[::1]:{port}/healthz"))[0] == 200
+            finally:
+                await runner.cleanup()
+
+        asyncio.run(main())
 
     def test_port_in_use_is_a_config_error(self, tmp_path: Path) -> None:
         """Binding a port that is taken fails with one sentence naming health.listen, not a traceback."""
@@ -400,14 +426,21 @@ class TestStart:
                 asyncio.run(main())
 
     def test_serve_until_cancelled(self, tmp_path: Path) -> None:
-        """serve() answers once `started` is set and releases the port when its task is cancelled."""
+        """serve() answers once it reported the port and releases the port when its task is cancelled."""
         port = _free_port()
 
         async def main() -> None:
             started = asyncio.Event()
+            reported: list[int] = []
+
+            def listening(bound: int) -> None:
+                reported.append(bound)
+                started.set()
+
             app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
-            task = asyncio.create_task(health.serve(app, f"127.0.0.1:{port}", started=started))
+            task = asyncio.create_task(health.serve(app, f"127.0.0.1:{port}", on_listening=listening))
             await asyncio.wait_for(started.wait(), 5)
+            assert reported == [port]
             assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

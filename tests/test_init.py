@@ -259,7 +259,7 @@ class TestVaultAvailability:
         finally:
             proxy.close()
         assert rc == 0, err
-        assert '"vault_unavailable"' in err
+        assert '"event": "sync_failed"' in err and '"retryable": true' in err
         assert (tmp_path / "out" / "ca-cert.pem").read_bytes() == files["ca-cert.pem"]
 
     def test_vault_down_past_the_timeout(self, tmp_path, sa_token_file):

@@ -1,0 +1,318 @@
+"""One BundleWorker per bundle: schedule, fetch, validate, publish, reload; and the bundle's state.
+
+The same loop serves both modes. Until its first publish a worker has init semantics (retry while Vault is
+unavailable, give up after init.timeout); `once` ends it there. Blocking work (Vault, validation, disk)
+runs in threads and returns results; only the event loop changes `BundleState`, which /readyz reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent import publish
+from agent.errors import AgentError, BundleError, ConfigError, PermissionDenied, VaultUnavailable
+from agent.log import get_logger
+from agent.threads import offload
+
+if TYPE_CHECKING:
+    from agent.bundle import BundleInfo
+    from agent.config import BundleConfig
+    from agent.keeper import TokenKeeper
+    from agent.kube import EventRecorder
+    from agent.metrics import Metrics
+    from agent.sources import Fetched, Source
+    from agent.vault import VaultGate
+
+__all__ = ["BundleState", "BundleWorker", "backoff_delays"]
+
+
+def backoff_delays(
+    initial: float = 0.5, cap: float = 10.0, rng: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """Capped exponential backoff with jitter: initial*2^n, capped, times a random factor in [0.5, 1]."""
+    n = 0
+    while True:
+        yield min(cap, initial * (2**n)) * (0.5 + 0.5 * rng())
+        n += 1
+
+
+@dataclass
+class BundleState:
+    """What the agent knows of one bundle: what is live, what was refused, the last failure."""
+
+    cfg: BundleConfig
+    #: the content that is published, as the source returned it
+    live: Fetched | None = None
+    info: BundleInfo | None = None
+    #: when the live content was published (time.time())
+    published_at: float | None = None
+    last_error: str | None = None
+    #: content the validator refused, and why: not validated again while the source still returns it
+    refused: Fetched | None = None
+    refused_error: BundleError | None = None
+    #: the login generation of the last full read (a new login reads in full: Vault may have been restored)
+    synced_generation: int | None = None
+    #: time.monotonic() when the running cycle started; None between cycles
+    busy_since: float | None = None
+
+    @property
+    def good(self) -> dict[str, bytes] | None:
+        """The live files, or None before the first publish."""
+        return None if self.live is None else self.live.files
+
+    def __repr__(self) -> str:
+        version = None if self.live is None else self.live.version
+        return f"BundleState({self.cfg.name}, version={version}, error={self.last_error!r})"
+
+
+class BundleWorker:
+    """Keeps one bundle published: a cycle whenever its source says to look again, backoff on failures."""
+
+    def __init__(
+        self,
+        cfg: BundleConfig,
+        *,
+        source: Source,
+        gate: VaultGate,
+        keeper: TokenKeeper,
+        metrics: Metrics,
+        init_timeout: float,
+        retry_interval: float,
+        events: EventRecorder | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.kind = cfg.kind
+        self.state = BundleState(cfg)
+        self.source = source
+        self.gate = gate
+        self.keeper = keeper
+        self.metrics = metrics
+        self.init_timeout = init_timeout
+        #: the steady-state interval: backoff after the first publish caps at max(this, 5 s)
+        self.retry_interval = retry_interval
+        #: sidecar mode: record Events and run reload actions after a publish (None in init mode)
+        self.events = events
+        #: set once the bundle was first published
+        self.published = asyncio.Event()
+        self._publish_lock = asyncio.Lock()
+        self._log = get_logger(bundle=cfg.name)
+        self._refused_reported: str | None = None
+        #: whether the last publish changed the kind's root file (the root-change guard runs after it)
+        self._root_changed = False
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    async def run(self, *, once: bool) -> None:
+        """Cycle until cancelled; with `once`, return after the first good cycle.
+
+        Raises:
+            AgentError: before the first publish, a final failure in init mode (`once`), or any failure that
+                is still there after init.timeout.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.init_timeout
+        delays: Iterator[float] | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                changed = await self.cycle()
+            except ConfigError:
+                raise
+            except AgentError as exc:
+                first = self.state.live is None
+                retryable = isinstance(exc, VaultUnavailable)
+                remaining = deadline - loop.time()
+                if first and ((once and not retryable) or remaining <= 0):
+                    if remaining <= 0:
+                        raise type(exc)(
+                            f"{exc}; gave up after init.timeout ({self.init_timeout:g}s, {attempt} attempts)"
+                        ) from exc
+                    raise
+                if delays is None:
+                    delays = (
+                        backoff_delays() if first
+                        else backoff_delays(initial=min(1.0, self.retry_interval), cap=max(self.retry_interval, 5.0))
+                    )
+                delay = next(delays)
+                if isinstance(exc, BundleError) and not first:
+                    delay = max(delay, self.retry_interval)  # refused content: look again at the usual pace
+                if first:
+                    delay = min(delay, max(remaining, 0.0))
+                await self._failed(exc, retryable=retryable, attempt=attempt, retry_in=delay)
+                await asyncio.sleep(delay)
+                continue
+            delays, attempt = None, 0
+            if once:
+                return
+            if changed and self.events is not None:
+                await self._after_publish()
+            now = time.time()
+            await asyncio.sleep(max(0.0, self.source.next_check(self.state.live, now) - now))
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """True when a cycle has been running for more than `limit` seconds (monotonic `now`): a wedge."""
+        since = self.state.busy_since
+        return since is not None and now - since > limit
+
+    # -- one cycle ----------------------------------------------------------------------------------------
+    async def cycle(self) -> bool:
+        """Log in if needed, then sync; a 403 caused by a refused token logs in once more and retries.
+
+        Returns True when a new generation went live.
+        """
+        self.state.busy_since = time.monotonic()
+        try:
+            generation = await self.keeper.ensure()
+            try:
+                return await self._sync(generation)
+            except PermissionDenied:
+                if not await self.keeper.recover(generation):
+                    raise
+                return await self._sync(await self.keeper.ensure())
+        finally:
+            self.state.busy_since = None
+
+    async def _sync(self, generation: int) -> bool:
+        st = self.state
+        source = self.source
+        if st.synced_generation != generation:
+            source.reset()
+        elif st.live is not None:
+            # the newest content seen is the refused one, if any: compare with that
+            seen = st.refused or st.live
+            changed = await self.gate.run(lambda: source.changed(seen))
+            if changed is False:
+                if st.refused is not None and st.refused_error is not None:
+                    raise st.refused_error
+                await self._repair_if_damaged()
+                return False
+        fetched = await self.gate.run(source.fetch)
+        st.synced_generation = generation
+        if st.live is not None and fetched.digest == st.live.digest:
+            st.live, st.refused, st.refused_error, st.last_error = fetched, None, None, None
+            await self._repair_if_damaged()
+            return False
+        if st.refused is not None and st.refused_error is not None and fetched.digest == st.refused.digest:
+            st.refused = fetched
+            raise st.refused_error
+        try:
+            info = await offload(lambda: self.kind.validate(fetched.files, ca_signs_cert=self.cfg.ca_signs_cert))
+        except BundleError as exc:
+            st.refused, st.refused_error, st.last_error = fetched, exc, str(exc)
+            self.metrics.error(self.cfg.name, exc.reason)
+            self._log.warning("bundle_refused", reason=str(exc), kv_version=fetched.version)
+            raise
+        return await self._publish(fetched, info)
+
+    async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
+        st, b = self.state, self.cfg
+        async with self._publish_lock:
+            result = await offload(lambda: publish.publish(Path(b.dir), fetched.files, **self._publish_options()))
+        previous, root = st.live, self.kind.root_file
+        self._root_changed = (
+            root is not None and previous is not None and result.changed
+            and previous.files.get(root) != fetched.files.get(root)
+        )
+        st.live, st.info, st.refused, st.refused_error, st.last_error = fetched, info, None, None, None
+        self.published.set()
+        now = time.time()
+        if result.changed or st.published_at is None:
+            st.published_at = now
+            self.metrics.published(b.name, info, now)
+            self._log.info(
+                "bundle_published", dir=b.dir, type=b.type, kv_version=fetched.version,
+                generation=result.generation, changed=result.changed,
+                expires=info.expires_at.isoformat(), serial=info.serial,
+            )
+        return result.changed
+
+    # -- the published directory --------------------------------------------------------------------------
+    def _publish_options(self) -> dict[str, Any]:
+        b = self.cfg
+        return {
+            "key_files": self.kind.key_files, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
+            "gid": b.gid, "forbid": self.kind.forbidden,
+        }
+
+    def _damaged(self, files: dict[str, bytes]) -> bool:
+        options = self._publish_options()
+        del options["forbid"]
+        return publish.repair_needed(Path(self.cfg.dir), files, **options)
+
+    async def _repair_if_damaged(self) -> bool:
+        """Publish the live generation again when the files on disk were deleted or altered."""
+        live = self.state.live
+        if live is None:
+            return False
+        async with self._publish_lock:
+            if not await offload(self._damaged, live.files):
+                return False
+            await offload(lambda: publish.publish(Path(self.cfg.dir), live.files, **self._publish_options()))
+        self.metrics.error(self.cfg.name, "tampered")
+        self._log.warning("bundle_repaired", dir=self.cfg.dir, reason="published files were changed on disk")
+        if self.events is not None:
+            self.events.record("BundleRepaired", f"bundle {self.cfg.name} was changed on disk; restored")
+        return True
+
+    async def repair(self) -> None:
+        """Heal the published directory if it was tampered with (the file watcher calls this)."""
+        try:
+            await self._repair_if_damaged()
+        except AgentError as exc:
+            self._log.error("repair_failed", reason=str(exc))
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    async def _failed(self, exc: AgentError, *, retryable: bool, attempt: int, retry_in: float) -> None:
+        st = self.state
+        if isinstance(exc, BundleError):
+            # logged once per refused content by _sync; one Event per refused content, not one per poll
+            digest = st.refused.digest if st.refused is not None else None
+            if self.events is not None and self._refused_reported != digest:
+                self._refused_reported = digest
+                self.events.record("BundleRefused", f"bundle {self.cfg.name}: {exc}", "Warning")
+            return
+        st.last_error = str(exc)
+        self.metrics.error(self.cfg.name, exc.reason)
+        self._log.warning(
+            "sync_failed", reason=str(exc), retryable=retryable, attempt=attempt, retry_in=round(retry_in, 2)
+        )
+
+    async def _after_publish(self) -> None:
+        """Sidecar mode, after a new generation went live: Event, reload action, root-change guard."""
+        from agent import reload
+        from agent.config import NoReload, RolloutRestartReload
+
+        assert self.events is not None
+        b, st = self.cfg, self.state
+        serial = st.info.serial if st.info else "?"
+        self.events.record("BundlePublished", f"bundle {b.name} published to {b.dir} (serial {serial})")
+        if not isinstance(b.reload, NoReload):
+            kube = await self.events.client() if isinstance(b.reload, RolloutRestartReload) else None
+            try:
+                done = await reload.reload(b, kube=kube)
+                self._log.info("bundle_reloaded", action=done)
+            except AgentError as exc:
+                self.metrics.error(b.name, exc.reason)
+                self._log.error("reload_failed", reason=str(exc))
+        if self._root_changed and not b.multiroot:
+            self._log.warning(
+                "root_changed",
+                reason="root-cert.pem changed: istiod abandons a reload whose root differs unless"
+                " ISTIO_MULTIROOT_MESH=true ('Multi root is disabled, updating new ROOT-CA not supported');"
+                " set multiroot: true with an overlapping root bundle, or let on_root_change restart istiod",
+                on_root_change=b.on_root_change,
+            )
+            self.events.record("RootChanged", f"bundle {b.name}: root-cert.pem changed", "Warning")
+            if b.on_root_change == "restart":
+                try:
+                    done = await reload.restart_on_root_change(b)
+                    self._log.warning("consumer_restarted", action=done)
+                except AgentError as exc:
+                    self.metrics.error(b.name, exc.reason)
+                    self._log.error("restart_failed", reason=str(exc))
