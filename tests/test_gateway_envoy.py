@@ -317,6 +317,7 @@ class TestGatewayRotation:
         run_rotations(lab, ROTATIONS, record_property)
 
     @pytest.mark.slow
+    @pytest.mark.timeout(400)
     def test_rotation_soak(self, lab, record_property, request):
         """The same over 250 rotations."""
         slow_only(request)
