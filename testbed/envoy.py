@@ -33,8 +33,9 @@ Envoy 1.40 counters worth reading (names as `/stats` prints them; `<l>` is a lis
 name, `<s>` a secret name from `ServerTls.secret_names` / `UpstreamTls.secret_names`):
 
 - `listener.<l>.server_ssl_socket_factory.ssl_context_update_by_sds`: the listener's TLS context was built
-  from SDS, once at start and once per accepted certificate change (`cluster.<c>.client_ssl_socket_factory.
-  ssl_context_update_by_sds` for upstreams). A refused update does not count.
+  from SDS: at start once per secret (1 for SIMPLE, 2 for MUTUAL), then once per accepted certificate change
+  (`cluster.<c>.client_ssl_socket_factory.ssl_context_update_by_sds` for upstreams). A refused update does
+  not count.
 - `listener.<l>.server_ssl_socket_factory.downstream_context_secrets_not_ready`: connections refused because
   no certificate was loaded yet (`cluster.<c>.client_ssl_socket_factory.upstream_context_secrets_not_ready`).
 - `listener.<l>.ssl.handshake`, `.ssl.connection_error`, `.ssl.fail_verify_error` (BoringSSL refused the
@@ -63,6 +64,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Iterable, Sequence
@@ -96,7 +98,7 @@ _SECRET = _TLS_ANY + "Secret"
 #: a few inotify instances and the kernel allows 128 per user (fs.inotify.max_user_instances), shared by
 #: everything that user runs: use "static" for many listeners whose files never change.
 SdsMode = Literal["watched", "file", "static"]
-# one BoringSSL error report as Envoy writes it (downstream log lines and upstream 503 bodies)
+# one BoringSSL error report as Envoy logs a failed handshake (listeners and upstreams alike)
 _TLS_ERROR = re.compile(r"TLS_error:\|?(.*?)(?::TLS_error_end|$)", re.MULTILINE)
 
 
@@ -133,7 +135,7 @@ def find_envoy() -> str:
 
 
 def tls_errors(text: str) -> list[str]:
-    """Every BoringSSL error report in `text` (Envoy's log or a 503 body), without the TLS_error markers."""
+    """Every BoringSSL error report in `text` (Envoy's log), without the TLS_error markers."""
     return [m.group(1).strip() for m in _TLS_ERROR.finditer(text)]
 
 
@@ -628,7 +630,7 @@ class Envoy:
         Raises:
             RuntimeError: if the admin interface does not answer.
         """
-        query = f"?filter={urllib.request.quote(pattern)}" if pattern else ""
+        query = f"?filter={urllib.parse.quote(pattern)}" if pattern else ""
         status, body = self._get(f"/stats{query}")
         if status != 200:
             raise self._fail(f"admin /stats answered {status}")
@@ -643,20 +645,29 @@ class Envoy:
         """One counter or gauge by its exact name; 0 when Envoy has not created it."""
         return self.stats(f"^{re.escape(name)}$").get(name, 0)
 
+    def _spec(self, name: str) -> ServerTls | UpstreamTls:
+        for spec in (*self.listeners, *self.upstreams):
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no listener or upstream named {name!r}")
+
     def ssl_context_updates(self, name: str) -> int:
-        """`ssl_context_update_by_sds` of listener or upstream `name`: TLS contexts built from SDS so far."""
-        if any(spec.name == name for spec in self.upstreams):
+        """`ssl_context_update_by_sds` of listener or upstream `name`: TLS contexts built from SDS so far.
+
+        At start a listener's context is built once per secret as each becomes ready (1 for SIMPLE, 2 for MUTUAL),
+        then once per certificate change.
+        """
+        if isinstance(self._spec(name), UpstreamTls):
             return self.stat(f"cluster.{name}.client_ssl_socket_factory.ssl_context_update_by_sds")
         return self.stat(f"listener.{name}.server_ssl_socket_factory.ssl_context_update_by_sds")
 
     def key_rotation_failures(self, name: str) -> int:
         """`sds.<secret>.key_rotation_failed` summed over the secrets of listener or upstream `name`."""
-        spec = next(s for s in (*self.listeners, *self.upstreams) if s.name == name)
-        return sum(self.stat(f"sds.{secret}.key_rotation_failed") for secret in spec.secret_names)
+        return sum(self.stat(f"sds.{secret}.key_rotation_failed") for secret in self._spec(name).secret_names)
 
     def ssl_stats(self, name: str) -> dict[str, int]:
         """The `ssl.*` counters of listener or upstream `name`, keyed without the prefix (e.g. `handshake`)."""
-        kind = "cluster" if any(spec.name == name for spec in self.upstreams) else "listener"
+        kind = "cluster" if isinstance(self._spec(name), UpstreamTls) else "listener"
         prefix = f"{kind}.{name}.ssl."
         return {k[len(prefix):]: v for k, v in self.stats(f"^{re.escape(prefix)}").items()}
 
