@@ -360,22 +360,25 @@ def write_in_place(path: Path, data: bytes) -> None:
 class TestWritersContrast:
     def test_per_file_renames_and_in_place_writes(self, tmp_path, envoy_binary, record_property):
         """Envoy's view of three writers over 10 rotations: the `..data` swap is picked up once per rotation with no
-        refused reload; per-file renames (key, then cert) make Envoy load the new key with the old certificate,
-        refuse it (KEY_VALUES_MISMATCH, key_rotation_failed) and serve the new pair only after the second rename;
-        in-place rewrites are never noticed and the first certificate is served to the end."""
+        refused reload (with or without `watched_directory`); per-file renames (key, then cert) make Envoy load the
+        new key with the old certificate, refuse it (KEY_VALUES_MISMATCH, key_rotation_failed) and serve the new
+        pair only after the second rename; in-place rewrites are never noticed and the first certificate is
+        served to the end."""
         rotations = 10
         ca = pki.root_ca(cn="contrast CA")
         (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
         first = pki.tls_files(pki.leaf_cert(ca), ca)
         first.pop("ca.crt")
-        dirs = {name: tmp_path / name for name in ("swap", "renamed", "inplace")}
+        dirs = {name: tmp_path / name for name in ("swap", "swap-unwatched", "renamed", "inplace")}
         swap_publish(dirs["swap"], first)
+        swap_publish(dirs["swap-unwatched"], first)
         for name in ("renamed", "inplace"):
             dirs[name].mkdir()
             for file, data in first.items():
                 (dirs[name] / file).write_bytes(data)
         envoy = Envoy(tmp_path / "envoy", binary=envoy_binary,
-                      listeners=[ServerTls(name, d) for name, d in dirs.items()]).start()
+                      listeners=[ServerTls(name, d, sds="file" if name == "swap-unwatched" else "watched")
+                                 for name, d in dirs.items()]).start()
         ctx = client_context(cafile=tmp_path / "ca.crt")
         probers = {name: Prober(name, envoy.port(name), ctx, f"ok {name}").start() for name in dirs}
         try:
@@ -394,8 +397,10 @@ class TestWritersContrast:
                 failed_before_cert.append(envoy.key_rotation_failures("renamed") - before)
                 assert not probers["renamed"].sees(fp)  # the old pair is still served
                 rename_into_place(dirs["renamed"] / "tls.crt", files["tls.crt"])
-                swap_publish(dirs["swap"], {"tls.key": files["tls.key"], "tls.crt": files["tls.crt"]})
-                assert wait_until(lambda f=fp: probers["swap"].sees(f) and probers["renamed"].sees(f), 5)
+                for name in ("swap", "swap-unwatched"):
+                    swap_publish(dirs[name], {"tls.key": files["tls.key"], "tls.crt": files["tls.crt"]})
+                assert wait_until(lambda f=fp: all(probers[n].sees(f) for n in ("swap", "swap-unwatched", "renamed")),
+                                  5)
             # in-place writes produce no rename event: give Envoy a last chance to catch up, then check it did not
             inplace_updated = wait_until(lambda f=fp: probers["inplace"].sees(f), 1.0)
         finally:
@@ -407,6 +412,8 @@ class TestWritersContrast:
             envoy.close()
 
         assert counters["swap"] == {"ssl_context_update_by_sds": rotations + 1, "key_rotation_failed": 0}
+        # without watched_directory the secret's own watch on the files' directory sees the `..data` rename too
+        assert counters["swap-unwatched"] == counters["swap"]
         assert counters["renamed"]["ssl_context_update_by_sds"] == rotations + 1
         # the secret watches the files' directory once per file, so each bad rename is counted twice
         assert failed_before_cert == [2] * rotations
@@ -416,7 +423,7 @@ class TestWritersContrast:
         assert counters["inplace"] == {"ssl_context_update_by_sds": 1, "key_rotation_failed": 0}
         assert set(probers["inplace"].served()) == {first_fp}
         failed = {name: len(p.failures()) for name, p in probers.items()}
-        assert failed == {"swap": 0, "renamed": 0, "inplace": 0}
+        assert failed == {"swap": 0, "swap-unwatched": 0, "renamed": 0, "inplace": 0}
         summary = {"rotations": rotations, "counters": counters, "failed_probes": failed,
                    "probes": {name: len(p.results) for name, p in probers.items()}}
         record_property("writers_contrast", summary)
