@@ -162,14 +162,19 @@ def root_ca(
     not_after: dt.datetime | None = None,
     is_ca: bool = True,
     key_cert_sign: bool = True,
+    path_length: int | None = None,
+    key: PrivateKey | None = None,
 ) -> CertKey:
-    """A self-signed root like istio's root-ca.conf: O=Istio CN=Root CA, critical CA:true and keyUsage, SKI."""
-    key = make_key(key_type, bits)
+    """A self-signed root like istio's root-ca.conf: O=Istio CN=Root CA, critical CA:true and keyUsage, SKI.
+
+    `path_length` adds a pathLenConstraint; `key` re-issues a root for an existing key (a renewed root).
+    """
+    key = key or make_key(key_type, bits)
     start, end = _window(not_before, not_after, days)
     name = _name(org, cn)
     cert = (
         _builder(name, name, key.public_key(), start, end)
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=path_length if is_ca else None), critical=True)
         .add_extension(_ca_key_usage(key_cert_sign), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -191,10 +196,12 @@ def intermediate_ca(
     key_cert_sign: bool = True,
     path_length: int | None = 0,
     extended_key_usage: Sequence[x509.ObjectIdentifier] | None = None,
+    name_constraints: x509.NameConstraints | None = None,
 ) -> CertKey:
     """An istiod signing CA like istio's intermediate.conf: CA:true pathlen:0, SAN istiod.istio-system.svc, AKI.
 
-    `is_ca=False`, `key_cert_sign=False`, a past/future window or an `extended_key_usage` make the bad cases.
+    `is_ca=False`, `key_cert_sign=False`, a past/future window, an `extended_key_usage` or `name_constraints`
+    (added critical, as RFC 5280 asks) make the bad cases. `issuer` may itself be an intermediate (deeper chains).
     """
     key = make_key(key_type, bits)
     start, end = _window(not_before, not_after, days)
@@ -207,6 +214,8 @@ def intermediate_ca(
     )
     if extended_key_usage is not None:
         builder = builder.add_extension(_eku(extended_key_usage), critical=False)
+    if name_constraints is not None:
+        builder = builder.add_extension(name_constraints, critical=True)
     cert = builder.sign(issuer.key, hashes.SHA256())
     return CertKey(cert, key, (issuer.cert, *issuer.chain))
 
@@ -223,8 +232,12 @@ def leaf_cert(
     days: int = 365,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
+    extended_key_usage: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.SERVER_AUTH,),
 ) -> CertKey:
-    """A TLS server certificate (serverAuth, CA:false) for the `tls` bundle kind."""
+    """A TLS server certificate (serverAuth, CA:false) for the `tls` bundle kind.
+
+    `extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,)` makes a client certificate (gateway MUTUAL mode).
+    """
     key = make_key(key_type, bits)
     start, end = _window(not_before, not_after, days)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
@@ -246,7 +259,7 @@ def leaf_cert(
             ),
             critical=True,
         )
-        .add_extension(_eku([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_eku(extended_key_usage), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(_aki(issuer), critical=False)
         .sign(issuer.key, hashes.SHA256())
