@@ -4,8 +4,10 @@
 nodes, plain HTTP on free 127.0.0.1 ports, scratch HOME, no VAULT_*/BAO_* from the caller's environment). The
 first `start()` initialises node 1 with one key share, unseals every node and waits until all of them are raft
 voters and one is active. `kill(node)` is a SIGKILL; `start(node)` brings the node back on the same ports and
-data dir and unseals it (it then serves what it had on disk until the leader catches it up). Each node's output
-goes to `<node dir>/server.log`, appended across restarts.
+data dir and unseals it (it then serves what it had on disk until the leader catches it up). Each node advertises
+a loopback proxy as its cluster_addr, so `isolate(node)` can cut the raft traffic coming in to it (the leader then
+cannot catch it up) until `reconnect(node)`. Each node's output goes to `<node dir>/server.log`, appended across
+restarts.
 
 `Balancer` is what a cloud load balancer in front of the cluster does, with no health checks: each new client
 connection goes to the next backend (round robin) that accepts a TCP connection, and stays there until one side
@@ -115,6 +117,9 @@ class RaftNode:
         self.name = name
         self.api_port = api_port
         self.cluster_port = cluster_port
+        # What the other nodes dial (cluster_addr): a proxy in front of cluster_port, so `isolate()` can cut the
+        # raft and forwarding traffic that comes in to this node.
+        self.cluster_proxy = Balancer([("127.0.0.1", cluster_port)], http=False)
         self.dir = root / name
         self.data_dir = self.dir / "data"
         self.home = self.dir / "home"
@@ -206,6 +211,7 @@ class RaftCluster:
     def _cleanup(nodes: list[RaftNode], tmp: tempfile.TemporaryDirectory[str]) -> None:
         for node in nodes:
             _kill(node)
+            node.cluster_proxy.close()
         tmp.cleanup()
 
     def __enter__(self) -> RaftCluster:
@@ -243,7 +249,7 @@ class RaftCluster:
             f'listener "tcp" {{\n  address = "127.0.0.1:{node.api_port}"\n'
             f'  cluster_address = "127.0.0.1:{node.cluster_port}"\n  tls_disable = true\n}}\n'
             f'api_addr = "{node.address}"\n'
-            f'cluster_addr = "https://127.0.0.1:{node.cluster_port}"\n'
+            f'cluster_addr = "https://127.0.0.1:{node.cluster_proxy.port}"\n'
             f'log_level = "{self.log_level}"\n'
         )
 
@@ -352,15 +358,12 @@ class RaftCluster:
         return "\n".join(f"--- {n.name} log tail:\n{n.log_text()[-1500:]}" for n in (nodes or self.nodes))
 
     def caught_up(self, node: RaftNode) -> bool:
-        """Whether `node` is unsealed and has applied what the active node had committed a moment ago.
-
-        A follower applies the last committed entry when it hears of the next one, so one entry behind counts.
-        """
+        """Whether `node` is unsealed and has applied everything the active node had applied a moment ago."""
         leader = self.leader()
         ours = leader.raft_index() if leader is not None else None
         health = node.health() if node.running else None
         theirs = node.raft_index() if health is not None and health.unsealed else None
-        return ours is not None and theirs is not None and theirs[0] >= ours[0] and theirs[1] >= ours[0] - 1
+        return ours is not None and theirs is not None and theirs[1] >= ours[1]
 
     def heal(self, timeout: float = 90.0) -> RaftCluster:
         """Start every node that is down, then wait until one is active and every node is a caught-up voter
@@ -379,6 +382,17 @@ class RaftCluster:
             self._wait(lambda node=node: self.caught_up(node), deadline, f"{node.name} to catch up")
         return self
 
+    def isolate(self, node: RaftNode) -> None:
+        """Cut the cluster traffic coming in to `node` (raft replication and heartbeats from the leader, forwarded
+        requests): open connections are dropped, new ones closed at once. Its API stays reachable, so a follower
+        serves what it has on disk until `reconnect(node)`."""
+        node.cluster_proxy.refusing = True
+        node.cluster_proxy.reset()
+
+    def reconnect(self, node: RaftNode) -> None:
+        """Let cluster traffic in to `node` again (the leader retries on its own backoff schedule)."""
+        node.cluster_proxy.refusing = False
+
     def kill(self, node: RaftNode) -> None:
         """SIGKILL `node` (a crash: no step-down, no raft leave) and reap it."""
         _kill(node)
@@ -387,6 +401,7 @@ class RaftCluster:
         """SIGKILL every node (the data dirs stay until `close()`)."""
         for node in self.nodes:
             _kill(node)
+            self.reconnect(node)
 
     def close(self) -> None:
         """Stop every node and delete the scratch directories."""
@@ -587,10 +602,16 @@ class Balancer:
         exchanges: every HTTP request seen, in the order sent, with its answer's status.
     """
 
-    def __init__(self, backends: Sequence[tuple[str, int]], *, connect_timeout: float = 1.0) -> None:
-        """Listen on a free loopback port at once; `backends` are (host, port) pairs."""
+    def __init__(
+        self, backends: Sequence[tuple[str, int]], *, connect_timeout: float = 1.0, http: bool = True
+    ) -> None:
+        """Listen on a free loopback port at once; `backends` are (host, port) pairs. `http=False` for traffic that
+        is not plain HTTP/1.x (then only connections and bytes are counted)."""
         self.backends = list(backends)
         self.connect_timeout = connect_timeout
+        self.http = http
+        #: while True, every new connection is closed as soon as it is accepted (a partition, or a dead balancer)
+        self.refusing = False
         self.connections = [0] * len(self.backends)
         self.refused = [0] * len(self.backends)
         self.bytes_up = [0] * len(self.backends)
@@ -706,6 +727,9 @@ class Balancer:
                 client, _ = self._sock.accept()
             except OSError:
                 return
+            if self.refusing:
+                client.close()
+                continue
             picked = self._connect()
             if picked is None:
                 client.close()
@@ -744,7 +768,8 @@ class Balancer:
                 data = src.recv(65536)
                 if not data:
                     break
-                framer.feed(data)
+                if self.http:
+                    framer.feed(data)
                 with self._lock:
                     (self.bytes_up if up else self.bytes_down)[conn.backend] += len(data)
                 dst.sendall(data)
