@@ -43,6 +43,7 @@ from cryptography.x509.oid import NameOID
 from testbed import pki
 from testbed.kubeapi import KubeAPI
 from testbed.raft import Balancer, Exchange, RaftCluster, RaftNode
+from tests.faultkit import LeakGuard
 from tests.support import ISTIO_FILES, AgentProc, KV2Layout, agent_config, cli_env, run_cli, slow_only, write_config
 
 #: sidecar.poll_interval: well under the rotation period, so every version is live for at least two polls
@@ -432,6 +433,7 @@ class HARun:
     final_live: int | None = None
     metrics_at: dict[str, float] = field(default_factory=dict)
     report_file: Path | None = None
+    agent_token: str = ""
 
     # -- what the tests read -----------------------------------------------------------------------------
     def published(self) -> list[dict[str, Any]]:
@@ -505,6 +507,7 @@ class Scenario:
         self.reader = Reader(out, ha.root.cert_pem, self._candidates)
         self.prober = Prober(self.agent)
         self.run = HARun(name, raft, self.balancer, self.agent, self.rotator, self.reader, self.prober, self.timeline)
+        self.run.agent_token = token.read_text()
 
     def _candidates(self, version: int) -> list[dict[str, bytes]]:
         with self.rotator.lock:
@@ -727,6 +730,18 @@ class _HAChecks:
         )
         assert logged == sorted(logged), f"bundle_published kv_version sequence goes backwards: {logged}"
 
+    def test_log_has_no_secret_or_traceback(self, run: HARun) -> None:
+        """The agent's log holds no traceback, no CA key, no service-account token and no Vault token."""
+        text = run.agent.stderr
+        assert "Traceback" not in text, run.agent.tail()
+        guard = LeakGuard()
+        with run.rotator.lock:
+            for version, contents in run.rotator.candidates.items():
+                for files in contents:
+                    guard.key_files(f"v{version}", files)
+        guard.secret("the service account token", run.agent_token)
+        guard.scan(text, "the agent's log")
+
     def test_request_rate_during_outage(self, run: HARun) -> None:
         """While there is no active node, the agent sends at most 2 requests per second (no retry storm)."""
         assert run.outages
@@ -749,6 +764,36 @@ def _published_tail(run: HARun) -> str:
         lines.append(f"  {str(event['timestamp'])[11:23]} bundle_published kv_version={event.get('kv_version')}"
                      f" (data read from {run.backend_of(at)})")
     return "agent log, last publishes:\n" + "\n".join(lines) + f"\n(report: {run.report_file})"
+
+
+class TestReader:
+    def test_mixed_generation_is_a_torn_read(self, tmp_path: Path) -> None:
+        """The reader flags a generation whose key belongs to another bundle, and accepts a whole one."""
+        root = pki.root_ca()
+        one, two = _bundle(root, 1), _bundle(root, 2)
+        for name, files in (("..gen1", one), ("..gen2", {**two, "ca-key.pem": one["ca-key.pem"]})):
+            (tmp_path / name).mkdir()
+            for file, data in files.items():
+                (tmp_path / name / file).write_bytes(data)
+        written = {1: [one], 2: [two]}
+        reader = Reader(tmp_path, root.cert_pem, lambda version: written.get(version, []))
+        os.symlink("..gen1", tmp_path / "..data")
+        reader.read_once()
+        assert not reader.torn
+        assert [s.version for s in reader.seen] == [1]
+        os.replace(tmp_path / "..data", tmp_path / "..old")
+        os.symlink("..gen2", tmp_path / "..data")
+        reader.read_once()
+        assert len(reader.torn) == 1 and "ca-key.pem does not match ca-cert.pem" in reader.torn[0]
+        assert [s.version for s in reader.seen] == [1, 2]
+
+    def test_cleaned_up_generation_is_retried(self, tmp_path: Path) -> None:
+        """A generation removed between resolving ..data and reading it counts as a retry, not a torn read."""
+        root = pki.root_ca()
+        os.symlink("..gone", tmp_path / "..data")
+        reader = Reader(tmp_path, root.cert_pem, lambda _version: [])
+        reader.read_once()
+        assert reader.vanished == 1 and not reader.torn and reader.samples == 0
 
 
 class TestInit:
