@@ -1,6 +1,7 @@
 """Shared fixtures: one real OpenBao dev server and one Kubernetes API stand-in per session.
 
 Tests that stop, seal or restart OpenBao use `bao_factory` for a private server, never the shared `bao`.
+The 3-node raft cluster (`raft`) is started once, on first use; a test that kills nodes heals it first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 # `agent` and `testbed` come from the checkout (pyproject: pythonpath = ["."]), not an installed copy
 from testbed.bao import BaoNotFound, BaoServer, find_bao
 from testbed.kubeapi import KubeAPI
+from testbed.raft import RaftCluster
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,6 +67,18 @@ def fixture_bao_factory() -> Iterator[BaoFactory]:
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture(name="raft", scope="session")
+def fixture_raft() -> Iterator[RaftCluster]:
+    """A real 3-node OpenBao raft cluster on loopback (about 20 s to form), shared by the session.
+
+    Tests may kill and restart its nodes; they call `raft.heal()` before relying on all three.
+    """
+    cluster = RaftCluster(binary=_bao_binary())
+    cluster.start()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(name="kube", scope="session")
