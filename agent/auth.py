@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import vault
-from agent.errors import AuthError, ConfigError
+from agent.errors import AuthError, ConfigError, VaultUnavailable
 
 if TYPE_CHECKING:
     import hvac
@@ -99,18 +99,21 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
     client.token = ""  # a login never carries an earlier token along
     if cfg.method == "token":
         client.token = read_token_file(cfg.token_path, "Vault token")
-        data = vault.call(
+        action = f"looking up the token in {cfg.token_path}"
+        response = vault.call(
             client.auth.token.lookup_self,
             address=address,
-            action=f"looking up the token in {cfg.token_path}",
+            action=action,
             login=True,
             hint=f"put a valid Vault token in {cfg.token_path}",
-        )["data"]
+        )
+        data = vault.field(vault.answer(response, address=address, action=action), "data", dict,
+                           address=address, action=action)
         return Login(
             token=client.token,
-            accessor=data.get("accessor", ""),
-            ttl=float(data.get("ttl") or 0),
-            renewable=bool(data.get("renewable")),
+            accessor=str(data.get("accessor") or ""),
+            ttl=_seconds(data, "ttl", address, action),
+            renewable=data.get("renewable") is True,
             obtained_at=time.time(),
         )
 
@@ -128,21 +131,41 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
     try:
         response = vault.call(do_login, address=address, action=action, login=True)
     except AuthError as exc:
+        _not_ready(client, str(exc), action)
         hint = _login_hint(cfg, str(exc))
         raise AuthError(f"{exc}; {hint}") from exc
-    auth = (response or {}).get("auth") or {}
-    token = auth.get("client_token")
-    if not token:
-        raise AuthError(f"{action} returned no token: check the auth mount type")
+    auth = vault.field(vault.answer(response, address=address, action=action), "auth", dict,
+                       address=address, action=action, optional=True)
+    token = (auth or {}).get("client_token")
+    if not token or not isinstance(token, str):
+        raise AuthError(f"{action} returned no token: check that auth.mount is a {cfg.method} auth method")
     client.token = token
     return Login(
         token=token,
-        accessor=auth.get("accessor", ""),
-        ttl=float(auth.get("lease_duration") or 0),
-        renewable=bool(auth.get("renewable")),
+        accessor=str(auth.get("accessor") or ""),
+        ttl=_seconds(auth, "lease_duration", address, action),
+        renewable=auth.get("renewable") is True,
         obtained_at=time.time(),
         credential_digest=digest,
     )
+
+
+def _seconds(data: dict[str, Any], key: str, address: str, action: str) -> float:
+    value = vault.field(data, key, (int, float), address=address, action=action, optional=True)
+    return max(0.0, float(value or 0))
+
+
+def _not_ready(client: hvac.Client, message: str, action: str) -> None:
+    """A bare "permission denied" on a login is also what a standby answers before it has caught up with the
+    auth mount (about 30 s after it was configured), or a node that is not active: then it is worth a retry."""
+    if not message.rstrip().endswith("permission denied"):
+        return
+    state = vault.node_state(client)
+    if state != "active":
+        raise VaultUnavailable(
+            f"login refused while {action}: permission denied by a node that reports itself {state}; a standby"
+            " refuses logins until it has caught up with the auth mount"
+        )
 
 
 def renew(client: hvac.Client, current: Login) -> Login:
@@ -152,15 +175,15 @@ def renew(client: hvac.Client, current: Login) -> Login:
         AuthError: the token was revoked, expired or is not renewable: log in again.
         VaultUnavailable: Vault could not be reached.
     """
-    response = vault.call(
-        client.auth.token.renew_self, address=client.url, action="renewing the Vault token", login=True
-    )
-    data = (response or {}).get("auth") or {}
+    action = "renewing the Vault token"
+    response = vault.call(client.auth.token.renew_self, address=client.url, action=action, login=True)
+    data = vault.field(vault.answer(response, address=client.url, action=action), "auth", dict,
+                       address=client.url, action=action)
     return Login(
         token=current.token,
-        accessor=data.get("accessor", current.accessor),
-        ttl=float(data.get("lease_duration") or 0),
-        renewable=bool(data.get("renewable")),
+        accessor=str(data.get("accessor") or current.accessor),
+        ttl=_seconds(data, "lease_duration", client.url, action),
+        renewable=data.get("renewable") is True,
         obtained_at=time.time(),
         credential_digest=current.credential_digest,
     )

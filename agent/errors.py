@@ -6,7 +6,9 @@ AgentError
  |    +-- AuthError       login refused: role, mount, service account
  |    +-- SecretError     path missing, key missing, not what a bundle needs
  |         +-- PermissionDenied   403 on a path (or a token Vault no longer accepts)
- +-- VaultUnavailable     unreachable, sealed, timing out: retry with backoff
+ |         +-- ResponseTooLarge   an answer over limits.max_secret_size (never read further)
+ +-- VaultUnavailable     unreachable, sealed, timing out, not a Vault answer: retry with backoff
+ |    +-- StaleRead       a version older than the live one (a lagging node): keep the live bundle, retry
  +-- BundleError          CA material that istiod would reject; names the file and check
  +-- PublishError         the output directory could not be written
  +-- ReloadError          a reload action failed
@@ -22,7 +24,9 @@ __all__ = [
     "PermissionDenied",
     "PublishError",
     "ReloadError",
+    "ResponseTooLarge",
     "SecretError",
+    "StaleRead",
     "VaultError",
     "VaultUnavailable",
 ]
@@ -55,8 +59,16 @@ class PermissionDenied(SecretError):
     """403: the policy does not allow the call, or the token was revoked or expired (log in again, then retry)."""
 
 
+class ResponseTooLarge(SecretError):
+    reason = "too_large"
+
+
 class VaultUnavailable(AgentError):
     reason = "vault_unavailable"
+
+
+class StaleRead(VaultUnavailable):
+    reason = "stale_read"
 
 
 class BundleError(AgentError):

@@ -39,10 +39,14 @@ _BACKLOG = 1024
 
 
 class AgentView(Protocol):
-    """What the health server reads from the agent: each bundle's state."""
+    """What the health server reads from the agent: each bundle's state, and what the Vault node said of itself
+    the last time a failure made the agent ask (state, time.time()), or (None, None)."""
 
     @property
     def bundles(self) -> Sequence[BundleState]: ...
+
+    @property
+    def vault_node(self) -> tuple[str | None, float | None]: ...
 
 
 @dataclass(frozen=True)
@@ -125,17 +129,22 @@ async def _readyz(request: web.Request) -> web.Response:
     states = {st.cfg.name: st for st in agent.bundles}
     result = readiness(agent, now)
     ok = all(r.ready for r in result.values())
-    body = {
+    body: dict[str, Any] = {
         "status": "ok" if ok else "not ready",
         "bundles": {name: _bundle_json(states[name], r) for name, r in result.items()},
     }
+    state, at = agent.vault_node
+    if state is not None and at is not None:
+        # a detail only: a published bundle that is valid keeps /readyz at 200 whatever Vault's state
+        body["vault"] = {"node_state": state, "checked_at": _stamp(dt.datetime.fromtimestamp(at, dt.UTC))}
     return web.json_response(body, status=200 if ok else 503, headers=_HEADERS)
 
 
 async def _metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
     result = readiness(request.app[AGENT_KEY], request.app[NOW_KEY]())
-    metrics.set_state(ready={name: r.ready for name, r in result.items()})
+    node = request.app[AGENT_KEY].vault_node[0]
+    metrics.set_state(ready={name: r.ready for name, r in result.items()}, vault_node=node)
     body, content_type = metrics.render()
     return web.Response(body=body, headers={**_HEADERS, "Content-Type": content_type})
 

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agent.bundle import BundleInfo
 
-__all__ = ["METRIC_NAMES", "Metrics", "PrometheusMetrics"]
+__all__ = ["METRIC_NAMES", "NODE_STATES", "Metrics", "PrometheusMetrics"]
+
+#: what the Vault node can say of itself (sys/health), the `state` label values of ..._vault_node_state
+NODE_STATES = ("active", "standby", "sealed", "uninitialized", "unreachable")
 
 #: Exposed metric names (a contract with dashboards and alerts; counters are shown with their `_total` suffix).
 METRIC_NAMES = (
@@ -25,6 +28,7 @@ METRIC_NAMES = (
     "istio_vault_agent_bundle_expiry_timestamp_seconds",
     "istio_vault_agent_bundle_ready",
     "istio_vault_agent_token_expiry_timestamp_seconds",
+    "istio_vault_agent_vault_node_state",
 )
 
 # Never label a series with a key file, even if a BundleInfo ever listed one.
@@ -64,6 +68,9 @@ class PrometheusMetrics(Metrics):
       set by the health server through `set_state` at each scrape.
     - ``istio_vault_agent_token_expiry_timestamp_seconds`` gauge (extra): end of the current Vault token's
       lease, set through `token_login`; absent before the first login and for tokens without a TTL.
+    - ``istio_vault_agent_vault_node_state{state}`` gauge (extra): 1 for what the Vault node said of itself
+      (sys/health: active, standby, sealed, uninitialized, unreachable) the last time a failure made the agent
+      ask, 0 for the other states; absent until then.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
     method is a dict update under a lock (the Vault hook runs in worker threads).
@@ -81,6 +88,7 @@ class PrometheusMetrics(Metrics):
         self._vault_requests = 0
         self._ready: dict[str, bool] = {}
         self._token_expiry: float | None = None
+        self._vault_node: str | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_collector(self))
 
@@ -113,13 +121,15 @@ class PrometheusMetrics(Metrics):
         with self._lock:
             self._token_expiry = value
 
-    def set_state(self, *, ready: Mapping[str, bool]) -> None:
-        """Set readiness per bundle, as /readyz sees it; the health server calls this before each scrape.
+    def set_state(self, *, ready: Mapping[str, bool], vault_node: str | None = None) -> None:
+        """Set readiness per bundle, as /readyz sees it, and the Vault node's last known state; the health
+        server calls this before each scrape.
 
         Every bundle in `ready` also gets a publish_total series (0 until its first publish).
         """
         with self._lock:
             self._ready = dict(ready)
+            self._vault_node = vault_node
             # A series that exists at 0 lets rate() and increase() see the first publish.
             for bundle in ready:
                 self._publish_total.setdefault(bundle, 0)
@@ -142,6 +152,7 @@ class PrometheusMetrics(Metrics):
             vault_requests = self._vault_requests
             ready = dict(self._ready)
             token_expiry = self._token_expiry
+            vault_node = self._vault_node
 
         g = GaugeMetricFamily(
             "istio_vault_agent_cert_expiry_timestamp_seconds",
@@ -200,6 +211,16 @@ class PrometheusMetrics(Metrics):
         )
         if token_expiry is not None:
             g.add_metric([], token_expiry)
+        yield g
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_vault_node_state",
+            "1 for the state the Vault node reported of itself (sys/health) when last asked, else 0.",
+            labels=["state"],
+        )
+        if vault_node is not None:
+            for state in NODE_STATES:
+                g.add_metric([state], 1.0 if state == vault_node else 0.0)
         yield g
 
 

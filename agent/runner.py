@@ -72,6 +72,11 @@ class Agent:
         """Each bundle's state, for the health server."""
         return [w.state for w in self.workers]
 
+    @property
+    def vault_node(self) -> tuple[str | None, float | None]:
+        """What the Vault node said of itself when a failure last made a worker ask (sys/health), and when."""
+        return self.gate.node_state, self.gate.node_state_at
+
     def alive(self) -> bool:
         """False once stopping, or when a worker's cycle has hung for 3 x its interval (a wedge)."""
         limit = 3 * max(self.cfg.sidecar.poll_interval, 3 * self.cfg.vault.timeout)

@@ -8,6 +8,7 @@ runs in threads and returns results; only the event loop changes `BundleState`, 
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import publish
-from agent.errors import AgentError, BundleError, ConfigError, PermissionDenied, VaultUnavailable
+from agent.errors import (
+    AgentError,
+    BundleError,
+    ConfigError,
+    PermissionDenied,
+    ResponseTooLarge,
+    StaleRead,
+    VaultUnavailable,
+)
 from agent.log import get_logger
+from agent.sources import Fetched
 from agent.threads import offload
 
 if TYPE_CHECKING:
@@ -26,7 +36,7 @@ if TYPE_CHECKING:
     from agent.keeper import TokenKeeper
     from agent.kube import EventRecorder
     from agent.metrics import Metrics
-    from agent.sources import Fetched, Source
+    from agent.sources import Source
     from agent.vault import VaultGate
 
 __all__ = ["BundleState", "BundleWorker", "backoff_delays"]
@@ -42,6 +52,11 @@ def backoff_delays(
         n += 1
 
 
+def _again(err: AgentError) -> AgentError:
+    """A fresh copy of a remembered error to raise once more (raising one object again grows its traceback)."""
+    return copy.copy(err).with_traceback(None)
+
+
 @dataclass
 class BundleState:
     """What the agent knows of one bundle: what is live, what was refused, the last failure."""
@@ -55,7 +70,7 @@ class BundleState:
     last_error: str | None = None
     #: content the validator refused, and why: not validated again while the source still returns it
     refused: Fetched | None = None
-    refused_error: BundleError | None = None
+    refused_error: AgentError | None = None
     #: the login generation of the last full read (a new login reads in full: Vault may have been restored)
     synced_generation: int | None = None
     #: time.monotonic() when the running cycle started; None between cycles
@@ -105,6 +120,8 @@ class BundleWorker:
         self._refused_reported: str | None = None
         #: whether the last publish changed the kind's root file (the root-change guard runs after it)
         self._root_changed = False
+        self._stale_reported: str | None = None
+        self._too_large_reported: str | None = None
 
     # -- the loop -----------------------------------------------------------------------------------------
     async def run(self, *, once: bool) -> None:
@@ -186,21 +203,28 @@ class BundleWorker:
         elif st.live is not None:
             # the newest content seen is the refused one, if any: compare with that
             seen = st.refused or st.live
-            changed = await self.gate.run(lambda: source.changed(seen))
-            if changed is False:
+            if seen.revision is not None and await self.gate.run(source.revision) == seen.revision:
                 if st.refused is not None and st.refused_error is not None:
-                    raise st.refused_error
+                    raise _again(st.refused_error)
                 await self._repair_if_damaged()
                 return False
-        fetched = await self.gate.run(source.fetch)
+        try:
+            fetched = await self.gate.run(source.fetch)
+        except ResponseTooLarge as exc:
+            # remember it by revision (where the source has one), so it is not downloaded again at every poll
+            revision = await self.gate.run(source.revision) if st.live is not None else None
+            if revision is not None:
+                st.refused, st.refused_error = Fetched(files={}, digest="", revision=revision), exc
+            raise
         st.synced_generation = generation
+        self._check_not_older(fetched)
         if st.live is not None and fetched.digest == st.live.digest:
             st.live, st.refused, st.refused_error, st.last_error = fetched, None, None, None
             await self._repair_if_damaged()
             return False
         if st.refused is not None and st.refused_error is not None and fetched.digest == st.refused.digest:
             st.refused = fetched
-            raise st.refused_error
+            raise _again(st.refused_error)
         try:
             info = await offload(lambda: self.kind.validate(fetched.files, ca_signs_cert=self.cfg.ca_signs_cert))
         except BundleError as exc:
@@ -209,6 +233,20 @@ class BundleWorker:
             self._log.warning("bundle_refused", reason=str(exc), kv_version=fetched.version)
             raise
         return await self._publish(fetched, info)
+
+    def _check_not_older(self, fetched: Fetched) -> None:
+        """Never go backwards: a lower version than the live one that is not newer either is a stale read (a
+        node that lags behind, or just came back with old data). A recreated secret restarts at version 1 with
+        a newer created_time, and is taken."""
+        live = self.state.live
+        if live is None or fetched.version is None or live.version is None or fetched.version >= live.version:
+            return
+        if fetched.created_at is not None and live.created_at is not None and fetched.created_at > live.created_at:
+            return
+        raise StaleRead(
+            f"Vault answered version {fetched.version} of bundle {self.cfg.name}'s secret while version"
+            f" {live.version} is live: a node that lags behind; keeping version {live.version} and reading again"
+        )
 
     async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
         st, b = self.state, self.cfg
@@ -270,6 +308,14 @@ class BundleWorker:
     # -- reporting ----------------------------------------------------------------------------------------
     async def _failed(self, exc: AgentError, *, retryable: bool, attempt: int, retry_in: float) -> None:
         st = self.state
+        if isinstance(exc, StaleRead):
+            # counted every time, logged once per stale version; the live bundle stays and stays ready
+            self.metrics.error(self.cfg.name, exc.reason)
+            if self._stale_reported != str(exc):
+                self._stale_reported = str(exc)
+                self._log.warning("stale_read", reason=str(exc), retry_in=round(retry_in, 2))
+            await self.gate.leave_node()
+            return
         if isinstance(exc, BundleError):
             # logged once per refused content by _sync; one Event per refused content, not one per poll
             digest = st.refused.digest if st.refused is not None else None
@@ -278,10 +324,15 @@ class BundleWorker:
                 self.events.record("BundleRefused", f"bundle {self.cfg.name}: {exc}", "Warning")
             return
         st.last_error = str(exc)
+        if isinstance(exc, ResponseTooLarge) and self._too_large_reported == str(exc):
+            return  # the same over-size secret, not downloaded again: said once already
+        self._too_large_reported = str(exc) if isinstance(exc, ResponseTooLarge) else None
         self.metrics.error(self.cfg.name, exc.reason)
         self._log.warning(
             "sync_failed", reason=str(exc), retryable=retryable, attempt=attempt, retry_in=round(retry_in, 2)
         )
+        if retryable:
+            await self.gate.probe_node()
 
     async def _after_publish(self) -> None:
         """Sidecar mode, after a new generation went live: Event, reload action, root-change guard."""

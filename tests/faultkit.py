@@ -7,12 +7,15 @@ test if any secret (or anything shaped like a private key, a JWT or a Vault toke
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,92 @@ def debris(out: Path) -> list[str]:
         if p.name.startswith("..") and p.name not in ("..data", live)
     )
 
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+@dataclass
+class Answer:
+    """What the HTTP proxy sends back instead of OpenBao's answer; `trickle` seconds pass between chunks."""
+
+    status: int
+    body: bytes
+    content_type: str | None = "application/json"
+    chunked: bool = False
+    trickle: float = 0.0
+    chunk: int = 65536
+
+
+Mutation = Callable[[str, str, int, bytes], "Answer | None"]
+
+
+class HTTPProxy:
+    """An HTTP reverse proxy in front of OpenBao that can replace its answers, as a broken balancer might.
+
+    `mutate(method, path, status, body)` sees each real answer and returns an Answer to send instead, or None to
+    pass it through. `requests` counts what came in, by path.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mutate: Mutation | None = None
+        self.requests: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                proxy.requests.append((self.command, self.path))
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                answer = proxy.mutate(self.command, self.path, resp.status, data) if proxy.mutate else None
+                if answer is None:
+                    answer = Answer(resp.status, data, resp.getheader("Content-Type"))
+                self._send(answer)
+
+            def _send(self, answer: Answer) -> None:
+                self.send_response(answer.status)
+                if answer.content_type:
+                    self.send_header("Content-Type", answer.content_type)
+                if answer.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(answer.body), answer.chunk):
+                        part = answer.body[i : i + answer.chunk]
+                        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n" if answer.chunked else part)
+                        self.wfile.flush()
+                        if answer.trickle:
+                            time.sleep(answer.trickle)
+                    if answer.chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True  # the agent gave up on this answer
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="http-proxy").start()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -85,6 +85,7 @@ class AgentStub:
 
     bundles: list[BundleState]
     login: Login | None = field(default_factory=lambda: Login(SECRET_TOKEN, "accessor-1", 3600, True, time.time()))
+    vault_node: tuple[str | None, float | None] = (None, None)
 
 
 @dataclass

@@ -25,14 +25,16 @@ def digest(files: Mapping[str, bytes]) -> str:
 class Fetched:
     """What one read returned: output file -> bytes, and how to recognise this content again.
 
-    `revision` is what the source's `changed()` probe compares against (KV v2: `version@created_time`), or
-    None when the source has no cheap probe. `version` is the backend's version number when it has one.
+    `revision` is what the source's `revision()` probe says of this content (KV v2: `version@created_time`),
+    None when the source has no cheap probe. `version` and `created_at` (Unix seconds) are the backend's
+    version number and its creation time, when it has them: a lower version that is not newer is a stale read.
     """
 
     files: dict[str, bytes]
     digest: str
     revision: str | None = None
     version: int | None = None
+    created_at: float | None = None
 
     def __repr__(self) -> str:  # the files hold a private key
         return f"Fetched(files={sorted(self.files)}, version={self.version}, digest={self.digest[:12]})"
@@ -45,8 +47,8 @@ class Source(Protocol):
         """Read the bundle's files now."""
         ...
 
-    def changed(self, last: Fetched) -> bool | None:
-        """Whether the data differs from `last`, by a cheap probe without reading secret bytes.
+    def revision(self) -> str | None:
+        """The current revision by a cheap probe without reading secret bytes (compared with Fetched.revision).
 
         None when the source cannot tell (no probe, or the probe is not allowed): the worker then fetches.
         """

@@ -2,10 +2,12 @@
 
 Change detection: KV v2 through metadata `current_version` and its `created_time` (a version number alone repeats
 when a secret is deleted and recreated, or Vault is restored); KV v1 (no versions) through a content digest.
+Every answer is checked for the shape Vault sends before it is used: anything else is VaultUnavailable (retry).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agent import vault
 from agent.errors import SecretError
 from agent.sources.base import Fetched, digest
+from agent.text import shown
 
 if TYPE_CHECKING:
     import hvac
@@ -34,6 +37,19 @@ class _Mount:
     version: int  # 1 or 2
 
 
+def _timestamp(text: object) -> float | None:
+    """KV v2's created_time (RFC 3339 with nanoseconds) as Unix seconds; None when absent or odd."""
+    if not isinstance(text, str) or not text:
+        return None
+    head, _, frac = text.rstrip("Z").partition(".")
+    try:
+        when = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    digits = "".join(c for c in frac if c.isdigit())[:9]
+    return when.timestamp() + (int(digits) / 10 ** len(digits) if digits else 0.0)
+
+
 class KVSource:
     """Reads one bundle's KV secret with an authenticated hvac client (a `Source`)."""
 
@@ -52,34 +68,60 @@ class KVSource:
         """Every poll_interval, +-10 % jitter so a fleet of agents does not poll in step."""
         return now + self.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
 
-    def changed(self, last: Fetched) -> bool | None:
-        """KV v2: compare the metadata's current revision with `last`; None for KV v1 (no versions)."""
-        if last.revision is None:
-            return None
-        revision = self.current_revision()
-        return None if revision is None else revision != last.revision
+    def revision(self) -> str | None:
+        """KV v2: `version@created_time` of the current version, from metadata (no secret bytes); None for KV v1.
 
+        Also None when the policy does not allow reading metadata: the worker then reads the secret.
+        """
+        m = self.mount()
+        if m.version != 2:
+            return None
+        action = f"reading the metadata of KV path {self.kv_path}"
+        try:
+            resp = self._call(
+                lambda: self.client.secrets.kv.v2.read_secret_metadata(path=self.secret_path, mount_point=m.path),
+                action,
+            )
+        except SecretError:
+            return None
+        data = self._field(self._answer(resp, action), "data", dict, action)
+        current = self._field(data, "current_version", int, action)
+        versions = self._field(data, "versions", dict, action, optional=True) or {}
+        entry = versions.get(str(current))
+        created = entry.get("created_time", "") if isinstance(entry, dict) else ""
+        return f"{current}@{created if isinstance(created, str) else ''}"
+
+    # -- the boundary -----------------------------------------------------------------------------------------
     def _call(self, fn: Any, action: str, hint: str = "") -> Any:
         return vault.call(fn, address=self.client.url, action=action, hint=hint)
 
+    def _answer(self, resp: object, action: str) -> dict[str, Any]:
+        return vault.answer(resp, address=self.client.url, action=action)
+
+    def _field(
+        self, data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], action: str, *, optional: bool = False
+    ) -> Any:
+        return vault.field(data, key, kind, address=self.client.url, action=action, optional=optional)
+
+    # -- reading ----------------------------------------------------------------------------------------------
     def mount(self) -> _Mount:
         """Find the KV mount and its version from sys/internal/ui/mounts, which any token with access can read."""
         if self._mount is None:
             first = self.kv_path.split("/")[0]
-            hint = f"check that {first} is a KV mount and that the agent's policy grants read on the path"
+            hint = f"check that {shown(first)} is a KV mount and that the agent's policy grants read on the path"
+            action = f"looking up the KV mount of {shown(self.kv_path)}"
             resp = self._call(
-                lambda: self.client.adapter.get(f"/v1/sys/internal/ui/mounts/{self.kv_path}"),
-                f"looking up the KV mount of {self.kv_path}",
-                hint,
+                lambda: self.client.adapter.get(f"/v1/sys/internal/ui/mounts/{self.kv_path}"), action, hint
             )
-            data = (resp or {}).get("data") or {}
+            data = self._field(self._answer(resp, action), "data", dict, action, optional=True) or {}
             mount_path = str(data.get("path") or "").strip("/")
             if not mount_path or data.get("type") not in {"kv", "generic"}:
                 raise SecretError(
-                    f"{self.kv_path} is not on a KV secrets engine: bundles[{self.bundle.name}].source.kv must be"
-                    " MOUNT/PATH of a KV v1 or v2 secret"
+                    f"{shown(self.kv_path)} is not on a KV secrets engine: source.kv of bundle {self.bundle.name}"
+                    " must be MOUNT/PATH of a KV v1 or v2 secret"
                 )
-            version = str((data.get("options") or {}).get("version") or "1")
+            options = data.get("options")
+            version = str((options if isinstance(options, dict) else {}).get("version") or "1")
             self._mount = _Mount(mount_path, 2 if version == "2" else 1)
         return self._mount
 
@@ -87,63 +129,42 @@ class KVSource:
     def secret_path(self) -> str:
         return self.kv_path[len(self.mount().path) :].strip("/")
 
-    def current_revision(self) -> str | None:
-        """KV v2: `version@created_time` of the current version, from metadata (no secret bytes); None for KV v1.
-
-        Also None when the policy does not allow reading metadata: the caller then falls back to the digest.
-        """
-        m = self.mount()
-        if m.version != 2:
-            return None
-        try:
-            resp = self._call(
-                lambda: self.client.secrets.kv.v2.read_secret_metadata(path=self.secret_path, mount_point=m.path),
-                f"reading the metadata of KV path {self.kv_path}",
-            )
-        except SecretError:
-            return None
-        data = resp["data"]
-        current = int(data["current_version"])
-        created = ((data.get("versions") or {}).get(str(current)) or {}).get("created_time", "")
-        return f"{current}@{created}"
-
     def fetch(self) -> Fetched:
         """Read the secret and map its keys to the bundle's files.
 
         Raises:
             SecretError: path missing, permission denied, or a required key missing or not text.
-            VaultUnavailable: Vault unreachable or sealed; retry.
+            ResponseTooLarge: the answer is over limits.max_secret_size (it is not read beyond that).
+            VaultUnavailable: Vault unreachable or sealed, or an answer that is not Vault's; retry.
         """
         m = self.mount()
         policy_path = f"{m.path}/data/{self.secret_path}" if m.version == 2 else self.kv_path
         hint = (
-            f"check that the secret exists and that the agent's policy grants read on {policy_path},"
+            f"check that the secret exists and that the agent's policy grants read on {shown(policy_path)},"
             f" or fix source.kv of bundle {self.bundle.name}"
         )
-        action = f"reading KV v{m.version} path {self.kv_path}"
+        action = f"reading KV v{m.version} path {shown(self.kv_path)}"
         version: int | None = None
         revision: str | None = None
+        created: float | None = None
         if m.version == 2:
             resp = self._call(
-                lambda: self.client.secrets.kv.v2.read_secret_version(
-                    path=self.secret_path, mount_point=m.path, raise_on_deleted_version=True
-                ),
-                action,
-                hint,
+                lambda: self.client.adapter.get(f"/v1/{m.path}/data/{self.secret_path}"), action, hint
             )
-            data = resp["data"]["data"] or {}
-            meta = resp["data"]["metadata"]
-            version = int(meta["version"])
-            revision = f"{version}@{meta.get('created_time', '')}"
+            body = self._field(self._answer(resp, action), "data", dict, action)
+            meta = self._field(body, "metadata", dict, action)
+            if meta.get("deletion_time") or meta.get("destroyed") is True:
+                raise SecretError(f"the current version of KV secret {shown(self.kv_path)} is deleted; {hint}")
+            data = self._field(body, "data", dict, action, optional=True) or {}
+            version = self._field(meta, "version", int, action)
+            created_text = meta.get("created_time") if isinstance(meta.get("created_time"), str) else ""
+            revision = f"{version}@{created_text}"
+            created = _timestamp(created_text)
         else:
-            resp = self._call(
-                lambda: self.client.secrets.kv.v1.read_secret(path=self.secret_path, mount_point=m.path),
-                action,
-                hint,
-            )
-            data = resp.get("data") or {}
+            resp = self._call(lambda: self.client.adapter.get(f"/v1/{self.kv_path}"), action, hint)
+            data = self._field(self._answer(resp, action), "data", dict, action, optional=True) or {}
         files = self._map(data)
-        return Fetched(files=files, digest=digest(files), revision=revision, version=version)
+        return Fetched(files=files, digest=digest(files), revision=revision, version=version, created_at=created)
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
@@ -154,14 +175,19 @@ class KVSource:
                 if out in self.bundle.kind.optional:
                     continue
                 raise SecretError(
-                    f"KV secret {self.kv_path} has no key {key!r} (or {out!r}) for {out}: add it, or map"
-                    f" {out} to the right key in source.fields of bundle {self.bundle.name}"
+                    f"KV secret {shown(self.kv_path)} has no key {shown(key)!r} (or {out!r}) for {out}: add it, or"
+                    f" map {out} to the right key in source.fields of bundle {self.bundle.name}"
                 )
             value = data[chosen]
             if not isinstance(value, str) or not value.strip():
                 raise SecretError(
-                    f"KV secret {self.kv_path} key {chosen!r} for {out} must be non-empty PEM text"
+                    f"KV secret {shown(self.kv_path)} key {shown(chosen)!r} for {out} must be non-empty PEM text"
                 )
-            text = value if value.endswith("\n") else value + "\n"
-            files[out] = text.encode("utf-8")
+            try:
+                raw = value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (\ud800) that JSON allows and UTF-8 does not
+                raise SecretError(
+                    f"KV secret {shown(self.kv_path)} key {shown(chosen)!r} for {out} is not valid text; store PEM"
+                ) from None
+            files[out] = raw if raw.endswith(b"\n") else raw + b"\n"
         return files
