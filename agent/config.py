@@ -29,6 +29,7 @@ __all__ = [
     "HttpReload",
     "InitConfig",
     "KubernetesConfig",
+    "LimitsConfig",
     "LogConfig",
     "NoReload",
     "Reload",
@@ -36,6 +37,7 @@ __all__ = [
     "RolloutTarget",
     "SidecarConfig",
     "SignalReload",
+    "Size",
     "SourceConfig",
     "VaultConfig",
     "from_mapping",
@@ -43,6 +45,7 @@ __all__ = [
     "parse_duration",
     "parse_listen",
     "parse_signal",
+    "parse_size",
     "safe_yaml_loader",
     "validate",
 ]
@@ -51,6 +54,24 @@ __all__ = [
 CONFIG_ENV = "ISTIO_VAULT_AGENT_CONFIG"
 #: where kubelet mounts the pod's service-account token
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+class Size(int):
+    """Bytes, written in YAML as `1MiB`, `512KiB`, `64KB` or a bare number of bytes."""
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2, "GB": 1000**3, "GiB": 1024**3}
+
+
+def parse_size(value: object) -> Size:
+    """Parse a size such as `1MiB` into bytes; raise ValueError with the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return Size(value)
+    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())) and int(m.group(1)) > 0:
+        return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    shown = repr(value)
+    raise ValueError(f"expected a size such as 1MiB, 512KiB or a number of bytes, got {shown[:60]}")
 
 
 class Duration(float):
@@ -200,6 +221,13 @@ class BundleConfig(_Section, frozen=True):
         return {**self.kind.kv_fields, **self.source.fields}
 
 
+class LimitsConfig(_Section, frozen=True):
+    """Bounds on what the agent reads: nothing Vault sends can make it use more memory or time than this."""
+
+    #: the largest answer read from Vault (a KV secret with all its fields); never read beyond
+    max_secret_size: Size = Size(1 << 20)
+
+
 class InitConfig(_Section, frozen=True):
     timeout: Duration = Duration(120)
 
@@ -240,11 +268,14 @@ class AgentConfig(_Section, frozen=True):
     sidecar: SidecarConfig = SidecarConfig()
     log: LogConfig = LogConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
     if type_ is Duration:
         return parse_duration(obj)
+    if type_ is Size:
+        return parse_size(obj)
     raise NotImplementedError
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentView",
+    "Limits",
     "Readiness",
     "bound_port",
     "bundle_readiness",
@@ -36,6 +37,21 @@ __all__ = [
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 # Room for a burst of probe and scrape connections (the kernel default of 128 drops SYNs under load).
 _BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the health server: it never starves the probes or the publish path."""
+
+    #: open connections at most; one more is closed at once. None: 128 below the process's file limit
+    #: (RLIMIT_NOFILE), so the health port alone can never use up the descriptors publishing needs.
+    max_connections: int | None = None
+    #: a request's headers must arrive within this many seconds of the connection or of the previous request
+    header_timeout: float = 5.0
+    #: an idle keep-alive connection is closed after this many seconds
+    keepalive_timeout: float = 5.0
+    #: the longest request line or header line accepted (the endpoints take no body)
+    max_line: int = 4096
 
 
 class AgentView(Protocol):
@@ -171,18 +187,116 @@ def make_app(
     return app
 
 
-async def start(app: web.Application, listen: str) -> web.AppRunner:
+class _Guard(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection: counts it against the cap, closes it when a request's
+    headers do not arrive in time (a half-open or slowloris client), and otherwise passes everything through."""
+
+    def __init__(self, inner: asyncio.Protocol, site: _GuardedSite) -> None:
+        self.inner = inner
+        self.site = site
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+        self.counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.site.open >= self.site.max_connections:
+            self.site.rejected += 1
+            transport.abort()  # excess: closed at once, never handed to aiohttp
+            return
+        self.site.open += 1
+        self.counted = True
+        self._arm(self.site.limits.header_timeout)
+        self.inner.connection_made(transport)
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.site.expired += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        # each end of a header block is a request: the next one must come within keep-alive + header time
+        seen = self.tail + data
+        if b"\r\n\r\n" in seen:
+            self._arm(self.site.limits.keepalive_timeout + self.site.limits.header_timeout)
+        self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.site.open -= 1
+            self.inner.connection_lost(exc)
+
+
+def _fd_budget(reserve: int = 128) -> int:
+    """How many descriptors the health server may hold: the soft RLIMIT_NOFILE minus a reserve for the rest."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - reserve) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCPSite whose connections go through `_Guard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str | None, port: int, limits: Limits) -> None:
+        super().__init__(runner, host, port, backlog=_BACKLOG)
+        self.app_runner = runner
+        self.bind = (host, port)
+        self.limits = limits
+        budget = _fd_budget()
+        self.max_connections = budget if limits.max_connections is None else min(limits.max_connections, budget)
+        self.open = 0
+        self.rejected = 0
+        self.expired = 0
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self.app_runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Guard(server(), self), self.bind[0], self.bind[1], backlog=_BACKLOG, reuse_address=True
+        )
+
+
+async def start(app: web.Application, listen: str, limits: Limits | None = None) -> web.AppRunner:
     """Serve `app` on `listen` (HOST:PORT) and return the runner; the caller must `await runner.cleanup()`.
+
+    Connections are bounded by `limits` (default `Limits()`): a cap, a header timeout, short keep-alive and
+    short request lines.
 
     Raises:
         ConfigError: `listen` is malformed, or the address cannot be bound (in use, not local, no permission).
     """
     host, port = parse_listen(listen)
+    limits = limits or Limits()
     # Probes every few seconds would flood the log; failures show up in the probes themselves.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=limits.keepalive_timeout,
+        max_line_size=limits.max_line, max_field_size=limits.max_line,
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=_BACKLOG)
+        site = _GuardedSite(runner, host, port, limits)
         await site.start()
     except OSError as exc:
         await runner.cleanup()

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["configure", "get_logger", "redact"]
+__all__ = ["RateLimited", "configure", "get_logger", "loop_exception_handler", "redact"]
 
 _SENSITIVE_KEYS = re.compile(r"(token|secret|password|private|jwt|key_pem|client_token)", re.IGNORECASE)
 # PEM private keys, Vault/OpenBao service tokens (hvs./s./b.), and JWTs
@@ -56,6 +57,58 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
     )
     # Python warnings (cryptography warns about odd certificates) become log events, not stray stderr text
     warnings.showwarning = _log_warning
+    # Libraries' own logging (asyncio, aiohttp, urllib3) becomes one rate-limited line each, never a traceback:
+    # a flood of failing connections must not write a traceback per connection.
+    root = logging.getLogger()
+    if not any(isinstance(h, _Bridge) for h in root.handlers):
+        root.addHandler(_Bridge(logging.WARNING))
+
+
+class RateLimited:
+    """Lets the same kind of message through once per `every` seconds, counting what it held back."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to drop this one; else how many of its kind were dropped since the last one let through."""
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every) < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+_LIMIT = RateLimited()
+
+
+class _Bridge(logging.Handler):
+    """stdlib logging -> one structlog event per kind of message per minute, without tracebacks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.name}:{record.msg}"
+        held = _LIMIT.admit(key)
+        if held is None:
+            return
+        error = type(record.exc_info[1]).__name__ if record.exc_info and record.exc_info[1] else None
+        get_logger().warning(
+            "library_log", logger=record.name, message=str(record.msg)[:200], error=error, suppressed=held
+        )
+
+
+def loop_exception_handler(_loop: Any, context: dict[str, Any]) -> None:
+    """asyncio's exception handler: one line per kind of failure per minute (accept() on EMFILE would otherwise
+    log a traceback per attempt)."""
+    exc = context.get("exception")
+    message = str(context.get("message") or "asyncio error")[:200]
+    held = _LIMIT.admit(f"asyncio:{message}:{type(exc).__name__}")
+    if held is not None:
+        get_logger().warning(
+            "loop_error", message=message, error=type(exc).__name__ if exc else None, suppressed=held
+        )
 
 
 def _log_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:

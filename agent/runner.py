@@ -48,7 +48,9 @@ class Agent:
             from agent.metrics import PrometheusMetrics
 
             self.metrics, self.events = PrometheusMetrics(), EventRecorder(cfg.kubernetes)
-        self.gate = VaultGate(make_client(cfg.vault, on_request=self.metrics.vault_request))
+        self.gate = VaultGate(
+            make_client(cfg.vault, on_request=self.metrics.vault_request, max_response_bytes=cfg.limits.max_secret_size)
+        )
         self.keeper = TokenKeeper(cfg.auth, self.gate, self.metrics)
         self.workers = [
             BundleWorker(
@@ -146,8 +148,11 @@ def run(cfg: AgentConfig, *, once: bool) -> int:
     """
 
     async def main() -> int:
+        from agent.log import loop_exception_handler
+
         agent = Agent(cfg, once=once)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(loop_exception_handler)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
         finished = await agent.run()

@@ -223,8 +223,16 @@ class AgentProc:
     """
 
     def __init__(
-        self, config: Path, log: Path | None = None, *, mode: str = "sidecar", env: dict[str, str] | None = None
+        self,
+        config: Path,
+        log: Path | None = None,
+        *,
+        mode: str = "sidecar",
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """`prefix` goes before the command, e.g. a launcher that lowers a resource limit and execs the rest."""
+        self.prefix = prefix
         self.config = config
         self.log = log or config.with_suffix(".log")
         self.mode = mode
@@ -239,7 +247,8 @@ class AgentProc:
         self._port = None
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--mode", self.mode],
+                [*self.prefix, sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
+                 "--mode", self.mode],
                 cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
             )
         return self

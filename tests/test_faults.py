@@ -7,10 +7,12 @@ proxy that can delay answers and records the Vault tokens in use; every test end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,14 +78,17 @@ class Lab:
     bundles: list[dict[str, bytes]]
     agents: list[AgentProc] = field(default_factory=list)
 
-    def agent(self, mode: str = "sidecar", *, poll: str = "100ms", timeout: str = "1s", **cfg: str) -> AgentProc:
+    def agent(
+        self, mode: str = "sidecar", *, poll: str = "100ms", timeout: str = "1s", prefix: tuple[str, ...] = (),
+        **cfg: str,
+    ) -> AgentProc:
         """An agent (not started) on the proxy with vault.timeout `timeout`; its log is watched by the leak guard."""
         config = write_config(
             self.tmp / f"agent-{len(self.agents)}.yaml",
             agent_config(address=self.proxy.address, token_path=self.token, out=self.out, kv=LAYOUT.kv,
                          mount=LAYOUT.auth_mount, poll=poll, timeout=timeout, level="info", **cfg),
         )
-        proc = AgentProc(config, mode=mode)
+        proc = AgentProc(config, mode=mode, prefix=prefix)
         self.leaks.watch(f"agent log {proc.log.name}", proc.log)
         self.agents.append(proc)
         return proc
@@ -308,6 +313,47 @@ class TestHealthUnderLoad:
             assert "PRIVATE KEY" not in body and "eyJ" not in body
         lab.leaks.watch("health answers", "\n".join(b for _, _, b in answers))
         assert agent.get("/healthz", timeout=10)[0] == 200
+
+    def test_twelve_hundred_half_open_connections_under_a_1024_file_limit(self, lab):
+        """1200 connections that never send a request, against an agent limited to 1024 open files: the excess is
+        closed at once, the silent ones after the header timeout, /healthz answers again within seconds, a
+        rotation is still published, and the log gets a few lines, not a traceback per connection."""
+        import socket
+
+        limit = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+                 " os.execv(sys.argv[1], sys.argv[1:])")
+        agent = lab.agent(poll="200ms", prefix=(sys.executable, "-c", limit)).start()
+        agent.wait_event("sidecar_ready")
+        port = agent.port
+        held: list[socket.socket] = []
+        try:
+            start = time.monotonic()
+            for _ in range(1200):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", port))
+                held.append(s)
+            LAYOUT.write(lab.root, lab.bundles[1])
+            answered = wait_until(lambda: _probe(agent) == 200, timeout=15, interval=0.2)
+            recovered = time.monotonic() - start
+            assert answered, agent.tail()
+            assert recovered < 10, recovered
+            assert wait_until(lambda: live_files(lab.out) == lab.bundles[1], 10), agent.tail()
+            assert all(_probe(agent) == 200 for _ in range(10))
+        finally:
+            for s in held:
+                s.close()
+        log = agent.stderr
+        assert "Traceback" not in log
+        assert len(log) < 64 * 1024 and len(log.splitlines()) < 200, len(log)
+
+
+def _probe(agent: AgentProc) -> int:
+    try:
+        return agent.get("/healthz", timeout=2)[0]
+    except OSError:
+        return 0
 
 
 # ------------------------------------------------------------------------------------------- OpenBao faults
