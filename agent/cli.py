@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from agent import bundle
+    from agent import validate as bundle
 
     info = bundle.validate_dir(Path(args.dir), args.kind)
     print(f"ok: {args.dir} is a valid {args.kind} bundle; it expires {info.expires_at.isoformat()}")

@@ -40,6 +40,7 @@ ISTIO_CA_FIELDS: Mapping[str, str] = {
     "ca-cert.pem": "ca_cert",
     "root-cert.pem": "root_cert",
     "cert-chain.pem": "cert_chain",
+    "ca-crl.pem": "ca_crl",  # optional: istiod 1.27+ loads ca-crl.pem when present
 }
 TLS_FIELDS: Mapping[str, str] = {"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"}
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import auth, bundle, publish
+from agent import auth, publish
+from agent import validate as bundle
 from agent.errors import AgentError, BundleError, VaultUnavailable
 from agent.log import get_logger
 from agent.metrics import Metrics
@@ -107,7 +108,7 @@ class Agent:
             st.version, st.revision = fetched.version, fetched.revision
             return SyncResult(changed=False, info=st.info)
         try:
-            info = bundle.validate(b.type, fetched.files, chain_to_ca=b.ca_signs_cert)
+            info = bundle.validate(b.type, fetched.files, ca_signs_cert=b.ca_signs_cert)
         except BundleError as exc:
             st.last_error = str(exc)
             if st.refused_digest != fetched.digest:

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -293,7 +293,8 @@ def _ok_chain_no_root() -> dict[str, bytes]:
     return files(ca, chain=[ca])
 
 
-@case("ok-ec-embedded-pubkey-mismatch", "ok", "SEC1 key whose optional embedded public key is another key's: Go ignores it")
+@case("ok-ec-embedded-pubkey-mismatch", "ok",
+      "SEC1 key whose optional embedded public key is another key's: Go ignores it")
 def _ok_sec1_pub() -> dict[str, bytes]:
     ca = good()[1]
     assert isinstance(ca.key, ec.EllipticCurvePrivateKey)
@@ -751,24 +752,20 @@ def _crit_ski() -> dict[str, bytes]:
     r = root()
     key = k()
     kid = rc.key_id(rc.spki_of(key))
-    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.ski(kid, critical=True), rc.aki(r.keyid or b""),
-            ISTIOD_SAN]
+    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.ski(kid, critical=True), rc.aki(r.keyid or b"")]
     return files(inter(r, key=key, exts=exts))
 
 
 @case("cert-critical-aki", "a", "ca-cert.pem marks its authorityKeyIdentifier critical")
 def _crit_aki() -> dict[str, bytes]:
     r = root()
-    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b"", critical=True), ISTIOD_SAN]
+    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b"", critical=True)]
     return files(inter(r, exts=exts))
 
 
 @case("cert-critical-san-othername", "a", "a critical SAN holding only an otherName: nothing Go parses, so unhandled")
 def _crit_san() -> dict[str, bytes]:
-    r = root()
-    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b""),
-            rc.san(("other", "x"), critical=True)]
-    return files(inter(r, exts=exts))
+    return _with_san(rc.san(("other", "x"), critical=True))
 
 
 @case("cert-critical-nc-dirname", "a", "critical name constraints of directoryName type only: unhandled by Go")
@@ -914,21 +911,21 @@ def _san_email() -> dict[str, bytes]:
 def _bc_neg() -> dict[str, bytes]:
     r = root()
     bc = rc.Ext("2.5.29.19", rc.seq(rc.boolean(True), rc.integer(-1)), True)
-    return files(inter(r, exts=[bc, rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b""), ISTIOD_SAN]))
+    return files(inter(r, exts=[bc, rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b"")]))
 
 
 @case("cert-bc-boolean-not-der", "a", "basicConstraints cA encoded as 0x01 instead of 0xff")
 def _bc_bool() -> dict[str, bytes]:
     r = root()
     bc = rc.Ext("2.5.29.19", rc.seq(rc.tlv(0x01, b"\x01")), True)
-    return files(inter(r, exts=[bc, rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b""), ISTIOD_SAN]))
+    return files(inter(r, exts=[bc, rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b"")]))
 
 
 @case("cert-ku-bad-padding", "a", "keyUsage BIT STRING with non-zero padding bits")
 def _ku_pad() -> dict[str, bytes]:
     r = root()
     ku = rc.Ext("2.5.29.15", rc.tlv(0x03, b"\x01\x87"), True)
-    return files(inter(r, exts=[rc.basic_constraints(True, 0), ku, rc.aki(r.keyid or b""), ISTIOD_SAN]))
+    return files(inter(r, exts=[rc.basic_constraints(True, 0), ku, rc.aki(r.keyid or b"")]))
 
 
 # --------------------------------------------------------------------------------------------- EKU, KU, CA flags
@@ -939,7 +936,8 @@ def _eku_client() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("clientAuth"),)))
 
 
-@case("eku-server-only-ca", "b", "ca-cert.pem EKU serverAuth only: Envoy refuses it as an issuer of client certificates",
+@case("eku-server-only-ca", "b",
+      "ca-cert.pem EKU serverAuth only: Envoy refuses it as an issuer of client certificates",
       check="workload-eku-client-auth")
 def _eku_server() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("serverAuth"),)))
@@ -994,7 +992,7 @@ def _ca_false() -> dict[str, bytes]:
 @case("ca-no-basic-constraints", "a", "ca-cert.pem without basicConstraints")
 def _ca_no_bc() -> dict[str, bytes]:
     r = root()
-    return files(inter(r, exts=[rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b""), ISTIOD_SAN]))
+    return files(inter(r, exts=[rc.key_usage(*rc.CA_KU), rc.aki(r.keyid or b"")]))
 
 
 @case("mid-ca-false", "a", "mid CA with CA:false")
@@ -1100,7 +1098,8 @@ def _pol_any() -> dict[str, bytes]:
     return files(inter(mid, extra=(rc.cert_policies(a),)))
 
 
-@case("policy-inhibit-any", "a", "mid CA requires explicit policy and inhibits anyPolicy; the CAs assert only anyPolicy")
+@case("policy-inhibit-any", "a",
+      "mid CA requires explicit policy and inhibits anyPolicy; the CAs assert only anyPolicy")
 def _pol_inhibit() -> dict[str, bytes]:
     any_policy = rc.cert_policies("2.5.29.32.0")
     mid = inter(root(), "Mid CA", pathlen=1, extra=(any_policy, rc.policy_constraints(require=0), rc.inhibit_any(0)))
@@ -1134,6 +1133,28 @@ def _chain_old() -> dict[str, bytes]:
 def _chain_extra() -> dict[str, bytes]:
     r, ca = good()
     return files(ca, chain=[ca, r, inter(root("Other Root"), "Other CA")])
+
+
+@case("chain-ends-at-foreign-root", "c", "cert-chain.pem is ca-cert.pem then a root that is not in root-cert.pem")
+def _chain_foreign() -> dict[str, bytes]:
+    r, ca = good()
+    return files(ca, chain=[ca, root()])
+
+
+@case("files-swapped-root-chain", "c",
+      "root-cert.pem and cert-chain.pem swapped: ca-cert.pem is then itself a trust anchor, which Go accepts")
+def _swap_root_chain() -> dict[str, bytes]:
+    f = files(good()[1])
+    f["root-cert.pem"], f["cert-chain.pem"] = f["cert-chain.pem"], f["root-cert.pem"]
+    return f
+
+
+@case("files-swapped-ca-chain", "c",
+      "ca-cert.pem and cert-chain.pem swapped: ca-cert.pem's first block is still the CA")
+def _swap_ca_chain() -> dict[str, bytes]:
+    f = files(good()[1])
+    f["ca-cert.pem"], f["cert-chain.pem"] = f["cert-chain.pem"], f["ca-cert.pem"]
+    return f
 
 
 @case("chain-missing-mid", "a", "three levels, but cert-chain.pem lacks the mid CA, so Go builds no path")
@@ -1256,45 +1277,39 @@ def _loop() -> dict[str, bytes]:
     return files(ca, roots=[root("Unrelated")], chain=[ca, *pool])
 
 
-@case("loop-with-direct-root", "ok", "loops in cert-chain.pem, but ca-cert.pem's issuer is in root-cert.pem")
+@case("loop-with-direct-root", "c", "loops in cert-chain.pem, but ca-cert.pem's issuer is in root-cert.pem")
 def _loop_ok() -> dict[str, bytes]:
     pool, _ = _loop_pool(10)
     r, ca = good()
     return files(ca, chain=[ca, *pool, r])
 
 
-def _fanout(levels: int, width: int) -> dict[str, bytes]:
-    """Each level has `width` same-name CAs with wrong keys before the right one: Go's budget is 100 checks.
-
-    No certificate carries an AKI, so Go's findPotentialParents ranks every same-name candidate alike and tries
-    them in file order."""
-    def ca_cert(cn: str, issuer: Issued) -> Issued:
+def _fanout(root_decoys: int, mid_decoys: int) -> dict[str, bytes]:
+    """Same-name decoys (other keys) before the real issuers: `mid_decoys` "Mid CA"s in cert-chain.pem and
+    `root_decoys` "Root CA"s in root-cert.pem. No certificate carries an AKI, so Go's findPotentialParents ranks
+    every same-name candidate alike and tries them in file order, one signature check each (budget: 100)."""
+    def ca_cert(cn: str, issuer: Issued | None) -> Issued:
         key = k()
         exts = [rc.basic_constraints(True), rc.key_usage(*rc.CA_KU), rc.ski(rc.key_id(rc.spki_of(key))), ISTIOD_SAN]
         return cert(name(("O", "Istio"), ("CN", cn)), key, issuer, exts=exts)
 
-    r = root()
-    issuer = r
-    chain: list[Issued] = []
-    for level in range(levels):
-        cn = f"Mid {level}"
-        decoy_root = root(f"Decoy {level}")
-        chain.extend(ca_cert(cn, decoy_root) for _ in range(width))
-        right = ca_cert(cn, issuer)
-        chain.append(right)
-        issuer = right
-    ca = ca_cert("Intermediate CA", issuer)
-    return files(ca, chain=[ca, *chain, r])
+    r = ca_cert("Root CA", None)
+    mid = ca_cert("Mid CA", r)
+    ca = ca_cert("Intermediate CA", mid)
+    decoy_issuer = ca_cert("Decoy", None)
+    mids = [ca_cert("Mid CA", decoy_issuer) for _ in range(mid_decoys)]
+    roots = [ca_cert("Root CA", None) for _ in range(root_decoys)]
+    return files(ca, roots=[*roots, r], chain=[ca, *mids, mid])
 
 
-@case("fanout-within-budget", "ok", "one level with 40 same-name decoys before the real mid CA (41 signature checks)")
+@case("fanout-within-budget", "c", "40 same-name decoys before the real mid CA and 40 before the root (82 checks)")
 def _fan_ok() -> dict[str, bytes]:
-    return _fanout(1, 40)
+    return _fanout(40, 40)
 
 
-@case("fanout-over-budget", "a", "three levels of 40 same-name decoys: over Go's 100 signature checks")
+@case("fanout-over-budget", "a", "50 same-name decoys before the mid CA and 50 before the root: over Go's 100 checks")
 def _fan_over() -> dict[str, bytes]:
-    return _fanout(3, 40)
+    return _fanout(50, 50)
 
 
 # --------------------------------------------------------------------------------------------- CRL
@@ -1311,7 +1326,8 @@ def _crl_ok() -> dict[str, bytes]:
     return files(ca, crl=rc.crl(r).pem + rc.crl(ca).pem)
 
 
-@case("crl-missing-for-intermediate", "a", "ca-crl.pem has only the root's CRL: istiod wants one per cert-chain.pem entry")
+@case("crl-missing-for-intermediate", "a",
+      "ca-crl.pem has only the root's CRL: istiod wants one per cert-chain.pem entry")
 def _crl_missing() -> dict[str, bytes]:
     r, ca = _crl_pki()
     return files(ca, crl=rc.crl(r).pem)
@@ -1359,7 +1375,8 @@ def _crl_chain_block() -> dict[str, bytes]:
     return f
 
 
-@case("crl-expired", "b", "a CRL whose nextUpdate has passed: istiod loads it, Envoy refuses every workload certificate",
+@case("crl-expired", "b",
+      "a CRL whose nextUpdate has passed: istiod loads it, Envoy refuses every workload certificate",
       check="workload-crl-expired")
 def _crl_expired() -> dict[str, bytes]:
     r, ca = _crl_pki()
@@ -1472,7 +1489,8 @@ def _tls_params() -> dict[str, bytes]:
     return f
 
 
-@case("tls-crt-corrupt-extra", "b", "tls.crt: the leaf then a CERTIFICATE block that does not parse (Envoy loads it all)",
+@case("tls-crt-corrupt-extra", "b",
+      "tls.crt: the leaf then a CERTIFICATE block that does not parse (Envoy loads it all)",
       kind="tls", check="unparsable-cert-for-envoy")
 def _tls_garbage() -> dict[str, bytes]:
     r = root()
@@ -1546,13 +1564,13 @@ def write(outdir: Path, cases: list[Case]) -> list[dict[str, object]]:
 
 
 def hostile() -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """Inputs built to make a validator slow: (name, kind, files). Used by bench/validate.py and the regression tests."""
+    """Inputs built to make a validator slow: (name, kind, files), for bench/validate.py and the regression tests."""
     r, ca = good()
     base = files(ca)
     pool, _ = _loop_pool(40)
     loop_ca = cert(name(("O", "Istio"), ("CN", "Intermediate CA")), k(), pool[0], pathlen=0, extra=(ISTIOD_SAN,))
     yield "cross-sign-loops", "istio-ca", files(loop_ca, roots=[root("Unrelated")], chain=[loop_ca, *pool])
-    yield "fanout-over-budget", "istio-ca", _fanout(3, 40)
+    yield "fanout-over-budget", "istio-ca", _fanout(62, 61)
     yield "repeated-begin-280k", "istio-ca", {**base, "ca-cert.pem": b"-----BEGIN CERTIFICATE-----\n" * 10000}
     yield "repeated-end-280k", "istio-ca", {**base, "ca-cert.pem": b"\n-----END CERTIFICATE-----" * 10000}
     yield "repeated-begin-then-cert", "istio-ca", {
@@ -1564,7 +1582,8 @@ def hostile() -> Iterator[tuple[str, str, dict[str, bytes]]]:
     yield "1mib-file", "istio-ca", {**base, "root-cert.pem": b"-----BEGIN CERTIFICATE-----\n" + blob[:1048000] +
                                     b"\n-----END CERTIFICATE-----\n"}
     yield "1mib-plus-one", "istio-ca", {**base, "cert-chain.pem": base["cert-chain.pem"] + b"x" * (1 << 20)}
-    yield "64-distinct-roots", "istio-ca", {**base, "root-cert.pem": b"".join(root(f"R{i}").pem for i in range(63)) + r.pem}
+    many_roots = b"".join(root(f"R{i}").pem for i in range(63)) + r.pem
+    yield "64-distinct-roots", "istio-ca", {**base, "root-cert.pem": many_roots}
     yield "duplicate-extension", "istio-ca", files(inter(r, extra=(ISTIOD_SAN,)))
     yield "colon-lines", "istio-ca", {**base, "ca-cert.pem": b"-----BEGIN CERTIFICATE-----\n" + b"a: b\n" * 30000 +
                                       b"-----END CERTIFICATE-----\n"}

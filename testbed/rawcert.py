@@ -77,7 +77,8 @@ def integer(n: int, *, raw: bytes | None = None) -> bytes:
 def oid(dotted: str) -> bytes:
     parts = [int(p) for p in dotted.split(".")]
     body = bytearray()
-    for v in [parts[0] * 40 + parts[1], *parts[2:]]:
+    for arc in [parts[0] * 40 + parts[1], *parts[2:]]:
+        v = arc
         chunk = [v & 0x7F]
         v >>= 7
         while v:
@@ -214,8 +215,13 @@ def _subtree(kind: str, value: str | bytes) -> bytes:
     return seq(_general_name(kind, value))
 
 
-def name_constraints(permitted: Sequence[tuple[str, str | bytes]] = (), excluded: Sequence[tuple[str, str | bytes]] = (),
-                     *, critical: bool = True, empty: bool = False) -> Ext:
+def name_constraints(
+    permitted: Sequence[tuple[str, str | bytes]] = (),
+    excluded: Sequence[tuple[str, str | bytes]] = (),
+    *,
+    critical: bool = True,
+    empty: bool = False,
+) -> Ext:
     body = b""
     if permitted or empty:
         body += tlv(0xA0, b"".join(_subtree(k, v) for k, v in permitted))
@@ -269,7 +275,7 @@ def _spki_bits(spki: bytes) -> bytes:
 
 
 def key_id(spki: bytes) -> bytes:
-    return hashlib.sha1(_spki_bits(spki)).digest()  # noqa: S324 - RFC 5280 method 1
+    return hashlib.sha1(_spki_bits(spki)).digest()
 
 
 _HASHES: dict[str, hashes.HashAlgorithm] = {
@@ -280,7 +286,8 @@ _RSA_OIDS = {"md5": "1.2.840.113549.1.1.4", "sha1": "1.2.840.113549.1.1.5", "sha
              "sha384": "1.2.840.113549.1.1.12", "sha512": "1.2.840.113549.1.1.13"}
 _EC_OIDS = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3",
             "sha512": "1.2.840.10045.4.3.4"}
-_HASH_OIDS = {"sha256": "2.16.840.1.101.3.4.2.1", "sha384": "2.16.840.1.101.3.4.2.2", "sha512": "2.16.840.1.101.3.4.2.3"}
+_HASH_OIDS = {"sha256": "2.16.840.1.101.3.4.2.1", "sha384": "2.16.840.1.101.3.4.2.2",
+              "sha512": "2.16.840.1.101.3.4.2.3"}
 
 
 def _sig_alg(key: SignKey, alg: str) -> bytes:

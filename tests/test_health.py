@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import health
 from agent.auth import Login
-from agent.bundle import BundleInfo, validate
 from agent.config import BundleConfig, KVSource, parse_duration
 from agent.errors import ConfigError
 from agent.metrics import PrometheusMetrics
 from agent.runner import BundleState
+from agent.validate import BundleInfo, validate
 from testbed import pki
 
 SECRET_TOKEN = "hvs.CAESIJsecretVaultTokenThatMustNeverLeak0123"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Fetched", "KVSource", "digest"]
 
 #: files a bundle may lack; everything else is required
-OPTIONAL_FILES = frozenset({"ca.crt"})
+OPTIONAL_FILES = frozenset({"ca.crt", "ca-crl.pem"})
 
 
 def digest(files: Mapping[str, bytes]) -> str:
