@@ -69,6 +69,8 @@ def _check(args: argparse.Namespace) -> int:
     from agent import validate as bundle
 
     info = bundle.validate_dir(Path(args.dir), args.kind)
+    for warning in info.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.dir} is a valid {args.kind} bundle; it expires {info.expires_at.isoformat()}")
     return EXIT_OK
 

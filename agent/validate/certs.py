@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.validate.der import (
     BIT_STRING,
@@ -126,8 +126,7 @@ class DSAPublic:
 PublicKey = RSAPublic | ECPublic | Ed25519Public | DSAPublic
 
 
-@dataclass(frozen=True)
-class Extension:
+class Extension(NamedTuple):
     oid: tuple[int, ...]
     critical: bool
     value: bytes
@@ -703,8 +702,10 @@ def _aia(v: Str) -> None:
             raise CertificateError("x509: invalid authority info access")
 
 
-def parse_certificate(der: bytes, limits: Limits | None = None) -> Certificate:
-    """x509.ParseCertificate. Raises CertificateError with Go's message, or LimitExceeded."""
+def parse_certificate(der: bytes, limits: Limits | None = None,
+                      names: dict[bytes, list[RDN]] | None = None) -> Certificate:
+    """x509.ParseCertificate. Raises CertificateError with Go's message, or LimitExceeded. `names`: a cache of
+    parsed names for one validation."""
     from agent.validate.names import parse_name
 
     limits = limits or Limits()
@@ -763,7 +764,7 @@ def parse_certificate(der: bytes, limits: Limits | None = None) -> Certificate:
         raise CertificateError("x509: malformed issuer")
     c.raw_issuer = issuer_el.data()
     try:
-        c.issuer = parse_name(Str(c.raw_issuer))
+        c.issuer = parse_name(Str(c.raw_issuer), names)
     except NameError_ as exc:
         raise CertificateError(str(exc)) from None
 
@@ -779,7 +780,7 @@ def parse_certificate(der: bytes, limits: Limits | None = None) -> Certificate:
         raise CertificateError("x509: malformed issuer")
     c.raw_subject = subject_el.data()
     try:
-        c.subject = parse_name(Str(c.raw_subject))
+        c.subject = parse_name(Str(c.raw_subject), names)
     except NameError_ as exc:
         raise CertificateError(str(exc)) from None
 

@@ -9,12 +9,25 @@ from agent.errors import BundleError
 from agent.validate.certs import Certificate, CertificateError, parse_certificate
 from agent.validate.chain import CertPool, VerifyError
 from agent.validate.limits import LimitExceeded, Limits
+from agent.validate.names import RDN
 from agent.validate.pem import Block, decode_all
 from agent.validate.text import echo
 
-__all__ = ["Parsed", "refuse", "refuse_b", "stamp"]
+__all__ = ["Parsed", "openssl_parses", "refuse", "refuse_b", "stamp"]
 
 _NAME = 80  # characters of a subject name in a message
+
+
+def openssl_parses(der: bytes) -> None:
+    """Raise ValueError when `cryptography` (an OpenSSL-family parser, standing in for Envoy's BoringSSL) cannot
+    load `der` as a certificate at all; Go's stricter refusals (negative serial, ...) still load here."""
+    import warnings
+
+    from cryptography import x509
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x509.load_der_x509_certificate(der)
 
 
 def stamp(t: int) -> str:
@@ -48,6 +61,7 @@ class Parsed:
         self.now = now
         self._blocks: dict[str, list[Block]] = {}
         self._certs: dict[bytes, Certificate | CertificateError] = {}
+        self._names: dict[bytes, list[RDN]] = {}
         self.origin: dict[int, tuple[str, int, int]] = {}
         for name, data in files.items():
             if len(data) > limits.max_file_bytes:
@@ -81,7 +95,7 @@ class Parsed:
         """x509.ParseCertificate, once per distinct DER."""
         if der not in self._certs:
             try:
-                self._certs[der] = parse_certificate(der, self.limits)
+                self._certs[der] = parse_certificate(der, self.limits, self._names)
             except CertificateError as exc:
                 self._certs[der] = exc
             except LimitExceeded as exc:

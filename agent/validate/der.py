@@ -73,19 +73,41 @@ class Str:
         """ReadAnyASN1Element: (tag, element including its header)."""
         return self._read(False)
 
+    def _span(self, tag: int) -> tuple[int, int] | None:
+        """readASN1 for one expected tag, inlined (the parser's hot path): the contents' [start, stop), advancing."""
+        buf, pos, end = self.buf, self.pos, self.end
+        if end - pos < 2 or buf[pos] != tag or tag & 0x1F == 0x1F:
+            if end - pos >= 2 and buf[pos] != tag:
+                self._read(True)  # cryptobyte consumes a well-formed element of another tag before saying no
+            return None
+        len_byte = buf[pos + 1]
+        if len_byte < 0x80:
+            start = pos + 2
+            stop = start + len_byte
+        else:
+            n = len_byte & 0x7F
+            if n == 0 or n > 4 or end - pos < 2 + n:
+                return None
+            length = int.from_bytes(buf[pos + 2:pos + 2 + n], "big")
+            if length < 128 or length >> ((n - 1) * 8) == 0:
+                return None
+            start = pos + 2 + n
+            stop = start + length
+        if stop > end:
+            return None
+        self.pos = stop
+        return start, stop
+
     def read(self, tag: int) -> Str | None:
         """ReadASN1: the contents of the next element, which must have `tag`."""
-        r = self._read(True)
-        if r is None or r[0] != tag:
-            return None
-        return r[1]
+        span = self._span(tag)
+        return None if span is None else Str(self.buf, span[0], span[1])
 
     def read_element(self, tag: int) -> Str | None:
         """ReadASN1Element."""
-        r = self._read(False)
-        if r is None or r[0] != tag:
-            return None
-        return r[1]
+        pos = self.pos
+        span = self._span(tag)
+        return None if span is None else Str(self.buf, pos, span[1])
 
     def read_optional(self, tag: int) -> tuple[bool, Str | None] | None:
         """ReadOptionalASN1: None on a malformed element, else (present, contents)."""
@@ -96,22 +118,22 @@ class Str:
 
     def skip_optional(self, tag: int) -> bool:
         """SkipOptionalASN1."""
-        return not self.peek(tag) or self.read(tag) is not None
+        return not self.peek(tag) or self._span(tag) is not None
 
     def read_bool(self) -> bool | None:
         """ReadASN1Boolean: one byte, 0x00 or 0xff."""
-        s = self.read(BOOLEAN)
-        if s is None or len(s) != 1:
+        span = self._span(BOOLEAN)
+        if span is None or span[1] - span[0] != 1:
             return None
-        b = s.buf[s.pos]
+        b = self.buf[span[0]]
         return True if b == 0xFF else False if b == 0 else None
 
     def read_int(self, tag: int = INTEGER) -> int | None:
         """readASN1BigInt (or ReadASN1Int64WithTag's bytes): a minimally encoded two's-complement integer."""
-        s = self.read(tag)
-        if s is None:
+        span = self._span(tag)
+        if span is None:
             return None
-        raw = s.data()
+        raw = self.buf[span[0]:span[1]]
         if not check_integer(raw):
             return None
         return int.from_bytes(raw, "big", signed=True)
@@ -127,22 +149,32 @@ class Str:
 
     def read_oid(self) -> tuple[int, ...] | None:
         """ReadASN1ObjectIdentifier: each arc below 2^31, minimally encoded."""
-        s = self.read(OBJECT_IDENTIFIER)
-        if s is None or s.empty():
+        span = self._span(OBJECT_IDENTIFIER)
+        if span is None or span[0] == span[1]:
             return None
-        return decode_oid(s.data(), limit31=True)
+        raw = self.buf[span[0]:span[1]]
+        oid = _OIDS.get(raw)
+        if oid is None:
+            oid = decode_oid(raw, limit31=True)
+            if oid is not None and len(raw) <= 32 and len(_OIDS) < 4096:
+                _OIDS[raw] = oid
+        return oid
 
     def read_bitstring(self) -> tuple[bytes, int] | None:
         """ReadASN1BitString: (bytes, bit length); padding bits must be zero."""
-        s = self.read(BIT_STRING)
-        if s is None or s.empty():
+        span = self._span(BIT_STRING)
+        if span is None or span[0] == span[1]:
             return None
-        raw = s.data()
-        pad = raw[0]
-        body = raw[1:]
+        buf = self.buf
+        pad = buf[span[0]]
+        body = buf[span[0] + 1:span[1]]
         if pad > 7 or (not body and pad != 0) or (body and body[-1] & ((1 << pad) - 1)):
             return None
         return body, len(body) * 8 - pad
+
+
+#: OIDs repeat across certificates (attribute types, extension IDs): each short one is decoded once per process
+_OIDS: dict[bytes, tuple[int, ...]] = {}
 
 
 def check_integer(raw: bytes) -> bool:
@@ -241,14 +273,23 @@ def parse_generalized_time(raw: bytes) -> int | None:
     return _time(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), m[7].decode())
 
 
+_TIMES: dict[tuple[int, bytes], int | None] = {}
+
+
 def read_time(s: Str) -> int | None:
-    """parser.go readASN1Time: UTCTime or GeneralizedTime."""
-    if s.peek(UTC_TIME):
-        r = s.read(UTC_TIME)
-        return None if r is None else parse_utc_time(r.data())
-    if s.peek(GENERALIZED_TIME):
-        r = s.read(GENERALIZED_TIME)
-        return None if r is None else parse_generalized_time(r.data())
+    """parser.go readASN1Time: UTCTime or GeneralizedTime (each distinct encoding parsed once per process)."""
+    for tag, parse in ((UTC_TIME, parse_utc_time), (GENERALIZED_TIME, parse_generalized_time)):
+        if s.peek(tag):
+            span = s._span(tag)
+            if span is None:
+                return None
+            key = (tag, s.buf[span[0]:span[1]])
+            if key not in _TIMES:
+                value = parse(key[1])
+                if len(key[1]) > 24 or len(_TIMES) >= 4096:
+                    return value
+                _TIMES[key] = value
+            return _TIMES[key]
     return None
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from agent.errors import BundleError
 from agent.validate.certs import EKU, KU, Certificate, CertificateError, ECPublic, RSAPublic
 from agent.validate.chain import CertPool, VerifyError, verify
-from agent.validate.common import Parsed, refuse, refuse_b, stamp
+from agent.validate.common import Parsed, openssl_parses, refuse, refuse_b, stamp
 from agent.validate.crl import CRLError, RevocationList, check_crl_signature_from, missing_crl_signers, parse_crl
 from agent.validate.info import BundleInfo, to_datetime
 from agent.validate.keys import (
@@ -297,15 +297,13 @@ def _key_leak(p: Parsed) -> None:
 
 def _envoy_unparsable(p: Parsed) -> None:
     """A CERTIFICATE block Go skips (bad DER) reaches every workload's Envoy, whose PEM loader fails on it."""
-    from cryptography import x509
-
     for name in _SHARED:
         blocks = p.blocks(name)
         for i, b in enumerate(blocks):
             if b.label != b"CERTIFICATE" or isinstance(p.cert(b.der), Certificate):
                 continue
             try:
-                x509.load_der_x509_certificate(b.der)
+                openssl_parses(b.der)
             except ValueError:
                 raise refuse_b(
                     f"istiod would load it (Go skips the block), but {p.nth(name, i, len(blocks))} is a CERTIFICATE "
@@ -375,21 +373,20 @@ def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certifica
             elif c is not None and c.raw not in on_path:
                 here = p.at(name, i, len(blocks), c)
                 if c.not_after < p.now:
-                    expired.append(f"{here}, expired at {stamp(c.not_after)}")
+                    expired.append(f"{here} expired at {stamp(c.not_after)}")
                 elif c.not_before > p.now:
-                    future.append(f"{here}, valid from {stamp(c.not_before)}")
+                    future.append(f"{here} is valid only from {stamp(c.not_before)}")
                 elif name == "cert-chain.pem":
                     extra.append(here)
-        _group(out, skipped, f"istiod skips {{}} in {name}; remove or fix it.",
-               f"istiod skips {{}} blocks of {name}, such as {{}}; remove or fix them.")
-        _group(out, expired,
-               "{} is not on ca-cert.pem's chain; istiod ignores it, remove it once no workload needs it.",
-               f"{name} holds {{}} expired certificates off ca-cert.pem's chain, such as {{}}; remove them once no "
-               "workload needs them.")
-        _group(out, future, "{} is not on ca-cert.pem's chain yet.",
-               f"{name} holds {{}} not-yet-valid certificates off ca-cert.pem's chain, such as {{}}.")
+        _group(out, skipped, "istiod skips {}; remove or fix it.",
+               f"istiod skips {{}} blocks of {name} ({{}}, ...); remove or fix them.")
+        _group(out, expired, "{} and is not on ca-cert.pem's chain; istiod ignores it, remove it once no workload "
+               "needs it.", f"{name} holds {{}} expired certificates off ca-cert.pem's chain ({{}}, ...); remove them "
+               "once no workload needs them.")
+        _group(out, future, "{} and is not on ca-cert.pem's chain yet.",
+               f"{name} holds {{}} not-yet-valid certificates off ca-cert.pem's chain ({{}}, ...).")
         _group(out, extra, "{} is not on ca-cert.pem's chain; istiod still sends it to every workload, so remove it.",
-               "cert-chain.pem holds {} certificates that are not on ca-cert.pem's chain, such as {}; istiod still "
+               "cert-chain.pem holds {} certificates that are not on ca-cert.pem's chain ({}, ...); istiod still "
                "sends them to every workload, so remove them.")
     chain_blocks = [b for b in p.blocks("cert-chain.pem") if b.label == b"CERTIFICATE"]
     if chain_blocks and chain_blocks[0].der != ca.raw and any(b.der == ca.raw for b in chain_blocks):

@@ -147,8 +147,19 @@ def _read_any(s: Str) -> object:
     return full.data()
 
 
-def parse_name(raw: Str) -> list[RDN]:
-    """parseName: an RDNSequence (SEQUENCE OF SET OF AttributeTypeAndValue)."""
+def parse_name(raw: Str, cache: dict[bytes, list[RDN]] | None = None) -> list[RDN]:
+    """parseName: an RDNSequence (SEQUENCE OF SET OF AttributeTypeAndValue). Issuer names repeat within a
+    bundle, so a caller may pass a cache for one validation (callers never change the result)."""
+    if cache is None:
+        return _parse_name(raw)
+    key = raw.data()
+    cached = cache.get(key)
+    if cached is None:
+        cached = cache[key] = _parse_name(raw)
+    return cached
+
+
+def _parse_name(raw: Str) -> list[RDN]:
     seq = raw.read(SEQUENCE)
     if seq is None:
         raise NameError_("x509: invalid RDNSequence")

@@ -106,14 +106,14 @@ def _roots(p: Parsed) -> CertPool:
 
 def _envoy_checks(p: Parsed, leaf: Certificate) -> None:
     """Verdict (b) for gateways: Envoy loads all of tls.crt, clients refuse a certificate outside its validity."""
-    from cryptography import x509
+    from agent.validate.common import openssl_parses
 
     blocks = p.blocks("tls.crt")
     for i, b in enumerate(blocks):
         if b.label != b"CERTIFICATE" or isinstance(p.cert(b.der), Certificate):
             continue
         try:
-            x509.load_der_x509_certificate(b.der)
+            openssl_parses(b.der)
         except ValueError:
             raise refuse_b(f"pilot-agent would load it (Go reads only the first certificate), but "
                            f"{p.nth('tls.crt', i, len(blocks))} is a CERTIFICATE block that is not a certificate, and "
