@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -330,10 +331,13 @@ def _mutate(data: st.DataObject, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def _validates_or_refuses_cleanly(kind: str, files: dict[str, bytes], leaks: LeakGuard) -> None:
+    start = time.perf_counter()
     try:
         bundle.validate(kind, files, now=dt.datetime.now(dt.UTC))
     except BundleError as exc:
         leaks.scan(_assert_one_line(exc), f"BundleError for a mutated {kind} bundle")
+    # bench/validate.py measures the real times (well under 50 ms); this bound only catches runaway work
+    assert time.perf_counter() - start < 1.0
 
 
 @pytest.fixture(name="keyleaks")
