@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=7, help="timed runs per input (after one warm-up)")
     p.add_argument("--no-corpus", action="store_true", help="only the typical and hostile inputs")
     p.add_argument("--mutants", type=int, default=500, help="fuzz mutants of a good bundle (default 500)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where validate.json and validate.md go")
     args = p.parse_args(argv)
 
     rows = []
@@ -143,9 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "validate.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "validate.md").write_text(text + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "validate.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "validate.md").write_text(text + "\n")
     return 0
 
 

@@ -210,3 +210,12 @@ class TestEcho:
             v.validate("istio-ca", corpus.files(evil))
         msg = str(info.value)
         assert "\n" not in msg and "\x1b" not in msg and len(msg) < 400, msg
+
+
+def test_bench_validate_smoke(tmp_path: Path) -> None:
+    """`python -m bench.validate` runs and reports the typical bundle and every hostile input."""
+    from bench import validate as bench_validate
+
+    assert bench_validate.main(["--runs", "1", "--no-corpus", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "validate.md").read_text()
+    assert "rsa-4096-makefile-bundle" in text and "cross-sign-loops" in text
