@@ -175,9 +175,9 @@ def _is_ca(ca: Certificate) -> None:
     """ca.go NewPluggedCertIstioCAOptions: the signing certificate must be a CA (startup only)."""
     if ca.is_ca:
         return
-    why = "basicConstraints CA is false" if ca.bc_valid else "it has no basicConstraints extension"
-    raise refuse(f"ca-cert.pem cannot be istiod's signing CA: {why}, so istiod refuses it at startup (a reload "
-                 "would accept it and then sign with a non-CA)", "ca.go NewPluggedCertIstioCAOptions",
+    why = "basicConstraints CA is false" if ca.bc_valid else "no basicConstraints extension"
+    raise refuse(f"ca-cert.pem cannot be istiod's signing CA: it is not a CA ({why}), so istiod refuses it at "
+                 "startup (a reload would accept it and then sign with a non-CA)", "ca.go NewPluggedCertIstioCAOptions",
                  "certificate is not authorized to sign other certificates")
 
 
