@@ -1157,6 +1157,35 @@ def _swap_ca_chain() -> dict[str, bytes]:
     return f
 
 
+@case("aki-mismatch", "ok", "ca-cert.pem's authorityKeyIdentifier names another key: Go still tries the issuer")
+def _aki_mismatch() -> dict[str, bytes]:
+    r = root()
+    exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.aki(b"\x01" * 20)]
+    return files(inter(r, exts=exts))
+
+
+@case("root-valid-past-2050", "ok", "a root valid until 2060 (GeneralizedTime, as RFC 5280 wants after 2049)")
+def _root_2060() -> dict[str, bytes]:
+    r = root(not_after=dt.datetime(2060, 1, 1, tzinfo=dt.UTC))
+    return files(inter(r))
+
+
+@case("pem-empty-cert-block", "b",
+      "root-cert.pem: the root plus an empty CERTIFICATE block (Go skips it, Envoy cannot)",
+      check="unparsable-cert-for-envoy")
+def _pem_empty_block() -> dict[str, bytes]:
+    r, ca = good()
+    f = files(ca)
+    f["root-cert.pem"] = r.pem + b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"
+    return f
+
+
+@case("ca-also-in-root-cert", "c", "root-cert.pem holds the root and ca-cert.pem: Go then trusts ca-cert.pem directly")
+def _ca_in_roots() -> dict[str, bytes]:
+    r, ca = good()
+    return files(ca, roots=[r, ca])
+
+
 @case("chain-missing-mid", "a", "three levels, but cert-chain.pem lacks the mid CA, so Go builds no path")
 def _chain_mid() -> dict[str, bytes]:
     mid = inter(root(), "Mid CA", pathlen=1)

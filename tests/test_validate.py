@@ -110,6 +110,11 @@ class TestHostile:
         assert err is not None and err.check == "limit-certs-per-file" and "cert-chain.pem" in str(err)
         assert elapsed < FAST
 
+    def test_over_the_names_cap(self, hostile: dict[str, tuple[str, dict[str, bytes]]]) -> None:
+        """3,000 name constraints in the root: refused, naming the file."""
+        _, err = _timed(*hostile["huge-name-constraints"])
+        assert err is not None and err.check == "limit-names" and "root-cert.pem" in str(err), err
+
     @pytest.mark.parametrize("name", ["1mib-file", "colon-lines", "huge-name-constraints", "64-distinct-roots"])
     def test_big_inputs_within_the_caps(self, hostile: dict[str, tuple[str, dict[str, bytes]]], name: str) -> None:
         """Inputs at the caps are judged quickly too."""

@@ -402,7 +402,7 @@ def _san(c: Certificate, value: bytes, limits: Limits) -> None:
             raise CertificateError("x509: invalid subject alternative name")
         count += 1
         if count > limits.max_names_per_cert:
-            raise LimitExceeded(f"more than {limits.max_names_per_cert} names in one certificate")
+            raise LimitExceeded(f"more than {limits.max_names_per_cert} subject alternative names")
         tag, body = r[0] ^ 0x80, r[1].data()
         if tag == 1:
             if not is_ia5(body):
@@ -462,7 +462,7 @@ def _name_constraints(c: Certificate, e: Extension, limits: Limits) -> bool:
                 raise CertificateError("x509: invalid NameConstraints extension")
             count += 1
             if count > limits.max_names_per_cert:
-                raise LimitExceeded(f"more than {limits.max_names_per_cert} name constraints in one certificate")
+                raise LimitExceeded(f"more than {limits.max_names_per_cert} name constraints")
             tag, raw = r[0], r[1].data()
             if tag == ctx(2):
                 if not is_ia5(raw):

@@ -86,20 +86,20 @@ class Parsed:
             self._blocks[name] = blocks
             for i, b in enumerate(blocks):
                 if b.label == b"CERTIFICATE":
-                    c = self.cert(b.der)
+                    c = self.cert(b.der, self.nth(name, i, len(blocks)))
                     if isinstance(c, Certificate):
                         self.origin.setdefault(id(c), (name, i, len(blocks)))
         return self._blocks[name]
 
-    def cert(self, der: bytes) -> Certificate | CertificateError:
-        """x509.ParseCertificate, once per distinct DER."""
+    def cert(self, der: bytes, where: str = "a certificate") -> Certificate | CertificateError:
+        """x509.ParseCertificate, once per distinct DER; `where` names the block if it is over a cap."""
         if der not in self._certs:
             try:
                 self._certs[der] = parse_certificate(der, self.limits, self._names)
             except CertificateError as exc:
                 self._certs[der] = exc
             except LimitExceeded as exc:
-                raise BundleError(f"a certificate is refused: {exc} (the agent's limit, Limits.max_names_per_cert).",
+                raise BundleError(f"{where} is refused: it has {exc} (the agent's limit, Limits.max_names_per_cert).",
                                   check="limit-names") from None
         return self._certs[der]
 
