@@ -1419,6 +1419,14 @@ def _crl_revoked() -> dict[str, bytes]:
     return files(ca, crl=rc.crl(r, [ca.serial]).pem + rc.crl(ca).pem)
 
 
+@case("crl-missing-for-root", "b",
+      "cert-chain.pem without the root, ca-crl.pem with only the intermediate's CRL: istiod is content, Envoy not",
+      check="workload-crl-missing")
+def _crl_no_root() -> dict[str, bytes]:
+    _, ca = _crl_pki()
+    return files(ca, chain=[ca], crl=rc.crl(ca).pem)
+
+
 @case("crl-sha1-signed", "ok", "CRLs signed with ECDSA-SHA1: Go allows SHA-1 for CRLs")
 def _crl_sha1() -> dict[str, bytes]:
     r, ca = _crl_pki()
