@@ -88,6 +88,8 @@ def _check(args: argparse.Namespace) -> int:
     from agent import kinds
 
     info = kinds.get(args.kind).validate_dir(args.dir, ca_signs_cert=args.ca_signs_cert)
+    for warning in info.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.dir} is a valid {args.kind} bundle; it expires {info.expires_at.isoformat()}")
     return EXIT_OK
 

@@ -226,6 +226,10 @@ class LimitsConfig(_Section, frozen=True):
 
     #: the largest answer read from Vault (a KV secret with all its fields); never read beyond
     max_secret_size: Size = Size(1 << 20)
+    #: the largest bundle file validated (and what `check` reads of a file)
+    max_file_size: Size = Size(1 << 20)
+    #: PEM blocks per bundle file
+    max_certs_per_file: int = 64
 
 
 class InitConfig(_Section, frozen=True):

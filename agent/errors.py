@@ -72,7 +72,15 @@ class StaleRead(VaultUnavailable):
 
 
 class BundleError(AgentError):
+    """A bundle the agent refuses. `istiod_loads` marks verdict (b): istiod (or pilot-agent) would load it, but
+    workloads or clients would break; `check` names the check (README "What it checks" lists them)."""
+
     reason = "invalid_bundle"
+
+    def __init__(self, message: str = "", *, check: str = "", istiod_loads: bool = False) -> None:
+        super().__init__(message)
+        self.check = check
+        self.istiod_loads = istiod_loads
 
 
 class PublishError(AgentError):

@@ -6,11 +6,11 @@ Config, sources, publishing and the `check` command ask a `Kind` instead of test
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import bundle
+from agent import validate as checks
 from agent.errors import ConfigError
 
 __all__ = ["ISTIO_CA", "KINDS", "TLS", "Kind", "get"]
@@ -32,63 +32,62 @@ class Kind:
     forbidden: tuple[str, ...]
     #: output file -> KV key, the default mapping
     kv_fields: Mapping[str, str]
-    #: what a bundle needs, for messages
-    needs: str
-    #: what the consumer is, for messages
-    consumer: str
-    #: the trust-bundle file whose change the consumer cannot take in a reload (istiod without multiroot)
-    root_file: str | None = None
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        """The files a bundle of this kind cannot do without."""
-        return tuple(f for f in self.files if f not in self.optional)
+    #: why the consumer would abandon a reload from the previous files to new ones (istiod's root-change rules),
+    #: or None when it takes them; None for kinds whose consumer reloads anything valid
+    reload_problem: Callable[..., str | None] | None = None
 
     def validate(
-        self, files: Mapping[str, bytes], *, now: dt.datetime | None = None, ca_signs_cert: bool = True
-    ) -> bundle.BundleInfo:
-        """Check `files` the way this kind's consumer will (see `agent.bundle.validate`).
+        self,
+        files: Mapping[str, bytes],
+        *,
+        now: dt.datetime | None = None,
+        limits: checks.Limits | None = None,
+        ca_signs_cert: bool = True,
+    ) -> checks.BundleInfo:
+        """Check `files` the way this kind's consumer will (see `agent.validate.validate`).
 
         Raises:
             BundleError: one sentence naming the file and the failed check.
         """
-        return bundle.validate(self.name, files, now=now, chain_to_ca=ca_signs_cert)
+        return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
 
     def validate_dir(
-        self, path: str | Path, *, now: dt.datetime | None = None, ca_signs_cert: bool = True
-    ) -> bundle.BundleInfo:
+        self,
+        path: str | Path,
+        *,
+        now: dt.datetime | None = None,
+        limits: checks.Limits | None = None,
+        ca_signs_cert: bool = True,
+    ) -> checks.BundleInfo:
         """Read a published directory of this kind and validate it.
 
         Raises:
             BundleError: a required file is missing or unreadable, or the bundle is invalid.
         """
-        return bundle.validate_dir(path, self.name, now=now, chain_to_ca=ca_signs_cert)
+        return checks.validate_dir(path, self.name, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
 
 
 ISTIO_CA = Kind(
     name="istio-ca",
-    files=bundle.ISTIO_CA_FILES,
-    optional=frozenset(),
+    files=checks.KINDS["istio-ca"],
+    # istiod 1.27+ loads ca-crl.pem when present (PILOT_ENABLE_CA_CRL)
+    optional=frozenset(checks.OPTIONAL_FILES["istio-ca"]),
     key_files=frozenset({"ca-key.pem"}),
     # istiod reads a directory holding tls.crt in the kubernetes.io/tls format instead (istio_ca.go)
     forbidden=("tls.crt", "tls.key", "ca.crt"),
     # the runbook's keys (seeds/003)
     kv_fields={"ca-key.pem": "ca_key", "ca-cert.pem": "ca_cert", "root-cert.pem": "root_cert",
-               "cert-chain.pem": "cert_chain"},
-    needs="an istio-ca bundle needs ca-key.pem, ca-cert.pem, root-cert.pem and cert-chain.pem",
-    consumer="istiod",
-    root_file="root-cert.pem",
+               "cert-chain.pem": "cert_chain", "ca-crl.pem": "ca_crl"},
+    reload_problem=checks.reload_problem,
 )
 
 TLS = Kind(
     name="tls",
-    files=bundle.TLS_FILES,
-    optional=frozenset({"ca.crt"}),
+    files=checks.KINDS["tls"],
+    optional=frozenset(checks.OPTIONAL_FILES["tls"]),
     key_files=frozenset({"tls.key"}),
     forbidden=(),
     kv_fields={"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"},
-    needs="a tls bundle needs tls.key and tls.crt (ca.crt is optional)",
-    consumer="the gateway",
 )
 
 #: every kind, by its config name

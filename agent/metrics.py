@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.bundle import BundleInfo
+    from agent.validate import BundleInfo
 
 __all__ = ["METRIC_NAMES", "NODE_STATES", "Metrics", "PrometheusMetrics"]
 

@@ -16,6 +16,7 @@ from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
 from agent.supervisor import supervise
+from agent.validate import Limits
 from agent.vault import VaultGate, make_client
 from agent.worker import BundleState, BundleWorker
 
@@ -52,6 +53,7 @@ class Agent:
             make_client(cfg.vault, on_request=self.metrics.vault_request, max_response_bytes=cfg.limits.max_secret_size)
         )
         self.keeper = TokenKeeper(cfg.auth, self.gate, self.metrics)
+        limits = Limits(max_file_bytes=cfg.limits.max_file_size, max_certs_per_file=cfg.limits.max_certs_per_file)
         self.workers = [
             BundleWorker(
                 b,
@@ -61,6 +63,7 @@ class Agent:
                 metrics=self.metrics,
                 init_timeout=cfg.init.timeout,
                 retry_interval=cfg.sidecar.poll_interval,
+                limits=limits,
                 events=self.events,
             )
             for b in cfg.bundles

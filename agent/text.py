@@ -26,13 +26,15 @@ def escape(text: str) -> str:
 
 
 def shown(value: object, limit: int = LIMIT) -> str:
-    """`value` as text fit to echo: escaped, and cut to `limit` characters plus a marker saying how much is left.
+    """`value` as text fit to echo: escaped, and cut to `limit` characters plus a marker `...[+N]` (N cut).
 
     Surrogates that cannot be encoded (a lone surrogate from JSON) are shown as \\udXXX escapes too.
     """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
     text = value if isinstance(value, str) else str(value)
     cut = len(text) > limit
     head = text[:limit]
     head = head.encode("utf-8", "backslashreplace").decode("utf-8")
     head = escape(head)
-    return f"{head}...[{len(text) - limit} more characters]" if cut else head
+    return f"{head}...[+{len(text) - limit}]" if cut else head

@@ -31,12 +31,12 @@ from agent.sources import Fetched
 from agent.threads import offload
 
 if TYPE_CHECKING:
-    from agent.bundle import BundleInfo
     from agent.config import BundleConfig
     from agent.keeper import TokenKeeper
     from agent.kube import EventRecorder
     from agent.metrics import Metrics
     from agent.sources import Source
+    from agent.validate import BundleInfo, Limits
     from agent.vault import VaultGate
 
 __all__ = ["BundleState", "BundleWorker", "backoff_delays"]
@@ -99,6 +99,7 @@ class BundleWorker:
         metrics: Metrics,
         init_timeout: float,
         retry_interval: float,
+        limits: Limits | None = None,
         events: EventRecorder | None = None,
     ) -> None:
         self.cfg = cfg
@@ -111,6 +112,7 @@ class BundleWorker:
         self.init_timeout = init_timeout
         #: the steady-state interval: backoff after the first publish caps at max(this, 5 s)
         self.retry_interval = retry_interval
+        self.limits = limits
         #: sidecar mode: record Events and run reload actions after a publish (None in init mode)
         self.events = events
         #: set once the bundle was first published
@@ -118,8 +120,8 @@ class BundleWorker:
         self._publish_lock = asyncio.Lock()
         self._log = get_logger(bundle=cfg.name)
         self._refused_reported: str | None = None
-        #: whether the last publish changed the kind's root file (the root-change guard runs after it)
-        self._root_changed = False
+        #: why the consumer would not take the last publish in a reload (the root-change guard acts on it)
+        self._reload_problem: str | None = None
         self._stale_reported: str | None = None
         self._too_large_reported: str | None = None
 
@@ -226,12 +228,17 @@ class BundleWorker:
             st.refused = fetched
             raise _again(st.refused_error)
         try:
-            info = await offload(lambda: self.kind.validate(fetched.files, ca_signs_cert=self.cfg.ca_signs_cert))
+            info = await offload(
+                lambda: self.kind.validate(fetched.files, limits=self.limits, ca_signs_cert=self.cfg.ca_signs_cert)
+            )
         except BundleError as exc:
             st.refused, st.refused_error, st.last_error = fetched, exc, str(exc)
             self.metrics.error(self.cfg.name, exc.reason)
             self._log.warning("bundle_refused", reason=str(exc), kv_version=fetched.version)
             raise
+        self._check_not_before(fetched, info)
+        for warning in info.warnings:  # verdict (c): the consumer loads it, but it is worth fixing
+            self._log.warning("bundle_warning", warning=warning, kv_version=fetched.version)
         return await self._publish(fetched, info)
 
     def _check_not_older(self, fetched: Fetched) -> None:
@@ -248,14 +255,28 @@ class BundleWorker:
             f" {live.version} is live: a node that lags behind; keeping version {live.version} and reading again"
         )
 
+    def _check_not_before(self, fetched: Fetched, info: BundleInfo) -> None:
+        """Without versions (KV v1), "older" is the certificate's notBefore: one issued before the live one is a
+        stale read, never published over it."""
+        st = self.state
+        if fetched.version is not None or st.live is None or st.info is None:
+            return
+        if info.not_before is not None and st.info.not_before is not None and info.not_before < st.info.not_before:
+            raise StaleRead(
+                f"Vault answered bundle {self.cfg.name}'s secret with a certificate issued at"
+                f" {info.not_before:%Y-%m-%dT%H:%M:%SZ}, before the live one ({st.info.not_before:%Y-%m-%dT%H:%M:%SZ}):"
+                " a node that lags behind, or an older certificate written back; keeping the live bundle (to roll"
+                " back on purpose, issue the certificate anew)"
+            )
+
     async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
         st, b = self.state, self.cfg
         async with self._publish_lock:
             result = await offload(lambda: publish.publish(Path(b.dir), fetched.files, **self._publish_options()))
-        previous, root = st.live, self.kind.root_file
-        self._root_changed = (
-            root is not None and previous is not None and result.changed
-            and previous.files.get(root) != fetched.files.get(root)
+        previous, check = st.live, self.kind.reload_problem
+        self._reload_problem = (
+            check(previous.files, fetched.files, multiroot=b.multiroot)
+            if check is not None and previous is not None and result.changed else None
         )
         st.live, st.info, st.refused, st.refused_error, st.last_error = fetched, info, None, None, None
         self.published.set()
@@ -351,12 +372,11 @@ class BundleWorker:
             except AgentError as exc:
                 self.metrics.error(b.name, exc.reason)
                 self._log.error("reload_failed", reason=str(exc))
-        if self._root_changed and not b.multiroot:
+        if self._reload_problem is not None:
             self._log.warning(
                 "root_changed",
-                reason="root-cert.pem changed: istiod abandons a reload whose root differs unless"
-                " ISTIO_MULTIROOT_MESH=true ('Multi root is disabled, updating new ROOT-CA not supported');"
-                " set multiroot: true with an overlapping root bundle, or let on_root_change restart istiod",
+                reason=f"{self._reload_problem}; set multiroot: true with an overlapping root bundle"
+                " (and ISTIO_MULTIROOT_MESH=true), or let on_root_change restart istiod",
                 on_root_change=b.on_root_change,
             )
             self.events.record("RootChanged", f"bundle {b.name}: root-cert.pem changed", "Warning")

@@ -33,7 +33,7 @@ PHASES: dict[str, tuple[str, str]] = {
     "config load": ("agent/config.py", "load"),
     "log setup": ("agent/log.py", "configure"),
     "login (incl. its imports)": ("agent/auth.py", "login"),
-    "bundle validation (incl. its imports)": ("agent/bundle.py", "validate"),
+    "bundle validation (incl. its imports)": ("agent/validate/__init__.py", "validate"),
     "publish (incl. its imports)": ("agent/publish.py", "publish"),
 }
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import hvac
 import pytest
 
-from agent import bundle, cli
+from agent import cli
+from agent import validate as bundle
 from testbed import pki
 from testbed.bao import BaoNotFound, BaoServer, find_bao
 from testbed.kubeapi import KubeAPI

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config, health
 from agent.auth import Login
-from agent.bundle import BundleInfo, validate
 from agent.config import BundleConfig, SourceConfig, parse_duration, parse_listen
 from agent.errors import ConfigError
 from agent.metrics import PrometheusMetrics
 from agent.sources import Fetched, digest
+from agent.validate import BundleInfo, validate
 from agent.worker import BundleState
 from testbed import pki
 

@@ -14,8 +14,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.bundle import BundleInfo, validate
 from agent.metrics import METRIC_NAMES, Metrics, PrometheusMetrics
+from agent.validate import BundleInfo, validate
 from testbed import pki
 
 ROOT = Path(__file__).resolve().parent.parent

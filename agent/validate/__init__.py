@@ -1,0 +1,137 @@
+"""Bundle validation that mirrors istiod (istio-ca) and pilot-agent/Envoy (tls): three verdicts, bounded work.
+
+(a) the consumer would refuse it: BundleError; (b) it would load it but workloads or clients break: BundleError
+with istiod_loads=True; (c) it loads and nothing breaks: BundleInfo, with `warnings` worth fixing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent.errors import BundleError, ConfigError
+from agent.validate.info import BundleInfo
+from agent.validate.istio_ca import ISTIO_CA_FILES, OPTIONAL_ISTIO_CA_FILES, reload_problem
+from agent.validate.limits import Limits
+from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
+
+__all__ = [
+    "ISTIO_CA_FILES",
+    "KEY_FILES",
+    "KINDS",
+    "OPTIONAL_FILES",
+    "TLS_FILES",
+    "BundleInfo",
+    "Limits",
+    "reload_problem",
+    "validate",
+    "validate_dir",
+]
+
+KEY_FILES = frozenset({"ca-key.pem", "tls.key"})
+#: bundle kind -> the files it is made of (optional ones included)
+KINDS: Mapping[str, tuple[str, ...]] = {
+    "istio-ca": (*ISTIO_CA_FILES, *OPTIONAL_ISTIO_CA_FILES),
+    "tls": TLS_FILES,
+}
+#: bundle kind -> the files that may be absent
+OPTIONAL_FILES: Mapping[str, tuple[str, ...]] = {"istio-ca": OPTIONAL_ISTIO_CA_FILES, "tls": OPTIONAL_TLS_FILES}
+
+
+def _epoch(now: dt.datetime | None) -> int:
+    when = dt.datetime.now(dt.UTC) if now is None else now
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())
+
+
+def validate(
+    kind: str,
+    files: Mapping[str, bytes],
+    *,
+    now: dt.datetime | None = None,
+    limits: Limits | None = None,
+    ca_signs_cert: bool = True,
+) -> BundleInfo:
+    """Check a bundle the way its consumer will, and describe it.
+
+    istio-ca: istiod's startup with a plugged-in ROOT_CA_DIR (which includes every reload check), then what
+    breaks for workloads (verdict b), then warnings (verdict c). tls: pilot-agent's file certificates; with
+    `ca_signs_cert` false ca.crt is the CA of client certificates (gateway MUTUAL mode) and need not sign tls.crt.
+
+    Raises:
+        BundleError: one sentence naming the file and the check; `istiod_loads` marks verdict (b).
+        ConfigError: `kind` is not a known bundle kind.
+    """
+    from agent.validate.istio_ca import validate_istio_ca
+    from agent.validate.tls import validate_tls
+
+    lim = limits or Limits()
+    when = _epoch(now)
+    if kind == "istio-ca":
+        return validate_istio_ca(files, when, lim)
+    if kind == "tls":
+        return validate_tls(files, when, lim, ca_signs_cert=ca_signs_cert)
+    raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
+
+
+def _read(path: Path, name: str, limit: int) -> bytes | None:
+    """At most limit+1 bytes of a regular file, without blocking on FIFOs; None when it does not exist.
+
+    The published names are symlinks into ..data (like kubelet's), so the name itself may be a symlink; what it
+    points to must be a regular file.
+    """
+    try:
+        fd = os.open(path / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BundleError(f"{name} in {path} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{name} in {path} is not a regular file.")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise BundleError(f"{name} in {path} cannot be read: {exc.strerror or exc}.") from None
+    finally:
+        os.close(fd)
+
+
+def validate_dir(
+    path: str | Path,
+    kind: str,
+    *,
+    now: dt.datetime | None = None,
+    limits: Limits | None = None,
+    ca_signs_cert: bool = True,
+) -> BundleInfo:
+    """Read a published bundle from `path` and validate it (see `validate`).
+
+    Raises:
+        BundleError: a required file is missing, unreadable or not a regular file, or the bundle is refused.
+        ConfigError: `kind` is not a known bundle kind.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
+    lim = limits or Limits()
+    directory = Path(path)
+    files: dict[str, bytes] = {}
+    for name in KINDS[kind]:
+        data = _read(directory, name, lim.max_file_bytes)
+        if data is None:
+            if name in OPTIONAL_FILES[kind]:
+                continue
+            raise BundleError(f"{name} is missing from {directory}.")
+        files[name] = data
+    return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert)

@@ -1,0 +1,32 @@
+"""The NIST curves Go's x509 supports: is a point on the curve (ecdsa.ParseUncompressedPublicKey's check)."""
+
+from __future__ import annotations
+
+__all__ = ["CURVE_ORDER", "on_curve"]
+
+# (p, b, n) with a = -3 for all four curves (FIPS 186-4 D.1.2)
+_CURVES = {
+    "P-224": (2**224 - 2**96 + 1,
+              0xB4050A850C04B3ABF54132565044B0B7D7BFD8BA270B39432355FFB4,
+              0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D),
+    "P-256": (2**256 - 2**224 + 2**192 + 2**96 - 1,
+              0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+              0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551),
+    "P-384": (2**384 - 2**128 - 2**96 + 2**32 - 1,
+              0xB3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875AC656398D8A2ED19D2A85C8EDD3EC2AEF,
+              0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973),
+    "P-521": (2**521 - 1,
+              0x0051953EB9618E1C9A1F929A21A0B68540EEA2DA725B99B315F3B8B489918EF109E156193951EC7E937B1652C0BD3BB1BF073573DF883D2C34F1EF451FD46B503F00,
+              0x01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409),
+}
+
+#: the group order n of each curve (a private scalar must be in [1, n-1])
+CURVE_ORDER = {name: n for name, (_, _, n) in _CURVES.items()}
+
+
+def on_curve(curve: str, x: int, y: int) -> bool:
+    """y^2 = x^3 - 3x + b (mod p), with both coordinates reduced."""
+    p, b, _ = _CURVES[curve]
+    if not (0 <= x < p and 0 <= y < p):
+        return False
+    return (y * y - (x * x * x - 3 * x + b)) % p == 0

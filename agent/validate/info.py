@@ -1,0 +1,38 @@
+"""What a valid bundle holds, for logs, readiness and expiry metrics (never key material)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+__all__ = ["BundleInfo", "to_datetime"]
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A validated bundle, described."""
+
+    #: "istio-ca" or "tls"
+    kind: str
+    #: per certificate file, the earliest notAfter of the certificates in it that the consumer uses
+    not_after: dict[str, dt.datetime]
+    #: earliest notAfter over what the consumer uses
+    expires_at: dt.datetime
+    #: sha256 hex of each certificate Go parses in root-cert.pem / ca.crt, in file order
+    root_fingerprints: tuple[str, ...]
+    #: serial number (hex) of ca-cert.pem / the tls.crt leaf
+    serial: str
+    #: verdict (c): istiod (or pilot-agent) loads it and nothing breaks, but this is worth fixing; one sentence each
+    warnings: tuple[str, ...] = field(default=())
+    #: notBefore of ca-cert.pem / the tls.crt leaf: when the backend has no versions, what "newer" means
+    not_before: dt.datetime | None = None
+
+
+def to_datetime(seconds: int) -> dt.datetime:
+    """Epoch seconds as an aware UTC datetime, clamped to what datetime can hold."""
+    lo, hi = dt.datetime(1, 1, 1, tzinfo=dt.UTC), dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    try:
+        return min(max(epoch + dt.timedelta(seconds=seconds), lo), hi)
+    except OverflowError:
+        return lo if seconds < 0 else hi

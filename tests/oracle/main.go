@@ -1,0 +1,623 @@
+// Command oracle replays, with Go's standard library only, what istiod does with a plugged-in CA directory
+// (ROOT_CA_DIR) at startup and on reload, and what pilot-agent does with file-mounted gateway certificates.
+//
+// It was written from reading istio/istio 86c9f01 (go.mod: go 1.26.0); every step names the upstream file and
+// function it transcribes. Only the Go calls istiod makes are repeated here, in istiod's order, so that the
+// verdict and the error text are what istiod itself would produce. Nothing of istio is imported or copied.
+//
+// Input (stdin): a JSON array of {"dir": "...", "kind": "istio-ca"|"tls", "ca_signs_cert": bool}.
+// Output (stdout): a JSON array, one object per input, in order:
+//
+//	istio-ca: {"dir", "kind", "startup": verdict, "reload": verdict}
+//	tls:      {"dir", "kind", "gateway": verdict}
+//
+// verdict = {"ok": bool, "step": "<upstream function that failed>", "error": "<Go error text>",
+// "after": "<error logged after a reload already took effect>"}.
+package main
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// File names: security/pkg/pki/ca/ca.go (CACertFile, CAPrivateKeyFile, CACRLFile, CertChainFile,
+// RootCertFile, TLSSecret*File).
+const (
+	caCertFile     = "ca-cert.pem"
+	caKeyFile      = "ca-key.pem"
+	caCRLFile      = "ca-crl.pem"
+	certChainFile  = "cert-chain.pem"
+	rootCertFile   = "root-cert.pem"
+	tlsCertFile    = "tls.crt"
+	tlsKeyFile     = "tls.key"
+	tlsRootFile    = "ca.crt"
+	istioGenerated = "istio-generated"
+)
+
+// Defaults istiod runs with unless overridden (pilot/pkg/bootstrap/istio_ca.go env.Register calls,
+// security/pkg/cmd/constants.go, pilot/pkg/features/pilot.go).
+const (
+	defaultWorkloadCertTTL = 24 * time.Hour            // DEFAULT_WORKLOAD_CERT_TTL
+	selfSignedCACertTTL    = 3650 * 24 * time.Hour     // CITADEL_SELF_SIGNED_CA_CERT_TTL, used by GenKeyCert
+	enableCACRL            = true                      // PILOT_ENABLE_CA_CRL
+	clockSkewGracePeriod   = 2 * time.Minute           // security/pkg/pki/util/generate_cert.go
+	istiodDNSName          = "istiod.istio-system.svc" // getDNSNames: the first name istiod signs for itself
+)
+
+type request struct {
+	Dir         string `json:"dir"`
+	Kind        string `json:"kind"`
+	CASignsCert bool   `json:"ca_signs_cert"`
+}
+
+type verdict struct {
+	OK    bool   `json:"ok"`
+	Step  string `json:"step,omitempty"`
+	Error string `json:"error,omitempty"`
+	After string `json:"after,omitempty"`
+}
+
+type result struct {
+	Dir     string   `json:"dir"`
+	Kind    string   `json:"kind"`
+	Startup *verdict `json:"startup,omitempty"`
+	Reload  *verdict `json:"reload,omitempty"`
+	Gateway *verdict `json:"gateway,omitempty"`
+}
+
+func fail(step string, err error) verdict { return verdict{Step: step, Error: err.Error()} }
+
+func main() {
+	var reqs []request
+	if err := json.NewDecoder(os.Stdin).Decode(&reqs); err != nil {
+		fmt.Fprintln(os.Stderr, "oracle: reading requests:", err)
+		os.Exit(2)
+	}
+	results := make([]result, len(reqs))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 4)
+	for i, r := range reqs {
+		wg.Add(1)
+		go func(i int, r request) {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			res := result{Dir: r.Dir, Kind: r.Kind}
+			switch r.Kind {
+			case "istio-ca":
+				s, rl := istiodStartup(r.Dir), istiodReload(r.Dir)
+				res.Startup, res.Reload = &s, &rl
+			case "tls":
+				g := gateway(r.Dir, r.CASignsCert)
+				res.Gateway = &g
+			default:
+				g := verdict{Step: "oracle", Error: "unknown kind " + r.Kind}
+				res.Gateway = &g
+			}
+			results[i] = res
+		}(i, r)
+	}
+	wg.Wait()
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", " ")
+	if err := enc.Encode(results); err != nil {
+		fmt.Fprintln(os.Stderr, "oracle:", err)
+		os.Exit(2)
+	}
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// istiod, pilot/pkg/bootstrap/istio_ca.go
+
+type signingCAFileBundle struct { // security/pkg/pki/ca/ca.go SigningCAFileBundle
+	RootCertFile    string
+	CertChainFiles  []string
+	SigningCertFile string
+	SigningKeyFile  string
+	CRLFile         string
+}
+
+// detectSigningCABundleAndCRL: tls.crt present means the kubernetes.io/tls layout, else the istiod layout,
+// plus ca-crl.pem when it exists and PILOT_ENABLE_CA_CRL is on.
+func detectSigningCABundleAndCRL(dir string) (signingCAFileBundle, error) {
+	tlsSigningFile := filepath.Join(dir, tlsCertFile)
+	if _, err := os.Stat(tlsSigningFile); err == nil {
+		return signingCAFileBundle{
+			RootCertFile:    filepath.Join(dir, tlsRootFile),
+			CertChainFiles:  []string{tlsSigningFile, filepath.Join(dir, tlsRootFile)},
+			SigningCertFile: tlsSigningFile,
+			SigningKeyFile:  filepath.Join(dir, tlsKeyFile),
+		}, nil
+	} else if !os.IsNotExist(err) {
+		return signingCAFileBundle{}, err
+	}
+	fb := signingCAFileBundle{
+		RootCertFile:    filepath.Join(dir, rootCertFile),
+		CertChainFiles:  []string{filepath.Join(dir, certChainFile)},
+		SigningCertFile: filepath.Join(dir, caCertFile),
+		SigningKeyFile:  filepath.Join(dir, caKeyFile),
+	}
+	if enableCACRL {
+		crl := filepath.Join(dir, caCRLFile)
+		if _, err := os.Stat(crl); err == nil {
+			fb.CRLFile = crl
+		}
+	}
+	return fb, nil
+}
+
+// fileExists and hasValidChainFiles, then checkCABundleCompleteness: which of the files exist.
+func fileExists(name string) (bool, error) {
+	if name == "" {
+		return false, nil
+	}
+	if _, err := os.Stat(name); err != nil {
+		if os.IsNotExist(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("error checking file %s: %v", name, err)
+	}
+	return true, nil
+}
+
+func checkCABundleCompleteness(fb signingCAFileBundle) (complete, exists bool, err error) {
+	key, err := fileExists(fb.SigningKeyFile)
+	if err != nil {
+		return false, false, err
+	}
+	cert, err := fileExists(fb.SigningCertFile)
+	if err != nil {
+		return false, key, err
+	}
+	root, err := fileExists(fb.RootCertFile)
+	if err != nil {
+		return false, key || cert, err
+	}
+	chain := false
+	for _, f := range fb.CertChainFiles {
+		ok, err := fileExists(f)
+		if err != nil {
+			return false, key || cert || root, err
+		}
+		if ok {
+			chain = true
+			break
+		}
+	}
+	return key && cert && root && chain, key || cert || root || chain, nil
+}
+
+// istiodStartup follows createIstioCA for a complete plugged-in bundle: NewPluggedCertIstioCAOptions
+// (security/pkg/pki/ca/ca.go), the CRL read, NewIstioCA's minTTL, then initDNSCertsIstiod's GenKeyCert
+// (pilot/pkg/bootstrap/certcontroller.go), whose failure also stops istiod.
+func istiodStartup(dir string) verdict {
+	fb, err := detectSigningCABundleAndCRL(dir)
+	if err != nil {
+		return fail("detectSigningCABundleAndCRL", fmt.Errorf("unable to determine signing file format %v", err))
+	}
+	complete, exists, err := checkCABundleCompleteness(fb)
+	if err != nil {
+		return fail("checkCABundleCompleteness", fmt.Errorf("failed to create an istiod CA: %w", err))
+	}
+	if !complete && exists {
+		return fail("checkCABundleCompleteness",
+			errors.New("failed to create an istiod CA: incomplete signing CA bundle detected"))
+	}
+	if !complete {
+		return fail("createIstioCA", errors.New("no plugged-in CA files: istiod would use a self-signed CA"))
+	}
+	// The istio-generated marker only matters with USE_CACERTS_FOR_SELF_SIGNED_CA (default false).
+
+	// security/pkg/pki/ca/ca.go NewPluggedCertIstioCAOptions
+	bundle, err := newVerifiedKeyCertBundleFromFile(fb)
+	if err != nil {
+		return fail("NewVerifiedKeyCertBundleFromFile",
+			fmt.Errorf("failed to create an istiod CA: failed to create CA KeyCertBundle (%v)", err))
+	}
+	b, err := os.ReadFile(fb.SigningCertFile)
+	if err != nil {
+		return fail("NewPluggedCertIstioCAOptions", fmt.Errorf("failed to create an istiod CA: %v", err))
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return fail("NewPluggedCertIstioCAOptions",
+			errors.New("failed to create an istiod CA: invalid PEM encoded certificate"))
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return fail("NewPluggedCertIstioCAOptions",
+			errors.New("failed to create an istiod CA: failed to parse X.509 certificate"))
+	}
+	if !cert.IsCA {
+		return fail("NewPluggedCertIstioCAOptions",
+			errors.New("failed to create an istiod CA: certificate is not authorized to sign other certificates"))
+	}
+
+	// createIstioCA: with a CRL file, it is read again for the initial replication.
+	if fb.CRLFile != "" {
+		if _, err := os.ReadFile(fb.CRLFile); err != nil {
+			return fail("createIstioCA", err)
+		}
+	}
+
+	// security/pkg/pki/ca/ca.go NewIstioCA -> minTTL, which reads the first block of cert-chain.pem.
+	if _, err := minTTL(bundle, defaultWorkloadCertTTL); err != nil {
+		return fail("NewIstioCA.minTTL", fmt.Errorf("failed to create an istiod CA: failed to get default cert TTL %s", err))
+	}
+
+	// pilot/pkg/bootstrap/certcontroller.go initDNSCertsIstiod -> IstioCA.GenKeyCert
+	if err := genKeyCert(bundle); err != nil {
+		return fail("initDNSCertsIstiod.GenKeyCert", fmt.Errorf("failed generating istiod key cert %v", err))
+	}
+	return verdict{OK: true}
+}
+
+// istiodReload follows handleEvent for a reload that keeps root-cert.pem byte-identical (the agent compares
+// roots itself): UpdateVerifiedKeyCertBundleFromFile, then updateRootCertAndGenKeyCert, which runs after the
+// new bundle is already in use, so its failure is only logged ("after").
+func istiodReload(dir string) verdict {
+	fb, err := detectSigningCABundleAndCRL(dir)
+	if err != nil {
+		return fail("handleEvent", fmt.Errorf("unable to determine signing file format %v", err))
+	}
+	if _, err := os.ReadFile(fb.RootCertFile); err != nil {
+		return fail("handleEvent", fmt.Errorf("failed reading root-cert.pem: %v", err))
+	}
+	// The CRL is read once more to decide whether to replicate it; a read error is only logged there.
+	bundle, err := newVerifiedKeyCertBundleFromFile(fb) // UpdateVerifiedKeyCertBundleFromFile reads the same way
+	if err != nil {
+		return fail("UpdateVerifiedKeyCertBundleFromFile", fmt.Errorf("Failed to update new Plug-in CA certs: %v", err))
+	}
+	v := verdict{OK: true}
+	if err := genKeyCert(bundle); err != nil {
+		v.After = fmt.Sprintf("Failed generating plugged-in istiod key cert: %v", err)
+	}
+	return v
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// security/pkg/pki/util/keycertbundle.go
+
+type keyCertBundle struct {
+	certBytes, privKeyBytes, certChainBytes, rootCertBytes, crlBytes []byte
+	cert                                                             *x509.Certificate // setAllFromPem
+	privKey                                                          crypto.PrivateKey
+}
+
+// NewVerifiedKeyCertBundleFromFile: read the files (chain files concatenated), the optional CRL, then Verify;
+// setAllFromPem keeps ParsePemEncodedCertificate/ParsePemEncodedKey results, ignoring their errors.
+func newVerifiedKeyCertBundleFromFile(fb signingCAFileBundle) (*keyCertBundle, error) {
+	certBytes, err := os.ReadFile(fb.SigningCertFile)
+	if err != nil {
+		return nil, err
+	}
+	privKeyBytes, err := os.ReadFile(fb.SigningKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	var chain []byte
+	for _, f := range fb.CertChainFiles {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		chain = append(chain, b...)
+	}
+	rootBytes, err := os.ReadFile(fb.RootCertFile)
+	if err != nil {
+		return nil, err
+	}
+	var crl []byte // gerCRLBytesFromFile
+	if fb.CRLFile != "" {
+		if crl, err = os.ReadFile(fb.CRLFile); err != nil {
+			return nil, err
+		}
+	}
+	if err := verify(certBytes, privKeyBytes, chain, rootBytes, crl); err != nil {
+		return nil, err
+	}
+	b := &keyCertBundle{certBytes: certBytes, privKeyBytes: privKeyBytes, certChainBytes: chain,
+		rootCertBytes: rootBytes, crlBytes: crl}
+	b.cert, _ = parsePemEncodedCertificate(certBytes)
+	b.privKey, _ = parsePemEncodedKey(privKeyBytes)
+	return b, nil
+}
+
+// Verify: x509 pools from root-cert.pem and cert-chain.pem, Verify with Go's defaults (now, ServerAuth),
+// ParsePemEncodedKey, tls.X509KeyPair, then (with a CRL) a CRL signed by every certificate of cert-chain.pem.
+func verify(certBytes, privKeyBytes, certChainBytes, rootCertBytes, crl []byte) error {
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(rootCertBytes)
+	inters := x509.NewCertPool()
+	inters.AppendCertsFromPEM(certChainBytes)
+	cert, err := parsePemEncodedCertificate(certBytes)
+	if err != nil {
+		return fmt.Errorf("failed to parse cert PEM: %v", err)
+	}
+	chains, err := cert.Verify(x509.VerifyOptions{Intermediates: inters, Roots: roots})
+	if len(chains) == 0 || err != nil {
+		return fmt.Errorf("cannot verify the cert with the provided root chain and cert pool with error: %v", err)
+	}
+	if _, err := parsePemEncodedKey(privKeyBytes); err != nil {
+		return fmt.Errorf("failed to parse private key PEM: %v", err)
+	}
+	if _, err := tls.X509KeyPair(certBytes, privKeyBytes); err != nil {
+		return fmt.Errorf("the cert does not match the key: %v", err)
+	}
+	if len(crl) == 0 {
+		return nil
+	}
+	// Every PEM block of cert-chain.pem is parsed as a certificate (no type check) and needs a CRL it signed.
+	var signers []*x509.Certificate
+	for rest := certChainBytes; ; {
+		block, remaining := pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return fmt.Errorf("failed to parse cert chain: %w", err)
+		}
+		signers = append(signers, c)
+		rest = remaining
+	}
+	var crls []*x509.RevocationList
+	for rest := crl; ; {
+		block, remaining := pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		rl, err := x509.ParseRevocationList(block.Bytes)
+		if err != nil {
+			return fmt.Errorf("failed to parse CRL PEM: %w", err)
+		}
+		crls = append(crls, rl)
+		rest = remaining
+	}
+	// Keyed by Subject.String(), so certificates with the same subject string share one entry (the last wins).
+	missing := make(map[string]*x509.Certificate, len(signers))
+	for _, s := range signers {
+		missing[s.Subject.String()] = s
+	}
+	for _, rl := range crls {
+		for subj, s := range missing {
+			if rl.CheckSignatureFrom(s) == nil {
+				delete(missing, subj)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+	}
+	if len(missing) != 0 {
+		names := make([]string, 0, len(missing))
+		for subj := range missing {
+			names = append(names, subj)
+		}
+		return fmt.Errorf("missing CRL signed by certificates: %v", names)
+	}
+	return nil
+}
+
+// minTTL (security/pkg/pki/ca/ca.go) with TimeBeforeCertExpires/extractCertExpiryTimestamp (keycertbundle.go).
+func minTTL(b *keyCertBundle, defaultCertTTL time.Duration) (time.Duration, error) {
+	if len(b.certChainBytes) == 0 {
+		return defaultCertTTL, nil
+	}
+	c, err := parsePemEncodedCertificate(b.certChainBytes)
+	if err != nil {
+		return 0, fmt.Errorf("failed to get cert chain TTL %s",
+			fmt.Errorf("failed to extract cert expiration timestamp: %v", fmt.Errorf("failed to parse the cert: %v", err)))
+	}
+	left := time.Until(c.NotAfter)
+	if left <= 0 {
+		return 0, errors.New("cert chain has expired")
+	}
+	return min(defaultCertTTL, left), nil
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// security/pkg/pki/util/crypto.go
+
+// ParsePemEncodedCertificate: the first PEM block, whatever its type.
+func parsePemEncodedCertificate(certBytes []byte) (*x509.Certificate, error) {
+	cb, _ := pem.Decode(certBytes)
+	if cb == nil {
+		return nil, errors.New("invalid PEM encoded certificate")
+	}
+	cert, err := x509.ParseCertificate(cb.Bytes)
+	if err != nil {
+		return nil, errors.New("failed to parse X.509 certificate")
+	}
+	return cert, nil
+}
+
+// ParsePemEncodedKey: the first PEM block; its label picks exactly one parser.
+func parsePemEncodedKey(keyBytes []byte) (crypto.PrivateKey, error) {
+	kb, _ := pem.Decode(keyBytes)
+	if kb == nil {
+		return nil, errors.New("invalid PEM-encoded key")
+	}
+	switch kb.Type {
+	case "EC PRIVATE KEY":
+		key, err := x509.ParseECPrivateKey(kb.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("failed to parse the ECDSA private key: %v", err)
+		}
+		return key, nil
+	case "RSA PRIVATE KEY":
+		key, err := x509.ParsePKCS1PrivateKey(kb.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("failed to parse the RSA private key: %v", err)
+		}
+		return key, nil
+	case "PRIVATE KEY":
+		key, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("failed to parse the PKCS8 private key: %v", err)
+		}
+		return key, nil
+	default:
+		return nil, fmt.Errorf("unsupported PEM block type for a private key: %s", kb.Type)
+	}
+}
+
+// ParseRootCerts: TrimSpace, then every PEM block parsed as a certificate; bad ones are skipped, and a
+// PEM decoding failure ends the loop.
+func parseRootCerts(certBytes []byte) ([]byte, []error) {
+	var valid []byte
+	var errs []error
+	certBytes = bytes.TrimSpace(certBytes)
+	for len(certBytes) > 0 {
+		var cb *pem.Block
+		cb, certBytes = pem.Decode(certBytes)
+		if cb == nil {
+			errs = append(errs, errors.New("invalid PEM encoded certificate"))
+			return valid, errs
+		}
+		if _, err := x509.ParseCertificate(cb.Bytes); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		valid = append(valid, pem.EncodeToMemory(cb)...)
+	}
+	return valid, errs
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// IstioCA.GenKeyCert (security/pkg/pki/ca/ca.go): a CSR with a key like the CA's (util.GetEllipticCurve,
+// util.GenCSR), signed by sign() -> util.GenCertFromCSR -> genCertTemplateFromCSR -> x509.CreateCertificate.
+
+var (
+	csrKeyOnce sync.Once
+	csrKeys    map[string]crypto.Signer // the CSR's own key does not change the outcome: generate each kind once
+)
+
+func csrKey(kind string) crypto.Signer {
+	csrKeyOnce.Do(func() {
+		p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+		r, _ := rsa.GenerateKey(rand.Reader, 2048) // CertOptions.RSAKeySize = rsaKeySize (2048)
+		csrKeys = map[string]crypto.Signer{"p256": p256, "p384": p384, "rsa": r}
+	})
+	return csrKeys[kind]
+}
+
+func genKeyCert(b *keyCertBundle) error {
+	signingCert, signingKey := b.cert, b.privKey
+	if signingCert == nil {
+		return errors.New("Istio CA is not ready") // sign(): CANotReady
+	}
+	kind := "rsa"
+	if k, ok := signingKey.(*ecdsa.PrivateKey); ok { // util.GetEllipticCurve: P384, else P256
+		kind = "p256"
+		if k.Curve == elliptic.P384() {
+			kind = "p384"
+		}
+	}
+	priv := csrKey(kind)
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		Subject: pkix.Name{Organization: []string{""}}, DNSNames: []string{istiodDNSName},
+	}, priv)
+	if err != nil {
+		return fmt.Errorf("CSR creation failed (%v)", err)
+	}
+	csr, err := x509.ParseCertificateRequest(csrDER) // util.ParsePemEncodedCSR
+	if err != nil {
+		return err
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return err
+	}
+	// genCertTemplateFromCSR
+	now := time.Now()
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128)) // genSerialNum
+	if err != nil {
+		return err
+	}
+	if !now.Before(signingCert.NotAfter) {
+		return fmt.Errorf("signing certificate has expired at %v", signingCert.NotAfter)
+	}
+	notAfter := now.Add(selfSignedCACertTTL)
+	if !notAfter.Before(signingCert.NotAfter) {
+		notAfter = signingCert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		NotBefore:             now.Add(-clockSkewGracePeriod),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		DNSNames:              []string{istiodDNSName}, // BuildSubjectAltNameExtension(hosts)
+	}
+	_, err = x509.CreateCertificate(rand.Reader, tmpl, signingCert, csr.PublicKey, signingKey)
+	return err
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// pilot-agent with file-mounted gateway certificates: security/pkg/nodeagent/cache/secretcache.go
+
+// gateway: generateKeyCertFromExistingFiles (tls.LoadX509KeyPair), keyCertSecretItem
+// (security/pkg/nodeagent/util ParseCertAndGetExpiryTimestamp), generateRootCertFromExistingFile
+// (ParseRootCerts, at least one valid root) for ca.crt. With ca_signs_cert the agent also asks that tls.crt
+// verifies to ca.crt (x509 defaults), which is the agent's own rule, not pilot-agent's.
+func gateway(dir string, caSignsCert bool) verdict {
+	certPath, keyPath, caPath := filepath.Join(dir, tlsCertFile), filepath.Join(dir, tlsKeyFile), filepath.Join(dir, tlsRootFile)
+	if _, err := tls.LoadX509KeyPair(certPath, keyPath); err != nil {
+		return fail("generateKeyCertFromExistingFiles", err)
+	}
+	chain, err := os.ReadFile(certPath)
+	if err != nil {
+		return fail("keyCertSecretItem", err)
+	}
+	block, _ := pem.Decode(chain)
+	if block == nil {
+		return fail("ParseCertAndGetExpiryTimestamp", errors.New("failed to decode certificate"))
+	}
+	if _, err := x509.ParseCertificate(block.Bytes); err != nil {
+		return fail("ParseCertAndGetExpiryTimestamp", fmt.Errorf("failed to parse certificate: %v", err))
+	}
+	caBytes, err := os.ReadFile(caPath)
+	if os.IsNotExist(err) || (err == nil && len(bytes.TrimSpace(caBytes)) == 0) {
+		return verdict{OK: true} // no caCertificates for this server
+	}
+	if err != nil {
+		return fail("generateRootCertFromExistingFile", err)
+	}
+	valid, errs := parseRootCerts(caBytes)
+	if len(valid) == 0 {
+		return fail("generateRootCertFromExistingFile",
+			fmt.Errorf("failed to parse root certs from file %s: %v", caPath, errs))
+	}
+	if !caSignsCert {
+		return verdict{OK: true}
+	}
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return fail("ca_signs_cert", err)
+	}
+	roots, inters := x509.NewCertPool(), x509.NewCertPool()
+	roots.AppendCertsFromPEM(valid)
+	inters.AppendCertsFromPEM(chain)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters}); err != nil {
+		return fail("ca_signs_cert", err)
+	}
+	return verdict{OK: true}
+}
