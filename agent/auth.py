@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import vault
 from agent.errors import AuthError, ConfigError, VaultUnavailable
+from agent.text import shown
 
 if TYPE_CHECKING:
     import hvac
@@ -70,21 +71,21 @@ def read_token_file(path: str, what: str) -> str:
 
 
 def _login_hint(cfg: AuthConfig, message: str) -> str:
-    mount = mount_of(cfg)
+    mount, role, path = shown(mount_of(cfg)), shown(cfg.role or ""), shown(cfg.token_path)
     lowered = message.lower()
     if "role" in lowered and ("invalid" in lowered or "not found" in lowered or "could not be found" in lowered):
-        return f"create role {cfg.role!r} on auth mount {mount!r}, or fix auth.role"
+        return f"create role {role!r} on auth mount {mount!r}, or fix auth.role"
     if "service account" in lowered or "namespace" in lowered or "not authorized" in lowered:
         return (
-            f"bind role {cfg.role!r} on auth mount {mount!r} to this pod's service account and namespace"
+            f"bind role {role!r} on auth mount {mount!r} to this pod's service account and namespace"
             " (bound_service_account_names, bound_service_account_namespaces)"
         )
     if "permission denied" in lowered:
         return (
             f"check that a {cfg.method} auth method is enabled at auth/{mount} (auth.mount) and that"
-            f" role {cfg.role!r} accepts the token in {cfg.token_path}"
+            f" role {role!r} accepts the token in {path}"
         )
-    return f"check role {cfg.role!r} on auth mount {mount!r} and the token in {cfg.token_path}"
+    return f"check role {role!r} on auth mount {mount!r} and the token in {path}"
 
 
 def login(client: hvac.Client, cfg: AuthConfig) -> Login:
@@ -99,13 +100,13 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
     client.token = ""  # a login never carries an earlier token along
     if cfg.method == "token":
         client.token = read_token_file(cfg.token_path, "Vault token")
-        action = f"looking up the token in {cfg.token_path}"
+        action = f"looking up the token in {shown(cfg.token_path)}"
         response = vault.call(
             client.auth.token.lookup_self,
             address=address,
             action=action,
             login=True,
-            hint=f"put a valid Vault token in {cfg.token_path}",
+            hint=f"put a valid Vault token in {shown(cfg.token_path)}",
         )
         data = vault.field(vault.answer(response, address=address, action=action), "data", dict,
                            address=address, action=action)
@@ -121,7 +122,7 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
     digest = credential_digest(jwt)
     mount = mount_of(cfg)
     role = cfg.role or ""
-    action = f"logging in to auth/{mount} as role {role!r}"
+    action = f"logging in to auth/{shown(mount)} as role {shown(role)!r}"
 
     def do_login() -> dict[str, Any]:
         if cfg.method == "kubernetes":

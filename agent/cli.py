@@ -54,11 +54,16 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 #: where Kubernetes reads a container's termination message unless the config names another file
 _TERMINATION_LOG = "/dev/termination-log"
+#: the longest error line printed (every piece of outside text in it is already cut to 200 characters)
+_MAX_LINE = 4000
 
 
 def _error(message: str, termination_log: str | None = None) -> int:
     """Print the one `error:` line; for `run`, also write it where `kubectl describe pod` shows it."""
-    line = f"error: {message}"
+    from agent.text import escape
+
+    # one line whatever the message carries: control characters from outside text are shown as \xNN
+    line = f"error: {escape(message)[:_MAX_LINE]}"
     print(line, file=sys.stderr)
     if termination_log:
         # best effort: the file exists only in a container, and may not be writable
@@ -76,8 +81,9 @@ class _Run:
     termination_log = _TERMINATION_LOG
 
     def __call__(self, args: argparse.Namespace) -> int:
-        from agent import config, log, runner
+        from agent import config, hardening, log, runner
 
+        hardening.apply()  # before the config, the token or a key is read
         cfg = config.load(args.config)
         self.termination_log = cfg.log.termination_message_path
         log.configure(cfg.log.level, cfg.log.format)

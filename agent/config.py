@@ -16,6 +16,7 @@ import msgspec
 
 from agent import kinds
 from agent.errors import ConfigError
+from agent.text import shown
 
 __all__ = [
     "CONFIG_ENV",
@@ -70,8 +71,7 @@ def parse_size(value: object) -> Size:
         return Size(value)
     if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())) and int(m.group(1)) > 0:
         return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    shown = repr(value)
-    raise ValueError(f"expected a size such as 1MiB, 512KiB or a number of bytes, got {shown[:60]}")
+    raise ValueError(f"expected a size such as 1MiB, 512KiB or a number of bytes, got {shown(repr(value), 60)}")
 
 
 class Duration(float):
@@ -107,9 +107,8 @@ def parse_duration(value: object) -> Duration:
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             return _bounded(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a big nested value would make a huge line
-    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {shown}")
+    # a big nested value would make a huge line
+    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {shown(repr(value), 60)}")
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -322,7 +321,8 @@ def _friendly(err: msgspec.ValidationError) -> str:
         return f"{where or 'the config'} must be {want}, not {_TYPE_WORDS.get(m.group(2), m.group(2))}"
     if m := re.fullmatch(r"Invalid (?:enum )?value '?(.*?)'?", text):
         choices = _CHOICES.get(re.sub(r".*\.", "", where), "")
-        return f"{where} has an invalid value {m.group(1)!r}" + (f"; use one of {choices}" if choices else "")
+        use = f"; use one of {choices}" if choices else ""
+        return f"{where} has an invalid value {shown(m.group(1), 60)!r}{use}"
     if m := re.fullmatch(r"Expected `(.+)` of length >= (\d+)", text):
         return f"{where} must not be empty"
     text = " ".join(text.split())
@@ -371,7 +371,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     if skip is not None and skip != "":
         lowered = skip.strip().lower()
         if lowered not in {"1", "0", "true", "false", "yes", "no"}:
-            raise ConfigError(f"VAULT_SKIP_VERIFY must be true or false, not {skip!r}")
+            raise ConfigError(f"VAULT_SKIP_VERIFY must be true or false, not {shown(skip)!r}")
         vault["skip_verify"] = lowered in {"1", "true", "yes"}
     # the downward API: the pod the agent runs in, for Events
     pod = {key: env[var] for var, key in _POD_ENV.items() if env.get(var)}
@@ -446,7 +446,7 @@ def parse_signal(name: str) -> signal.Signals:
     upper = name.strip().upper()
     upper = upper if upper.startswith("SIG") else f"SIG{upper}"
     if upper not in _SIGNALS:
-        raise ConfigError(f"reload.signal must be one of {', '.join(_SIGNALS)}, not {name[:40]!r}")
+        raise ConfigError(f"reload.signal must be one of {', '.join(_SIGNALS)}, not {shown(name, 40)!r}")
     return signal.Signals[upper]
 
 
@@ -464,17 +464,42 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     bad_host = (":" in host and not bracketed) or (bracketed and not host)
     if not sep or not port.isdigit() or int(port) > 65535 or bad_host:
         raise ConfigError(
-            f"health.listen must be HOST:PORT such as [::]:8099, 0.0.0.0:8099 or :8099, not {listen[:80]!r}"
+            f"health.listen must be HOST:PORT such as [::]:8099, 0.0.0.0:8099 or :8099, not {shown(listen, 80)!r}"
         )
     return host or None, int(port)
 
 
+#: the longest string any config value may be (a URL, a path, a pattern)
+_MAX_STRING = 4096
+
+
+def _check_strings(value: object, key: str) -> None:
+    """No string anywhere in the config may hold a NUL (paths and arguments are cut there by the OS) or be
+    longer than _MAX_STRING characters."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ConfigError(f"{key} must not contain a NUL character")
+        if len(value) > _MAX_STRING:
+            raise ConfigError(f"{key} is {len(value)} characters long; at most {_MAX_STRING} are allowed")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _check_strings(getattr(value, name), f"{key}.{name}" if key else name)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_strings(k, key)
+            _check_strings(item, f"{key}.{shown(k, 60)}")
+
+
 def validate(cfg: AgentConfig) -> None:
     """Rules across fields that types cannot express. Raises ConfigError naming the key."""
+    _check_strings(cfg, "")
     if not cfg.vault.address:
         raise ConfigError("missing required key vault.address (or set VAULT_ADDR)")
     if not re.match(r"^https?://[^/]+", cfg.vault.address):
-        raise ConfigError(f"vault.address must be an http:// or https:// URL, not {cfg.vault.address!r}")
+        raise ConfigError(f"vault.address must be an http:// or https:// URL, not {shown(cfg.vault.address)!r}")
     auth = cfg.auth
     if auth.method in {"kubernetes", "jwt"}:
         if not auth.role:
@@ -488,13 +513,13 @@ def validate(cfg: AgentConfig) -> None:
     for i, b in enumerate(cfg.bundles):
         key = f"bundles[{i}]"
         if not b.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", b.name):
-            raise ConfigError(f"{key}.name must be letters, digits, '.', '_' or '-', not {b.name!r}")
+            raise ConfigError(f"{key}.name must be letters, digits, '.', '_' or '-', not {shown(b.name)!r}")
         if b.name in names:
-            raise ConfigError(f"{key}.name {b.name!r} is used by another bundle: names must be unique")
+            raise ConfigError(f"{key}.name {shown(b.name)!r} is used by another bundle: names must be unique")
         names.add(b.name)
         norm = os.path.normpath(b.dir)
         if not b.dir or norm in dirs:
-            raise ConfigError(f"{key}.dir must be a directory of its own, not {b.dir!r}")
+            raise ConfigError(f"{key}.dir must be a directory of its own, not {shown(b.dir)!r}")
         dirs.add(norm)
         _validate_bundle(key, b)
     parse_listen(cfg.health.listen)
@@ -509,14 +534,14 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.source needs exactly one of {', '.join(_SOURCE_VARIANTS)}")
     kv = b.source.kv
     if kv is not None and "/" not in kv.strip("/"):
-        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {kv[:80]!r}")
+        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {shown(kv, 80)!r}")
     if kv is None and b.source.fields:
         raise ConfigError(f"{key}.source.fields only applies to kv sources")
     allowed = b.kind.files
     for out in b.source.fields:
         if out not in allowed:
             raise ConfigError(
-                f"{key}.source.fields has {out!r}, which a {b.type} bundle does not publish;"
+                f"{key}.source.fields has {shown(out)!r}, which a {b.type} bundle does not publish;"
                 f" use {', '.join(allowed)}"
             )
     for mode_key in ("file_mode", "key_mode"):

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from agent.config import parse_listen
 from agent.errors import ConfigError
+from agent.text import escape
 
 if TYPE_CHECKING:
     from agent.metrics import PrometheusMetrics
@@ -35,6 +36,8 @@ __all__ = [
 
 # Probes and scrapers must never cache an answer; nosniff because bodies are JSON or plain text only.
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# The longest error text in an answer (every piece of outside text in it is already cut to 200 characters).
+_MAX_TEXT = 4000
 # Room for a burst of probe and scrape connections (the kernel default of 128 drops SYNs under load).
 _BACKLOG = 1024
 
@@ -100,7 +103,7 @@ def bundle_readiness(st: BundleState, now: float) -> Readiness:
     A failed update does not make a bundle unready: the agent refused the bad data and kept the old,
     which workloads can keep using; the failure is only mentioned in the reason.
     """
-    error = f"; last error: {st.last_error}" if st.last_error else ""
+    error = f"; last error: {escape(st.last_error)[:_MAX_TEXT]}" if st.last_error else ""
     if st.info is None or st.good is None:
         return Readiness(False, f"not published yet{error}")
     expires = st.info.expires_at
@@ -127,7 +130,7 @@ def _bundle_json(st: BundleState, r: Readiness) -> dict[str, Any]:
     if st.published_at is not None:
         out["published_at"] = _stamp(dt.datetime.fromtimestamp(st.published_at, dt.UTC))
     if st.last_error:
-        out["last_error"] = st.last_error
+        out["last_error"] = escape(st.last_error)[:_MAX_TEXT]
     return out
 
 

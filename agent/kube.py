@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from agent.config import KubernetesConfig, RolloutTarget
 from agent.errors import ConfigError, ReloadError
 from agent.log import get_logger, redact
+from agent.text import escape
 from agent.threads import offload
 
 __all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "EventRecorder", "Kube", "emit_event"]
@@ -219,7 +220,7 @@ class Kube:
             from kubernetes import client
 
             now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            text = str(redact(None, "", {"message": message})["message"])[:_MAX_MESSAGE]
+            text = escape(str(redact(None, "", {"message": message})["message"]))[:_MAX_MESSAGE]
             body = client.CoreV1Event(
                 api_version="v1",
                 kind="Event",

@@ -15,7 +15,9 @@ from typing import Any
 
 import structlog
 
-__all__ = ["RateLimited", "configure", "get_logger", "loop_exception_handler", "redact"]
+from agent.text import escape
+
+__all__ = ["RateLimited", "configure", "escape_fields", "get_logger", "loop_exception_handler", "redact"]
 
 _SENSITIVE_KEYS = re.compile(r"(token|secret|password|private|jwt|key_pem|client_token)", re.IGNORECASE)
 # PEM private keys, Vault/OpenBao service tokens (hvs./s./b.), and JWTs
@@ -27,6 +29,10 @@ _SENSITIVE_TEXT = re.compile(
 )
 
 
+#: the longest log field value (every piece of outside text in it is already cut to 200 characters)
+_MAX_FIELD = 4000
+
+
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace values of secret-looking keys, and secret-looking text anywhere, with `[redacted]`."""
     for k, v in list(event.items()):
@@ -34,6 +40,15 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
             event[k] = "[redacted]"
         elif isinstance(v, str):
             event[k] = _SENSITIVE_TEXT.sub("[redacted]", v)
+    return event
+
+
+def escape_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Escape control characters in every string field (a newline or a terminal escape from outside text cannot
+    fake a line, whatever the renderer) and cap each one."""
+    for k, v in list(event.items()):
+        if isinstance(v, str):
+            event[k] = escape(v)[:_MAX_FIELD]
     return event
 
 
@@ -49,6 +64,7 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact,
+            escape_fields,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

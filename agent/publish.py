@@ -15,13 +15,14 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import PublishError
+from agent.text import shown
 
-__all__ = ["DATA", "KEYS", "PublishResult", "publish", "read_current", "repair_needed"]
+__all__ = ["DATA", "KEYS", "PublishResult", "check_dirs", "publish", "read_current", "repair_needed"]
 
 #: files written with ``key_mode`` (0600 by default) instead of ``file_mode``
 KEYS: frozenset[str] = frozenset({"ca-key.pem", "tls.key"})
@@ -32,6 +33,11 @@ _DATA_TMP = "..data_tmp"
 _LINK_TMP_PREFIX = "..tmp_"
 # kubelet's generation names: ..2006_01_02_15_04_05.<random>
 _GENERATION = re.compile(r"^\.\.\d{4}(?:_\d{2}){5}\.[A-Za-z0-9_]+$")
+# never a bundle dir: the system's own directories
+_SYSTEM_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root", "/run", "/sbin",
+    "/srv", "/sys", "/tmp", "/usr", "/var", "/var/run", "/var/lib", "/var/tmp",
+})
 # a reader racing a publisher may find the generation it resolved already removed; it then resolves again
 _READ_ATTEMPTS = 100
 
@@ -183,11 +189,69 @@ def _ensure_dir(dir: Path) -> None:
     try:
         st = os.stat(dir)  # follows a symlinked DIR; DIR may also be a mount point, which is never renamed
     except FileNotFoundError:
-        os.makedirs(dir, mode=0o755, exist_ok=True)
-        os.chmod(dir, 0o755)  # noqa: S103 - the umask may have narrowed it; istiod often runs as another user
+        _make_dirs(dir)
         return
     if not stat.S_ISDIR(st.st_mode):
         raise PublishError(f"cannot publish into {dir}: it exists and is not a directory; point dir at a directory.")
+
+
+def _make_dirs(dir: Path) -> None:
+    """Create `dir` and its missing parents, each 0755 whatever the umask (os.makedirs would leave parents at
+    0777 under umask 000: any local user could then swap in a ..data of their own)."""
+    missing: list[Path] = []
+    here = dir
+    while not here.exists():
+        if os.path.islink(here):  # a dangling symlink: never create its target
+            raise PublishError(f"cannot publish into {dir}: {here} is a symlink to nothing; point dir at a directory.")
+        missing.append(here)
+        here = here.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another publisher made it meanwhile
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o755)  # noqa: S103 - istiod often runs as another user and must read it
+
+
+def check_dirs(dirs: Sequence[tuple[str, str]]) -> None:
+    """Refuse bundle directories that would step on each other or on the system, by their real paths.
+
+    `dirs` holds (config key, dir) pairs, e.g. ("bundles[0].dir", "/var/run/secrets/istio-ca"). Refused: a
+    dir that is not a directory, a symlink to nothing, a system directory, a dir inside another bundle's dir
+    or inside a generation (``..data``, ``..<timestamp>``), and two names for one directory (a symlink alias).
+
+    Raises:
+        PublishError: one sentence naming the key and the conflict.
+    """
+    resolved: list[tuple[str, str, str]] = []
+    for key, raw in dirs:
+        label = _shown(raw)
+        if os.path.islink(raw) and not os.path.exists(raw):
+            raise PublishError(f"{key} {label} is a symlink to nothing; point it at a directory")
+        if os.path.exists(raw) and not os.path.isdir(raw):
+            raise PublishError(f"{key} {label} exists and is not a directory; point it at a directory")
+        real = os.path.realpath(raw)
+        parts = Path(real).parts
+        if real in _SYSTEM_DIRS:
+            raise PublishError(f"{key} {label} is the system directory {real}; use a directory of its own")
+        if any(p in (DATA, _DATA_TMP) or _GENERATION.match(p) for p in parts):
+            raise PublishError(
+                f"{key} {label} lies inside a published generation ({real}); use a directory of its own"
+            )
+        resolved.append((key, label, real))
+    for i, (key, label, real) in enumerate(resolved):
+        for other_key, other_label, other_real in resolved[:i]:
+            if real == other_real:
+                raise PublishError(
+                    f"{key} {label} and {other_key} {other_label} are the same directory ({real}); give each bundle"
+                    " a directory of its own"
+                )
+            if real.startswith(other_real + os.sep):
+                raise PublishError(f"{key} lies inside {other_key}; give each bundle a directory of its own")
+            if other_real.startswith(real + os.sep):
+                raise PublishError(f"{other_key} lies inside {key}; give each bundle a directory of its own")
+
+
+def _shown(value: str) -> str:
+    return repr(shown(value))
 
 
 @contextlib.contextmanager
@@ -299,8 +363,7 @@ def _write_generation(dir: Path, dir_fd: int, spec: _Spec, order: list[str]) -> 
         os.chmod(path, 0o755)  # noqa: S103 - mkdtemp makes 0700; istiod may run as another user
         _fsync_path(path)
         tmp = dir / _DATA_TMP
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # left by a killed publish
+        _remove_ours(tmp)  # left by a killed publish, or planted
         os.symlink(generation, tmp)
         data = dir / DATA
         if data.is_dir() and not data.is_symlink():
@@ -337,6 +400,19 @@ def _write_file(path: Path, data: bytes, mode: int, spec: _Spec) -> None:
         os.close(fd)
 
 
+def _remove_ours(path: Path) -> None:
+    """Remove whatever sits at one of our reserved temporary names (a link, a file, or a directory)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError):  # Linux answers EISDIR, POSIX allows EPERM for a directory
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            raise
+
+
 def _link_visible(dir: Path, files: Mapping[str, bytes]) -> None:
     for name in files:
         link = dir / name
@@ -346,8 +422,7 @@ def _link_visible(dir: Path, files: Mapping[str, bytes]) -> None:
                 continue
         # temp link + rename also replaces a regular file someone put in its place, atomically
         tmp = dir / f"{_LINK_TMP_PREFIX}{name}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove_ours(tmp)
         os.symlink(want, tmp)
         os.rename(tmp, link)
 

@@ -23,6 +23,7 @@ from agent.config import (
 from agent.errors import ConfigError, ReloadError
 from agent.kube import Kube
 from agent.log import get_logger, redact
+from agent.text import shown
 from agent.threads import offload
 
 __all__ = ["STDERR_TAIL", "find_processes", "reload", "restart_on_root_change"]
@@ -77,7 +78,7 @@ async def restart_on_root_change(bundle: BundleConfig) -> str:
     else:
         pattern, key = bundle.restart_process, f"restart_process of bundle {bundle.name}"
     pids = await _signal_matching(pattern, signal.SIGTERM, key=key)
-    return f"sent SIGTERM to {_pids(pids)} matching {pattern!r} so the container restarts with the new root"
+    return f"sent SIGTERM to {_pids(pids)} matching {shown(pattern)!r} so the container restarts with the new root"
 
 
 def find_processes(pattern: str) -> list[int]:
@@ -132,7 +133,7 @@ async def _signal_matching(pattern: str, sig: signal.Signals, *, key: str) -> li
     sent = [pid for pid in pids if _kill(pid, sig)]
     if not sent:
         raise ReloadError(
-            f"no process matches {pattern!r} ({key}); set shareProcessNamespace: true on the pod so the agent"
+            f"no process matches {shown(pattern)!r} ({key}); set shareProcessNamespace: true on the pod so the agent"
             " can see the other containers' processes, and check the pattern against their command lines"
         )
     return sent
@@ -148,7 +149,7 @@ async def _signal(action: SignalReload) -> str:
     if not action.process:
         raise ReloadError("reload needs one of process or pid_file for action signal")
     pids = await _signal_matching(action.process, sig, key="reload.process")
-    return f"sent {sig.name} to {_pids(pids)} matching {action.process!r}"
+    return f"sent {sig.name} to {_pids(pids)} matching {shown(action.process)!r}"
 
 
 def _read_pid_file(path: str) -> int:
@@ -176,6 +177,7 @@ async def _exec(action: ExecReload) -> str:
             stderr=asyncio.subprocess.PIPE,
             # own process group, so a timeout also kills what a shell command started
             start_new_session=True,
+            env=_child_env(),
         )
     except FileNotFoundError:
         raise ReloadError(f"reload.command {argv[0]} does not exist: use an absolute path in the image") from None
@@ -199,6 +201,11 @@ async def _exec(action: ExecReload) -> str:
         tail = _tail(stderr)
         raise ReloadError(f"reload.command {argv[0]} failed with {how}" + (f": {tail}" if tail else ""))
     return f"ran {argv[0]}"
+
+
+def _child_env() -> dict[str, str]:
+    """The agent's environment without any Vault token a pod spec may have put there."""
+    return {k: v for k, v in os.environ.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
 
 
 def _kill_group(pid: int) -> None:

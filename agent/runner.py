@@ -12,6 +12,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent import publish
 from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
@@ -68,6 +69,8 @@ class Agent:
             )
             for b in cfg.bundles
         ]
+        # before anything is written: bundle dirs that alias, nest or point into a generation are refused
+        publish.check_dirs([(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles)])
         self.stop = asyncio.Event()
         self.health_port: int | None = None
         self._log = get_logger()

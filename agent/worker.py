@@ -306,13 +306,13 @@ class BundleWorker:
 
     async def _repair_if_damaged(self) -> bool:
         """Publish the live generation again when the files on disk were deleted or altered."""
-        live = self.state.live
-        if live is None:
-            return False
         async with self._publish_lock:
-            if not await offload(self._damaged, live.files):
+            # read under the lock: a cycle may have published newer content while this waited for it
+            live = self.state.live
+            if live is None or not await offload(self._damaged, live.files):
                 return False
-            await offload(lambda: publish.publish(Path(self.cfg.dir), live.files, **self._publish_options()))
+            files = live.files
+            await offload(lambda: publish.publish(Path(self.cfg.dir), files, **self._publish_options()))
         self.metrics.error(self.cfg.name, "tampered")
         self._log.warning("bundle_repaired", dir=self.cfg.dir, reason="published files were changed on disk")
         if self.events is not None:

@@ -5,6 +5,7 @@ Built from `testbed/` (the same stand-ins the tests use); nothing here is mocked
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -45,9 +46,13 @@ class Testbed:
         rsa = {"key_type": "rsa", "bits": 4096}
         root = pki.root_ca(**rsa)  # type: ignore[arg-type]
         # distinct intermediates under one root: each is a valid bundle, and rotating between them changes
-        # every file but root-cert.pem, like a real intermediate rotation
+        # every file but root-cert.pem, like a real intermediate rotation. One notBefore for all: rotations
+        # cycle back to earlier bundles, and on KV v1 the agent refuses a certificate older than the live one.
+        start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
         self.bundles: list[dict[str, bytes]] = [
-            pki.istio_ca_files(root, pki.intermediate_ca(root, cn=f"Intermediate CA {i}", **rsa))  # type: ignore[arg-type]
+            pki.istio_ca_files(
+                root, pki.intermediate_ca(root, cn=f"Intermediate CA {i}", not_before=start, **rsa)  # type: ignore[arg-type]
+            )
             for i in range(n_bundles)
         ]
         self.admin: hvac.Client = self.bao.client()

@@ -401,6 +401,24 @@ class TestReload:
         time.sleep(2)
         assert count() == 2
 
+    def test_reload_command_gets_no_token_or_key(self, world, tmp_path):
+        """The exec reload's argv and environment hold neither a Vault token (not even one the pod spec set in
+        VAULT_TOKEN), a service-account token nor any key."""
+        from tests.faultkit import LeakGuard
+
+        dump = tmp_path / "child"
+        script = "import os, sys, json; print(json.dumps({'argv': sys.argv, 'env': dict(os.environ)}))"
+        command = ["/bin/sh", "-c", f'{sys.executable} -c "{script}" >> {dump}']
+        agent = world.agent("300ms", reload={"action": "exec", "command": command},
+                            env=cli_env(VAULT_TOKEN="s.AmbientTokenFromThePodSpec0123456789"))
+        assert wait_until(dump.exists, 3), agent.stderr[-3000:]
+        guard = LeakGuard()
+        guard.secret("a VAULT_TOKEN in the pod's env", "s.AmbientTokenFromThePodSpec0123456789")
+        guard.key_files("published bundle", world.current)
+        for review in world.kube.tokenreviews():
+            guard.secret("a service account token", review.body["spec"]["token"])
+        guard.scan(dump.read_text(), "the reload command's argv and environment")  # also any token-shaped text
+
     def test_root_change_restarts_the_consumer(self, world, root):
         """A new root without multiroot logs root_changed and SIGTERMs the restart_process."""
         pattern = f"root-change-dummy-{world.unique}"
@@ -418,17 +436,39 @@ class TestReload:
             dummy.kill()
             dummy.wait()
 
-    def test_root_change_with_multiroot_restarts_nothing(self, world):
-        """With multiroot: true a new root is published without a warning or a restart."""
+    def test_root_rotation_with_multiroot_restarts_nothing(self, world):
+        """With multiroot: true the playbook's steps (root A, then A+B, then B's intermediate with A+B, then B
+        only) each publish without a warning or a restart: istiod takes a root set that contains or is
+        contained in the previous one."""
+        pattern = f"root-change-dummy-{world.unique}"
+        dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", pattern])
+        try:
+            agent = world.agent("500ms", multiroot=True, on_root_change="restart", restart_process=pattern)
+            root_b = pki.root_ca(cn="Second Root CA")
+            both = world.root.cert_pem + root_b.cert_pem
+            steps = [{**world.current, "root-cert.pem": both}, {**world.bundle(root_b), "root-cert.pem": both},
+                     world.bundle(root_b)]
+            for files in steps:
+                new = world.rotate(files)
+                assert world.published(new, timeout=2.5)
+            time.sleep(1)
+            assert dummy.poll() is None
+            assert not agent.events("root_changed")
+        finally:
+            dummy.kill()
+            dummy.wait()
+
+    def test_disjoint_root_with_multiroot_restarts_the_consumer(self, world):
+        """With multiroot: true a root set that neither contains nor is contained in the previous one is what
+        istiod refuses on reload ("Updating new ROOT-CA not supported"): root_changed, and the restart."""
         pattern = f"root-change-dummy-{world.unique}"
         dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", pattern])
         try:
             agent = world.agent("500ms", multiroot=True, on_root_change="restart", restart_process=pattern)
             new = world.rotate(world.bundle(pki.root_ca(cn="Second Root CA")))
             assert world.published(new, timeout=2.5)
-            time.sleep(1)
-            assert dummy.poll() is None
-            assert not agent.events("root_changed")
+            assert wait_until(lambda: dummy.poll() is not None, 5), agent.stderr[-3000:]
+            assert "neither root set contains the other" in agent.events("root_changed")[0]["reason"]
         finally:
             dummy.kill()
             dummy.wait()
