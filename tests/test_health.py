@@ -283,6 +283,29 @@ def scrape(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+class TestVaultNodeState:
+    def test_a_standby_node_is_a_detail_not_a_failure(self, tmp_path: Path, istio_ca: Files) -> None:
+        """When a failure made the agent ask sys/health and the node said standby, /readyz still answers 200
+        for a valid published bundle, names the state, and /metrics has it as a 1 among 0s."""
+        agent = AgentStub([bundle_state(tmp_path, "a", istio_ca)], vault_node=("standby", time.time()))
+        status, body = readyz(agent)
+        assert status == 200 and body["vault"]["node_state"] == "standby"
+
+        async def scrape() -> bytes:
+            async with running(agent) as srv:
+                return (await get(f"{srv.url}/metrics"))[2]
+
+        series = {(m.name, tuple(sorted(s.labels.items()))): s.value
+                  for m in text_string_to_metric_families(asyncio.run(scrape()).decode()) for s in m.samples}
+        assert series["istio_vault_agent_vault_node_state", (("state", "standby"),)] == 1
+        assert series["istio_vault_agent_vault_node_state", (("state", "active"),)] == 0
+
+    def test_never_asked_means_no_detail(self, tmp_path: Path, istio_ca: Files) -> None:
+        """Before any failure there is no Vault detail and no node-state series."""
+        status, body = readyz(AgentStub([bundle_state(tmp_path, "a", istio_ca)]))
+        assert status == 200 and "vault" not in body
+
+
 class TestMetricsEndpoint:
     def test_metrics_over_http(self, tmp_path: Path, istio_ca: Files) -> None:
         """/metrics serves the agent's counters in Prometheus text format, plus readiness per bundle."""

@@ -137,6 +137,34 @@ class TestCheckCommand:
         assert strict.returncode == 1 and "ca.crt" in error_line(strict)
 
 
+class TestLiveness:
+    def test_a_wedged_cycle_fails_healthz(self, tmp_path):
+        """/healthz's `alive` turns false once a worker's cycle has run for 3 x max(poll_interval, 3 x
+        vault.timeout), and true again when it returns."""
+        from agent import config
+        from agent.runner import Agent
+
+        cfg = config.from_mapping({
+            "vault": {"address": "http://127.0.0.1:9", "timeout": "1s"}, "auth": {"mount": "k", "role": "r"},
+            "sidecar": {"poll_interval": "2s"},
+            "bundles": [{"name": "a", "dir": str(tmp_path / "a"), "source": {"kv": "s/a"}}],
+        }, env={})
+
+        async def main() -> list[bool]:
+            agent = Agent(cfg, once=False)
+            state = agent.workers[0].state
+            seen = [agent.alive()]
+            state.busy_since = time.monotonic() - 8  # limit: 3 x max(2 s, 3 x 1 s) = 9 s
+            seen.append(agent.alive())
+            state.busy_since = time.monotonic() - 10
+            seen.append(agent.alive())
+            state.busy_since = None
+            seen.append(agent.alive())
+            return seen
+
+        assert asyncio.run(main()) == [True, True, False, True]
+
+
 class TestSupervisor:
     def test_a_crashed_task_is_named_and_stops_the_others(self):
         """A bug in one component stops every other one and is reported as one sentence naming it."""

@@ -485,7 +485,8 @@ class TestKubernetes:
         target = {"kind": "Deployment", "name": f"gw-{world.unique}", "namespace": "istio-system"}
         agent = world.agent("500ms", env=env, reload={"action": "rollout-restart", "target": target})
         new = world.rotate()
-        assert world.published(new, timeout=2.5)
+        # the first Event loads the kubernetes client (about a second of imports on a busy machine)
+        assert world.published(new, timeout=5)
         other = world.bundle()
         world.layout.write(world.client, {**world.bundle(), "ca-key.pem": other["ca-key.pem"]})
         agent.wait_event("bundle_refused", timeout=3)

@@ -43,7 +43,7 @@ def refuse(what: str, step: str, go: str, consumer: str = "istiod would refuse t
     """Verdict (a): the consumer refuses it. `what` names the file; `step` the upstream function, `go` its error
     (shortened so the sentence stays readable)."""
     head = f"{what}; {consumer} ({step}: "
-    room = max(_MAX_MESSAGE - len(head) - 1, 60)
+    room = max(_MAX_MESSAGE - len(head) - 12, 20)  # 12: the closing parenthesis and a cut marker
     return BundleError(f"{head}{shown(go, room)})", check=step)
 
 
