@@ -111,7 +111,9 @@ def _markdown(result: dict[str, Any]) -> str:
         if "exit" in v:
             outcome = f"exit {v['exit']}" + (f", wrote {v['wrote'] / 1e6:.0f} MB" if v.get("wrote") else "")
         else:
-            outcome = f"{'alive' if v['alive'] else 'DEAD'} after {v['seconds']:g} s, {v['full_reads']} reads of it, each stopped at 1 MiB (KV v1: no version to remember)"
+            state = "alive" if v["alive"] else "DEAD"
+            outcome = (f"{state} after {v['seconds']:g} s, {v['full_reads']} reads of it, each stopped at 1 MiB"
+                       " (KV v1: no version to remember)")
         lines.append(f"| {name} | {outcome} | {v['peak_mib']:.1f} MiB |")
     ours = [v["peak_mib"] for n, v in result["variants"].items() if n.startswith("istio")]
     baos = [v["peak_mib"] for n, v in result["variants"].items() if n.startswith("bao")]
