@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from agent.errors import BundleError
 from agent.text import shown
-from agent.validate.certs import EKU, KU, Certificate, CertificateError, ECPublic, RSAPublic
+from agent.validate.certs import EKU, KU, Certificate, CertificateError
 from agent.validate.chain import CertPool, VerifyError, verify
 from agent.validate.common import Parsed, openssl_parses, refuse, refuse_b, stamp
 from agent.validate.crl import CRLError, RevocationList, check_crl_signature_from, missing_crl_signers, parse_crl
@@ -491,6 +491,3 @@ def _cert_set(data: bytes) -> set[bytes]:
     from agent.validate.pem import decode_all
 
     return {b.der for b in decode_all(data, limit=1 << 30) if b.label == b"CERTIFICATE"}
-
-
-_ = (ECPublic, RSAPublic)
