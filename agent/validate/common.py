@@ -41,9 +41,13 @@ _MAX_MESSAGE = 390
 
 def refuse(what: str, step: str, go: str, consumer: str = "istiod would refuse the bundle") -> BundleError:
     """Verdict (a): the consumer refuses it. `what` names the file; `step` the upstream function, `go` its error
-    (shortened so the sentence stays readable)."""
+    (shortened so the sentence stays readable; a long `what` is cut too, so that Go's text keeps 60 characters
+    and the whole sentence, shown's `...[+N]` marker included, stays within _MAX_MESSAGE)."""
+    room_for_what = _MAX_MESSAGE - len(consumer) - len(step) - 6 - 72
+    if len(what) > room_for_what:
+        what = what[:room_for_what].rstrip() + "..."
     head = f"{what}; {consumer} ({step}: "
-    room = max(_MAX_MESSAGE - len(head) - 1, 60)
+    room = max(_MAX_MESSAGE - len(head) - 12, 60)
     return BundleError(f"{head}{shown(go, room)})", check=step)
 
 
