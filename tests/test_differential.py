@@ -22,8 +22,9 @@ ORACLE_SRC = ROOT / "tests" / "oracle"
 # verdict (b): the checks README's "What it checks" documents, each a refusal although istiod loads the bundle
 DOCUMENTED_B = {
     "key-in-public-file", "unparsable-cert-for-envoy", "chain-lacks-ca-cert", "workload-key-cert-sign",
-    "workload-path-length", "workload-eku-client-auth", "workload-crl-missing", "workload-crl-expired",
-    "workload-crl-revoked", "tls-leaf-validity",
+    "workload-path-building", "workload-path-validity", "workload-path-length", "workload-eku-client-auth",
+    "workload-critical-extension", "workload-time-encoding", "workload-name-constraints", "workload-policy",
+    "workload-crl-missing", "workload-crl-expired", "workload-crl-revoked", "tls-leaf-validity",
 }
 
 

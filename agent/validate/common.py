@@ -13,21 +13,9 @@ from agent.validate.limits import LimitExceeded, Limits
 from agent.validate.names import RDN
 from agent.validate.pem import Block, decode_all
 
-__all__ = ["Parsed", "openssl_parses", "refuse", "refuse_b", "stamp"]
+__all__ = ["Parsed", "refuse", "refuse_b", "stamp"]
 
 _NAME = 80  # characters of a subject name in a message
-
-
-def openssl_parses(der: bytes) -> None:
-    """Raise ValueError when `cryptography` (an OpenSSL-family parser, standing in for Envoy's BoringSSL) cannot
-    load `der` as a certificate at all; Go's stricter refusals (negative serial, ...) still load here."""
-    import warnings
-
-    from cryptography import x509
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        x509.load_der_x509_certificate(der)
 
 
 def stamp(t: int) -> str:
