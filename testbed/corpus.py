@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from testbed import rawcert as rc
 from testbed.rawcert import DAY, NOW, Issued, cert, name
 
-__all__ = ["CASES", "Case", "build", "hostile", "main", "write"]
+__all__ = ["CASES", "Case", "build", "catalog", "hostile", "main", "write"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,9 @@ def _ok_eku() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("serverAuth", "clientAuth"),)))
 
 
-@case("ok-eku-any", "ok", "intermediate EKU anyExtendedKeyUsage")
+@case("eku-any-only-ca", "b",
+      "ca-cert.pem EKU anyExtendedKeyUsage only: Go accepts it, Envoy wants serverAuth/clientAuth on every CA "
+      "below the anchor", check="workload-eku-client-auth")
 def _ok_eku_any() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("any"),)))
 
@@ -231,7 +233,9 @@ def _ok_gentime() -> dict[str, bytes]:
     return files(inter(root(), validity=rc.seq(rc.gentime(start), rc.gentime(end))))
 
 
-@case("ok-utc-offset", "ok", "UTCTime with a +0100 offset, which Go's parser accepts")
+@case("cert-utctime-offset", "b",
+      "ca-cert.pem's notBefore is a UTCTime with a +0100 offset: Go accepts it, BoringSSL cannot compare it",
+      check="workload-time-encoding")
 def _ok_utc_offset() -> dict[str, bytes]:
     start = (NOW - DAY).astimezone(dt.timezone(dt.timedelta(hours=1)))
     nb = rc.tlv(0x17, start.strftime("%y%m%d%H%M%S+0100").encode())
@@ -249,7 +253,10 @@ def _ok_nc_svc() -> dict[str, bytes]:
     return files(inter(mid))
 
 
-@case("ok-nc-dirname-noncritical", "ok", "non-critical directoryName name constraints, which Go ignores")
+@case("nc-dirname-noncritical", "b",
+      "mid CA permits only directoryName CN=Somewhere (non-critical): Go ignores it, BoringSSL applies it to "
+      "ca-cert.pem",
+      check="workload-name-constraints")
 def _ok_nc_dir() -> dict[str, bytes]:
     nc = rc.name_constraints([("dir", "Somewhere")], critical=False)
     mid = inter(root(), "Mid CA", pathlen=1, extra=(nc,))
@@ -267,7 +274,9 @@ def _ok_nc_email() -> dict[str, bytes]:
     return files(inter(r))
 
 
-@case("ok-policy-explicit", "ok", "mid CA requireExplicitPolicy=0, and the CAs below assert that policy")
+@case("policy-explicit-workloads-without", "b",
+      "mid CA requireExplicitPolicy=0 and the CAs below assert that policy: workload certificates carry no policy",
+      check="workload-policy")
 def _ok_policy() -> dict[str, bytes]:
     p = "1.3.6.1.4.1.99999.7"
     mid = inter(root(), "Mid CA", pathlen=1, extra=(rc.cert_policies(p), rc.policy_constraints(require=0)))
@@ -799,7 +808,10 @@ def _trailing() -> dict[str, bytes]:
     return files(ca)
 
 
-@case("cert-tbs-trailing-data", "ok", "bytes after the extensions inside the TBS: Go's parser ignores them")
+@case("cert-tbs-trailing-data", "b",
+      "bytes after the extensions inside ca-cert.pem's TBS: Go's parser ignores them, BoringSSL refuses the "
+      "certificate",
+      check="unparsable-cert-for-envoy")
 def _tbs_trailing() -> dict[str, bytes]:
     return files(inter(root(), tbs_suffix=rc.tlv(0x04, b"x")))
 
@@ -815,7 +827,9 @@ def _utc0() -> dict[str, bytes]:
     return files(inter(root(), validity=rc.seq(nb, rc.utctime(NOW + 3650 * DAY))))
 
 
-@case("cert-utctime-no-seconds", "ok", "UTCTime without seconds, which Go still accepts")
+@case("cert-utctime-no-seconds", "b",
+      "ca-cert.pem's notBefore is a UTCTime without seconds: Go accepts it, BoringSSL refuses the certificate",
+      check="unparsable-cert-for-envoy")
 def _utc_min() -> dict[str, bytes]:
     nb = rc.tlv(0x17, (NOW - DAY).strftime("%y%m%d%H%MZ").encode())
     return files(inter(root(), validity=rc.seq(nb, rc.utctime(NOW + 3650 * DAY))))
@@ -943,6 +957,20 @@ def _eku_server() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("serverAuth"),)))
 
 
+@case("eku-server-only-root", "c",
+      "root EKU serverAuth only: Go's ServerAuth check passes, Envoy ignores a trust anchor's extendedKeyUsage")
+def _eku_server_root() -> dict[str, bytes]:
+    return files(inter(root(extra=(rc.eku("serverAuth"),))))
+
+
+@case("crldp-critical-ca", "b",
+      "ca-cert.pem marks its CRL distribution points critical: Go handles the extension, BoringSSL does not",
+      check="workload-critical-extension")
+def _crldp_critical() -> dict[str, bytes]:
+    dp = rc.seq(rc.seq(rc.tlv(0xA0, rc.tlv(0xA0, rc.tlv(0x86, b"http://crl.example/ca.crl")))))
+    return files(inter(root(), extra=(rc.Ext("2.5.29.31", dp, True),)))
+
+
 @case("eku-netscape-sgc", "a", "ca-cert.pem EKU Netscape SGC only: Go no longer treats it as serverAuth")
 def _eku_ns() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.eku("nsSGC"),)))
@@ -1000,8 +1028,8 @@ def _mid_false() -> dict[str, bytes]:
     return files(inter(inter(root(), "Mid CA", ca=False)))
 
 
-@case("pathlen-root-0", "b", "root pathlen:0 with ca-cert.pem directly below: no room for workload certificates",
-      check="workload-path-length")
+@case("pathlen-root-0", "c",
+      "root pathlen:0 with ca-cert.pem directly below: Envoy ignores a trust anchor's pathlen, Go and OpenSSL do not")
 def _pl_root() -> dict[str, bytes]:
     return files(inter(root(pathlen=0)))
 
@@ -1157,7 +1185,9 @@ def _swap_ca_chain() -> dict[str, bytes]:
     return f
 
 
-@case("aki-mismatch", "ok", "ca-cert.pem's authorityKeyIdentifier names another key: Go still tries the issuer")
+@case("aki-mismatch", "b",
+      "ca-cert.pem's authorityKeyIdentifier names another key: Go still tries the issuer, BoringSSL does not",
+      check="workload-path-building")
 def _aki_mismatch() -> dict[str, bytes]:
     r = root()
     exts = [rc.basic_constraints(True, 0), rc.key_usage(*rc.CA_KU), rc.aki(b"\x01" * 20)]
@@ -1205,6 +1235,31 @@ def _root_expired_extra() -> dict[str, bytes]:
     r, ca = good()
     old = root("Old Root", not_before=NOW - 400 * DAY, not_after=NOW - DAY)
     return files(ca, roots=[r, old])
+
+
+def _expired_same_key(expired_sorts_first: bool) -> dict[str, bytes]:
+    """root-cert.pem = an expired earlier issue of the root (same subject and key), then the live root. pilot-agent
+    sorts the trust bundle's PEM blocks as strings before Envoy reads them, so which one Envoy tries first depends on
+    the text: draw the expired one until it sorts where wanted."""
+    r, ca = good()
+    while True:
+        old = root(key=r.key, not_before=NOW - 400 * DAY, not_after=NOW - DAY)
+        if (old.pem.rstrip(b"\n") < r.pem.rstrip(b"\n")) == expired_sorts_first:
+            return files(ca, roots=[old, r])
+
+
+@case("root-expired-same-key-first", "b",
+      "root-cert.pem lists an expired earlier issue of the root (same subject and key) first, and it sorts first in "
+      "pilot-agent's trust bundle: Go tries every root, BoringSSL takes that one", check="workload-path-validity")
+def _root_same_key_first() -> dict[str, bytes]:
+    return _expired_same_key(True)
+
+
+@case("root-expired-same-key-sorts-last", "c",
+      "the same expired earlier issue listed first in root-cert.pem, but sorting after the live root in pilot-agent's "
+      "trust bundle: Envoy takes the live one")
+def _root_same_key_last() -> dict[str, bytes]:
+    return _expired_same_key(False)
 
 
 @case("root-expired-only", "a", "the only root has expired")
@@ -1331,7 +1386,9 @@ def _fanout(root_decoys: int, mid_decoys: int) -> dict[str, bytes]:
     return files(ca, roots=[*roots, r], chain=[ca, *mids, mid])
 
 
-@case("fanout-within-budget", "c", "40 same-name decoys before the real mid CA and 40 before the root (82 checks)")
+@case("fanout-within-budget", "b",
+      "40 same-name decoys before the real mid CA and 40 before the root (82 checks): Go finds the path, BoringSSL "
+      "takes the first decoy", check="workload-path-building")
 def _fan_ok() -> dict[str, bytes]:
     return _fanout(40, 40)
 
@@ -1481,10 +1538,12 @@ def _tls_nonl() -> dict[str, bytes]:
     return f
 
 
-@case("tls-expired-leaf", "b", "an expired tls.crt: pilot-agent serves it, every client refuses it", kind="tls",
-      check="tls-leaf-validity")
+@case("tls-expired-leaf", "b",
+      "an expired tls.crt (the leaf, then the root that issued it): pilot-agent serves it, every client refuses it",
+      kind="tls", check="tls-leaf-validity")
 def _tls_expired() -> dict[str, bytes]:
-    return tls(leaf(root(), not_before=NOW - 400 * DAY, not_after=NOW - DAY), None)
+    r = root()
+    return tls(leaf(r, not_before=NOW - 400 * DAY, not_after=NOW - DAY), None, chain=[r])
 
 
 @case("tls-ca-one-bad-one-good", "c", "ca.crt holds an unparsable certificate and a good root: ParseRootCerts skips",
@@ -1581,6 +1640,11 @@ def build(names: set[str] | None = None) -> list[Case]:
 
 
 CASES = [s.name for s in _SPECS]
+
+
+def catalog() -> list[dict[str, str]]:
+    """Every case's name, kind, class, check and description, without building it (for test parametrization)."""
+    return [{"name": s.name, "kind": s.kind, "cls": s.cls, "check": s.check, "desc": s.desc} for s in _SPECS]
 
 
 def write(outdir: Path, cases: list[Case]) -> list[dict[str, object]]:

@@ -52,6 +52,7 @@ handshake's BoringSSL report (`TLS_error:|...:TLS_error_end`) is in the log; `En
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -94,10 +95,13 @@ _SECRET = _TLS_ANY + "Secret"
 #: where a listener's or upstream's secrets come from:
 #: "watched": file-based SDS (`path_config_source`) with `watched_directory` on the bundle dir (the default);
 #: "file": file-based SDS without `watched_directory` (Envoy still watches the files' directory for renames);
-#: "static": `static_resources.secrets`, read once at start and never reloaded. Every file-based secret costs
-#: a few inotify instances and the kernel allows 128 per user (fs.inotify.max_user_instances), shared by
-#: everything that user runs: use "static" for many listeners whose files never change.
-SdsMode = Literal["watched", "file", "static"]
+#: "static": `static_resources.secrets` naming the files, read once at start and never reloaded;
+#: "inline": `static_resources.secrets` holding the files' bytes (`inline_bytes`, read when the bootstrap is
+#: written), the way pilot-agent hands Envoy its secrets over SDS, so admin /config_dump shows them (private keys
+#: redacted). Every file-based secret costs a few inotify instances and the kernel allows 128 per user
+#: (fs.inotify.max_user_instances), shared by everything that user runs: use "static" or "inline" for many
+#: listeners whose files never change.
+SdsMode = Literal["watched", "file", "static", "inline"]
 # one BoringSSL error report as Envoy logs a failed handshake (listeners and upstreams alike)
 _TLS_ERROR = re.compile(r"TLS_error:\|?(.*?)(?::TLS_error_end|$)", re.MULTILINE)
 
@@ -252,8 +256,9 @@ def http_get(port: int, timeout: float = 5.0) -> ClientResult:
 class ServerTls:
     """A TLS listener on 127.0.0.1 (free port) serving a `tls` bundle directory, like an Istio gateway server.
 
-    `mode="SIMPLE"` serves `cert`/`key`; `"MUTUAL"` also requires a client certificate verified against `ca`.
-    `sds` picks where the secrets come from (see `SdsMode`).
+    `mode="SIMPLE"` serves `cert`/`key`; `"MUTUAL"` also requires a client certificate verified against `ca`
+    (and, with `crl`, checked against every CRL in that file, as Envoy's `crl` field does: a CRL from every CA of
+    the chain). `sds` picks where the secrets come from (see `SdsMode`).
     """
 
     name: str
@@ -263,6 +268,7 @@ class ServerTls:
     key: str = "tls.key"
     ca: str = "ca.crt"
     sds: SdsMode = "watched"
+    crl: str | None = None
 
     @property
     def secret_names(self) -> tuple[str, ...]:
@@ -274,9 +280,11 @@ class ServerTls:
 class UpstreamTls:
     """Envoy as a TLS client of 127.0.0.1:`port`, reached through a plain-HTTP listener called `name`.
 
-    It trusts `dir/ca` (Istio: root-cert.pem), presents `dir/cert` (leaf first) with `dir/key`, sends `sni`,
-    and with `match_sans` accepts only a server whose URI SAN is one of them (Istio's spiffe identity check).
-    Each request opens a new upstream connection, so each one is a fresh handshake.
+    It trusts `dir/ca` (Istio: root-cert.pem; with `ca=None` it verifies nothing and accepts any server),
+    presents `dir/cert` (leaf first) with `dir/key`, sends `sni`,
+    and with `match_sans` accepts only a server whose URI SAN is one of them (Istio's spiffe identity check);
+    with `crl` the server's chain is also checked against the CRLs in `dir/crl`. Each request opens a new upstream
+    connection, so each one is a fresh handshake.
     """
 
     name: str
@@ -284,10 +292,11 @@ class UpstreamTls:
     dir: Path
     cert: str = "cert-chain.pem"
     key: str = "key.pem"
-    ca: str = "root-cert.pem"
+    ca: str | None = "root-cert.pem"
     sni: str | None = None
     match_sans: Sequence[str] = ()
     sds: SdsMode = "watched"
+    crl: str | None = None
 
     @property
     def secret_names(self) -> tuple[str, str]:
@@ -369,7 +378,7 @@ class Envoy:
     def _sds(self, secret: str, resource: dict[str, Any], directory: Path, mode: SdsMode) -> dict[str, Any]:
         """Write `resource` as the SDS file for `secret` (or keep it as a static secret); returns the
         `sds_secret_config` that refers to it."""
-        if mode == "static":
+        if mode in ("static", "inline"):
             self._static_secrets.append({"name": secret, **resource})
             return {"name": secret}
         sds_dir = self.workdir / "sds"
@@ -383,18 +392,28 @@ class Envoy:
             source["watched_directory"] = {"path": str(directory)}
         return {"name": secret, "sds_config": {"path_config_source": source, "resource_api_version": "V3"}}
 
+    @staticmethod
+    def _data(path: Path, mode: SdsMode) -> dict[str, str]:
+        """A DataSource for `path`: its name, or its bytes in "inline" mode."""
+        if mode == "inline":
+            return {"inline_bytes": base64.b64encode(path.read_bytes()).decode()}
+        return {"filename": str(path)}
+
     def _cert_secret(self, secret: str, directory: Path, cert: str, key: str, mode: SdsMode) -> dict[str, Any]:
         resource = {
             "tls_certificate": {
-                "certificate_chain": {"filename": str(directory / cert)},
-                "private_key": {"filename": str(directory / key)},
+                "certificate_chain": self._data(directory / cert, mode),
+                "private_key": self._data(directory / key, mode),
             }
         }
         return self._sds(secret, resource, directory, mode)
 
-    def _ca_secret(self, secret: str, directory: Path, ca: str, mode: SdsMode) -> dict[str, Any]:
-        resource = {"validation_context": {"trusted_ca": {"filename": str(directory / ca)}}}
-        return self._sds(secret, resource, directory, mode)
+    def _ca_secret(self, secret: str, directory: Path, ca: str, mode: SdsMode, crl: str | None = None
+                   ) -> dict[str, Any]:
+        context: dict[str, Any] = {"trusted_ca": self._data(directory / ca, mode)}
+        if crl is not None:
+            context["crl"] = self._data(directory / crl, mode)
+        return self._sds(secret, {"validation_context": context}, directory, mode)
 
     @staticmethod
     def _hcm(stat_prefix: str, route: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +450,7 @@ class Envoy:
         tls: dict[str, Any] = {"@type": _TLS_ANY + "DownstreamTlsContext", "common_tls_context": common}
         if spec.mode == "MUTUAL":
             common["validation_context_sds_secret_config"] = self._ca_secret(ca_name[0], spec.dir, spec.ca,
-                                                                             spec.sds)
+                                                                             spec.sds, spec.crl)
             tls["require_client_certificate"] = True
         body = {"inline_string": f"ok {spec.name}"}
         return {
@@ -454,15 +473,17 @@ class Envoy:
             validation["match_typed_subject_alt_names"] = [
                 {"san_type": "URI", "matcher": {"exact": san}} for san in spec.match_sans
             ]
-        common = {
+        common: dict[str, Any] = {
             "tls_certificate_sds_secret_configs": [self._cert_secret(cert_name, spec.dir, spec.cert, spec.key,
                                                                      spec.sds)],
-            # Istio's shape: SAN checks in default_validation_context, the trust bundle from SDS
-            "combined_validation_context": {
-                "default_validation_context": validation,
-                "validation_context_sds_secret_config": self._ca_secret(ca_name, spec.dir, spec.ca, spec.sds),
-            },
         }
+        if spec.ca is not None:
+            # Istio's shape: SAN checks in default_validation_context, the trust bundle from SDS
+            common["combined_validation_context"] = {
+                "default_validation_context": validation,
+                "validation_context_sds_secret_config": self._ca_secret(ca_name, spec.dir, spec.ca, spec.sds,
+                                                                        spec.crl),
+            }
         tls: dict[str, Any] = {"@type": _TLS_ANY + "UpstreamTlsContext", "common_tls_context": common}
         if spec.sni:
             tls["sni"] = spec.sni
@@ -556,6 +577,34 @@ class Envoy:
             self.stop()
             raise
         return self
+
+    def validate_config(self, timeout: float = 20.0) -> tuple[bool, str]:
+        """Run `envoy --mode validate` on this bootstrap (no process is left running, nothing is bound): whether
+        Envoy accepts it, and what it printed. Validation builds every TLS context, so a certificate chain, key,
+        trusted CA or CRL Envoy cannot load is refused here exactly as at start (`Failed to load ...`)."""
+        path = self.workdir / "bootstrap-validate.yaml"
+        path.write_text(yaml.safe_dump(self.bootstrap(), sort_keys=False))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["HOME"] = str(self.workdir)
+        proc = subprocess.run(
+            [self.binary, "--mode", "validate", "-c", str(path), "--disable-hot-restart",
+             "--base-id", str(_free_base_id()), "--log-level", "warn"],
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=self.workdir, check=False,
+        )
+        return proc.returncode == 0, proc.stdout + proc.stderr
+
+    def config_dump(self, resource: str | None = None) -> dict[str, Any]:
+        """Admin /config_dump as JSON (`resource`, e.g. "static_secrets", narrows it); Envoy redacts private keys.
+
+        Raises:
+            RuntimeError: if the admin interface does not answer.
+        """
+        query = f"?resource={urllib.parse.quote(resource)}" if resource else ""
+        status, body = self._get(f"/config_dump{query}")
+        if status != 200:
+            raise self._fail(f"admin /config_dump answered {status}")
+        out: dict[str, Any] = json.loads(body)
+        return out
 
     def _fail(self, why: str) -> RuntimeError:
         return RuntimeError(f"envoy {why}; log tail:\n{self.log_text()[-3000:]}")

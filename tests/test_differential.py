@@ -22,8 +22,9 @@ ORACLE_SRC = ROOT / "tests" / "oracle"
 # verdict (b): the checks README's "What it checks" documents, each a refusal although istiod loads the bundle
 DOCUMENTED_B = {
     "key-in-public-file", "unparsable-cert-for-envoy", "chain-lacks-ca-cert", "workload-key-cert-sign",
-    "workload-path-length", "workload-eku-client-auth", "workload-crl-missing", "workload-crl-expired",
-    "workload-crl-revoked", "tls-leaf-validity",
+    "workload-path-building", "workload-path-validity", "workload-path-length", "workload-eku-client-auth",
+    "workload-critical-extension", "workload-time-encoding", "workload-name-constraints", "workload-policy",
+    "workload-crl-missing", "workload-crl-expired", "workload-crl-revoked", "tls-leaf-validity",
 }
 
 
@@ -129,3 +130,13 @@ def test_every_refusal_names_a_file(oracle: Path, cases: list[dict[str, object]]
             assert any(f in msg for f in ("ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem",
                                           "ca-crl.pem", "tls.key", "tls.crt", "ca.crt")), (c["name"], msg)
             assert len(msg) < 400, (c["name"], msg)
+
+
+def test_documented_b_is_the_readme_table() -> None:
+    """DOCUMENTED_B is exactly the checks of README's verdict (b) table (What it checks)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Verdict (b), refused although istiod loads the bundle"):]
+    section = section[:section.index("\n\n", section.index("| check |"))]
+    assert set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.MULTILINE)) == DOCUMENTED_B

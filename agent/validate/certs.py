@@ -180,6 +180,12 @@ class Certificate:
     excluded_emails: list[str] = field(default_factory=list)
     permitted_uris: list[str] = field(default_factory=list)
     excluded_uris: list[str] = field(default_factory=list)
+    # constraints Go does not handle but BoringSSL applies (agent/validate/boring.py): directoryName subtrees as the
+    # DER of their Name, and the tags of other name types
+    permitted_dirnames: list[bytes] = field(default_factory=list)
+    excluded_dirnames: list[bytes] = field(default_factory=list)
+    permitted_other: list[int] = field(default_factory=list)
+    excluded_other: list[int] = field(default_factory=list)
     ext_key_usage: list[int] = field(default_factory=list)
     unknown_eku: list[tuple[int, ...]] = field(default_factory=list)
     authority_key_id: bytes | None = None
@@ -461,7 +467,7 @@ def _name_constraints(c: Certificate, e: _Extension, limits: Limits) -> bool:
     count = 0
 
     def values(subtrees: Str | None, dns: list[str], ips: list[tuple[bytes, bytes]], emails: list[str],
-               uris: list[str]) -> None:
+               uris: list[str], dirnames: list[bytes], other: list[int]) -> None:
         nonlocal unhandled, count
         if subtrees is None:
             return
@@ -514,9 +520,15 @@ def _name_constraints(c: Certificate, e: _Extension, limits: Limits) -> bool:
                 uris.append(v)
             else:
                 unhandled = True
+                if tag == ctx(4, constructed=True):
+                    dirnames.append(raw)
+                else:
+                    other.append(tag)
 
-    values(permitted, c.permitted_dns, c.permitted_ips, c.permitted_emails, c.permitted_uris)
-    values(excluded, c.excluded_dns, c.excluded_ips, c.excluded_emails, c.excluded_uris)
+    values(permitted, c.permitted_dns, c.permitted_ips, c.permitted_emails, c.permitted_uris, c.permitted_dirnames,
+           c.permitted_other)
+    values(excluded, c.excluded_dns, c.excluded_ips, c.excluded_emails, c.excluded_uris, c.excluded_dirnames,
+           c.excluded_other)
     return unhandled
 
 

@@ -13,21 +13,9 @@ from agent.validate.limits import LimitExceeded, Limits
 from agent.validate.names import RDN
 from agent.validate.pem import Block, decode_all
 
-__all__ = ["Parsed", "openssl_parses", "refuse", "refuse_b", "stamp"]
+__all__ = ["Parsed", "refuse", "refuse_b", "stamp"]
 
 _NAME = 80  # characters of a subject name in a message
-
-
-def openssl_parses(der: bytes) -> None:
-    """Raise ValueError when `cryptography` (an OpenSSL-family parser, standing in for Envoy's BoringSSL) cannot
-    load `der` as a certificate at all; Go's stricter refusals (negative serial, ...) still load here."""
-    import warnings
-
-    from cryptography import x509
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        x509.load_der_x509_certificate(der)
 
 
 def stamp(t: int) -> str:
@@ -41,7 +29,11 @@ _MAX_MESSAGE = 390
 
 def refuse(what: str, step: str, go: str, consumer: str = "istiod would refuse the bundle") -> BundleError:
     """Verdict (a): the consumer refuses it. `what` names the file; `step` the upstream function, `go` its error
-    (shortened so the sentence stays readable)."""
+    (shortened so the sentence stays readable; a long `what` is cut too, so that Go's text keeps 60 characters
+    and the whole sentence, shown's `...[+N]` marker included, stays within _MAX_MESSAGE)."""
+    room_for_what = _MAX_MESSAGE - len(consumer) - len(step) - 6 - 72
+    if len(what) > room_for_what:
+        what = what[:room_for_what].rstrip() + "..."
     head = f"{what}; {consumer} ({step}: "
     room = max(_MAX_MESSAGE - len(head) - 12, 20)  # 12: the closing parenthesis and a cut marker
     return BundleError(f"{head}{shown(go, room)})", check=step)

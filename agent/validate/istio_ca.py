@@ -7,14 +7,15 @@ istiod's own certificate, so a bundle is judged by startup: a reload that passes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from agent.errors import BundleError
 from agent.text import shown
+from agent.validate import boring
 from agent.validate.certs import EKU, KU, Certificate, CertificateError
 from agent.validate.chain import CertPool, VerifyError, verify
-from agent.validate.common import Parsed, openssl_parses, refuse, refuse_b, stamp
-from agent.validate.crl import CRLError, RevocationList, check_crl_signature_from, missing_crl_signers, parse_crl
+from agent.validate.common import Parsed, refuse, refuse_b, stamp
+from agent.validate.crl import CRLError, RevocationList, missing_crl_signers, parse_crl
 from agent.validate.info import BundleInfo, to_datetime
 from agent.validate.keys import (
     ECKey,
@@ -226,67 +227,6 @@ def _self_issued(c: Certificate) -> bool:
     return c.raw_issuer == c.raw_subject
 
 
-def _chain_problem(p: Parsed, chain: Sequence[Certificate], crls: list[RevocationList] | None) -> BundleError | None:
-    """What breaks when Envoy (BoringSSL) verifies a workload certificate issued by chain[0] through this chain."""
-    # BoringSSL check_chain_extensions: a CA's pathLenConstraint counts the non-self-issued CAs below it, and the
-    # workload leaf puts ca-cert.pem itself below every certificate above it.
-    below = 0
-    for k, c in enumerate(chain):
-        if k >= 1 and c.bc_valid and c.max_path_len >= 0 and below > c.max_path_len:
-            return refuse_b(
-                f"istiod would load it, but {p.where(c)} has pathlen:{c.max_path_len} and {below} CA certificate(s), "
-                f"ca-cert.pem among them, would sit between it and each workload certificate: Envoy refuses every "
-                "workload certificate with a path length error", "workload-path-length")
-        if not _self_issued(c):
-            below += 1
-    # BoringSSL checks the purpose on CA certificates too: verifying a client (mTLS server side) needs clientAuth.
-    for c in chain:
-        if (c.ext_key_usage or c.unknown_eku) and EKU.ANY not in c.ext_key_usage and \
-                EKU.CLIENT_AUTH not in c.ext_key_usage:
-            return refuse_b(
-                f"istiod would load it, but {p.where(c)} has an extendedKeyUsage without clientAuth: Envoy refuses "
-                "workload certificates issued under it as client certificates, so mesh mTLS fails",
-                "workload-eku-client-auth")
-    if crls is not None:
-        return _crl_problem(p, chain, crls)
-    return None
-
-
-def _crl_problem(p: Parsed, chain: Sequence[Certificate], crls: list[RevocationList]) -> BundleError | None:
-    """Envoy with a CRL (crl_check_all): every certificate on the workload chain needs a current CRL from its
-    issuer, and none of them may be revoked."""
-    subjects: list[tuple[Certificate, Certificate]] = [(chain[i], chain[i + 1]) for i in range(len(chain) - 1)]
-    top = chain[-1]
-    if _self_issued(top):
-        subjects.append((top, top))
-    issuers = [chain[0]] + [iss for _, iss in subjects]
-    for issuer in issuers:
-        mine = [rl for rl in crls if check_crl_signature_from(rl, issuer) is None]
-        if not mine:
-            return refuse_b(
-                f"istiod would load it, but ca-crl.pem has no CRL from {p.where(issuer)}, which is on the workload "
-                "chain but not in cert-chain.pem: Envoy, once given a CRL, needs one from every CA of the chain and "
-                "refuses every workload certificate", "workload-crl-missing")
-        for rl in mine:
-            if rl.next_update is not None and rl.next_update < p.now:
-                return refuse_b(
-                    f"istiod would load it, but the CRL in ca-crl.pem from {p.where(issuer)} expired at "
-                    f"{stamp(rl.next_update)} (nextUpdate): Envoy refuses every workload certificate it covers",
-                    "workload-crl-expired")
-            if rl.this_update > p.now:
-                return refuse_b(
-                    f"istiod would load it, but the CRL in ca-crl.pem from {p.where(issuer)} is not valid until "
-                    f"{stamp(rl.this_update)} (thisUpdate): Envoy refuses every workload certificate it covers",
-                    "workload-crl-expired")
-    for subject, issuer in subjects:
-        for rl in crls:
-            if subject.serial in rl.revoked and check_crl_signature_from(rl, issuer) is None:
-                return refuse_b(
-                    f"istiod would load it, but ca-crl.pem revokes {p.where(subject)}: Envoy refuses every workload "
-                    "certificate issued under it", "workload-crl-revoked")
-    return None
-
-
 def _key_leak(p: Parsed) -> None:
     for name in _SHARED:
         data = p.files[name]
@@ -296,24 +236,116 @@ def _key_leak(p: Parsed) -> None:
 
 
 def _envoy_unparsable(p: Parsed) -> None:
-    """A CERTIFICATE block Go skips (bad DER) reaches every workload's Envoy, whose PEM loader fails on it."""
+    """Every workload's Envoy loads all of cert-chain.pem and root-cert.pem (its certificate chain ends with
+    both); a CERTIFICATE block BoringSSL cannot parse makes it refuse the whole secret, whether Go skipped the block
+    or parsed it (Go ignores bytes after a TBSCertificate's extensions and a UTCTime without seconds)."""
     for name in _SHARED:
         blocks = p.blocks(name)
         for i, b in enumerate(blocks):
-            if b.label != b"CERTIFICATE" or isinstance(p.cert(b.der), Certificate):
+            if b.label != b"CERTIFICATE":
                 continue
-            try:
-                openssl_parses(b.der)
-            except ValueError:
-                raise refuse_b(
-                    f"istiod would load it (Go skips the block), but {p.nth(name, i, len(blocks))} is a CERTIFICATE "
-                    f"block that is not a certificate at all, and istiod hands {name} to every workload, whose "
-                    "Envoy refuses the whole file", "unparsable-cert-for-envoy") from None
+            problem = boring.parse_problem(b.der)
+            if problem is None:
+                continue
+            go = isinstance(p.cert(b.der), Certificate)
+            lead = ("istiod would load it" if go else "istiod would load it (Go skips the block)")
+            raise refuse_b(
+                f"{lead}, but {p.nth(name, i, len(blocks))} is a CERTIFICATE block BoringSSL cannot parse ({problem}), "
+                f"and istiod hands {name} to every workload, whose Envoy refuses the whole file",
+                "unparsable-cert-for-envoy")
 
 
-def _workload_checks(p: Parsed, ca: Certificate, roots: CertPool, chains: list[list[Certificate]],
-                     crls: list[RevocationList] | None) -> list[Certificate]:
-    """Verdict (b); returns the chain workloads will use."""
+#: Failure.kind -> the check that names it in a verdict (b)
+_CHECKS = {
+    "eku": "workload-eku-client-auth", "path-length": "workload-path-length", "crl-missing": "workload-crl-missing",
+    "crl-expired": "workload-crl-expired", "crl-revoked": "workload-crl-revoked",
+    "critical-extension": "workload-critical-extension", "validity": "workload-path-validity",
+    "time-encoding": "workload-time-encoding", "name-constraints": "workload-name-constraints",
+    "policy": "workload-policy",
+}
+_DIRECTIONS = {
+    ("client",): "as client certificates (inbound)",
+    ("server",): "as server certificates (outbound)",
+    ("client", "server"): "both ways",
+}
+
+
+class _Envoy:
+    """The boring model's inputs for this bundle: what a workload's Envoy is given (see agent/validate/boring.py)."""
+
+    def __init__(self, p: Parsed, ca: Certificate, crls: list[RevocationList] | None) -> None:
+        self.p = p
+        self.ca = ca
+        self.crls = crls
+        self.untrusted = [boring.BoringCert.of(c) for name in _SHARED for b in p.blocks(name)
+                          if b.label == b"CERTIFICATE" and isinstance(c := p.cert(b.der), Certificate)]
+        self.trusted = [boring.BoringCert.of(c) for der in boring.trust_bundle_order(p.files["root-cert.pem"])
+                        if isinstance(c := p.cert(der), Certificate)]
+
+    def verify(self, uri: str | None, *, client: bool) -> boring.Failure | None:
+        leaf = boring.leaf_for(self.ca, self.p.now, uri)
+        return boring.verify(leaf, self.untrusted, self.trusted, self.crls, self.p.now, client=client)
+
+    def path(self) -> tuple[list[boring.BoringCert], int]:
+        """The path BoringSSL builds for a workload certificate, leaf first, and how many of it are untrusted."""
+        chain, last_untrusted, _ = boring.build(boring.leaf_for(self.ca, self.p.now, None), self.untrusted,
+                                                self.trusted)
+        return chain, last_untrusted
+
+    def where(self, x: boring.BoringCert) -> str:
+        return "the workload certificate" if x.cert is None else self.p.where(x.cert)
+
+
+def _envoy_problem(env: _Envoy) -> BundleError | None:
+    """Verdict (b) from the model of Envoy's BoringSSL: what Envoy refuses, in which direction. The workload's
+    spiffe URI is left out: the trust domain is not in the bundle (URI name constraints are a warning)."""
+    failures = {d: env.verify(None, client=d == "client") for d in ("client", "server")}
+    broken = tuple(d for d, f in failures.items() if f is not None)
+    if not broken:
+        return None
+    f = failures[broken[0]]
+    assert f is not None
+    check = _CHECKS.get(f.kind, "workload-path-building")
+    who = env.where(f.cert)
+    how = _DIRECTIONS[broken]
+    at = f"\"{f.reason}\" at depth {f.depth}"
+    if f.kind == "eku":
+        what = (f"{who} has an extendedKeyUsage without "
+                f"{'clientAuth' if 'client' in broken else 'serverAuth'}"
+                f"{' or serverAuth' if len(broken) == 2 else ''} (BoringSSL checks every CA below the anchor; "
+                "anyExtendedKeyUsage does not count)")
+    elif f.kind == "path-length":
+        what = (f"{who} has pathlen:{f.cert.pathlen} and is not the trust anchor, so BoringSSL counts ca-cert.pem "
+                "below it")
+    elif f.kind == "critical-extension":
+        what = f"{who} has a critical extension BoringSSL does not handle"
+    elif f.kind == "validity":
+        what = (f"its path goes through {who}, outside its validity: Envoy takes the first matching root of the "
+                "trust bundle as pilot-agent sorts it and never backtracks")
+    elif f.kind == "time-encoding":
+        what = (f"{who} writes its validity as a UTCTime with a timezone offset, which BoringSSL parses but cannot "
+                "compare")
+    elif f.kind == "name-constraints":
+        what = (f"{who} violates the name constraints of a CA above it as BoringSSL applies them (directoryName "
+                "constraints too, which Go ignores)")
+    elif f.kind == "policy":
+        what = (f"{who} requires an explicit certificate policy (requireExplicitPolicy="
+                f"{f.cert.require_explicit}), and workload certificates carry none")
+    elif f.kind == "crl-missing":
+        what = (f"ca-crl.pem has no usable CRL for {who} from its issuer, and Envoy, once given a CRL, needs one "
+                "from every CA of the chain")
+    elif f.kind == "crl-expired":
+        what = f"the CRL in ca-crl.pem that covers {who} is outside its thisUpdate..nextUpdate window"
+    elif f.kind == "crl-revoked":
+        what = f"ca-crl.pem revokes {who}"
+    else:
+        what = (f"building its path greedily (the first certificate whose name and key id match, no backtracking), "
+                f"Envoy gets stuck at {who}")
+    return refuse_b(f"istiod would load it, but Envoy refuses every workload certificate {how}: {what} ({at})", check)
+
+
+def _workload_checks(p: Parsed, ca: Certificate, roots: CertPool, crls: list[RevocationList] | None) -> _Envoy:
+    """Verdict (b); returns the Envoy model for the warnings."""
     _key_leak(p)
     _envoy_unparsable(p)
     chain_certs = [c for b in p.blocks("cert-chain.pem") if b.label == b"CERTIFICATE"
@@ -330,14 +362,11 @@ def _workload_checks(p: Parsed, ca: Certificate, roots: CertPool, chains: list[l
             "istiod would load it, but ca-cert.pem's keyUsage lacks keyCertSign: Go ignores keyUsage on the "
             "certificate it signs with, Envoy does not, and refuses every workload certificate istiod issues",
             "workload-key-cert-sign")
-    first_problem: BundleError | None = None
-    for chain in chains:
-        problem = _chain_problem(p, chain, crls)
-        if problem is None:
-            return chain
-        first_problem = first_problem or problem
-    assert first_problem is not None
-    raise first_problem
+    env = _Envoy(p, ca, crls)
+    problem = _envoy_problem(env)
+    if problem is not None:
+        raise problem
+    return env
 
 
 # --------------------------------------------------------------------------------------------- verdict (c)
@@ -351,7 +380,49 @@ def _group(out: list[str], items: list[str], one: str, many: str) -> None:
         out.append(many.format(len(items), items[0]))
 
 
-def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certificate]) -> list[str]:
+#: the trust domain istiod uses unless meshConfig.trustDomain says otherwise
+_DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+def _envoy_warnings(env: _Envoy) -> list[str]:
+    """Verdict (c) from the Envoy model: what Envoy accepts but depends on something outside the bundle, or what
+    Go and OpenSSL peers would refuse although Envoy accepts it."""
+    out: list[str] = []
+    path, last_untrusted = env.path()
+    uri = f"spiffe://{_DEFAULT_TRUST_DOMAIN}/ns/default/sa/default"
+    constrained = [x for x in path[1:] if x.nc and (x.nc["uri"][0] or x.nc["uri"][1])]
+    if constrained:
+        f = env.verify(uri, client=True) or env.verify(uri, client=False)
+        who = env.where(constrained[-1])
+        if f is not None and f.kind == "name-constraints" and f.depth == 0:
+            out.append(f"{who} constrains URI names so that Envoy refuses every workload certificate of trust domain "
+                       f"{_DEFAULT_TRUST_DOMAIN} (Istio's default), both ways (BoringSSL: \"{f.reason}\"); the bundle "
+                       "is right only for a mesh whose meshConfig.trustDomain these constraints permit.")
+        else:
+            out.append(f"{who} constrains URI names; Envoy applies them to every workload's "
+                       "spiffe://<trust domain>/... URI, so make sure the mesh's trust domain is permitted (trust "
+                       f"domain {_DEFAULT_TRUST_DOMAIN} is).")
+    for i in range(max(last_untrusted, 2), len(path)):
+        x = path[i]
+        if x.pathlen != -1 and i - 1 > x.pathlen:
+            out.append(f"{env.where(x)} is the trust anchor and has pathlen:{x.pathlen}, which leaves no room for "
+                       "the certificates istiod issues under ca-cert.pem: Envoy ignores a trust anchor's constraints "
+                       "and accepts them, but Go's crypto/x509 and OpenSSL do not (\"too many intermediates for path "
+                       "length constraint\"), so pilot-agent verifying istiod's own serving certificate and every "
+                       "Go or OpenSSL peer of the mesh would refuse them.")
+        if x.eku is not None and EKU.ANY not in x.eku and EKU.CLIENT_AUTH not in x.eku:
+            out.append(f"{env.where(x)} is the trust anchor and its extendedKeyUsage lacks clientAuth: Envoy ignores "
+                       "a trust anchor's extendedKeyUsage, but Go peers verifying client certificates would refuse "
+                       "workload certificates.")
+    anchor = path[-1]
+    if last_untrusted < len(path) and not anchor.self_signed:
+        out.append(f"the trust anchor {env.where(anchor)} is not a self-signed root; istiod, Go and Envoy (which "
+                   "verifies partial chains) trust it, but TLS stacks that verify only up to self-signed roots will "
+                   "not.")
+    return out
+
+
+def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certificate], env: _Envoy) -> list[str]:
     out: list[str] = []
     on_path = {c.raw for c in chain}
     for name in ("ca-cert.pem", "ca-key.pem"):
@@ -392,21 +463,13 @@ def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certifica
     if chain_blocks and chain_blocks[0].der != ca.raw and any(b.der == ca.raw for b in chain_blocks):
         out.append("cert-chain.pem does not start with ca-cert.pem's certificate; Go and Envoy build the path "
                    "anyway, but put it first (then its issuers, root last).")
-    anchor = chain[-1]
-    if not _self_issued(anchor):
-        out.append(f"the trust anchor {p.where(anchor)} is not a self-signed root; istiod trusts it, but workloads "
-                   "that verify only up to self-signed roots will not.")
     if isinstance(key, Ed25519Key):
         out.append("ca-key.pem is an Ed25519 key: Go and BoringSSL accept it, other TLS stacks in the mesh may not.")
     if isinstance(key, ECKey) and key.curve == "P-224":
         out.append("ca-key.pem is a P-224 key (112-bit security); use P-256 or stronger.")
     if isinstance(key, RSAKey) and key.bits < 2048:
         out.append(f"ca-key.pem is a {key.bits}-bit RSA key; use 2048 bits or more.")
-    for c in chain:
-        if c.permitted_uris or c.excluded_uris:
-            out.append(f"{p.where(c)} constrains URI names; workload certificates are spiffe://<trust domain>/..., "
-                       "so make sure the trust domain is permitted.")
-            break
+    out += _envoy_warnings(env)
     if "ca-crl.pem" in p.files and not p.files["ca-crl.pem"]:
         out.append("ca-crl.pem is empty, so istiod checks no CRL; remove it or fill it.")
     return out
@@ -432,8 +495,10 @@ def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits) -> B
     _is_ca(ca)
     _min_ttl(p)
     _gen_key_cert(p, ca, key)
-    chain = _workload_checks(p, ca, roots, chains, crls)
-    warnings = _warnings(p, ca, key, chain)
+    env = _workload_checks(p, ca, roots, crls)
+    path = [x.raw for x in env.path()[0][1:]]
+    chain = next((c for c in chains if [x.raw for x in c] == path), chains[0])
+    warnings = _warnings(p, ca, key, chain, env)
     chain_raws = {b.der for b in p.blocks("cert-chain.pem")}
     in_chain = [c.not_after for c in chain if c.raw in chain_raws] or [ca.not_after]
     not_after = {

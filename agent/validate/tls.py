@@ -107,18 +107,17 @@ def _roots(p: Parsed) -> CertPool:
 
 def _envoy_checks(p: Parsed, leaf: Certificate) -> None:
     """Verdict (b) for gateways: Envoy loads all of tls.crt, clients refuse a certificate outside its validity."""
-    from agent.validate.common import openssl_parses
+    from agent.validate.boring import parse_problem
 
     blocks = p.blocks("tls.crt")
     for i, b in enumerate(blocks):
-        if b.label != b"CERTIFICATE" or isinstance(p.cert(b.der), Certificate):
+        if b.label != b"CERTIFICATE":
             continue
-        try:
-            openssl_parses(b.der)
-        except ValueError:
+        problem = parse_problem(b.der)
+        if problem is not None:
             raise refuse_b(f"pilot-agent would load it (Go reads only the first certificate), but "
-                           f"{p.nth('tls.crt', i, len(blocks))} is a CERTIFICATE block that is not a certificate, and "
-                           "Envoy refuses the whole chain", "unparsable-cert-for-envoy") from None
+                           f"{p.nth('tls.crt', i, len(blocks))} is a CERTIFICATE block BoringSSL cannot parse "
+                           f"({problem}), and Envoy refuses the whole chain", "unparsable-cert-for-envoy")
     if p.now > leaf.not_after:
         raise refuse_b(f"pilot-agent would serve it, but tls.crt expired at {stamp(leaf.not_after)}: every client "
                        "refuses it; issue a new certificate", "tls-leaf-validity")
