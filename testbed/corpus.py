@@ -263,8 +263,10 @@ def _ok_nc_dir() -> dict[str, bytes]:
     return files(inter(mid))
 
 
-@case("ok-nc-on-ca-itself", "ok", "ca-cert.pem's own name constraints exclude its own SAN: they bind only below it")
-def _ok_nc_self() -> dict[str, bytes]:
+@case("nc-on-ca-excludes-istiod", "b",
+      "ca-cert.pem's own name constraints exclude its own SAN: istiod loads it (they bind only below it), but the"
+      " serving certificate istiod signs for istiod.istio-system.svc is below it", check="istiod-serving-cert")
+def _nc_self() -> dict[str, bytes]:
     return files(inter(root(), extra=(rc.name_constraints([], [("dns", "istio-system.svc")]),)))
 
 
@@ -1028,8 +1030,9 @@ def _mid_false() -> dict[str, bytes]:
     return files(inter(inter(root(), "Mid CA", ca=False)))
 
 
-@case("pathlen-root-0", "c",
-      "root pathlen:0 with ca-cert.pem directly below: Envoy ignores a trust anchor's pathlen, Go and OpenSSL do not")
+@case("pathlen-root-0", "b",
+      "root pathlen:0 with ca-cert.pem directly below: Envoy ignores a trust anchor's pathlen, but Go (pilot-agent"
+      " dialling istiod) refuses istiod's own serving certificate", check="istiod-serving-cert")
 def _pl_root() -> dict[str, bytes]:
     return files(inter(root(pathlen=0)))
 

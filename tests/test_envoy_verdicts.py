@@ -41,7 +41,10 @@ LEAKS = {c["name"] for c in ISTIO_CA if c["check"] == "key-in-public-file"}
 #: verdict (c) whose Envoy verdict depends on the mesh's trust domain: (the trust domain that breaks, one that works)
 TRUST_DOMAIN_DEPENDENT = {"nc-uri-excluded": ("cluster.local", "example.org"),
                           "nc-uri-permitted": ("example.org", "cluster.local")}
-BROKEN = [c["name"] for c in ISTIO_CA if c["cls"] == "b" and c["name"] not in LOAD_REFUSED | LEAKS]
+#: verdict (b) proven on Go's side (tests/test_differential.py: the oracle verifies istiod's serving certificate as
+#: pilot-agent does): Envoy itself works
+GO_SIDE = {c["name"] for c in ISTIO_CA if c["check"] == "istiod-serving-cert"}
+BROKEN = [c["name"] for c in ISTIO_CA if c["cls"] == "b" and c["name"] not in LOAD_REFUSED | LEAKS | GO_SIDE]
 WORKING = [c["name"] for c in ISTIO_CA if c["cls"] in ("ok", "c") and c["name"] not in TRUST_DOMAIN_DEPENDENT]
 GATEWAY_CASES = ("tls-expired-leaf", "tls-leaf-plus-root")
 
@@ -93,7 +96,7 @@ def _claimed_directions(message: str) -> set[str] | None:
 
 def test_the_cases_cover_the_corpus() -> None:
     """Every istio-ca corpus case istiod loads is checked here, in exactly one shape."""
-    shapes = [set(BROKEN), set(WORKING), LOAD_REFUSED, LEAKS, set(TRUST_DOMAIN_DEPENDENT)]
+    shapes = [set(BROKEN), set(WORKING), LOAD_REFUSED, LEAKS, set(TRUST_DOMAIN_DEPENDENT), GO_SIDE]
     assert sum(len(s) for s in shapes) == len(ISTIO_CA) == len(set().union(*shapes))
     assert {"chain-mid-as-anchor", "key-ed25519", "ec-p224-ca-key", "ok-sha1-root", "pem-crlf",
             "cert-negative-serial-extra-root", "pem-root-other-block-first"} <= set(WORKING)
@@ -142,6 +145,14 @@ def test_accepted_bundle_gives_working_mtls_both_ways(name: str, oracle: MeshOra
     inbound, outbound = oracle.both(name)
     assert inbound.accepted, inbound
     assert outbound.accepted, outbound
+
+
+@pytest.mark.parametrize("name", sorted(GO_SIDE))
+def test_go_side_refusals_are_not_envoys(name: str, oracle: MeshOracle) -> None:
+    """`istiod-serving-cert`: Envoy ignores a trust anchor's pathlen and works both ways; the refusal rests on Go
+    (pilot-agent refusing istiod's serving certificate), which the differential test checks."""
+    inbound, outbound = oracle.both(name)
+    assert inbound.accepted and outbound.accepted, (inbound, outbound)
 
 
 @pytest.mark.parametrize("name", sorted(TRUST_DOMAIN_DEPENDENT))

@@ -11,7 +11,7 @@ from functools import cmp_to_key
 from agent.validate.certs import Certificate
 from agent.validate.names import Mailbox, domain_name_valid, parse_mailbox
 
-__all__ = ["check_chain_constraints"]
+__all__ = ["check_chain_constraints", "dns_name_refused"]
 
 _TABLE = bytes(0 if c == 0x2E else (c + 32 if 0x41 <= c <= 0x5A else c) for c in range(256))
 
@@ -244,6 +244,15 @@ def _parse_uris(c: Certificate) -> list[tuple[str, str]] | str:
             return f'URI with IP ("{u}") cannot be matched against constraints'
         out.append((str(u), host))
     return out
+
+
+def dns_name_refused(chain: Sequence[Certificate], name: str) -> str | None:
+    """Go's reason when a certificate for DNS `name`, issued by chain[0], is refused by a name constraint of a CA
+    in `chain` (checkNameConstraints as Verify applies it to the leaf), else None."""
+    for c in chain:
+        if c.has_name_constraints and (err := _Constraints(c).check([name], [], [], [])) is not None:
+            return err
+    return None
 
 
 def check_chain_constraints(chain: Sequence[Certificate]) -> str | None:

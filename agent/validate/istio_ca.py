@@ -369,6 +369,37 @@ def _workload_checks(p: Parsed, ca: Certificate, roots: CertPool, crls: list[Rev
     return env
 
 
+def _serving_problem(p: Parsed, chains: list[list[Certificate]]) -> None:
+    """Verdict (b) from Go's side: istiod signs its own serving certificate (DNS istiod.istio-system.svc) with
+    ca-cert.pem and sends it with cert-chain.pem (ca.go signWithCertChain); pilot-agent verifies it with Go against
+    root-cert.pem (pilot/pkg/grpc/tls.go getTLSDialOption). That certificate sits one level below ca-cert.pem, so
+    a pathLenConstraint that admits ca-cert.pem can still refuse it (verify.go isValid: "too many intermediates"),
+    and ca-cert.pem's own name constraints apply to it. Go accepts it if any of ca-cert.pem's paths does."""
+    from agent.validate.constraints import dns_name_refused
+
+    problems: list[str] = []
+    for chain in chains:
+        # chain[j] has j CA certificates (ca-cert.pem included) between it and the serving certificate
+        tight = next((c for j, c in enumerate(chain) if j and c.bc_valid and 0 <= c.max_path_len < j), None)
+        refusing = next(((c, err) for c in chain if (err := dns_name_refused([c], _ISTIOD_DNS))), None)
+        if tight is not None:
+            problems.append(f"{p.where(tight)} has pathlen:{tight.max_path_len}, which leaves no room below "
+                            "ca-cert.pem (\"too many intermediates for path length constraint\")")
+        elif refusing is not None:
+            problems.append(f"the name constraints of {p.where(refusing[0])} refuse {_ISTIOD_DNS}"
+                            f" ({shown(refusing[1])})")
+        else:
+            return
+    if problems:
+        raise refuse_b(
+            f"istiod would load it, but {problems[0]}: pilot-agent (Go's x509) refuses the serving certificate "
+            "istiod signs for itself, so no workload gets config or certificates", "istiod-serving-cert")
+
+
+#: the first name istiod signs its serving certificate for (certcontroller.go getDNSNames)
+_ISTIOD_DNS = "istiod.istio-system.svc"
+
+
 # --------------------------------------------------------------------------------------------- verdict (c)
 
 
@@ -496,6 +527,7 @@ def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits) -> B
     _min_ttl(p)
     _gen_key_cert(p, ca, key)
     env = _workload_checks(p, ca, roots, crls)
+    _serving_problem(p, chains)
     path = [x.raw for x in env.path()[0][1:]]
     chain = next((c for c in chains if [x.raw for x in c] == path), chains[0])
     warnings = _warnings(p, ca, key, chain, env)

@@ -78,6 +78,7 @@ type result struct {
 	Kind    string   `json:"kind"`
 	Startup *verdict `json:"startup,omitempty"`
 	Reload  *verdict `json:"reload,omitempty"`
+	Serving *verdict `json:"serving,omitempty"`
 	Gateway *verdict `json:"gateway,omitempty"`
 }
 
@@ -101,8 +102,9 @@ func main() {
 			res := result{Dir: r.Dir, Kind: r.Kind}
 			switch r.Kind {
 			case "istio-ca":
-				s, rl := istiodStartup(r.Dir), istiodReload(r.Dir)
-				res.Startup, res.Reload = &s, &rl
+				s, sv := istiodStartup(r.Dir)
+				rl := istiodReload(r.Dir)
+				res.Startup, res.Reload, res.Serving = &s, &rl, sv
 			case "tls":
 				g := gateway(r.Dir, r.CASignsCert)
 				res.Gateway = &g
@@ -206,21 +208,48 @@ func checkCABundleCompleteness(fb signingCAFileBundle) (complete, exists bool, e
 // istiodStartup follows createIstioCA for a complete plugged-in bundle: NewPluggedCertIstioCAOptions
 // (security/pkg/pki/ca/ca.go), the CRL read, NewIstioCA's minTTL, then initDNSCertsIstiod's GenKeyCert
 // (pilot/pkg/bootstrap/certcontroller.go), whose failure also stops istiod.
-func istiodStartup(dir string) verdict {
+func istiodStartup(dir string) (verdict, *verdict) {
+	v, bundle, der := istiodStart(dir)
+	if !v.OK {
+		return v, nil
+	}
+	s := servingVerify(bundle, der)
+	return v, &s
+}
+
+// servingVerify: how pilot-agent checks the serving certificate istiod just made for itself when it dials istiod
+// for config and certificates. pilot/pkg/grpc/tls.go getTLSDialOption: crypto/tls with RootCAs from the root cert
+// istiod publishes (root-cert.pem) and ServerName istiod.istio-system.svc; the server sends its certificate and
+// then cert-chain.pem (security/pkg/pki/ca/ca.go signWithCertChain appends GetCertChainPem).
+func servingVerify(b *keyCertBundle, der []byte) verdict {
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return fail("pilot-agent dial istiod", err)
+	}
+	roots, inters := x509.NewCertPool(), x509.NewCertPool()
+	roots.AppendCertsFromPEM(b.rootCertBytes)
+	inters.AppendCertsFromPEM(b.certChainBytes)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters, DNSName: istiodDNSName}); err != nil {
+		return fail("pilot-agent dial istiod", err)
+	}
+	return verdict{OK: true}
+}
+
+func istiodStart(dir string) (verdict, *keyCertBundle, []byte) {
 	fb, err := detectSigningCABundleAndCRL(dir)
 	if err != nil {
-		return fail("detectSigningCABundleAndCRL", fmt.Errorf("unable to determine signing file format %v", err))
+		return fail("detectSigningCABundleAndCRL", fmt.Errorf("unable to determine signing file format %v", err)), nil, nil
 	}
 	complete, exists, err := checkCABundleCompleteness(fb)
 	if err != nil {
-		return fail("checkCABundleCompleteness", fmt.Errorf("failed to create an istiod CA: %w", err))
+		return fail("checkCABundleCompleteness", fmt.Errorf("failed to create an istiod CA: %w", err)), nil, nil
 	}
 	if !complete && exists {
 		return fail("checkCABundleCompleteness",
-			errors.New("failed to create an istiod CA: incomplete signing CA bundle detected"))
+			errors.New("failed to create an istiod CA: incomplete signing CA bundle detected")), nil, nil
 	}
 	if !complete {
-		return fail("createIstioCA", errors.New("no plugged-in CA files: istiod would use a self-signed CA"))
+		return fail("createIstioCA", errors.New("no plugged-in CA files: istiod would use a self-signed CA")), nil, nil
 	}
 	// The istio-generated marker only matters with USE_CACERTS_FOR_SELF_SIGNED_CA (default false).
 
@@ -228,44 +257,45 @@ func istiodStartup(dir string) verdict {
 	bundle, err := newVerifiedKeyCertBundleFromFile(fb)
 	if err != nil {
 		return fail("NewVerifiedKeyCertBundleFromFile",
-			fmt.Errorf("failed to create an istiod CA: failed to create CA KeyCertBundle (%v)", err))
+			fmt.Errorf("failed to create an istiod CA: failed to create CA KeyCertBundle (%v)", err)), nil, nil
 	}
 	b, err := os.ReadFile(fb.SigningCertFile)
 	if err != nil {
-		return fail("NewPluggedCertIstioCAOptions", fmt.Errorf("failed to create an istiod CA: %v", err))
+		return fail("NewPluggedCertIstioCAOptions", fmt.Errorf("failed to create an istiod CA: %v", err)), nil, nil
 	}
 	block, _ := pem.Decode(b)
 	if block == nil {
 		return fail("NewPluggedCertIstioCAOptions",
-			errors.New("failed to create an istiod CA: invalid PEM encoded certificate"))
+			errors.New("failed to create an istiod CA: invalid PEM encoded certificate")), nil, nil
 	}
 	cert, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
 		return fail("NewPluggedCertIstioCAOptions",
-			errors.New("failed to create an istiod CA: failed to parse X.509 certificate"))
+			errors.New("failed to create an istiod CA: failed to parse X.509 certificate")), nil, nil
 	}
 	if !cert.IsCA {
 		return fail("NewPluggedCertIstioCAOptions",
-			errors.New("failed to create an istiod CA: certificate is not authorized to sign other certificates"))
+			errors.New("failed to create an istiod CA: certificate is not authorized to sign other certificates")), nil, nil
 	}
 
 	// createIstioCA: with a CRL file, it is read again for the initial replication.
 	if fb.CRLFile != "" {
 		if _, err := os.ReadFile(fb.CRLFile); err != nil {
-			return fail("createIstioCA", err)
+			return fail("createIstioCA", err), nil, nil
 		}
 	}
 
 	// security/pkg/pki/ca/ca.go NewIstioCA -> minTTL, which reads the first block of cert-chain.pem.
 	if _, err := minTTL(bundle, defaultWorkloadCertTTL); err != nil {
-		return fail("NewIstioCA.minTTL", fmt.Errorf("failed to create an istiod CA: failed to get default cert TTL %s", err))
+		return fail("NewIstioCA.minTTL", fmt.Errorf("failed to create an istiod CA: failed to get default cert TTL %s", err)), nil, nil
 	}
 
 	// pilot/pkg/bootstrap/certcontroller.go initDNSCertsIstiod -> IstioCA.GenKeyCert
-	if err := genKeyCert(bundle); err != nil {
-		return fail("initDNSCertsIstiod.GenKeyCert", fmt.Errorf("failed generating istiod key cert %v", err))
+	der, err := genKeyCert(bundle)
+	if err != nil {
+		return fail("initDNSCertsIstiod.GenKeyCert", fmt.Errorf("failed generating istiod key cert %v", err)), nil, nil
 	}
-	return verdict{OK: true}
+	return verdict{OK: true}, bundle, der
 }
 
 // istiodReload follows handleEvent for a reload that keeps root-cert.pem byte-identical (the agent compares
@@ -285,7 +315,7 @@ func istiodReload(dir string) verdict {
 		return fail("UpdateVerifiedKeyCertBundleFromFile", fmt.Errorf("Failed to update new Plug-in CA certs: %v", err))
 	}
 	v := verdict{OK: true}
-	if err := genKeyCert(bundle); err != nil {
+	if _, err := genKeyCert(bundle); err != nil {
 		v.After = fmt.Sprintf("Failed generating plugged-in istiod key cert: %v", err)
 	}
 	return v
@@ -519,10 +549,10 @@ func csrKey(kind string) crypto.Signer {
 	return csrKeys[kind]
 }
 
-func genKeyCert(b *keyCertBundle) error {
+func genKeyCert(b *keyCertBundle) ([]byte, error) {
 	signingCert, signingKey := b.cert, b.privKey
 	if signingCert == nil {
-		return errors.New("Istio CA is not ready") // sign(): CANotReady
+		return nil, errors.New("Istio CA is not ready") // sign(): CANotReady
 	}
 	kind := "rsa"
 	if k, ok := signingKey.(*ecdsa.PrivateKey); ok { // util.GetEllipticCurve: P384, else P256
@@ -536,23 +566,23 @@ func genKeyCert(b *keyCertBundle) error {
 		Subject: pkix.Name{Organization: []string{""}}, DNSNames: []string{istiodDNSName},
 	}, priv)
 	if err != nil {
-		return fmt.Errorf("CSR creation failed (%v)", err)
+		return nil, fmt.Errorf("CSR creation failed (%v)", err)
 	}
 	csr, err := x509.ParseCertificateRequest(csrDER) // util.ParsePemEncodedCSR
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := csr.CheckSignature(); err != nil {
-		return err
+		return nil, err
 	}
 	// genCertTemplateFromCSR
 	now := time.Now()
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128)) // genSerialNum
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if !now.Before(signingCert.NotAfter) {
-		return fmt.Errorf("signing certificate has expired at %v", signingCert.NotAfter)
+		return nil, fmt.Errorf("signing certificate has expired at %v", signingCert.NotAfter)
 	}
 	notAfter := now.Add(selfSignedCACertTTL)
 	if !notAfter.Before(signingCert.NotAfter) {
@@ -567,8 +597,7 @@ func genKeyCert(b *keyCertBundle) error {
 		BasicConstraintsValid: true,
 		DNSNames:              []string{istiodDNSName}, // BuildSubjectAltNameExtension(hosts)
 	}
-	_, err = x509.CreateCertificate(rand.Reader, tmpl, signingCert, csr.PublicKey, signingKey)
-	return err
+	return x509.CreateCertificate(rand.Reader, tmpl, signingCert, csr.PublicKey, signingKey)
 }
 
 // ---------------------------------------------------------------------------------------------------------
