@@ -194,7 +194,10 @@ async def _exec(action: ExecReload) -> str:
             f"reload.command {argv[0]} did not finish within reload.timeout {action.timeout:g}s and was killed"
         ) from None
     except asyncio.CancelledError:
+        # the agent is stopping: kill the command and reap it, so no transport is left for after the loop
         _kill_group(proc.pid)
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            await asyncio.wait_for(proc.wait(), 2)
         raise
     if proc.returncode != 0:
         how = f"exit code {proc.returncode}" if proc.returncode and proc.returncode > 0 else "a signal"

@@ -401,6 +401,19 @@ class TestReload:
         time.sleep(2)
         assert count() == 2
 
+    def test_sigterm_during_a_reload_command(self, world, tmp_path):
+        """SIGTERM while an exec reload runs: the command is killed and reaped, the agent exits 0 promptly, and
+        nothing is left to print a traceback after the event loop is gone."""
+        started = tmp_path / "started"
+        command = ["/bin/sh", "-c", f"echo $$ > {started}; exec sleep 30"]
+        agent = world.agent("300ms", reload={"action": "exec", "command": command})
+        assert wait_until(started.exists, 5), agent.stderr[-3000:]
+        pid = int(wait_until(lambda: started.read_text().strip(), 2))
+        code, took = agent.stop()
+        assert code == 0 and took < 5, (code, took)
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert "Traceback" not in agent.stderr and "Exception ignored" not in agent.stderr, agent.stderr[-3000:]
+
     def test_reload_command_gets_no_token_or_key(self, world, tmp_path):
         """The exec reload's argv and environment hold neither a Vault token (not even one the pod spec set in
         VAULT_TOKEN), a service-account token nor any key."""
