@@ -137,10 +137,6 @@ def signing_call(fn: Callable[[], T], *, address: str, action: str, hint: str) -
         raise
 
 
-def _is_response(obj: object) -> bool:
-    return hasattr(obj, "status_code") and hasattr(obj, "content")
-
-
 # ---------------------------------------------------------------------------------------------- the schedule
 
 

@@ -178,14 +178,15 @@ class PkiIntermediateSource(RenewingSource):
                             address=self.client.url, action=action, hint=hint)
         data = self._field(self._answer(resp, action), "data", dict, action)
         leaf, pool = self._issued_certs(data, action)
-        if not key_matches(_key_pem(key), leaf):
+        key_pem = _key_pem(key)
+        if not key_matches(key_pem, leaf):
             raise self._odd(action, "the certificate is not for the key of the CSR")
         chain = build_chain(leaf, pool)
         if not chain or not is_self_signed(chain[-1]):
             chain = build_chain(leaf, [*pool, *self._issuer_chain(self.mount, self.issuer_ref)])
         self._require_root(leaf, chain)
         own_crl = _own_crl(key, leaf) if s.crl else b""
-        files, _ = self._files(_key_pem(key), leaf, chain, own_crl)
+        files, _ = self._files(key_pem, leaf, chain, own_crl)
         not_before, not_after = validity(leaf)
         if not_after > chain[-1].not_valid_after_utc.timestamp():
             self._log.warning("intermediate_outlives_root", root_expires=iso(chain[-1].not_valid_after_utc.timestamp()),
