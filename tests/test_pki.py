@@ -41,6 +41,17 @@ def certs(data: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(data)
 
 
+def current(directory: Path) -> dict[str, bytes]:
+    """The live generation's files; resolved again when a renewal removed it between readlink and reading (a
+    bundle renewed every few seconds)."""
+    for _ in range(50):
+        try:
+            return live_files(directory)
+        except FileNotFoundError:
+            continue
+    return live_files(directory)
+
+
 def openssl_verify(directory: Path, *args: str) -> str:
     """`openssl verify ARGS` run in `directory`; returns its output (asserting success)."""
     proc = subprocess.run(["openssl", "verify", *args], cwd=directory, capture_output=True, text=True, check=False)
@@ -200,13 +211,13 @@ class TestInit:
         under the mounts' roots, so the same generation stays; after `cluster` changes, a new one is signed."""
         cfg = lab.config(lab.bundle_istiod(), lab.bundle_gateway())
         assert run_cli("run", "--config", str(cfg), "--mode", "init").returncode == 0
-        before = {d: (os.readlink(lab.tmp / d / "..data"), live_files(lab.tmp / d)) for d in ("istiod", "gateway")}
+        before = {d: (os.readlink(lab.tmp / d / "..data"), current(lab.tmp / d)) for d in ("istiod", "gateway")}
         mark = len(lab.proxy.bodies)
         again = run_cli("run", "--config", str(cfg), "--mode", "init")
         assert again.returncode == 0, again.stderr
         assert lab.signs(mark) == []
         assert '"intermediate_reused"' in again.stderr and '"certificate_reused"' in again.stderr
-        assert before == {d: (os.readlink(lab.tmp / d / "..data"), live_files(lab.tmp / d))
+        assert before == {d: (os.readlink(lab.tmp / d / "..data"), current(lab.tmp / d))
                           for d in ("istiod", "gateway")}
 
         changed = lab.config(lab.bundle_istiod(cluster="cluster9"), lab.bundle_gateway())
@@ -215,7 +226,7 @@ class TestInit:
         assert third.returncode == 0, third.stderr
         assert "not made for cluster cluster9" in third.stderr
         assert len(lab.signs(mark)) == 1
-        files = live_files(lab.tmp / "istiod")
+        files = current(lab.tmp / "istiod")
         assert certs(files["ca-cert.pem"])[0].subject.rfc4514_string().startswith("L=cluster9,")
         assert files["root-cert.pem"] == before["istiod"][1]["root-cert.pem"]
 
@@ -258,12 +269,12 @@ class TestSidecar:
         agent = AgentProc(cfg).start()
         try:
             agent.wait_event("sidecar_ready", timeout=20)
-            first = live_files(lab.tmp / "istiod")
+            first = current(lab.tmp / "istiod")
             wait_until(lambda: len(_issued(agent, "intermediate_issued", "istiod")) >= 3, 25)
             issued = _issued(agent, "intermediate_issued", "istiod")
             assert len(issued) >= 3, agent.tail()
             assert [e["renewed"] for e in issued] == [False] + [True] * (len(issued) - 1)
-            now = live_files(lab.tmp / "istiod")
+            now = current(lab.tmp / "istiod")
             assert now["root-cert.pem"] == first["root-cert.pem"]
             assert now["ca-key.pem"] != first["ca-key.pem"] and now["ca-cert.pem"] != first["ca-cert.pem"]
 
@@ -272,13 +283,13 @@ class TestSidecar:
                 Answer(500, b'{"errors":["broken for the test"]}') if path.endswith("/sign-intermediate") else None)
             key = 'istio_vault_agent_errors_total{bundle="istiod",reason="signing"}'
             assert wait_until(lambda: agent.metric(key) >= 2, 15), agent.tail()
-            held = live_files(lab.tmp / "istiod")
+            held = current(lab.tmp / "istiod")
             assert agent.ready()[0] == 200
             lab.proxy.mutate = None
             count = len(_issued(agent, "intermediate_issued", "istiod"))
             assert wait_until(lambda: len(_issued(agent, "intermediate_issued", "istiod")) > count, 15), agent.tail()
-            assert wait_until(lambda: live_files(lab.tmp / "istiod")["ca-cert.pem"] != held["ca-cert.pem"], 5)
-            assert live_files(lab.tmp / "istiod")["root-cert.pem"] == first["root-cert.pem"]
+            assert wait_until(lambda: current(lab.tmp / "istiod")["ca-cert.pem"] != held["ca-cert.pem"], 5)
+            assert current(lab.tmp / "istiod")["root-cert.pem"] == first["root-cert.pem"]
             before = len(_issued(agent, "intermediate_issued", "istiod"))
             renewals = agent.metric('istio_vault_agent_renewals_total{bundle="istiod"}')
             assert before - 1 <= renewals <= before  # one more renewal may land between the two reads
@@ -316,17 +327,48 @@ class TestSidecar:
         agent = AgentProc(lab.config(lab.bundle_istiod(crl=True))).start()
         try:
             agent.wait_event("sidecar_ready", timeout=20)
-            old = certs(live_files(lab.tmp / "istiod")["ca-cert.pem"])[0]
+            old = certs(current(lab.tmp / "istiod")["ca-cert.pem"])[0]
             serial = old.serial_number.to_bytes((old.serial_number.bit_length() + 7) // 8, "big").hex(":")
             lab.admin.write_data(f"{lab.layout.root_mount}/revoke", data={"serial_number": serial})
             agent.wait_event("intermediate_revoked", timeout=10)
-            assert wait_until(lambda: certs(live_files(lab.tmp / "istiod")["ca-cert.pem"])[0] != old, 10)
-            files = live_files(lab.tmp / "istiod")
+            assert wait_until(lambda: certs(current(lab.tmp / "istiod")["ca-cert.pem"])[0] != old, 10)
+            files = current(lab.tmp / "istiod")
             root_crl = x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + files["ca-crl.pem"].split(
                 b"-----BEGIN X509 CRL-----")[2])
             assert root_crl.get_revoked_certificate_by_serial_number(old.serial_number) is not None
             assert agent.ready()[0] == 200
         finally:
+            agent.stop()
+
+
+    def test_root_change_is_followed_and_a_lagging_answer_is_not(self, lab: PkiLab):
+        """A new default issuer (root) in the mount is seen within a poll and the intermediate is signed under it;
+        an answer that still shows the older root afterwards (a lagging node) signs nothing."""
+        root_mount = lab.layout.root_mount
+        bundle = {**lab.bundle_istiod(), "on_root_change": "none"}
+        agent = AgentProc(lab.config(bundle, poll="0.3s")).start()
+        try:
+            agent.wait_event("sidecar_ready", timeout=20)
+            old_body = json.dumps(lab.admin.adapter.get(f"/v1/{root_mount}/issuer/default/json")).encode()
+            new = lab.admin.write_data(f"{root_mount}/root/generate/internal", data={
+                "common_name": "Root CA 2", "organization": "Istio", "key_type": "ec", "ttl": "8000h"})
+            lab.admin.write_data(f"{root_mount}/config/issuers", data={"default": new["data"]["issuer_id"]})
+            agent.wait_event("intermediate_root_changed", timeout=10)
+            new_root = certs(new["data"]["certificate"].encode())[0]
+            assert wait_until(lambda: certs(current(lab.tmp / "istiod")["root-cert.pem"]) == [new_root], 10)
+            agent.wait_event("root_changed", timeout=10)  # the worker's root-change guard saw it too
+            signed = len([p for p, _ in lab.posts() if p.endswith("/sign-intermediate")])
+            assert signed == 2
+
+            lab.proxy.mutate = lambda method, path, status, body: (
+                Answer(200, old_body) if path == f"/v1/{root_mount}/issuer/default/json" else None)
+            agent.wait_event("intermediate_chain_stale", timeout=10)
+            time.sleep(1)
+            assert len([p for p, _ in lab.posts() if p.endswith("/sign-intermediate")]) == signed
+            assert certs(current(lab.tmp / "istiod")["root-cert.pem"]) == [new_root]
+            assert agent.ready()[0] == 200
+        finally:
+            lab.proxy.mutate = None
             agent.stop()
 
 
@@ -346,13 +388,20 @@ def _rotate_under_envoy(lab: PkiLab, envoy_binary: str, renewals: int, ttl: str)
         base = len(_issued(agent, "certificate_issued", "gateway"))  # renewals may come before Envoy is up
         for n in range(renewals):
             wait_until(lambda n=n: len(_issued(agent, "certificate_issued", "gateway")) >= base + n + 1, 30)
-            newest = certs(live_files(lab.tmp / "gateway")["tls.crt"])[0].public_bytes(Encoding.DER)
-            assert wait_until(lambda fp=fingerprint(newest): prober.sees(fp), 10), agent.tail()
+            serial = _issued(agent, "certificate_issued", "gateway")[base + n]["serial"].replace(":", "")
+
+            def live(serial: str = serial) -> x509.Certificate | None:
+                leaf = certs(current(lab.tmp / "gateway")["tls.crt"])[0]
+                return leaf if format(leaf.serial_number, "x").zfill(len(serial)) == serial else None
+
+            leaf = wait_until(live, 10)
+            assert leaf is not None, agent.tail()
+            assert wait_until(lambda fp=fingerprint(leaf.public_bytes(Encoding.DER)): prober.sees(fp), 10), agent.tail()
         prober.stop()
         assert prober.failures() == [], [r.error for r in prober.failures()[:5]]
         assert len(prober.first_seen) >= renewals
         assert envoy.key_rotation_failures("gw") == 0
-        assert agent.metric('istio_vault_agent_renewals_total{bundle="gateway"}') >= renewals
+        assert agent.metric('istio_vault_agent_renewals_total{bundle="gateway"}') >= base - 1 + renewals
     finally:
         if prober is not None:
             prober.stop()

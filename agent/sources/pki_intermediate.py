@@ -271,15 +271,21 @@ class PkiIntermediateSource(RenewingSource):
         from cryptography import x509
 
         current = self._issuer_chain(self.mount, self.issuer_ref)
-        if ders(current)[:1] != issued.cas[:1] or ders(current)[-1:] != issued.cas[-1:]:
+        held = [x509.load_der_x509_certificate(der) for der in issued.cas]
+        if current[0] != held[0] or current[-1] != held[-1]:
+            if _older(current[0], held[0]) or _older(current[-1], held[-1]):
+                # never backwards: an older issuer or root than the one just signed under is a node that lags
+                # behind (HA standbys serve reads locally); at the next renewal the signing answer decides
+                self._log.info("intermediate_chain_stale", reason=f"Vault answered an older chain for issuer"
+                               f" {shown(self.issuer_ref)} of mount {shown(self.mount)} than the held one; keeping it")
+                return issued
             self._log.warning("intermediate_root_changed", reason=f"the chain of issuer {shown(self.issuer_ref)} of"
                               f" mount {shown(self.mount)} has changed: signing a new intermediate under it")
             return None
         if not self.settings.crl:
             return issued
         leaf = x509.load_pem_x509_certificate(issued.files["ca-cert.pem"])
-        chain = [x509.load_der_x509_certificate(der) for der in issued.cas]
-        crls, revoked = self._chain_crls(leaf, chain)
+        crls, revoked = self._chain_crls(leaf, held, issued.files.get("ca-crl.pem", b""))
         if revoked:
             self._log.warning("intermediate_revoked", serial=serial_hex(issued.serial),
                               reason="a CRL of its chain revokes the intermediate: signing a new one")
@@ -288,15 +294,23 @@ class PkiIntermediateSource(RenewingSource):
         return dataclasses.replace(issued, files=files, renewed=False)
 
     # -- CRLs ------------------------------------------------------------------------------------------------
-    def _chain_crls(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> tuple[bytes, bool]:
-        """The CRL of every CA of `chain`, in chain order, and whether the issuer's CRL revokes `leaf`."""
+    def _chain_crls(self, leaf: x509.Certificate, chain: list[x509.Certificate],
+                    held: bytes = b"") -> tuple[bytes, bool]:
+        """The CRL of every CA of `chain`, in chain order, and whether the issuer's CRL revokes `leaf`.
+
+        A CRL with a lower CRL number than the one `held` for that CA (a node that lags behind) is not taken.
+        """
         out, revoked = [], False
         below = leaf
         for ca in chain:
             path = self._crl_path(ca, below)
             block = self._read_crl(path, ca)
+            crl = _signed_crl(block, ca)
+            kept = next((m.group() for m in _CRL_BLOCK.finditer(held)
+                         if (h := _signed_crl(m.group(), ca)) is not None and _crl_number(h) > _crl_number(crl)), None)
+            if kept is not None:
+                block, crl = kept, _signed_crl(kept, ca)
             if ca is chain[0]:
-                crl = _signed_crl(block, ca)
                 entry = None if crl is None else crl.get_revoked_certificate_by_serial_number(leaf.serial_number)
                 revoked = entry is not None
             out.append(block)
@@ -353,6 +367,23 @@ class PkiIntermediateSource(RenewingSource):
         except ValueError:
             raise self._odd(action, "not a CRL") from None
         return crl.public_bytes(Encoding.PEM)
+
+
+def _older(a: x509.Certificate, b: x509.Certificate) -> bool:
+    """True when `a` is another certificate than `b` and was issued before it."""
+    return a != b and a.not_valid_before_utc < b.not_valid_before_utc
+
+
+def _crl_number(crl: Any) -> int:
+    """A CRL's number (-1 for none or no CRL)."""
+    from cryptography import x509
+
+    if crl is None:
+        return -1
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return -1
 
 
 def _dns_names(cert: x509.Certificate) -> set[str]:
