@@ -208,8 +208,9 @@ class TestInit:
 
     def test_restart_reuses_the_published_intermediate(self, lab: PkiLab):
         """A second init run signs nothing: the published intermediate and gateway certificate are still good and
-        under the mounts' roots, so the same generation stays; after `cluster` changes, a new one is signed."""
-        cfg = lab.config(lab.bundle_istiod(), lab.bundle_gateway())
+        under the mounts' roots, so the same generation stays (ca-crl.pem too); after `cluster` changes, a new one is
+        signed."""
+        cfg = lab.config(lab.bundle_istiod(crl=True), lab.bundle_gateway())
         assert run_cli("run", "--config", str(cfg), "--mode", "init").returncode == 0
         before = {d: (os.readlink(lab.tmp / d / "..data"), current(lab.tmp / d)) for d in ("istiod", "gateway")}
         mark = len(lab.proxy.bodies)

@@ -201,15 +201,16 @@ class PkiIntermediateSource(RenewingSource):
             return
         top = chain[-1] if chain else leaf
         raise SecretError(
-            f"the chain of issuer {shown(self.issuer_ref)} of PKI mount {shown(self.mount)} ends at"
+            f"the chain of issuer {shown(self.issuer_ref)} of PKI mount {shown(self.mount)} stops below"
             f" {shown(top.issuer.rfc4514_string(), 80)}, which the mount does not hold, so there is no root for"
             f" root-cert.pem: import the root into {shown(self.mount)} (bao write {shown(self.mount)}/issuers/import/"
             "cert pem_bundle=@root.pem), or sign at the mount that holds the root"
         )
 
     def _files(self, key_pem: bytes, leaf: x509.Certificate, chain: list[x509.Certificate],
-               own_crl: bytes) -> tuple[dict[str, bytes], bool]:
-        """The bundle's files, and whether a CRL of the chain revokes the intermediate."""
+               own_crl: bytes, held_crls: bytes = b"") -> tuple[dict[str, bytes], bool]:
+        """The bundle's files, and whether a CRL of the chain revokes the intermediate (`held_crls`: the published
+        ca-crl.pem, whose CRLs a lagging node's older ones do not replace)."""
         root = chain[-1]
         kept = self._root_pem is not None and load_certs(self._root_pem) == [root]
         files = {
@@ -220,7 +221,7 @@ class PkiIntermediateSource(RenewingSource):
         }
         revoked = False
         if self.settings.crl:
-            crls, revoked = self._chain_crls(leaf, chain)
+            crls, revoked = self._chain_crls(leaf, chain, held_crls)
             files["ca-crl.pem"] = own_crl + crls
         return files, revoked
 
@@ -257,7 +258,7 @@ class PkiIntermediateSource(RenewingSource):
         if s.crl:
             own_crl = next((m.group() for m in _CRL_BLOCK.finditer(published.get("ca-crl.pem", b""))
                             if _signed_crl(m.group(), leaf) is not None), b"") or _own_crl(key, leaf)
-        files, revoked = self._files(published["ca-key.pem"], leaf, chain, own_crl)
+        files, revoked = self._files(published["ca-key.pem"], leaf, chain, own_crl, published.get("ca-crl.pem", b""))
         if revoked:
             return None, "a CRL of its chain revokes it"
         for name in ("ca-cert.pem", "cert-chain.pem"):
