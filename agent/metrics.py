@@ -29,6 +29,7 @@ METRIC_NAMES = (
     "istio_vault_agent_bundle_ready",
     "istio_vault_agent_token_expiry_timestamp_seconds",
     "istio_vault_agent_vault_node_state",
+    "istio_vault_agent_renewals_total",
 )
 
 # Never label a series with a key file, even if a BundleInfo ever listed one.
@@ -46,6 +47,9 @@ class Metrics:
 
     def vault_request(self, *_args: object, **_kwargs: object) -> None:
         """One HTTP request was sent to Vault (a requests response hook)."""
+
+    def renewal(self, bundle: str, *, renewed: bool) -> None:
+        """A generation that its source issued went live: a renewal when `renewed`, else a first issuance."""
 
     def token_login(self, login: object | None) -> None:
         """The agent holds a new (or renewed) Vault token, an `auth.Login`."""
@@ -71,6 +75,9 @@ class PrometheusMetrics(Metrics):
     - ``istio_vault_agent_vault_node_state{state}`` gauge (extra): 1 for what the Vault node said of itself
       (sys/health: active, standby, sealed, uninitialized, unreachable) the last time a failure made the agent
       ask, 0 for the other states; absent until then.
+    - ``istio_vault_agent_renewals_total{bundle}`` counter (extra): renewed certificates published, for bundles
+      whose source issues them (PKI); 0 from their first publish, absent for KV bundles. Failed signing
+      requests count in errors_total with reason ``signing``.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
     method is a dict update under a lock (the Vault hook runs in worker threads).
@@ -85,6 +92,7 @@ class PrometheusMetrics(Metrics):
         self._last_publish: dict[str, float] = {}
         self._publish_total: dict[str, int] = {}
         self._errors_total: dict[tuple[str, str], int] = {}
+        self._renewals_total: dict[str, int] = {}
         self._vault_requests = 0
         self._ready: dict[str, bool] = {}
         self._token_expiry: float | None = None
@@ -112,6 +120,11 @@ class PrometheusMetrics(Metrics):
         """Count one Vault HTTP request. Used as a requests response hook, so it must return None."""
         with self._lock:
             self._vault_requests += 1
+
+    def renewal(self, bundle: str, *, renewed: bool) -> None:
+        """Start `bundle`'s renewals_total at 0 (first issuance) or count one renewal."""
+        with self._lock:
+            self._renewals_total[bundle] = self._renewals_total.get(bundle, 0) + (1 if renewed else 0)
 
     # -- extras, fed by the sidecar and the health server ---------------------------------------------------
     def token_login(self, login: object | None) -> None:
@@ -149,6 +162,7 @@ class PrometheusMetrics(Metrics):
             last_publish = dict(self._last_publish)
             publish_total = dict(self._publish_total)
             errors_total = dict(self._errors_total)
+            renewals_total = dict(self._renewals_total)
             vault_requests = self._vault_requests
             ready = dict(self._ready)
             token_expiry = self._token_expiry
@@ -188,6 +202,13 @@ class PrometheusMetrics(Metrics):
         yield CounterMetricFamily(
             "istio_vault_agent_vault_requests", "HTTP requests answered by Vault.", value=vault_requests
         )
+
+        c = CounterMetricFamily(
+            "istio_vault_agent_renewals", "Renewed certificates published, for PKI sources.", labels=["bundle"]
+        )
+        for bundle, count in sorted(renewals_total.items()):
+            c.add_metric([bundle], count)
+        yield c
 
         g = GaugeMetricFamily(
             "istio_vault_agent_bundle_expiry_timestamp_seconds",

@@ -284,10 +284,12 @@ class BundleWorker:
         if result.changed or st.published_at is None:
             st.published_at = now
             self.metrics.published(b.name, info, now)
+            if fetched.renewed is not None:
+                self.metrics.renewal(b.name, renewed=fetched.renewed)
             self._log.info(
                 "bundle_published", dir=b.dir, type=b.type, kv_version=fetched.version,
                 generation=result.generation, changed=result.changed,
-                expires=info.expires_at.isoformat(), serial=info.serial,
+                expires=info.expires_at.isoformat(), serial=info.serial, renewed=fetched.renewed,
             )
         return result.changed
 

@@ -13,11 +13,13 @@ from testbed.kubeapi import KubeAPI
 
 __all__ = [
     "BUNDLE_KEYS",
+    "PkiLayout",
     "RunbookLayout",
     "configure_kubernetes_auth",
     "ensure_auth_method",
     "ensure_secrets_engine",
     "seed_runbook_layout",
+    "setup_pki",
 ]
 
 #: KV key -> file name istiod reads from ROOT_CA_DIR
@@ -166,4 +168,89 @@ def seed_runbook_layout(
         policies=[layout.policy],
         token_ttl=token_ttl,
     )
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------- PKI (issue 11)
+
+
+@dataclass(frozen=True)
+class PkiLayout:
+    """What `setup_pki` made: a root mount, a mount with an intermediate issuer under that root, a gateway role
+    there, and the agent's minimal policy."""
+
+    #: holds the root CA as its default issuer: istiod's intermediate is signed at `root_mount/root/sign-intermediate`
+    root_mount: str
+    #: holds an intermediate issuer (`int_issuer`, signed by the root, which is imported too) and the gateway role
+    int_mount: str
+    int_issuer: str
+    role: str
+    policy: str
+    root_pem: bytes
+    int_pem: bytes
+
+    @property
+    def issuer_sign_path(self) -> str:
+        """`source.pki_intermediate.path` for signing with the intermediate issuer."""
+        return f"issuer/{self.int_issuer}/sign-intermediate"
+
+    def policy_text(self) -> str:
+        """The minimal policy (measured on OpenBao 2.7.2): update on the two signing paths and the role."""
+        return (
+            f'path "{self.root_mount}/root/sign-intermediate" {{ capabilities = ["update"] }}\n'
+            f'path "{self.int_mount}/{self.issuer_sign_path}" {{ capabilities = ["update"] }}\n'
+            f'path "{self.int_mount}/issue/{self.role}" {{ capabilities = ["update"] }}\n'
+        )
+
+
+def _ensure_pki_mount(client: hvac.Client, mount: str, max_ttl: str) -> bool:
+    """Enable a PKI engine at `mount` unless it exists; True when it was enabled now."""
+    mounts = client.sys.list_mounted_secrets_engines()
+    data = mounts.get("data", mounts)
+    if f"{mount}/" in data:
+        return False
+    client.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": max_ttl})
+    return True
+
+
+def setup_pki(
+    client: hvac.Client,
+    *,
+    root_mount: str = "pki",
+    int_mount: str = "pki_int",
+    role: str = "ingress",
+    policy: str = "istio-pki",
+    domains: tuple[str, ...] = ("example.com",),
+    crl_address: str | None = None,
+) -> PkiLayout:
+    """A root CA (EC P-256, O=Istio CN=Root CA) at `root_mount`, an intermediate issuer `gateway-ca` under it at
+    `int_mount` (its chain imported, so the mount knows the root), the gateway role `role` (subdomains of
+    `domains`, localhost, IP SANs) and `policy`, the agent's minimal policy. With `crl_address` (this Vault's
+    address), certificates the root signs name its CRL as their distribution point. Idempotent per mount."""
+    if _ensure_pki_mount(client, root_mount, "87600h"):
+        if crl_address is not None:
+            client.write_data(f"{root_mount}/config/urls", data={
+                "crl_distribution_points": [f"{crl_address}/v1/{root_mount}/crl"]})
+        client.write_data(f"{root_mount}/root/generate/internal", data={
+            "common_name": "Root CA", "organization": "Istio", "key_type": "ec", "key_bits": 256,
+            "ttl": "87000h", "issuer_name": "root"})
+    root_pem = client.adapter.get(f"/v1/{root_mount}/issuer/default/json")["data"]["certificate"].encode()
+    if _ensure_pki_mount(client, int_mount, "43800h"):
+        csr = client.write_data(f"{int_mount}/intermediate/generate/internal", data={
+            "common_name": "Gateway CA", "organization": "Istio", "key_type": "ec", "key_bits": 256})["data"]["csr"]
+        signed = client.write_data(f"{root_mount}/root/sign-intermediate", data={
+            "csr": csr, "format": "pem", "ttl": "43000h"})["data"]["certificate"]
+        answer = client.write_data(f"{int_mount}/intermediate/set-signed", data={
+            "certificate": signed + "\n" + root_pem.decode()})
+        mapping = answer["data"]["mapping"]
+        with_key = next(i for i, key in mapping.items() if key)
+        client.adapter.request("patch", f"/v1/{int_mount}/issuer/{with_key}", json={"issuer_name": "gateway-ca"},
+                               headers={"Content-Type": "application/merge-patch+json"})
+    int_pem = client.adapter.get(f"/v1/{int_mount}/issuer/gateway-ca/json")["data"]["certificate"].encode()
+    client.write_data(f"{int_mount}/roles/{role}", data={
+        "allowed_domains": list(domains), "allow_subdomains": True, "allow_localhost": True, "allow_ip_sans": True,
+        "max_ttl": "720h", "key_type": "ec", "key_bits": 256, "issuer_ref": "gateway-ca"})
+    layout = PkiLayout(root_mount=root_mount, int_mount=int_mount, int_issuer="gateway-ca", role=role,
+                       policy=policy, root_pem=root_pem, int_pem=int_pem)
+    client.sys.create_or_update_policy(name=policy, policy=layout.policy_text())
     return layout

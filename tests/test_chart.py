@@ -210,6 +210,19 @@ class TestAgentChart:
         assert cfg.log.level == "debug"
         assert (cfg.bundles[0].multiroot, cfg.bundles[0].on_root_change) == (True, "none")
 
+    def test_pki_sources_pass_through(self) -> None:
+        """A PKI source variant replaces kv (set to null) and reaches the agent config as given."""
+        values = {
+            "istiod": {"bundle": {"source": {"kv": None, "pki_intermediate": {"mount": "pki", "cluster": "c1"}}}},
+            "extraBundles": [{"name": "gw", "type": "tls", "dir": "/var/run/secrets/istio-ca/gw", "source": {
+                "pki": {"mount": "pki_int", "role": "ingress", "common_name": "app.example.com"}}}],
+        }
+        objects, _ = render(CHART, values)
+        _, cfg = agent_config_of(objects)
+        assert [b.source.variant for b in cfg.bundles] == ["pki_intermediate", "pki"]
+        assert cfg.bundles[0].source.pki_intermediate is not None
+        assert cfg.bundles[0].source.pki_intermediate.cluster == "c1"
+
     def test_rbac_is_off_by_default_and_grants_only_what_is_asked(self) -> None:
         """rbac.create adds a Role for events (and rollout-restart patches when enabled) bound to the pod's account."""
         objects, _ = render(CHART)
@@ -255,6 +268,8 @@ class TestAgentChart:
                 "bundle 0 (x) needs dir",
             ),
             ({"mode": "gateway", "gateway": {"bundles": []}}, "gateway.bundles must list at least one tls bundle"),
+            ({"istiod": {"bundle": {"source": {"pki_intermediate": {"cluster": "c1"}}}}},
+             "bundle 0 (istiod-cacerts) needs exactly one of source.kv"),
             ({"rbac": {"create": True, "events": False}}, "neither rbac.events nor rbac.rolloutRestart.enabled"),
         ],
     )

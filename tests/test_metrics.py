@@ -167,6 +167,17 @@ class TestErrors:
             (("bundle", "b"), ("reason", "tampered")): 1,
         }
 
+    def test_renewals_start_at_zero_and_count_renewals(self) -> None:
+        """renewals_total appears at 0 with a PKI bundle's first issuance and counts each renewal after it; KV
+        bundles (which never report one) have no series."""
+        m = PrometheusMetrics()
+        m.renewal("gw", renewed=False)
+        m.renewal("gw", renewed=True)
+        m.renewal("gw", renewed=True)
+        m.renewal("istiod", renewed=False)
+        got = {labels: v for (name, labels), v in samples(m).items() if name == "istio_vault_agent_renewals_total"}
+        assert got == {(("bundle", "gw"),): 2, (("bundle", "istiod"),): 0}
+
     def test_registries_are_independent(self) -> None:
         """Two agents in one process do not share counts (and constructing two does not clash)."""
         first, second = PrometheusMetrics(), PrometheusMetrics()

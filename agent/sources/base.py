@@ -28,6 +28,10 @@ class Fetched:
     `revision` is what the source's `revision()` probe says of this content (KV v2: `version@created_time`),
     None when the source has no cheap probe. `version` and `created_at` (Unix seconds) are the backend's
     version number and its creation time, when it has them: a lower version that is not newer is a stale read.
+
+    `renewed` is for sources that make their content and renew it (PKI): True when this content replaces
+    content that was due for renewal, False for a first or reused issuance; None (the default) for sources that
+    only read (KV). The worker counts renewals it publishes (istio_vault_agent_renewals_total).
     """
 
     files: dict[str, bytes]
@@ -35,6 +39,7 @@ class Fetched:
     revision: str | None = None
     version: int | None = None
     created_at: float | None = None
+    renewed: bool | None = None
 
     def __repr__(self) -> str:  # the files hold a private key
         return f"Fetched(files={sorted(self.files)}, version={self.version}, digest={self.digest[:12]})"
@@ -55,9 +60,16 @@ class Source(Protocol):
         ...
 
     def next_check(self, last: Fetched | None, now: float) -> float:
-        """When (a time.time() value) the worker should look again after a good cycle that ended at `now`."""
+        """When (a time.time() value) the worker should look again after a good cycle that ended at `now`.
+
+        A source that renews what it returns says here when renewal is due, so the worker wakes up for it.
+        """
         ...
 
     def reset(self) -> None:
-        """Forget what was learnt of the backend (a new login may face a restarted or restored Vault)."""
+        """Forget what was learnt of the backend (a new login may face a restarted or restored Vault).
+
+        A source keeps content it made itself (a key it generated): the worker calls `fetch` after every new
+        login, and `fetch` returns that content again without a new issuance while nothing is due.
+        """
         ...

@@ -47,8 +47,8 @@ Where the agent container sees the ConfigMap; the example values mount it here.
 
 {{/*
 The bundles for the selected mode, each with its type filled in, as a YAML list.
-Every bundle needs name, source.kv and dir; a missing one fails the render with the
-values key to set.
+Every bundle needs name, one source variant (kv, pki_intermediate or pki) and dir; a
+missing one fails the render with the values key to set.
 */}}
 {{- define "istio-vault-agent.bundles" -}}
 {{- $bundles := list }}
@@ -78,8 +78,16 @@ values key to set.
 {{- if not $b.name }}
 {{- fail (printf "%s needs a name" $where) }}
 {{- end }}
-{{- if not (and $b.source (kindIs "map" $b.source) $b.source.kv) }}
-{{- fail (printf "%s needs source.kv (<kv mount>/<path>)" $where) }}
+{{- $variants := 0 }}
+{{- if and $b.source (kindIs "map" $b.source) }}
+{{- range $key := list "kv" "pki_intermediate" "pki" }}
+{{- if index $b.source $key }}
+{{- $variants = add1 $variants }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if ne (int $variants) 1 }}
+{{- fail (printf "%s needs exactly one of source.kv (<kv mount>/<path>), source.pki_intermediate or source.pki (set the others to null)" $where) }}
 {{- end }}
 {{- if not $b.dir }}
 {{- fail (printf "%s needs dir (a path on the volume shared with istiod or istio-proxy)" $where) }}
