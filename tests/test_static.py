@@ -64,3 +64,12 @@ def test_all_lists_every_public_name(name):
         and getattr(obj, "__module__", None) == name
     }
     assert defined <= set(exported), f"{name}.__all__ lacks {sorted(defined - set(exported))}"
+
+
+def test_no_merge_conflict_markers():
+    """No file in the checkout still holds the markers of an unresolved merge."""
+    proc = subprocess.run(["git", "grep", "-n", "-E", "^(<<<<<<<|>>>>>>>) "], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode not in (0, 1):
+        pytest.skip("not a git checkout")
+    assert proc.stdout == "", proc.stdout[:2000]
