@@ -1,0 +1,67 @@
+"""Operator credentials for the admin commands (`ca intermediate --kv`, `setup vault`, `doctor`).
+
+Unlike the agent, which only ever sends the token it obtained by its own login, these commands act for the
+operator at a terminal: they read VAULT_ADDR/VAULT_TOKEN (or BAO_ADDR/BAO_TOKEN), VAULT_NAMESPACE, VAULT_CACERT
+and VAULT_SKIP_VERIFY deliberately, here and nowhere else. The token is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from agent.errors import ConfigError
+from agent.text import shown
+
+if TYPE_CHECKING:
+    import hvac
+
+__all__ = ["ENV_HELP", "operator_client"]
+
+#: the sentence every admin command's --help carries
+ENV_HELP = (
+    "Operator credentials come from VAULT_ADDR and VAULT_TOKEN (or BAO_ADDR and BAO_TOKEN), with VAULT_NAMESPACE,"
+    " VAULT_CACERT and VAULT_SKIP_VERIFY (or their BAO_ forms); the token is never logged."
+)
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    """VAULT_<name>, else BAO_<name>; empty counts as unset."""
+    for prefix in ("VAULT_", "BAO_"):
+        value = environ.get(prefix + name)
+        if value:
+            return value
+    return None
+
+
+def operator_client(
+    *, namespace: str | None = None, environ: Mapping[str, str] | None = None, timeout: float = 30.0
+) -> hvac.Client:
+    """An hvac client with the operator's token from the environment; ConfigError saying what to set."""
+    from agent.config import Duration, VaultConfig
+    from agent.vault import make_client
+
+    environ = os.environ if environ is None else environ
+    address = _env(environ, "ADDR")
+    token = _env(environ, "TOKEN")
+    if not address:
+        raise ConfigError("set VAULT_ADDR (or BAO_ADDR) to the address of Vault/OpenBao, e.g. https://vault:8200")
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"VAULT_ADDR {shown(address)!r} is not an http:// or https:// URL")
+    if not token:
+        raise ConfigError(
+            "set VAULT_TOKEN (or BAO_TOKEN) to an operator token: this command reads and writes Vault's"
+            " configuration, which the agent's own login cannot"
+        )
+    skip = (_env(environ, "SKIP_VERIFY") or "").lower() in {"1", "true", "yes"}
+    cfg = VaultConfig(
+        address=address,
+        ca_cert=_env(environ, "CACERT"),
+        namespace=namespace if namespace is not None else _env(environ, "NAMESPACE"),
+        skip_verify=skip,
+        timeout=Duration(timeout),
+    )
+    client = make_client(cfg, max_response_bytes=4 << 20)
+    client.token = token
+    return client
