@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.clusters import BUNDLE_KEYS, ClusterLayout, check_cluster_name
-from agent.errors import AgentError, BundleError, ConfigError, SecretError, VaultUnavailable
+from agent.errors import AgentError, BundleError, ConfigError, VaultUnavailable
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -198,13 +198,16 @@ class _Vault:
 
     def read(self, path: str) -> dict[str, Any] | None:
         """`path`'s data, None when nothing is there."""
-        action = f"reading {shown(path)}"
-        try:
-            response = self.call(lambda: self.client.read(path), action)
-        except SecretError as exc:
-            if "nothing found" in str(exc):
+        import hvac.exceptions
+
+        def read() -> Any:
+            try:
+                return self.client.read(path)
+            except hvac.exceptions.InvalidPath:  # 404: nothing there (any other failure is translated)
                 return None
-            raise
+
+        action = f"reading {shown(path)}"
+        response = self.call(read, action)
         return None if response is None else self.data(response, action)
 
     def mounts(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import hvac
@@ -15,9 +17,9 @@ from agent.clusters import ClusterLayout
 from testbed.bao import BaoServer
 from testbed.kubeapi import KubeAPI
 from testbed.multicluster import bundle_data, seed_cluster, seed_pki_cluster, write_bundle
-from testbed.pki import CertKey, intermediate_ca, root_ca
+from testbed.pki import CertKey, intermediate_ca, istio_ca_files, root_ca, write_files
 from testbed.vaultsetup import setup_pki
-from tests.support import cli_env, run_cli
+from tests.support import ROOT, cli_env, run_cli
 
 
 @dataclass
@@ -122,6 +124,17 @@ class TestBrokenPieces:
         assert set(failed(out)) == {(mesh.two.cluster, "audience")}, out
         assert "'kubernetes'" in failed(out)[(mesh.two.cluster, "audience")]
 
+    def test_outside_text_is_escaped(self, mesh, doctor):
+        """Text from Vault (here an audience with a terminal escape) is shown escaped, in text and json output."""
+        mesh.client.write_data(f"auth/{mesh.one.auth_mount}/role/istiod", data={"audience": "x\x1b[31mred"})
+        code, out = doctor(*mesh.args)
+        assert code == 1 and "\x1b" not in out
+        assert "x\\x1b[31mred" in failed(out)[(mesh.one.cluster, "audience")]
+        code, out = doctor(*mesh.args, "--output", "json")
+        detail = next(c["detail"] for c in json.loads(out)["checks"]
+                      if c["check"] == "audience" and c["status"] == "FAIL")
+        assert "\x1b" not in detail and "x\\x1b[31mred" in detail
+
     def test_role_without_policy(self, mesh, doctor):
         """A role with no policy fails `policy` and `own-path` (istiod's agent could not read its bundle)."""
         mesh.client.write_data(f"auth/{mesh.one.auth_mount}/role/istiod", data={"token_policies": []})
@@ -224,6 +237,23 @@ class TestBrokenPieces:
         """Without VAULT_TOKEN doctor prints one error line saying what to set, exit 1."""
         proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address))
         assert proc.returncode == 1 and proc.stderr.startswith("error: set VAULT_TOKEN"), proc.stderr
+
+    def test_vault_unreachable(self, mesh):
+        """Vault that cannot be reached is one error line naming the address, exit 1, no report."""
+        proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR="http://127.0.0.1:9", VAULT_TOKEN="t0ken-s3cret"))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.startswith("error: cannot reach Vault at http://127.0.0.1:9"), proc.stderr
+        assert "t0ken-s3cret" not in proc.stderr
+
+    def test_other_commands_do_not_load_doctor(self, tmp_path):
+        """Start-up time: commands other than doctor never import agent.doctor."""
+        root = root_ca()
+        write_files(tmp_path, istio_ca_files(root, intermediate_ca(root)))
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent.cli", "check", str(tmp_path)],
+                              cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time")}
+        assert "agent.kinds" in imported and "agent.doctor" not in imported
 
     def test_help_names_credentials(self):
         """`doctor --help` says where operator credentials come from."""
