@@ -434,8 +434,10 @@ def _pki(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
         c.add("pki-root", FAIL, f"the PKI mount {lay.pki_mount} has no default issuer: generate or import the root")
         return
     root = certs[0]
-    files = {"ca-cert.pem": pem, "root-cert.pem": pem, "cert-chain.pem": pem}
-    c.trust = trust(files)
+    # the intermediates are made by each agent from its CSR: what Vault holds is the root they all chain to
+    fp = _fingerprint(root)
+    c.trust = Trust(((f"{lay.pki_mount}'s root {_label(root)}", root.not_valid_after_utc),), fp, frozenset({fp}),
+                    {fp: f"{_label(root)} (sha256 {fp[:16]})"})
     c.add("pki-root", OK, f"{lay.pki_mount}'s default issuer is {_label(root)}")
     if v.read(f"sys/policy/{lay.pki_policy}") is None:
         c.add("pki-policy", FAIL, f"no policy {lay.pki_policy}: {hint}")

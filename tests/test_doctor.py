@@ -19,7 +19,7 @@ from testbed.kubeapi import KubeAPI
 from testbed.multicluster import bundle_data, seed_cluster, seed_pki_cluster, write_bundle
 from testbed.pki import CertKey, intermediate_ca, istio_ca_files, root_ca, write_files
 from testbed.vaultsetup import setup_pki
-from tests.support import ROOT, cli_env, run_cli
+from tests.support import ROOT, cli_env, error_line, run_cli
 
 
 @dataclass
@@ -237,6 +237,13 @@ class TestBrokenPieces:
         """Without VAULT_TOKEN doctor prints one error line saying what to set, exit 1."""
         proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address))
         assert proc.returncode == 1 and proc.stderr.startswith("error: set VAULT_TOKEN"), proc.stderr
+
+    def test_bad_cluster_name(self, bao):
+        """A cluster name that cannot name mounts is one error line saying what names are usable, exit 1."""
+        proc = run_cli("doctor", "--cluster", "East_1",
+                       env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert error_line(proc).startswith("error: cluster name 'East_1' is not usable: use lowercase letters")
 
     def test_vault_unreachable(self, mesh):
         """Vault that cannot be reached is one error line naming the address, exit 1, no report."""
