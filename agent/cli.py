@@ -1,4 +1,5 @@
-"""Command line: `run`, `check`, `inject`. The only module that prints; errors become one `error:` line and exit 1."""
+"""Command line: `run`, `check`, `inject`, `doctor`. The only module that prints; errors become one `error:` line,
+exit 1."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import inject as inject_mod
 
         inject_mod.add_arguments(inject)
+
+    doctor = sub.add_parser(
+        "doctor", help="check each cluster's Vault/OpenBao side end to end (operator credentials)"
+    )
+    if command == "doctor":
+        from agent import doctor as doctor_mod
+
+        doctor_mod.add_arguments(doctor)
     return p
 
 
@@ -100,12 +109,20 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = doctor.run(args)
+    print(doctor.render(checks, args.output))
+    return doctor.exit_code(checks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `istio-vault-agent` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "doctor": _doctor}
     try:
         if args.command == "inject":
             from agent import inject
