@@ -346,21 +346,22 @@ class _Planner:
         if auth.state != "blocked":
             self.auth_config(auth)
         version = str(o.kv_version)
-        self.mount("mounts", lay.kv_mount, "kv", {"version": version},
+        kv = self.mount("mounts", lay.kv_mount, "kv", {"version": version},
                         cmd=cli.line("secrets enable", f"-path={lay.kv_mount}", f"-version={version}", "kv"),
                         enable={"type": "kv", "options": {"version": version}})
         policies = [lay.read_policy]
-        self.policy(lay.read_policy, _kv_read_policy(o, lay.kv_path, f"istiod of cluster {lay.cluster}"))
+        # a KV policy follows the mount's version: none is written while the mount is not the one asked for
+        kv_ok = kv.state != "blocked"
+        if kv_ok:
+            self.policy(lay.read_policy, _kv_read_policy(o, lay.kv_path, f"istiod of cluster {lay.cluster}"))
         if o.pki:
             self.pki()
             policies.append(lay.pki_policy)
         if auth.state != "blocked":
             self.role(auth, lay.role, lay.namespace, lay.service_account, policies)
         for ns, sa in o.gateways:
-            if o.pki:
-                gw_policy = lay.gateway_policy
-            else:
-                gw_policy = lay.gateway_read_policy(ns, sa)
+            gw_policy = lay.gateway_policy if o.pki else lay.gateway_read_policy(ns, sa)
+            if not o.pki and kv_ok:
                 self.policy(gw_policy, _kv_read_policy(o, lay.gateway_kv_path(ns, sa), f"gateway {ns}/{sa}"))
             if auth.state != "blocked":
                 self.role(auth, lay.gateway_auth_role(ns, sa), ns, sa, [gw_policy])
