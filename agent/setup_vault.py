@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
     layout = ClusterLayout(check_cluster_name(args.cluster))
     host = str(args.kubernetes_host)
-    if not host.startswith(("https://", "http://")) or len(host) < 9:
+    parsed = urllib.parse.urlsplit(host)
+    if parsed.scheme not in {"https", "http"} or not parsed.netloc:
         raise ConfigError(f"--kubernetes-host {shown(host)!r} is not a URL: give the API server's https:// URL")
     ca_pem = _read_text(args.kubernetes_ca_cert, "the API server's CA certificate (PEM)", "--kubernetes-ca-cert")
     try:
