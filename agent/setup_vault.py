@@ -58,7 +58,11 @@ class Options:
 
 @dataclass
 class Step:
-    """One object: its state in Vault (missing, unchanged, drifted, blocked), what differs, how to make it right."""
+    """One object: its state in Vault, what differs, and how to make it right.
+
+    States: missing (setup creates it), unchanged, drifted (--fix rewrites it), blocked (setup cannot fix it),
+    absent (missing, and the operator's to make: the PKI root).
+    """
 
     what: str
     state: str

@@ -162,14 +162,15 @@ class TestTwoClusters:
         for cluster, inter in ((a, inter_a), (b, inter_b)):
             assert _setup(bao, kube, files, cluster).returncode == 0
             _seed(vault_admin, cluster, root, inter)
-        token = sa_token_file("istio-system", "istiod", audience="vault")
+        tokens = {cluster: sa_token_file("istio-system", "istiod", audience="vault", filename=f"token-{cluster}")
+                  for cluster in (a, b)}
         for cluster, inter in ((a, inter_a), (b, inter_b)):
-            proc, out = _agent(tmp_path, bao, token, mount=f"kubernetes-{cluster}",
+            proc, out = _agent(tmp_path, bao, tokens[cluster], mount=f"kubernetes-{cluster}",
                                kv=f"kubernetes-{cluster}-secrets/istiod-service/certs", name=cluster)
             assert proc.returncode == 0, proc.stderr
             assert sorted(p.name for p in out.iterdir() if not p.name.startswith("..")) == sorted(ISTIO_FILES)
             assert (out / "ca-cert.pem").read_bytes() == inter.cert_pem
-        proc, out = _agent(tmp_path, bao, token, mount=f"kubernetes-{a}",
+        proc, out = _agent(tmp_path, bao, tokens[a], mount=f"kubernetes-{a}",
                            kv=f"kubernetes-{b}-secrets/istiod-service/certs", name="cross")
         assert proc.returncode == 1
         assert "permission denied" in error_line(proc)
@@ -183,17 +184,22 @@ class TestTwoClusters:
         assert _setup(bao, kube, files, c).returncode == 0
         _seed(vault_admin, c, root, inter_a)
         token = sa_token_file("istio-system", "istiod")  # audience: the issuer
-        proc, _ = _agent(tmp_path, bao, token, mount=f"kubernetes-{c}", kv=f"kubernetes-{c}-secrets/istiod-service/certs",
-                         name="noaud")
+        proc, _ = _agent(tmp_path, bao, token, mount=f"kubernetes-{c}",
+                         kv=f"kubernetes-{c}-secrets/istiod-service/certs", name="noaud")
         assert proc.returncode == 1 and "login refused" in error_line(proc)
 
 
 class TestDryRun:
-    def test_replayed_commands_give_what_a_real_run_gives(self, tmp_path, bao, kube, files, unique):
+    @pytest.mark.parametrize("in_namespace", [False, True], ids=["root", "namespace"])
+    def test_replayed_commands_give_what_a_real_run_gives(self, tmp_path, bao, kube, files, unique, vault_admin,
+                                                           in_namespace):
         """--dry-run changes nothing; its output run by bash with the real `bao` CLI leaves a state that a real
-        `setup vault` then finds unchanged, object for object."""
+        `setup vault` then finds unchanged, object for object (also inside a Vault namespace)."""
         c = f"c{unique}"
-        args = ("--kv-version", "2", "--gateway", "istio-ingress/istio-ingressgateway")
+        args: tuple[str, ...] = ("--kv-version", "2", "--gateway", "istio-ingress/istio-ingressgateway")
+        if in_namespace:
+            vault_admin.adapter.post(f"/v1/sys/namespaces/ns{unique}", json={})
+            args = (*args, "--namespace", f"ns{unique}")
         dry = _setup(bao, kube, files, c, "--dry-run", *args)
         assert dry.returncode == 0, dry.stderr
         assert files["jwt"].read_text() not in dry.stdout and f"token_reviewer_jwt=@{files['jwt']}" in dry.stdout
