@@ -253,12 +253,14 @@ class TestPki:
         out = tmp_path / "out"
         cfg = agent_config(address=bao.address, token_path=token, out=out, kv="unused/x", mount=f"kubernetes-{c}")
         cfg["vault"]["namespace"] = ns
-        cfg["bundles"][0]["source"] = {"pki_intermediate": {"mount": "pki", "cluster": c, "ttl": "1h"}}
+        # crl: the issuer chain and every CA's CRL are read too, with no more policy than the signing path
+        cfg["bundles"][0]["source"] = {"pki_intermediate": {"mount": "pki", "cluster": c, "ttl": "1h", "crl": True}}
         cfg["bundles"][0]["ready_min_remaining"] = "1s"
         proc = run_cli("run", "--config", str(write_config(tmp_path / "pki.yaml", cfg)), "--mode", "init")
         assert proc.returncode == 0, proc.stderr
         check = run_cli("check", str(out), "--type", "istio-ca")
         assert check.returncode == 0, check.stderr
+        assert (out / "ca-crl.pem").read_bytes().count(b"BEGIN X509 CRL") == 2  # its own and the root's
 
         login = hvac.Client(url=bao.address, namespace=ns)
         login.auth.kubernetes.login(role="istiod", jwt=token.read_text(), mount_point=f"kubernetes-{c}")
