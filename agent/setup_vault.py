@@ -527,11 +527,12 @@ def run(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
         line = f"{label:<10} {step.what}" + (f": {detail}" if detail else "")
         emit(f"# {line}" if opts.dry_run else line)
     changes = sum(1 for s in steps if s.state == "missing" or (s.state == "drifted" and opts.fix))
+    made = f"{changes} change(s) " + ("to make" if opts.dry_run else "made")
     if not changes and not failed:
         summary = "nothing to change: everything is as setup makes it"
     elif failed:
-        summary = f"{failed} object(s) need attention (see above)"
+        summary = (f"{made}; " if changes else "") + f"{failed} object(s) need attention (see above)"
     else:
-        summary = f"{changes} change(s) " + ("to make" if opts.dry_run else "made")
+        summary = made
     emit(f"# {summary}" if opts.dry_run else summary)
     return 1 if failed else 0
