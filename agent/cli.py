@@ -1,5 +1,5 @@
-"""Command line: `run`, `check`, `inject`, `doctor`. The only module that prints; errors become one `error:` line,
-exit 1."""
+"""Command line: `run`, `check`, `inject`, `ca`, `setup vault`, `doctor`. The only module that prints; errors become
+one `error:` line and exit 1."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import doctor as doctor_mod
 
         doctor_mod.add_arguments(doctor)
+    setup = sub.add_parser("setup", help="create what one cluster needs on Vault/OpenBao (`setup vault --help`)")
+    setup_sub = setup.add_subparsers(dest="target", required=True, metavar="TARGET")
+    setup_vault = setup_sub.add_parser("vault", help="auth mount, KV mount, policies and roles for one cluster")
+    if command == "setup":
+        from agent import setup_vault as setup_vault_mod
+
+        setup_vault_mod.add_arguments(setup_vault)
     return p
 
 
@@ -128,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent import inject
 
             return int(inject.run(args))
+        if args.command == "setup":
+            from agent import setup_vault
+
+            return setup_vault.run(args, print)
         return int(handlers[args.command](args))
     except AgentError as exc:
         return _error(str(exc), run.termination_log if args.command == "run" else None)
