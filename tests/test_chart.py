@@ -145,7 +145,8 @@ class TestAgentChart:
         assert cfg.bundles[0].source.kv == "kubernetes-cluster1-secrets/istiod-service/certs"
         assert (cfg.auth.method, cfg.auth.mount, cfg.auth.role) == ("kubernetes", "kubernetes-cluster1", "istiod")
         assert cfg.auth.token_path == "/var/run/secrets/vault/token"
-        assert cfg.health.listen == "0.0.0.0:8099"
+        # dual-stack: kubelet probes reach it on IPv4-only, IPv6-only and dual-stack clusters
+        assert cfg.health.listen == "[::]:8099"
         assert "ca_cert" not in raw["vault"]
         assert "Added cacerts files watcher at /var/run/secrets/istio-ca" in notes
         assert "audience=vault" in notes
