@@ -284,7 +284,7 @@ class _GuardedSite(web.TCPSite):
             self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_BACKLOG)
             return
         if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
-            host = "0.0.0.0"  # noqa: S104 - the health server listens on the pod IP for kubelet probes
+            host = "0.0.0.0"
         self._server = await loop.create_server(
             lambda: _Guard(server(), self), host, port, backlog=_BACKLOG, reuse_address=True
         )
