@@ -477,6 +477,9 @@ class TestTraps:
         objects, notes = render(CHART, {"extraServiceAccountNames": [canary], "rbac": {"create": True}})
         validate(objects)
         assert "bound_service_account_names=istiod,istiod-canary \\" in notes
+        assert "runs as service account istiod-canary" not in notes  # no hint once it is bound
+        _, notes = render(CHART, {"mode": "gateway"})
+        assert "1.25 and 1.26 accept initContainers but drop them" in notes
         assert [s["name"] for s in find(objects, "RoleBinding")["subjects"]] == ["istiod", canary]
 
     def test_openshift_drops_the_pinned_uid_and_makes_keys_group_readable(self) -> None:
