@@ -247,7 +247,7 @@ def _wiring_gaps(doc: dict[str, Any], opts: InjectOptions) -> tuple[bool, list[s
     agent = next((c for c in _named(pod.get("initContainers")) if c.get("name") == AGENT_CONTAINER), None)
     volumes = {v.get("name") for v in _named(pod.get("volumes"))}
     ours = [CA_VOLUME, TOKEN_VOLUME, CONFIG_VOLUME]
-    agent_dir = next((m.get("mountPath") for m in _named((agent or {}).get("volumeMounts"))
+    agent_dir = next((str(m.get("mountPath", "")).rstrip("/") for m in _named((agent or {}).get("volumeMounts"))
                       if m.get("name") == CA_VOLUME), opts.mount_path)
     readers: list[str] = []
     gaps: list[str] = []
