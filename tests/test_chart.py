@@ -127,8 +127,10 @@ def fixture_rendered_gateway() -> list[dict[str, Any]]:
 
 class TestAgentChart:
     def test_lint_is_clean(self) -> None:
-        """`helm lint --strict` reports no warning or error, in either mode, with RBAC on."""
-        for values in ({}, {"mode": "gateway", "rbac": {"create": True, "rolloutRestart": {"enabled": True}}}):
+        """`helm lint --strict` reports no warning or error, in either mode, with RBAC on, on OpenShift and with a
+        revisioned istiod's service account."""
+        for values in ({}, {"mode": "gateway", "rbac": {"create": True, "rolloutRestart": {"enabled": True}}},
+                       {"openshift": True, "extraServiceAccountNames": ["istiod-canary"], "rbac": {"create": True}}):
             report = helm.lint(CHART, values, strict=True, kube_version="v1.33.0")
             assert report["errors"] == []
             assert [m for m in report["messages"] if m["severity"] >= 2] == []
