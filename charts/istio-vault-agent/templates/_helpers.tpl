@@ -39,6 +39,17 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- end }}
 
 {{/*
+Every service account that runs the agent: serviceAccountName, then extraServiceAccountNames.
+*/}}
+{{- define "istio-vault-agent.serviceAccounts" -}}
+{{- $all := list (required "serviceAccountName is required" .Values.serviceAccountName) }}
+{{- range .Values.extraServiceAccountNames }}
+{{- $all = append $all . }}
+{{- end }}
+{{- join "," (uniq $all) }}
+{{- end }}
+
+{{/*
 Where the agent container sees the ConfigMap; the example values mount it here.
 */}}
 {{- define "istio-vault-agent.configDir" -}}
@@ -72,6 +83,14 @@ missing one fails the render with the values key to set.
 {{- end }}
 {{- range .Values.extraBundles }}
 {{- $bundles = append $bundles (deepCopy .) }}
+{{- end }}
+{{- if .Values.openshift }}
+{{- range $bundles }}
+{{- if not (hasKey . "key_mode") }}
+{{- /* 0640 (416 decimal): the reader runs with another uid and gets the key through the pod's fsGroup */}}
+{{- $_ := set . "key_mode" 416 }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $i, $b := $bundles }}
 {{- $where := printf "bundle %d (%s)" $i (toString ($b.name | default "unnamed")) }}
