@@ -147,3 +147,46 @@ toYaml so values never need YAML quoting by hand.
 {{- $config = mustMergeOverwrite $config (deepCopy (.Values.extraConfig | default dict)) }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/*
+Labels of the pods that run the agent (monitoring.podSelector, or what the istiod and
+gateway charts put on their pods).
+*/}}
+{{- define "istio-vault-agent.podSelector" -}}
+{{- if .Values.monitoring.podSelector }}
+{{- toYaml .Values.monitoring.podSelector }}
+{{- else if eq .Values.mode "gateway" -}}
+app: {{ required "serviceAccountName (or monitoring.podSelector) is required to select the gateway pods" .Values.serviceAccountName }}
+{{- else -}}
+app: istiod
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the monitoring objects: the common ones plus monitoring.labels.
+*/}}
+{{- define "istio-vault-agent.monitoringLabels" -}}
+{{ include "istio-vault-agent.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `job` label the PodMonitor and the ServiceMonitor give the agent's series, so the
+alerts find this release's agents whichever of the two scrapes them.
+*/}}
+{{- define "istio-vault-agent.job" -}}
+{{ include "istio-vault-agent.fullname" . }}
+{{- end }}
+
+{{/*
+The label matchers (without braces) that pick this release's series in the alerts.
+*/}}
+{{- define "istio-vault-agent.ruleSelector" -}}
+{{- if .Values.monitoring.prometheusRule.selector }}
+{{- .Values.monitoring.prometheusRule.selector | trim | trimPrefix "{" | trimSuffix "}" }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (include "istio-vault-agent.job" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
