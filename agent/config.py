@@ -571,8 +571,10 @@ def validate(cfg: AgentConfig) -> None:
         if b.kind.target == "secret":
             _validate_remote_secret(key, b)
             continue
+        if not b.dir:
+            raise ConfigError(f"missing required key {key}.dir: the directory the {b.type} bundle is published into")
         norm = os.path.normpath(b.dir)
-        if not b.dir or norm in dirs:
+        if norm in dirs:
             raise ConfigError(f"{key}.dir must be a directory of its own, not {shown(b.dir)!r}")
         dirs.add(norm)
         _validate_bundle(key, b)
