@@ -16,8 +16,7 @@ import hvac
 import pytest
 import yaml
 
-from agent.config import from_mapping
-from agent.errors import BundleError, ConfigError
+from agent.errors import BundleError
 from agent.validate import validate
 from agent.validate.kubeconfig import decode_value
 from testbed import pki
@@ -354,32 +353,6 @@ class TestKubeconfigCheck:
         config = kubeconfig("cluster-a", ca_pem, token="t0ken")
         assert decode_value(base64.b64encode(config)) == config
         assert decode_value(config) == config
-
-
-class TestConfig:
-    def base(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        return {"vault": {"address": "http://127.0.0.1:8200"}, "auth": {"method": "token"}, "bundles": [bundle]}
-
-    @pytest.mark.parametrize(("extra", "expect"), [
-        ({"dir": "/tmp/x"}, "bundles[0].dir does not apply to remote-secret bundles"),
-        ({"cluster": None}, "missing required key bundles[0].cluster"),
-        ({"cluster": "Cluster_A"}, "bundles[0].cluster must be lower-case letters"),
-        ({"source": {"pki": {"mount": "pki", "role": "r", "common_name": "x"}}}, "bundles[0].source must be kv"),
-        ({"reload": {"action": "signal", "signal": "SIGHUP", "process": "x"}}, "bundles[0].reload does not apply"),
-    ])
-    def test_config_errors(self, extra, expect):
-        """A remote-secret bundle's config errors are one sentence naming the key."""
-        bundle = {"name": "remote-a", "type": "remote-secret", "cluster": "cluster-a",
-                  "source": {"kv": "kv/istio/remote-secrets/cluster-a"}, **extra}
-        with pytest.raises(ConfigError) as info:
-            from_mapping(self.base({k: v for k, v in bundle.items() if v is not None}))
-        assert expect in str(info.value)
-
-    def test_file_bundles_refuse_remote_secret_keys(self):
-        """`cluster`, `namespace` and `prune` on an istio-ca bundle are errors."""
-        bundle = {"name": "ca", "dir": "/tmp/ca", "source": {"kv": "kv/ca"}, "prune": True}
-        with pytest.raises(ConfigError, match="prune only applies to remote-secret bundles"):
-            from_mapping(self.base(bundle))
 
 
 def test_kube_secret_stand_in_conflicts_without_force(kube, unique):

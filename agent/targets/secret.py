@@ -1,8 +1,6 @@
-"""The Secret target: a remote-secret bundle applied as Secret `istio-remote-secret-<cluster>` (server-side apply),
-which istiod reads because of its label istio/multiCluster=true; and the prune sweep of Secrets whose bundle is gone.
-
-The agent only ever writes or deletes Secrets that carry its owner labels; it refuses to take over any other.
-"""
+"""The Secret target: a remote-secret bundle server-side applied as Secret istio-remote-secret-<cluster> (label
+istio/multiCluster=true), and the prune sweep of Secrets whose bundle is gone. Only Secrets carrying the agent's
+owner labels are ever written or deleted."""
 
 from __future__ import annotations
 
