@@ -160,7 +160,6 @@ class Agent:
             until_all_done=False,
         )
 
-
     async def _prune_remote_secrets(self) -> None:
         """Once every bundle is live: delete the agent's Secrets whose bundle left the config with prune: true.
 

@@ -230,6 +230,20 @@ class TestApply:
         assert wait_until(lambda: remote.data() == config, 5), agent.tail()
         agent.wait_event("bundle_repaired")
 
+    def test_a_hand_edit_is_taken_back(self, remote):
+        """Someone else's manager rewrites the kubeconfig in the agent's Secret: the agent applies with force and
+        owns the field again."""
+        config = remote.kubeconfig()
+        remote.store("cluster-a", config)
+        agent = remote.agent()
+        edited = remote.secret()
+        edited["data"]["cluster-a"] = base64.b64encode(b"edited by hand").decode()
+        remote.kube.put_secret(edited, manager="kubectl-edit")
+        assert wait_until(lambda: remote.data() == config, 5), agent.tail()
+        owners = remote.kube.secret_managers(remote.namespace, "istio-remote-secret-cluster-a")
+        assert ("data", "cluster-a") in owners["istio-vault-agent"]
+        assert ("data", "cluster-a") not in owners.get("kubectl-edit", set())
+
     def test_init_mode_publishes_once(self, remote):
         """`run --mode init` applies the Secret with one write and exits 0."""
         config = remote.kubeconfig()
@@ -347,6 +361,13 @@ class TestKubeconfigCheck:
                 "client-key-data": base64.b64encode(client.key_pem).decode()}
         info = self.check(kubeconfig("cluster-a", ca_pem, user=user))
         assert info.expires_at == info.not_after["client-certificate-data"]
+
+    def test_an_expired_token_is_refused(self, ca_pem, kube):
+        """A reader token whose `exp` has passed is refused, naming the token but never showing it."""
+        token = kube.mint_token("istio-system", "istio-reader", ttl=-60)
+        with pytest.raises(BundleError, match="has an expired token") as info:
+            self.check(kubeconfig("cluster-a", ca_pem, token=token))
+        assert token.split(".")[1] not in str(info.value)
 
     def test_base64_or_plain(self, ca_pem):
         """A KV value is decoded from base64 when it is base64, and taken as it is otherwise."""

@@ -202,9 +202,9 @@ class KVSource:
         value = data.get(cluster)
         if not isinstance(value, str) or not value.strip():
             raise SecretError(
-                f"KV secret {shown(self.kv_path)} has no non-empty key {shown(cluster)!r}: store the `data` of"
-                f" `istioctl create-remote-secret --name={shown(cluster)}` there, or fix cluster of bundle"
-                f" {self.bundle.name}"
+                f"KV secret {shown(self.kv_path)} has no non-empty key {shown(cluster)!r}: store the `data` (or"
+                f" `stringData`) of `istioctl create-remote-secret --name={shown(cluster)}` there, or fix cluster"
+                f" of bundle {self.bundle.name}"
             )
         try:
             raw = value.encode("utf-8")
