@@ -632,8 +632,7 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.prune only applies to remote-secret bundles")
 
 
-#: a Kubernetes object name (DNS-1123 subdomain) and a label value, as the API server checks them
-_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+#: a label value and a namespace name (DNS-1123 label), as the API server checks them
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
@@ -656,7 +655,9 @@ def _validate_remote_secret(key: str, b: BundleConfig) -> None:
             f"missing required key {key}.cluster: the remote cluster's name, the key of its kubeconfig in KV"
             " (istioctl create-remote-secret --name)"
         )
-    if not _DNS_NAME.fullmatch(b.cluster) or len(b.cluster) > 200:
+    from agent.validate.kubeconfig import CLUSTER_NAME
+
+    if not CLUSTER_NAME.fullmatch(b.cluster):
         raise ConfigError(
             f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
             f" istio-remote-secret-CLUSTER), not {shown(b.cluster, 80)!r}"
