@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -377,24 +380,34 @@ class TestKubeconfigCheck:
 
 
 def test_kube_secret_stand_in_conflicts_without_force(kube, unique):
-    """The stand-in's server-side apply: another manager's field with a different value conflicts (409) unless
-    force, and a no-op apply keeps the resourceVersion."""
+    """The stand-in's server-side apply over HTTPS: YAML bodies are taken, another manager's field with a different
+    value conflicts (409) unless force, a no-op apply keeps the resourceVersion, DELETE checks the uid."""
     ns, name = f"ssa-{unique}", "s"
-    handler: Callable[..., Any] = kube._secrets.patch
-    from testbed.kubeapi import KubeRequest
+    url = f"{kube.url}/api/v1/namespaces/{ns}/secrets/{name}"
+    token = kube.mint_token("istio-system", "istiod")
+    context = ssl.create_default_context(cafile=str(kube.ca_file))
 
-    def apply(body: dict[str, Any], manager: str, force: bool = False) -> tuple[int, Any]:
-        req = KubeRequest("PATCH", f"/api/v1/namespaces/{ns}/secrets/{name}",
-                          f"fieldManager={manager}&force={'true' if force else 'false'}",
-                          {"content-type": "application/apply-patch+yaml"}, json.loads(json.dumps(body)),
-                          {"namespace": ns, "name": name})
-        return handler(req)
+    def call(method: str, query: str = "", body: bytes | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(f"{url}?{query}", data=body, method=method, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/apply-patch+yaml"})
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
-    obj = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": {"k": "YQ=="}}
-    assert apply(obj, "a")[0] == 201
-    status, first = apply(obj, "a")
+    def apply(data: str, manager: str, force: bool = False) -> tuple[int, Any]:
+        body = f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ndata: {{k: {data}}}\n".encode()
+        return call("PATCH", f"fieldManager={manager}&force={'true' if force else 'false'}", body)
+
+    assert apply("YQ==", "a")[0] == 201
+    status, first = apply("YQ==", "a")
     assert status == 200
-    assert apply({**obj, "data": {"k": "Yg=="}}, "b")[0] == 409
-    status, forced = apply({**obj, "data": {"k": "Yg=="}}, "b", force=True)
+    assert apply("Yg==", "b")[0] == 409
+    status, forced = apply("Yg==", "b", force=True)
     assert status == 200 and forced["data"]["k"] == "Yg=="
     assert int(forced["metadata"]["resourceVersion"]) == int(first["metadata"]["resourceVersion"]) + 1
+    wrong_uid = json.dumps({"preconditions": {"uid": "not-the-uid"}}).encode()
+    assert call("DELETE", body=wrong_uid)[0] == 409
+    assert call("DELETE")[0] == 200
+    assert call("GET")[0] == 404
