@@ -30,11 +30,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--config", help="config file (default: $ISTIO_VAULT_AGENT_CONFIG)")
     run.add_argument("--mode", choices=("init", "sidecar"), default="init", help="init: one pass then exit (default)")
 
-    from agent.kinds import KINDS
+    from agent.kinds import FILE_KINDS
 
     check = sub.add_parser("check", help="validate a published directory the way its consumer (istiod) will")
     check.add_argument("dir", help="the directory holding the published files")
-    check.add_argument("--type", choices=tuple(KINDS), default="istio-ca", dest="kind", help="the bundle type")
+    check.add_argument("--type", choices=tuple(FILE_KINDS), default="istio-ca", dest="kind", help="the bundle type")
     check.add_argument(
         "--ca-signs-cert",
         action=argparse.BooleanOptionalAction,

@@ -237,9 +237,10 @@ Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReloa
 
 class BundleConfig(_Section, frozen=True):
     name: str
-    dir: str
     source: SourceConfig
-    type: Literal["istio-ca", "tls"] = "istio-ca"
+    #: where the files are published (istio-ca and tls bundles; a remote-secret bundle has none)
+    dir: str = ""
+    type: Literal["istio-ca", "tls", "remote-secret"] = "istio-ca"
     file_mode: int = 0o644
     key_mode: int = 0o600
     uid: int | None = None
@@ -251,6 +252,12 @@ class BundleConfig(_Section, frozen=True):
     ready_min_remaining: Duration = Duration(3600)
     #: tls: tls.crt must chain to ca.crt; false when ca.crt is the CA of client certificates (gateway MUTUAL)
     ca_signs_cert: bool = True
+    #: remote-secret: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME)
+    cluster: str | None = None
+    #: remote-secret: the Secret's namespace (istiod's); default the pod's namespace (POD_NAMESPACE), else istio-system
+    namespace: str | None = None
+    #: remote-secret: delete the Secret once this bundle is gone from the config (recorded on the Secret)
+    prune: bool = False
 
     @property
     def kind(self) -> kinds.Kind:
@@ -338,7 +345,7 @@ _TYPE_WORDS = {
 
 _CHOICES = {
     "method": "kubernetes, jwt, token",
-    "type": "istio-ca, tls",
+    "type": "istio-ca, tls, remote-secret",
     "action": "signal, exec, http, rollout-restart, none",
     "on_root_change": "restart, none",
     "kind": "Deployment, DaemonSet, StatefulSet",
@@ -561,11 +568,17 @@ def validate(cfg: AgentConfig) -> None:
         if b.name in names:
             raise ConfigError(f"{key}.name {shown(b.name)!r} is used by another bundle: names must be unique")
         names.add(b.name)
+        if b.kind.target == "secret":
+            _validate_remote_secret(key, b)
+            continue
+        if not b.dir:
+            raise ConfigError(f"missing required key {key}.dir: the directory the {b.type} bundle is published into")
         norm = os.path.normpath(b.dir)
-        if not b.dir or norm in dirs:
+        if norm in dirs:
             raise ConfigError(f"{key}.dir must be a directory of its own, not {shown(b.dir)!r}")
         dirs.add(norm)
         _validate_bundle(key, b)
+    _check_remote_secrets_unique(cfg)
     parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
@@ -612,6 +625,71 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
     if b.type != "istio-ca" and b.multiroot:
         raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
+    for only in ("cluster", "namespace"):
+        if getattr(b, only) is not None:
+            raise ConfigError(f"{key}.{only} only applies to remote-secret bundles")
+    if b.prune:
+        raise ConfigError(f"{key}.prune only applies to remote-secret bundles")
+
+
+#: a label value and a namespace name (DNS-1123 label), as the API server checks them
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _validate_remote_secret(key: str, b: BundleConfig) -> None:
+    """A remote-secret bundle: a KV source, a cluster name, and none of the keys of file bundles."""
+    if b.dir:
+        raise ConfigError(f"{key}.dir does not apply to remote-secret bundles: they are published as a Secret")
+    if b.source.kv is None or b.source.pki is not None or b.source.pki_intermediate is not None:
+        raise ConfigError(f"{key}.source must be kv for a remote-secret bundle (the KV path of the remote secret)")
+    if "/" not in b.source.kv.strip("/"):
+        raise ConfigError(
+            f"{key}.source.kv must be MOUNT/PATH, such as kv/istio/remote-secrets/cluster-a,"
+            f" not {shown(b.source.kv, 80)!r}"
+        )
+    if b.source.fields:
+        raise ConfigError(f"{key}.source.fields does not apply to remote-secret bundles; set cluster instead")
+    if not b.cluster:
+        raise ConfigError(
+            f"missing required key {key}.cluster: the remote cluster's name, the key of its kubeconfig in KV"
+            " (istioctl create-remote-secret --name)"
+        )
+    from agent.validate.kubeconfig import CLUSTER_NAME
+
+    if not CLUSTER_NAME.fullmatch(b.cluster):
+        raise ConfigError(
+            f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
+            f" istio-remote-secret-CLUSTER), not {shown(b.cluster, 80)!r}"
+        )
+    if b.namespace is not None and not _DNS_LABEL.fullmatch(b.namespace):
+        raise ConfigError(f"{key}.namespace must be a Kubernetes namespace name, not {shown(b.namespace, 80)!r}")
+    if not _LABEL_VALUE.fullmatch(b.name):
+        raise ConfigError(
+            f"{key}.name of a remote-secret bundle labels its Secret: at most 63 letters, digits, '-', '_' or '.',"
+            f" starting and ending with a letter or digit, not {shown(b.name)!r}"
+        )
+    if not isinstance(b.reload, NoReload):
+        raise ConfigError(f"{key}.reload does not apply to remote-secret bundles: istiod watches its Secrets")
+    if b.multiroot or not b.ca_signs_cert or b.uid is not None or b.gid is not None:
+        raise ConfigError(
+            f"{key} is a remote-secret bundle: multiroot, ca_signs_cert, uid and gid apply to file bundles only"
+        )
+
+
+def _check_remote_secrets_unique(cfg: AgentConfig) -> None:
+    """Two bundles must never write the same Secret."""
+    seen: dict[tuple[str | None, str], str] = {}
+    for i, b in enumerate(cfg.bundles):
+        if b.kind.target != "secret" or b.cluster is None:
+            continue
+        where = (b.namespace, b.cluster)
+        if where in seen:
+            raise ConfigError(
+                f"bundles[{i}].cluster {b.cluster!r} is also the cluster of bundle {seen[where]}:"
+                " one bundle per remote cluster"
+            )
+        seen[where] = b.name
 
 
 _MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")

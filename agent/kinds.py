@@ -1,4 +1,5 @@
-"""The bundle kinds the agent publishes (istio-ca, tls): the one place that knows each kind's files and checks.
+"""The bundle kinds the agent publishes (istio-ca, tls, remote-secret): the one place that knows each kind's files,
+where it is published and how it is checked.
 
 Config, sources, publishing and the `check` command ask a `Kind` instead of testing the kind's name.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from agent import validate as checks
 from agent.errors import ConfigError
 
-__all__ = ["ISTIO_CA", "KINDS", "TLS", "Kind", "get"]
+__all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_SECRET", "TLS", "Kind", "get"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Kind:
     #: why the consumer would abandon a reload from the previous files to new ones (istiod's root-change rules),
     #: or None when it takes them; None for kinds whose consumer reloads anything valid
     reload_problem: Callable[..., str | None] | None = None
+    #: where a bundle of this kind goes: "files" (a directory, agent.publish) or "secret" (a Kubernetes Secret)
+    target: str = "files"
 
     def validate(
         self,
@@ -90,8 +93,22 @@ TLS = Kind(
     kv_fields={"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"},
 )
 
+REMOTE_SECRET = Kind(
+    name="remote-secret",
+    # one data key, the cluster's name (the `cluster` of the bundle): not known here
+    files=(),
+    optional=frozenset(),
+    # the kubeconfig holds the remote cluster's credentials
+    key_files=frozenset(),
+    forbidden=(),
+    kv_fields={},
+    target="secret",
+)
+
 #: every kind, by its config name
-KINDS: Mapping[str, Kind] = {k.name: k for k in (ISTIO_CA, TLS)}
+KINDS: Mapping[str, Kind] = {k.name: k for k in (ISTIO_CA, TLS, REMOTE_SECRET)}
+#: the kinds published as files into a directory (what `check DIR` validates)
+FILE_KINDS: Mapping[str, Kind] = {name: k for name, k in KINDS.items() if k.target == "files"}
 
 
 def get(name: str) -> Kind:

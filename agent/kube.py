@@ -1,4 +1,5 @@
-"""Kubernetes side: `kubectl rollout restart` of a workload and best-effort Events on the agent's own pod.
+"""Kubernetes side: `kubectl rollout restart` of a workload, best-effort Events on the agent's own pod, and the
+Secret calls remote secrets need (get, server-side apply, list by label, delete).
 
 The `kubernetes` client is imported only inside functions, so init mode (and `import agent.reload`) never loads it.
 """
@@ -13,12 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config import KubernetesConfig, RolloutTarget
-from agent.errors import ConfigError, ReloadError
+from agent.errors import ConfigError, PublishError, ReloadError
 from agent.log import get_logger, redact
 from agent.text import escape
 from agent.threads import offload
 
-__all__ = ["EVENT_COMPONENT", "RESTARTED_AT", "SA_DIR", "EventRecorder", "Kube", "emit_event"]
+__all__ = ["EVENT_COMPONENT", "FIELD_MANAGER", "RESTARTED_AT", "SA_DIR", "EventRecorder", "Kube", "emit_event"]
 
 #: the pod-template annotation `kubectl rollout restart` sets; a new value makes the controller roll the pods
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -29,10 +30,15 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 _PLURALS = {"Deployment": "deployment", "DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}
 _STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+_APPLY_PATCH = "application/apply-patch+yaml"
+#: the field manager of everything the agent writes (server-side apply, rollout restarts)
+FIELD_MANAGER = "istio-vault-agent"
 _MAX_MESSAGE = 1024
 #: (connect, read) seconds; the client blocks, and a thread cannot be cancelled, so every call is bounded
 _PATCH_TIMEOUT = (5.0, 10.0)
 _EVENT_TIMEOUT = (2.0, 3.0)
+#: how long closing the EventRecorder waits for Events in flight
+_CLOSE_GRACE = 1.0
 _unavailable_logged = False
 
 T = TypeVar("T")
@@ -188,7 +194,7 @@ class Kube:
                 target.name,
                 ns,
                 body,
-                field_manager="istio-vault-agent",
+                field_manager=FIELD_MANAGER,
                 _content_type=_STRATEGIC_MERGE,
                 _request_timeout=_PATCH_TIMEOUT,
             )
@@ -204,6 +210,104 @@ class Kube:
     async def rollout_restart_async(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
         """`rollout_restart` in a daemon thread, for the event loop; raises what it raises."""
         return await offload(self.rollout_restart, target, default_namespace)
+
+    # ------------------------------------------------------------------------ secrets
+
+    def _secret_call(self, verb: str, what: str, call: Any) -> Any:
+        """Run one Secret call; its JSON answer, or None for a 404. Blocks.
+
+        Raises:
+            PublishError: RBAC forbids it, a conflict, or the API cannot be reached; one sentence naming `what`.
+        """
+        import json
+
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            resp = call()
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise PublishError(_secret_failure(exc.status, verb, what, _api_message(exc.body))) from None
+        except Exception as exc:  # noqa: BLE001 - urllib3/ssl/socket errors all mean "cannot reach the API"
+            raise PublishError(
+                f"cannot reach the Kubernetes API at {self.api_client.configuration.host} to {verb} {what}:"
+                f" {_short(exc)}"
+            ) from None
+        try:
+            return json.loads(resp.data or b"null")
+        except ValueError:
+            raise PublishError(f"the Kubernetes API answered the {verb} of {what} with something not JSON") from None
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as the API returns it (data base64), or None when it does not exist. Blocks.
+
+        Raises:
+            PublishError: as `_secret_call`.
+        """
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client)
+        found = self._secret_call(
+            "get", f"Secret {namespace}/{name}",
+            lambda: api.read_namespaced_secret(name, namespace, _preload_content=False,
+                                               _request_timeout=_PATCH_TIMEOUT),
+        )
+        return found if isinstance(found, dict) else None
+
+    def apply_secret(self, secret: dict[str, Any], *, force: bool) -> dict[str, Any]:
+        """Server-side apply `secret` (field manager istio-vault-agent); `force` takes over fields another manager
+        owns. Returns the Secret the API answered. Blocks.
+
+        Raises:
+            PublishError: as `_secret_call`; a 409 is a field another manager owns (without `force`).
+        """
+        from kubernetes import client
+
+        meta = secret["metadata"]
+        api = client.CoreV1Api(self.api_client)
+        answer = self._secret_call(
+            "apply", f"Secret {meta['namespace']}/{meta['name']}",
+            lambda: api.patch_namespaced_secret(
+                meta["name"], meta["namespace"], secret, field_manager=FIELD_MANAGER, force=force,
+                _content_type=_APPLY_PATCH, _preload_content=False, _request_timeout=_PATCH_TIMEOUT,
+            ),
+        )
+        return answer if isinstance(answer, dict) else {}
+
+    def list_secrets(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The Secrets of `namespace` that match `label_selector`. Blocks.
+
+        Raises:
+            PublishError: as `_secret_call`.
+        """
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client)
+        answer = self._secret_call(
+            "list", f"Secrets in namespace {namespace}",
+            lambda: api.list_namespaced_secret(namespace, label_selector=label_selector, _preload_content=False,
+                                               _request_timeout=_PATCH_TIMEOUT),
+        )
+        items = answer.get("items") if isinstance(answer, dict) else None
+        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+    def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete the Secret (only the object with `uid`, when given); False when it was already gone. Blocks.
+
+        Raises:
+            PublishError: as `_secret_call`.
+        """
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client)
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
+        answer = self._secret_call(
+            "delete", f"Secret {namespace}/{name}",
+            lambda: api.delete_namespaced_secret(name, namespace, body=body, _preload_content=False,
+                                                 _request_timeout=_PATCH_TIMEOUT),
+        )
+        return answer is not None
 
     # ------------------------------------------------------------------------ events
 
@@ -289,6 +393,33 @@ def _api_failure(status: int | None, what: str, plural: str) -> str:
     return f"the Kubernetes API answered {status} to the rollout restart of {what}"
 
 
+def _api_message(body: object) -> str:
+    """The `message` of a metav1.Status body, shortened; "" when there is none."""
+    import json
+
+    try:
+        status = json.loads(body) if isinstance(body, str | bytes) else None
+    except ValueError:
+        return ""
+    message = status.get("message") if isinstance(status, dict) else None
+    return escape(message)[:200] if isinstance(message, str) else ""
+
+
+def _secret_failure(status: int | None, verb: str, what: str, message: str) -> str:
+    if status == 403:
+        rbac_verb = "patch" if verb == "apply" else verb
+        return (
+            f"the agent may not {verb} {what}: grant its service account RBAC verb {rbac_verb}"
+            " on secrets in that namespace (chart: rbac.create with a remote-secret bundle)"
+        )
+    if status == 401:
+        return f"the Kubernetes API refused the agent's credentials for the {verb} of {what}"
+    if status == 409:
+        return f"{what} has fields another field manager owns, so the agent did not {verb} it ({message or 'conflict'})"
+    detail = f": {message}" if message else ""
+    return f"the Kubernetes API answered {status} to the {verb} of {what}{detail}"
+
+
 def _short(exc: BaseException) -> str:
     """A one-line reason without the urllib3 retry noise."""
     reason = getattr(exc, "reason", None)
@@ -331,8 +462,15 @@ class EventRecorder:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Stop pending Events and release the client."""
-        for task in list(self._tasks):
+        """Give Events in flight a moment to finish, stop the rest, and release the client.
+
+        A cancelled task cannot stop its thread: closing the client (or exiting) under a thread still inside a TLS
+        request can abort the process, so the client stays open while one may be left.
+        """
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=_CLOSE_GRACE)
+        for task in pending:
             task.cancel()
-        if self._kube is not None:
+        if self._kube is not None and not pending:
             self._kube.close()

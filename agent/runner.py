@@ -17,6 +17,9 @@ from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
 from agent.supervisor import supervise
+from agent.targets import open_target
+from agent.targets.secret import KubeLoader
+from agent.threads import offload
 from agent.validate import Limits
 from agent.vault import VaultGate, make_client
 from agent.worker import BundleState, BundleWorker
@@ -30,6 +33,8 @@ __all__ = ["EXIT_STOPPED", "Agent", "run"]
 
 #: exit code when SIGTERM/SIGINT ends init mode before every bundle was published (128 + SIGTERM)
 EXIT_STOPPED = 143
+#: how long shutdown waits for Kubernetes calls in flight (each is bounded by its own request timeout)
+_DRAIN_SECONDS = 3.0
 
 
 class Agent:
@@ -55,10 +60,13 @@ class Agent:
         )
         self.keeper = TokenKeeper(cfg.auth, self.gate, self.metrics)
         limits = Limits(max_file_bytes=cfg.limits.max_file_size, max_certs_per_file=cfg.limits.max_certs_per_file)
+        #: the Kubernetes client of remote-secret bundles (loaded only when one publishes)
+        self.kube = KubeLoader(cfg.kubernetes)
         self.workers = [
             BundleWorker(
                 b,
                 source=open_source(b, self.gate.client, cfg),
+                target=open_target(b, cfg, self.kube),
                 gate=self.gate,
                 keeper=self.keeper,
                 metrics=self.metrics,
@@ -70,7 +78,9 @@ class Agent:
             for b in cfg.bundles
         ]
         # before anything is written: bundle dirs that alias, nest or point into a generation are refused
-        publish.check_dirs([(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles)])
+        publish.check_dirs(
+            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if b.kind.target == "files"]
+        )
         self.stop = asyncio.Event()
         self.health_port: int | None = None
         self._log = get_logger()
@@ -104,7 +114,10 @@ class Agent:
             f"worker {w.cfg.name}": w.run(once=self.once) for w in self.workers
         }
         if self.once:
-            await supervise(tasks, stop=self.stop, until_all_done=True)
+            try:
+                await supervise(tasks, stop=self.stop, until_all_done=True)
+            finally:
+                await offload(self.kube.drain, _DRAIN_SECONDS)
             if self.stop.is_set():
                 return False
             self._log.info("init_done", bundles=[b.name for b in self.cfg.bundles])
@@ -116,6 +129,7 @@ class Agent:
         finally:
             if self.events is not None:
                 await self.events.close()
+            await offload(self.kube.drain, _DRAIN_SECONDS)
             self._log.info("sidecar_stopped")
         return True
 
@@ -138,12 +152,34 @@ class Agent:
 
         await asyncio.gather(*(w.published.wait() for w in self.workers))
         self._log.info("sidecar_ready", bundles=[b.name for b in self.cfg.bundles])
-        watcher = FileWatcher(self.cfg.auth, self.workers, self.keeper)
+        await self._prune_remote_secrets()
+        watcher = FileWatcher(self.cfg.auth, [w for w in self.workers if w.kind.target == "files"], self.keeper)
         await supervise(
             {"token keeper": self.keeper.run(), "file watcher": watcher.run()},
             stop=asyncio.Event(),
             until_all_done=False,
         )
+
+    async def _prune_remote_secrets(self) -> None:
+        """Once every bundle is live: delete the agent's Secrets whose bundle left the config with prune: true.
+
+        Only with remote-secret bundles configured (the agent then has the RBAC); a failure is logged, not fatal.
+        """
+        from agent.errors import AgentError
+        from agent.targets.secret import prune
+
+        if not any(b.kind.target == "secret" for b in self.cfg.bundles):
+            return
+        try:
+            deleted = await offload(lambda: prune(self.kube, self.cfg.bundles, self.cfg.kubernetes))
+        except AgentError as exc:
+            self.metrics.error("-", exc.reason)
+            self._log.warning("remote_secret_prune_failed", reason=str(exc))
+            return
+        for name in deleted:
+            self._log.info("remote_secret_pruned", object=name)
+            if self.events is not None:
+                self.events.record("RemoteSecretPruned", f"Secret {name} deleted: its bundle left the config")
 
 
 def run(cfg: AgentConfig, *, once: bool) -> int:

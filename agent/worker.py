@@ -1,4 +1,4 @@
-"""One BundleWorker per bundle: schedule, fetch, validate, publish, reload; and the bundle's state.
+"""One BundleWorker per bundle: schedule, fetch, validate, publish (to its Target), reload; and the bundle's state.
 
 The same loop serves both modes. Until its first publish a worker has init semantics (retry while Vault is
 unavailable, give up after init.timeout); `once` ends it there. Blocking work (Vault, validation, disk)
@@ -13,10 +13,8 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from agent import publish
 from agent.errors import (
     AgentError,
     BundleError,
@@ -36,6 +34,7 @@ if TYPE_CHECKING:
     from agent.kube import EventRecorder
     from agent.metrics import Metrics
     from agent.sources import Source
+    from agent.targets import Target
     from agent.validate import BundleInfo, Limits
     from agent.vault import VaultGate
 
@@ -94,6 +93,7 @@ class BundleWorker:
         cfg: BundleConfig,
         *,
         source: Source,
+        target: Target,
         gate: VaultGate,
         keeper: TokenKeeper,
         metrics: Metrics,
@@ -106,6 +106,8 @@ class BundleWorker:
         self.kind = cfg.kind
         self.state = BundleState(cfg)
         self.source = source
+        #: where the bundle is published: its directory, or a Kubernetes Secret
+        self.target = target
         self.gate = gate
         self.keeper = keeper
         self.metrics = metrics
@@ -272,7 +274,7 @@ class BundleWorker:
     async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
         st, b = self.state, self.cfg
         async with self._publish_lock:
-            result = await offload(lambda: publish.publish(Path(b.dir), fetched.files, **self._publish_options()))
+            result = await offload(self.target.publish, fetched.files)
         previous, check = st.live, self.kind.reload_problem
         self._reload_problem = (
             check(previous.files, fetched.files, multiroot=b.multiroot)
@@ -287,38 +289,28 @@ class BundleWorker:
             if fetched.renewed is not None:
                 self.metrics.renewal(b.name, renewed=fetched.renewed)
             self._log.info(
-                "bundle_published", dir=b.dir, type=b.type, kv_version=fetched.version,
+                "bundle_published", dir=self.target.where, type=b.type, kv_version=fetched.version,
                 generation=result.generation, changed=result.changed,
                 expires=info.expires_at.isoformat(), serial=info.serial, renewed=fetched.renewed,
             )
         return result.changed
 
-    # -- the published directory --------------------------------------------------------------------------
-    def _publish_options(self) -> dict[str, Any]:
-        b = self.cfg
-        return {
-            "key_files": self.kind.key_files, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
-            "gid": b.gid, "forbid": self.kind.forbidden,
-        }
-
-    def _damaged(self, files: dict[str, bytes]) -> bool:
-        options = self._publish_options()
-        del options["forbid"]
-        return publish.repair_needed(Path(self.cfg.dir), files, **options)
-
+    # -- what is published ----------------------------------------------------------------------------------
     async def _repair_if_damaged(self) -> bool:
-        """Publish the live generation again when the files on disk were deleted or altered."""
+        """Publish the live generation again when what is published (files on disk, or the Secret) was deleted or
+        altered."""
         async with self._publish_lock:
             # read under the lock: a cycle may have published newer content while this waited for it
             live = self.state.live
-            if live is None or not await offload(self._damaged, live.files):
+            if live is None or not await offload(self.target.damaged, live.files):
                 return False
             files = live.files
-            await offload(lambda: publish.publish(Path(self.cfg.dir), files, **self._publish_options()))
+            await offload(self.target.publish, files)
+        where = self.target.where
         self.metrics.error(self.cfg.name, "tampered")
-        self._log.warning("bundle_repaired", dir=self.cfg.dir, reason="published files were changed on disk")
+        self._log.warning("bundle_repaired", dir=where, reason=f"{where} was changed or deleted by someone else")
         if self.events is not None:
-            self.events.record("BundleRepaired", f"bundle {self.cfg.name} was changed on disk; restored")
+            self.events.record("BundleRepaired", f"bundle {self.cfg.name}: {where} was changed; restored")
         return True
 
     async def repair(self) -> None:
@@ -365,7 +357,7 @@ class BundleWorker:
         assert self.events is not None
         b, st = self.cfg, self.state
         serial = st.info.serial if st.info else "?"
-        self.events.record("BundlePublished", f"bundle {b.name} published to {b.dir} (serial {serial})")
+        self.events.record("BundlePublished", f"bundle {b.name} published to {self.target.where} (serial {serial})")
         if not isinstance(b.reload, NoReload):
             kube = await self.events.client() if isinstance(b.reload, RolloutRestartReload) else None
             try:

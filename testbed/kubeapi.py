@@ -1,4 +1,5 @@
-"""A small HTTPS stand-in for the kube-apiserver: mints service-account JWTs and answers TokenReviews.
+"""A small HTTPS stand-in for the kube-apiserver: mints service-account JWTs and answers TokenReviews; keeps
+Secrets with server-side apply semantics (field managers, conflicts, force) for the remote-secret tests.
 
 It is the only thing the test bed fakes; OpenBao is always a real `bao server -dev`.
 """
@@ -138,6 +139,7 @@ class KubeAPI:
         self._revoked_jti: set[str] = set()
         self._handlers: list[tuple[str, re.Pattern[str], Handler]] = []
         self._workloads = _Workloads()
+        self._secrets = _Secrets()
         self._tmp = tempfile.TemporaryDirectory(prefix="kubeapi-")
         self._tmpdir = Path(self._tmp.name)
         self._ca_pem, self._ca_file, self._cert_file, self._key_file = _make_tls(self._tmpdir)
@@ -362,6 +364,29 @@ class KubeAPI:
             obj = self._workloads.objects.get((kind, namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
 
+    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret NAMESPACE/NAME as the API would return it, or None."""
+        with self._secrets.lock:
+            obj = self._secrets.objects.get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def secret_managers(self, namespace: str, name: str) -> dict[str, set[tuple[str, ...]]]:
+        """Field manager -> the field paths it owns in the Secret (server-side apply bookkeeping)."""
+        with self._secrets.lock:
+            return copy.deepcopy(self._secrets.owners.get((namespace, name), {}))
+
+    def put_secret(self, obj: dict[str, Any], *, manager: str = "kubectl-create") -> dict[str, Any]:
+        """Create or replace a Secret directly (as someone else would with kubectl); `manager` owns every field."""
+        meta = obj["metadata"]
+        with self._secrets.lock:
+            return self._secrets.store(meta["namespace"], meta["name"], copy.deepcopy(obj), {manager: _leaves(obj)})
+
+    def remove_secret(self, namespace: str, name: str) -> bool:
+        """Delete a Secret directly (as someone else would); False when there was none."""
+        with self._secrets.lock:
+            self._secrets.owners.pop((namespace, name), None)
+            return self._secrets.objects.pop((namespace, name), None) is not None
+
     def clear_requests(self) -> None:
         """Forget the recorded requests."""
         with self._lock:
@@ -402,6 +427,7 @@ class KubeAPI:
         return out
 
     def _install_defaults(self) -> None:
+        self._secrets.install(self)
         self.add_handler("POST", TOKENREVIEW_PATH, self._tokenreview)
         self.add_handler("POST", "/api/v1/namespaces/{namespace}/events", _create_event)
         for plural, kind in (
@@ -581,3 +607,205 @@ class _Workloads:
                 return 200, copy.deepcopy(patched)
 
         return patch
+
+
+# ---------------------------------------------------------------------------------------------- Secrets
+
+_APPLY = "application/apply-patch+yaml"
+# fields the server sets or that identify the object: never owned by a field manager
+_SERVER_FIELDS = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace"),
+                  ("metadata", "uid"), ("metadata", "resourceVersion"), ("metadata", "creationTimestamp"),
+                  ("metadata", "managedFields")}
+
+
+def _leaves(obj: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The field paths of `obj`'s leaves (a list is one leaf), without the server's own fields."""
+    if isinstance(obj, dict) and obj:
+        out: set[tuple[str, ...]] = set()
+        for key, value in obj.items():
+            out |= _leaves(value, (*prefix, str(key)))
+        return out - _SERVER_FIELDS
+    return {prefix} - _SERVER_FIELDS
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _set(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        obj = obj.setdefault(key, {})
+    obj[path[-1]] = copy.deepcopy(value)
+
+
+def _unset(obj: dict[str, Any], path: tuple[str, ...]) -> None:
+    parents = []
+    for key in path[:-1]:
+        if not isinstance(obj.get(key), dict):
+            return
+        parents.append((obj, key))
+        obj = obj[key]
+    obj.pop(path[-1], None)
+    for parent, key in reversed(parents):  # drop maps left empty
+        if parent[key] == {}:
+            del parent[key]
+
+
+def _selected(labels: dict[str, str], selector: str) -> bool:
+    """Equality (`k=v`, `k==v`), inequality (`k!=v`) and existence (`k`, `!k`) terms, comma-separated."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, _, value = term.partition("!=")
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, _, value = term.replace("==", "=").partition("=")
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class _Secrets:
+    """core/v1 Secrets: GET, LIST (labelSelector), POST, PATCH (server-side apply and merge patch), DELETE.
+
+    Server-side apply keeps, per Secret, the fields each field manager owns: an apply sets its fields, drops the
+    ones the same manager applied before and no longer sends, and fails with 409 when another manager owns a field
+    with a different value, unless `force=true` (then the field changes hands).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.owners: dict[tuple[str, str], dict[str, set[tuple[str, ...]]]] = {}
+
+    def install(self, api: KubeAPI) -> None:
+        base = "/api/v1/namespaces/{namespace}/secrets"
+        api.add_handler("GET", base, self.list)
+        api.add_handler("POST", base, self.create)
+        api.add_handler("GET", base + "/{name}", self.get)
+        api.add_handler("PATCH", base + "/{name}", self.patch)
+        api.add_handler("DELETE", base + "/{name}", self.delete)
+
+    def store(self, ns: str, name: str, obj: dict[str, Any], owners: dict[str, set[tuple[str, ...]]]) -> dict[str, Any]:
+        """Keep `obj` as NS/NAME (identity fields filled in, resourceVersion bumped); the caller holds the lock."""
+        old = self.objects.get((ns, name))
+        meta = obj.setdefault("metadata", {})
+        meta.update(name=name, namespace=ns)
+        if old is None:
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_k8s_time(), resourceVersion="1")
+        else:
+            meta.update(uid=old["metadata"]["uid"], creationTimestamp=old["metadata"]["creationTimestamp"],
+                        resourceVersion=str(int(old["metadata"]["resourceVersion"]) + 1))
+        obj.update(apiVersion="v1", kind="Secret")
+        obj.setdefault("type", "Opaque")
+        meta["managedFields"] = [
+            {"manager": m, "operation": "Apply" if m != "kubectl-create" else "Update", "fieldsType": "FieldsV1"}
+            for m in sorted(owners) if owners[m]
+        ]
+        self.objects[(ns, name)] = obj
+        self.owners[(ns, name)] = {m: set(f) for m, f in owners.items() if f}
+        return copy.deepcopy(obj)
+
+    def get(self, req: KubeRequest) -> KubeResponse:
+        ns, name = req.params["namespace"], req.params["name"]
+        with self.lock:
+            obj = self.objects.get((ns, name))
+            if obj is None:
+                return _status(404, "NotFound", f'secrets "{name}" not found')
+            return 200, copy.deepcopy(obj)
+
+    def list(self, req: KubeRequest) -> KubeResponse:
+        ns = req.params["namespace"]
+        from urllib.parse import parse_qs
+
+        selector = (parse_qs(req.query).get("labelSelector") or [""])[0]
+        with self.lock:
+            items = [copy.deepcopy(o) for (n, _), o in sorted(self.objects.items())
+                     if n == ns and _selected(o["metadata"].get("labels") or {}, selector)]
+        return 200, {"kind": "SecretList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+
+    def create(self, req: KubeRequest) -> KubeResponse:
+        from urllib.parse import parse_qs
+
+        if not isinstance(req.body, dict) or not (req.body.get("metadata") or {}).get("name"):
+            return _status(400, "BadRequest", "Secret in version v1 cannot be handled: metadata.name is required")
+        ns, name = req.params["namespace"], req.body["metadata"]["name"]
+        manager = (parse_qs(req.query).get("fieldManager") or ["kubectl-create"])[0]
+        with self.lock:
+            if (ns, name) in self.objects:
+                return _status(409, "AlreadyExists", f'secrets "{name}" already exists')
+            return 201, self.store(ns, name, copy.deepcopy(req.body), {manager: _leaves(req.body)})
+
+    def patch(self, req: KubeRequest) -> KubeResponse:
+        from urllib.parse import parse_qs
+
+        query = parse_qs(req.query)
+        manager = (query.get("fieldManager") or [""])[0]
+        force = (query.get("force") or ["false"])[0] == "true"
+        body = req.body
+        if isinstance(body, str):  # YAML text
+            body = yaml.safe_load(body)
+        if not isinstance(body, dict):
+            return _status(400, "BadRequest", "the patch body must be an object")
+        ns, name = req.params["namespace"], req.params["name"]
+        content_type = req.headers.get("content-type", "").split(";")[0].strip()
+        with self.lock:
+            old = self.objects.get((ns, name))
+            owners = copy.deepcopy(self.owners.get((ns, name), {}))
+            if content_type != _APPLY:
+                if old is None:
+                    return _status(404, "NotFound", f'secrets "{name}" not found')
+                patched = merge_patch(old, body)
+                manager = manager or "kubectl-patch"
+                owners.setdefault(manager, set()).update(_leaves(body))
+                return 200, self.store(ns, name, patched, owners)
+            if not manager:
+                return _status(422, "Invalid", "PATCH, application/apply-patch+yaml: fieldManager is required")
+            if (body.get("metadata") or {}).get("name", name) != name:
+                return _status(400, "BadRequest", "the name of the object does not match the name on the URL")
+            current = copy.deepcopy(old) if old is not None else {"metadata": {}}
+            fields = _leaves(body)
+            conflicts = sorted(
+                (m, f) for m, owned in owners.items() if m != manager for f in owned & fields
+                if _get(current, f) != _get(body, f)
+            )
+            if conflicts and not force:
+                text = "; ".join(f'conflict with "{m}": .{".".join(f)}' for m, f in conflicts)
+                return 409, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                             "message": f"Apply failed with {len(conflicts)} conflict(s): {text}",
+                             "reason": "Conflict", "code": 409}
+            for m in owners:
+                if m != manager:
+                    owners[m] -= fields if force else {f for f in fields if _get(current, f) != _get(body, f)}
+            for f in owners.get(manager, set()) - fields:  # applied before, not any more: removed unless shared
+                if not any(f in owned for m, owned in owners.items() if m != manager):
+                    _unset(current, f)
+            for f in fields:
+                _set(current, f, _get(body, f))
+            owners[manager] = fields
+            if old is not None and current == old and owners == self.owners.get((ns, name)):
+                return 200, copy.deepcopy(old)  # a no-op apply changes nothing, resourceVersion included
+            return (201 if old is None else 200), self.store(ns, name, current, owners)
+
+    def delete(self, req: KubeRequest) -> KubeResponse:
+        ns, name = req.params["namespace"], req.params["name"]
+        uid = ((req.body or {}).get("preconditions") or {}).get("uid") if isinstance(req.body, dict) else None
+        with self.lock:
+            obj = self.objects.get((ns, name))
+            if obj is None:
+                return _status(404, "NotFound", f'secrets "{name}" not found')
+            if uid and uid != obj["metadata"]["uid"]:
+                return _status(409, "Conflict", f"Precondition failed: UID in precondition: {uid}")
+            del self.objects[(ns, name)]
+            self.owners.pop((ns, name), None)
+        return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+

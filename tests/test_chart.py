@@ -261,10 +261,46 @@ class TestAgentChart:
             {"kind": "ServiceAccount", "name": "istio-ingressgateway", "namespace": "istio-ingress"}
         ]
 
+    def test_remote_secrets_get_a_narrow_role(self) -> None:
+        """remoteSecrets.bundles become remote-secret bundles in the release namespace, and with rbac.create the Role
+        grants get/patch on exactly their Secrets, create/list (which resourceNames cannot narrow), and delete only
+        on retired clusters' Secrets; without remote secrets no rule names secrets."""
+        remote = {"bundles": [{"name": "remote-cluster-b", "cluster": "cluster-b", "prune": True,
+                               "source": {"kv": "kv/istio/remote-secrets/cluster-b"}}]}
+        objects, _ = render(CHART, {"remoteSecrets": remote})
+        assert not [o for o in objects if o["kind"] == "Role"]
+        _, cfg = agent_config_of(objects)
+        bundle = cfg.bundles[1]
+        assert (bundle.type, bundle.cluster, bundle.namespace, bundle.prune) == (
+            "remote-secret", "cluster-b", "istio-system", True)
+
+        objects, _ = render(CHART, {"rbac": {"create": True, "events": False}, "remoteSecrets": remote})
+        validate(objects)
+        assert find(objects, "Role")["rules"] == [
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["istio-remote-secret-cluster-b"],
+             "verbs": ["get", "patch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "list"]},
+        ]
+        retired = {**remote, "retiredClusters": ["cluster-c"]}
+        objects, _ = render(CHART, {"rbac": {"create": True}, "remoteSecrets": retired})
+        validate(objects)
+        deletes = [r for r in find(objects, "Role")["rules"] if "delete" in r["verbs"]]
+        assert deletes == [{"apiGroups": [""], "resources": ["secrets"],
+                            "resourceNames": ["istio-remote-secret-cluster-c"], "verbs": ["delete"]}]
+        objects, _ = render(CHART, {"rbac": {"create": True}})
+        assert not [r for r in find(objects, "Role")["rules"] if "secrets" in r["resources"]]
+        report = helm.lint(CHART, {"rbac": {"create": True}, "remoteSecrets": retired}, strict=True,
+                           kube_version="v1.33.0")
+        assert report["errors"] == []
+
     @pytest.mark.parametrize(
         ("values", "message"),
         [
             ({"mode": "ingress"}, 'mode must be istiod or gateway, not "ingress"'),
+            ({"remoteSecrets": {"bundles": [{"name": "r", "source": {"kv": "kv/r"}}]}}, "bundle 1 (r) needs cluster"),
+            ({"rbac": {"create": True}, "remoteSecrets": {"bundles": [
+                {"name": "r", "cluster": "c", "namespace": "other", "source": {"kv": "kv/r"}}]}},
+             "the Role covers the release namespace istio-system only"),
             ({"vault": {"address": ""}}, "vault.address is required"),
             ({"auth": {"role": ""}}, "auth.role is required"),
             (

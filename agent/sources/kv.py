@@ -168,6 +168,8 @@ class KVSource:
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
+        if self.bundle.kind.target == "secret":
+            return self._remote_secret(data)
         files: dict[str, bytes] = {}
         for out, key in self.bundle.files.items():
             chosen = key if key in data else out if out in data else None
@@ -191,3 +193,21 @@ class KVSource:
                 ) from None
             files[out] = raw if raw.endswith(b"\n") else raw + b"\n"
         return files
+
+    def _remote_secret(self, data: Mapping[str, Any]) -> dict[str, bytes]:
+        """{cluster: kubeconfig}: the `data` map of istioctl's remote secret, its value base64 or plain text."""
+        from agent.validate.kubeconfig import decode_value
+
+        cluster = self.bundle.cluster or ""
+        value = data.get(cluster)
+        if not isinstance(value, str) or not value.strip():
+            raise SecretError(
+                f"KV secret {shown(self.kv_path)} has no non-empty key {shown(cluster)!r}: store the `data` (or"
+                f" `stringData`) of `istioctl create-remote-secret --name={shown(cluster)}` there, or fix cluster"
+                f" of bundle {self.bundle.name}"
+            )
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SecretError(f"KV secret {shown(self.kv_path)} key {shown(cluster)!r} is not valid text") from None
+        return {cluster: decode_value(raw)}

@@ -61,6 +61,7 @@ def validate(
     istio-ca: istiod's startup with a plugged-in ROOT_CA_DIR (which includes every reload check), then what
     breaks for workloads (verdict b), then warnings (verdict c). tls: pilot-agent's file certificates; with
     `ca_signs_cert` false ca.crt is the CA of client certificates (gateway MUTUAL mode) and need not sign tls.crt.
+    remote-secret: {cluster name: kubeconfig} as istiod's multicluster controller loads it (kubeconfig.py).
 
     Raises:
         BundleError: one sentence naming the file and the check; `istiod_loads` marks verdict (b).
@@ -75,7 +76,11 @@ def validate(
         return validate_istio_ca(files, when, lim)
     if kind == "tls":
         return validate_tls(files, when, lim, ca_signs_cert=ca_signs_cert)
-    raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
+    if kind == "remote-secret":
+        from agent.validate.kubeconfig import validate_remote_secret
+
+        return validate_remote_secret(files, when, lim)
+    raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join((*KINDS, 'remote-secret'))}.")
 
 
 def _read(path: Path, name: str, limit: int) -> bytes | None:

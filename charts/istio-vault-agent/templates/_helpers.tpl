@@ -58,8 +58,9 @@ Where the agent container sees the ConfigMap; the example values mount it here.
 
 {{/*
 The bundles for the selected mode, each with its type filled in, as a YAML list.
-Every bundle needs name, one source variant (kv, pki_intermediate or pki) and dir; a
-missing one fails the render with the values key to set.
+Every bundle needs name, one source variant (kv, pki_intermediate or pki) and dir (a
+remote-secret bundle: cluster instead of dir); a missing one fails the render with the
+values key to set.
 */}}
 {{- define "istio-vault-agent.bundles" -}}
 {{- $bundles := list }}
@@ -92,6 +93,14 @@ missing one fails the render with the values key to set.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- range (.Values.remoteSecrets).bundles }}
+{{- $b := deepCopy . }}
+{{- $_ := set $b "type" "remote-secret" }}
+{{- if not $b.namespace }}
+{{- $_ := set $b "namespace" $.Release.Namespace }}
+{{- end }}
+{{- $bundles = append $bundles $b }}
+{{- end }}
 {{- range $i, $b := $bundles }}
 {{- $where := printf "bundle %d (%s)" $i (toString ($b.name | default "unnamed")) }}
 {{- if not $b.name }}
@@ -108,7 +117,11 @@ missing one fails the render with the values key to set.
 {{- if ne (int $variants) 1 }}
 {{- fail (printf "%s needs exactly one of source.kv (<kv mount>/<path>), source.pki_intermediate or source.pki (set the others to null)" $where) }}
 {{- end }}
-{{- if not $b.dir }}
+{{- if eq (toString $b.type) "remote-secret" }}
+{{- if not $b.cluster }}
+{{- fail (printf "%s needs cluster (the remote cluster's name, the key of its kubeconfig in KV)" $where) }}
+{{- end }}
+{{- else if not $b.dir }}
 {{- fail (printf "%s needs dir (a path on the volume shared with istiod or istio-proxy)" $where) }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,50 @@
+"""Where a worker publishes a bundle: files in a directory (files.py) or a Kubernetes Secret (secret.py).
+
+The kind of the bundle decides (`Kind.target`); the worker only sees the `Target` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig, BundleConfig
+    from agent.targets.secret import KubeLoader
+
+__all__ = ["Published", "Target", "open_target"]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What one publish did: whether anything was written, and the name of what is live now (for logs)."""
+
+    changed: bool
+    generation: str
+
+
+class Target(Protocol):
+    """One bundle's destination. Every method blocks (disk or Kubernetes API) and raises AgentErrors only."""
+
+    #: what the bundle is published to, for logs and Events: a directory, or `Secret NAMESPACE/NAME`
+    where: str
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        """Make `files` live, unless they already are (then `changed` is False and nothing is written)."""
+        ...
+
+    def damaged(self, files: Mapping[str, bytes]) -> bool:
+        """True when what is live no longer holds `files` (deleted or altered by someone else)."""
+        ...
+
+
+def open_target(bundle: BundleConfig, cfg: AgentConfig, kube: KubeLoader) -> Target:
+    """The Target of `bundle`: its directory, or its Secret through `kube` (loaded on first use)."""
+    if bundle.kind.target == "secret":
+        from agent.targets.secret import SecretTarget
+
+        return SecretTarget(bundle, cfg.kubernetes, kube)
+    from agent.targets.files import FileTarget
+
+    return FileTarget(bundle)

@@ -1,0 +1,45 @@
+"""The file target: a bundle published into its directory, kubelet AtomicWriter style (agent.publish)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent import publish
+from agent.targets import Published
+
+if TYPE_CHECKING:
+    from agent.config import BundleConfig
+
+__all__ = ["FileTarget"]
+
+
+class FileTarget:
+    """Publishes one bundle's files into `bundle.dir` with the kind's key files, modes and owner (a `Target`)."""
+
+    def __init__(self, bundle: BundleConfig) -> None:
+        self.bundle = bundle
+        self.where = bundle.dir
+
+    def _options(self) -> dict[str, Any]:
+        b, kind = self.bundle, self.bundle.kind
+        return {"key_files": kind.key_files, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
+                "gid": b.gid}
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        """A new generation unless the live one matches (see `agent.publish.publish`).
+
+        Raises:
+            PublishError: the directory cannot be written, or holds a file the kind forbids.
+        """
+        result = publish.publish(Path(self.bundle.dir), files, **self._options(), forbid=self.bundle.kind.forbidden)
+        return Published(result.changed, result.generation)
+
+    def damaged(self, files: Mapping[str, bytes]) -> bool:
+        """See `agent.publish.repair_needed`.
+
+        Raises:
+            PublishError: the directory cannot be read.
+        """
+        return publish.repair_needed(Path(self.bundle.dir), files, **self._options())

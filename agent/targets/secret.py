@@ -1,0 +1,230 @@
+"""The Secret target: a remote-secret bundle server-side applied as Secret istio-remote-secret-<cluster> (label
+istio/multiCluster=true), and the prune sweep of Secrets whose bundle is gone. Only Secrets carrying the agent's
+owner labels are ever written or deleted."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import PublishError
+from agent.log import get_logger
+from agent.targets import Published
+from agent.text import shown
+
+if TYPE_CHECKING:
+    from agent.config import BundleConfig, KubernetesConfig
+    from agent.kube import Kube
+
+__all__ = [
+    "BUNDLE_LABEL",
+    "CLUSTER_ANNOTATION",
+    "DEFAULT_NAMESPACE",
+    "MANAGED_BY",
+    "MULTICLUSTER_LABEL",
+    "PRUNE_ANNOTATION",
+    "KubeLoader",
+    "SecretTarget",
+    "manifest",
+    "namespace_of",
+    "prune",
+    "secret_name",
+]
+
+#: the label istiod selects remote secrets by
+MULTICLUSTER_LABEL = "istio/multiCluster"
+#: the annotation naming the cluster a remote secret is for
+CLUSTER_ANNOTATION = "networking.istio.io/cluster"
+#: owner labels: the agent manages a Secret only when both are there and the bundle is its own
+MANAGED_BY = "app.kubernetes.io/managed-by"
+AGENT = "istio-vault-agent"
+BUNDLE_LABEL = "istio-vault-agent/bundle"
+#: "true" when the bundle asked for its Secret to be deleted once the bundle leaves the config
+PRUNE_ANNOTATION = "istio-vault-agent/prune"
+#: where a remote secret goes without `namespace` in the bundle and without POD_NAMESPACE
+DEFAULT_NAMESPACE = "istio-system"
+
+
+def secret_name(cluster: str) -> str:
+    """`istio-remote-secret-<cluster>`, the name istioctl create-remote-secret gives it."""
+    return f"istio-remote-secret-{cluster}"
+
+
+def namespace_of(bundle: BundleConfig, pod: KubernetesConfig) -> str:
+    """The bundle's `namespace`, else the agent pod's (istiod's), else istio-system."""
+    return bundle.namespace or pod.pod_namespace or DEFAULT_NAMESPACE
+
+
+def manifest(bundle: BundleConfig, namespace: str, files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The apply configuration of the bundle's Secret: only the fields the agent owns."""
+    cluster = bundle.cluster or ""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": secret_name(cluster),
+            "namespace": namespace,
+            "labels": {MULTICLUSTER_LABEL: "true", MANAGED_BY: AGENT, BUNDLE_LABEL: bundle.name},
+            "annotations": {CLUSTER_ANNOTATION: cluster, PRUNE_ANNOTATION: "true" if bundle.prune else "false"},
+        },
+        "type": "Opaque",
+        "data": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()},
+    }
+
+
+def _meta(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    value = meta.get(key) if isinstance(meta, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _holds(current: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """True when `current` already has every field of `want` (the agent's fields) with the same value."""
+    data = current.get("data")
+    data = data if isinstance(data, dict) else {}
+    return (
+        all(data.get(k) == v for k, v in want["data"].items())
+        and all(_meta(current, "labels").get(k) == v for k, v in want["metadata"]["labels"].items())
+        and all(_meta(current, "annotations").get(k) == v for k, v in want["metadata"]["annotations"].items())
+    )
+
+
+class KubeLoader:
+    """The Kubernetes client of the Secret targets, loaded once, on first use, in whichever thread needs it.
+
+    It counts the calls in flight, so that shutdown can let them finish: a daemon thread still inside a TLS
+    request when the interpreter exits can abort the process (OpenSSL is cleaned up under it).
+    """
+
+    def __init__(self, pod: KubernetesConfig) -> None:
+        self.pod = pod
+        self._kube: Kube | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    def get(self) -> Kube:
+        """The client (in-cluster config, else KUBECONFIG). Blocks.
+
+        Raises:
+            ConfigError: there is no Kubernetes API access to load.
+        """
+        from agent.kube import Kube
+
+        with self._lock:
+            if self._kube is None:
+                self._kube = Kube.load(pod=self.pod)
+            return self._kube
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[Kube]:
+        """`get()`, counted as a call in flight until the block ends."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield self.get()
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the calls in flight to end; True when none is left. Blocks."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+
+class SecretTarget:
+    """Applies one remote-secret bundle as its Secret (a `Target`); never touches a Secret it does not manage."""
+
+    def __init__(self, bundle: BundleConfig, pod: KubernetesConfig, kube: KubeLoader) -> None:
+        self.bundle = bundle
+        self.kube = kube
+        self.namespace = namespace_of(bundle, pod)
+        self.name = secret_name(bundle.cluster or "")
+        self.where = f"Secret {self.namespace}/{self.name}"
+
+    def _check_ours(self, current: Mapping[str, Any]) -> None:
+        labels = _meta(current, "labels")
+        if labels.get(MANAGED_BY) != AGENT:
+            raise PublishError(
+                f"{self.where} exists and is not managed by istio-vault-agent (no label {MANAGED_BY}={AGENT}), so"
+                f" bundle {self.bundle.name} leaves it alone: delete it, or label it {MANAGED_BY}={AGENT} and"
+                f" {BUNDLE_LABEL}={self.bundle.name} to hand it over"
+            )
+        owner = labels.get(BUNDLE_LABEL)
+        if owner != self.bundle.name:
+            raise PublishError(
+                f"{self.where} is managed by bundle {shown(owner, 63)!r}, not {self.bundle.name}: give each remote"
+                " cluster one bundle, or relabel the Secret"
+            )
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        """Apply the Secret unless it already holds `files` (then no write at all).
+
+        Raises:
+            PublishError: the Secret exists and another owner's, RBAC forbids it, or the API cannot be reached.
+            ConfigError: there is no Kubernetes API access.
+        """
+        want = manifest(self.bundle, self.namespace, files)
+        with self.kube.using() as kube:
+            current = kube.get_secret(self.namespace, self.name)
+            if current is not None:
+                self._check_ours(current)
+                if _holds(current, want):
+                    return Published(False, str(_meta_value(current, "resourceVersion")))
+            # force only on a Secret the agent owns: it takes back fields someone edited by hand; a new Secret that
+            # appeared since the read (another owner) then fails with a conflict instead
+            applied = kube.apply_secret(want, force=current is not None)
+        return Published(True, str(_meta_value(applied, "resourceVersion")))
+
+    def damaged(self, files: Mapping[str, bytes]) -> bool:
+        """True when the Secret is gone, or no longer holds `files`, labels and annotations.
+
+        Raises:
+            PublishError / ConfigError: as `publish`.
+        """
+        with self.kube.using() as kube:
+            current = kube.get_secret(self.namespace, self.name)
+        return current is None or not _holds(current, manifest(self.bundle, self.namespace, files))
+
+
+def _meta_value(obj: Mapping[str, Any], key: str) -> object:
+    meta = obj.get("metadata")
+    return meta.get(key, "") if isinstance(meta, dict) else ""
+
+
+def prune(loader: KubeLoader, bundles: Sequence[BundleConfig], pod: KubernetesConfig) -> list[str]:
+    """Delete the agent's Secrets that no configured remote-secret bundle claims and whose bundle asked for pruning
+    (annotation istio-vault-agent/prune=true), in the namespaces of the configured remote-secret bundles.
+
+    Returns what was deleted (`NAMESPACE/NAME`). Blocks.
+
+    Raises:
+        PublishError: listing or deleting failed (RBAC, API unreachable).
+    """
+    remote = [b for b in bundles if b.kind.target == "secret"]
+    claimed = {(namespace_of(b, pod), secret_name(b.cluster or "")) for b in remote}
+    with loader.using() as kube:
+        return _sweep(kube, claimed)
+
+
+def _sweep(kube: Kube, claimed: set[tuple[str, str]]) -> list[str]:
+    deleted: list[str] = []
+    for namespace in sorted({ns for ns, _ in claimed}):
+        for secret in kube.list_secrets(namespace, f"{MANAGED_BY}={AGENT},{BUNDLE_LABEL}"):
+            name = str(_meta_value(secret, "name"))
+            labels, annotations = _meta(secret, "labels"), _meta(secret, "annotations")
+            if (namespace, name) in claimed or labels.get(MANAGED_BY) != AGENT:
+                continue
+            if annotations.get(PRUNE_ANNOTATION) != "true":
+                get_logger().info("remote_secret_kept", object=f"{namespace}/{name}",
+                                  reason="its bundle is gone from the config and did not set prune: true")
+                continue
+            uid = _meta_value(secret, "uid")
+            if kube.delete_secret(namespace, name, uid=uid if isinstance(uid, str) and uid else None):
+                deleted.append(f"{namespace}/{name}")
+    return deleted
