@@ -1,4 +1,6 @@
-"""Command line: `run`, `check`, `inject`. The only module that prints; errors become one `error:` line and exit 1."""
+"""Command line: `run`, `check`, `inject`, `ca`. The only module that prints; errors become one `error:` line
+and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; `inject`'s options are loaded only when that command runs (start-up time)."""
+    """The argument parser; `inject`'s and `ca`'s options are loaded only when that command runs (start-up time)."""
     p = argparse.ArgumentParser(
         prog="istio-vault-agent",
         description="Give Istio its CA from Vault or OpenBao: log in with Kubernetes auth, read the CA bundle,"
@@ -49,6 +51,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import inject as inject_mod
 
         inject_mod.add_arguments(inject)
+
+    ca = sub.add_parser("ca", help="bootstrap the mesh's trust: a root CA, and each cluster's intermediate (to a"
+                        " directory or KV)")
+    if command == "ca":
+        from agent import ca as ca_mod
+
+        ca_mod.add_arguments(ca)
     return p
 
 
@@ -100,12 +109,18 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ca(args: argparse.Namespace) -> int:
+    from agent import ca
+
+    return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `istio-vault-agent` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca}
     try:
         if args.command == "inject":
             from agent import inject
