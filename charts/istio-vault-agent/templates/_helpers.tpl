@@ -128,3 +128,10 @@ toYaml so values never need YAML quoting by hand.
 {{- $config = mustMergeOverwrite $config (deepCopy (.Values.extraConfig | default dict)) }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/*
+Name of the bootstrap Job (and of its ServiceAccount unless bootstrap.serviceAccountName is set).
+*/}}
+{{- define "istio-vault-agent.bootstrapName" -}}
+{{- printf "%s-ca-bootstrap" (include "istio-vault-agent.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
