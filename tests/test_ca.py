@@ -77,6 +77,20 @@ def _mode(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------- ca root
 
 
+def test_help_stays_fast():
+    """`istio-vault-agent --help` lists `ca` without loading it (or cryptography): start-up stays fast."""
+    import sys
+
+    from tests.support import ROOT
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent.cli", "--help"], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and " ca " in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "agent.errors" in imported  # the measurement works
+    assert not {"agent.ca", "agent.kvstore", "cryptography", "hvac"} & imported
+
+
 class TestRoot:
     def test_default_root_is_istios_rsa_4096_root(self, tmp_path):
         """`ca root` writes an RSA-4096 O=Istio CN=Root CA, CA:true and keyCertSign (critical), with SKI, 10 years."""
@@ -341,6 +355,24 @@ class TestIntermediateKV:
         assert kv in str(err.value)
         assert _kv_data(vault_admin, kv) == theirs
         assert said == []
+
+    def test_if_missing_run_that_loses_the_race_succeeds(self, bao, vault_admin, kube, unique, root_dir):
+        """With --if-missing, a run whose check-and-set loses to another run's write reports "already present"
+        and leaves the winner's data: two Jobs at once both succeed, one bundle."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
+        m = kvstore.find_mount(vault_admin, kv, fix="test")
+        winner = {"ca_key": "w", "ca_cert": "w", "cert_chain": "w", "root_cert": "w"}
+
+        def race() -> None:
+            vault_admin.secrets.kv.v2.create_or_update_secret(path=m.secret, secret=winner, mount_point=m.path)
+
+        opts = ca.IntermediateOptions(cluster=cluster, root_dir=str(root_dir), kv=kv, if_missing=True,
+                                      key_type="ec-p256")
+        said: list[str] = []
+        ca.make_intermediate(opts, say=said.append, warn=said.append, before_write=race,
+                             environ={"VAULT_ADDR": bao.address, "VAULT_TOKEN": bao.root_token})
+        assert said == [f"already present: KV v2 path {kv}; nothing written (--if-missing)"]
+        assert _kv_data(vault_admin, kv) == winner
 
     def test_root_key_never_reaches_vault(self, bao, vault_admin, kube, unique, root_dir):
         """With --root-dir, no request to Vault carries any line of the root key (while the intermediate's key,
