@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent import istio_certs, kinds, kvstore
 from agent.clusters import BUNDLE_KEYS, check_cluster_name
 from agent.config import KEY_TYPES, SA_TOKEN_PATH
-from agent.errors import ConfigError, SecretError
+from agent.errors import ConfigError, SecretError, WriteConflict
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -353,7 +353,8 @@ def make_intermediate(
 
     Raises:
         ConfigError: bad options, a missing or unusable root, or existing data without --force.
-        SecretError: the KV path is not KV, holds no root (--root-kv), or changed meanwhile (check-and-set).
+        SecretError: the KV path is not KV, or holds no root (--root-kv).
+        WriteConflict: the KV path changed after it was read (check-and-set refused the write).
         AuthError, PermissionDenied, VaultUnavailable: from Vault.
         BundleError: the result would not pass istiod's checks.
     """
@@ -397,7 +398,7 @@ def make_intermediate(
         data = {k: files[name].decode() for k, name in BUNDLE_KEYS.items()}
         try:
             version = kvstore.write(client, target, data, cas=seen.version)
-        except SecretError:
+        except WriteConflict:
             if opts.if_missing and kvstore.presence(client, target).live:  # another run of the Job won the race
                 say(f"already present: KV v2 path {shown(target.full)}; nothing written (--if-missing)")
                 return

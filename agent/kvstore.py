@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent import vault
-from agent.errors import SecretError
+from agent.errors import SecretError, WriteConflict
 from agent.text import shown
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def write(client: hvac.Client, m: KVMount, data: Mapping[str, str], *, cas: int 
     since. KV v1 has no check-and-set; `cas` is ignored there.
 
     Raises:
-        SecretError: check-and-set refused the write (someone else wrote the secret meanwhile).
+        WriteConflict: check-and-set refused the write (someone else wrote the secret meanwhile).
         PermissionDenied: the token may not write the path.
         VaultUnavailable: Vault could not be reached.
     """
@@ -153,7 +153,7 @@ def write(client: hvac.Client, m: KVMount, data: Mapping[str, str], *, cas: int 
             return client.adapter.post(m.data_url, json=body)
         except hx.InvalidRequest as exc:
             if m.version == 2 and "check-and-set" in str(exc):
-                raise SecretError(
+                raise WriteConflict(
                     f"KV path {shown(m.full)} changed while this command ran (another writer made a version after"
                     f" version {cas}), so check-and-set refused the write and nothing was written: look at what is"
                     " there now before running again"

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
 from agent import ca, kvstore
-from agent.errors import SecretError
+from agent.errors import WriteConflict
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
 from tests.faultkit import HTTPProxy
 from tests.support import ISTIO_FILES, agent_config, cli_env, error_line, run_cli, write_config
@@ -349,7 +349,7 @@ class TestIntermediateKV:
 
         opts = ca.IntermediateOptions(cluster=cluster, root_dir=str(root_dir), kv=kv, force=force, key_type="ec-p256")
         said: list[str] = []
-        with pytest.raises(SecretError, match="check-and-set refused the write and nothing was written") as err:
+        with pytest.raises(WriteConflict, match="check-and-set refused the write and nothing was written") as err:
             ca.make_intermediate(opts, say=said.append, warn=said.append, before_write=race,
                                  environ={"VAULT_ADDR": bao.address, "VAULT_TOKEN": bao.root_token})
         assert kv in str(err.value)
