@@ -110,7 +110,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _ca(args: argparse.Namespace) -> int:
-    from agent import ca
+    from agent import ca, hardening
+
+    hardening.apply()  # it holds the root key: no core dump may write it to disk
 
     return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
