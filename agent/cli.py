@@ -1,6 +1,5 @@
-"""Command line: `run`, `check`, `inject`, `ca`. The only module that prints; errors become one `error:` line
-and exit 1.
-"""
+"""Command line: `run`, `check`, `inject`, `ca`, `setup vault`, `doctor`. The only module that prints; errors become
+one `error:` line and exit 1."""
 
 from __future__ import annotations
 
@@ -58,6 +57,21 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import ca as ca_mod
 
         ca_mod.add_arguments(ca)
+
+    doctor = sub.add_parser(
+        "doctor", help="check each cluster's Vault/OpenBao side end to end (operator credentials)"
+    )
+    if command == "doctor":
+        from agent import doctor as doctor_mod
+
+        doctor_mod.add_arguments(doctor)
+    setup = sub.add_parser("setup", help="create what one cluster needs on Vault/OpenBao (`setup vault --help`)")
+    setup_sub = setup.add_subparsers(dest="target", required=True, metavar="TARGET")
+    setup_vault = setup_sub.add_parser("vault", help="auth mount, KV mount, policies and roles for one cluster")
+    if command == "setup":
+        from agent import setup_vault as setup_vault_mod
+
+        setup_vault_mod.add_arguments(setup_vault)
     return p
 
 
@@ -113,8 +127,15 @@ def _ca(args: argparse.Namespace) -> int:
     from agent import ca, hardening
 
     hardening.apply()  # it holds the root key: no core dump may write it to disk
-
     return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = doctor.run(args)
+    print(doctor.render(checks, args.output))
+    return doctor.exit_code(checks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,12 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "doctor": _doctor}
     try:
         if args.command == "inject":
             from agent import inject
 
             return int(inject.run(args))
+        if args.command == "setup":
+            from agent import setup_vault
+
+            return setup_vault.run(args, print)
         return int(handlers[args.command](args))
     except AgentError as exc:
         return _error(str(exc), run.termination_log if args.command == "run" else None)

@@ -90,3 +90,15 @@ class ClusterLayout:
     def gateway_policy(self) -> str:
         """The policy that lets this cluster's gateways issue from their PKI role."""
         return f"gateway-pki-{self.cluster}"
+
+    def gateway_auth_role(self, namespace: str, service_account: str) -> str:
+        """The kubernetes auth role of one gateway service account (`setup vault --gateway NS/SA`)."""
+        return f"gateway-{namespace}-{service_account}"
+
+    def gateway_kv_path(self, namespace: str, service_account: str) -> str:
+        """The KV secret (`tls.key`, `tls.crt`, `ca.crt`) one gateway service account reads, as `MOUNT/PATH`."""
+        return f"{self.kv_mount}/{namespace}/{service_account}/certs"
+
+    def gateway_read_policy(self, namespace: str, service_account: str) -> str:
+        """The policy that lets one gateway service account read its own KV secret and nothing else."""
+        return f"gateway-certs-{self.cluster}-{namespace}-{service_account}"

@@ -240,6 +240,24 @@ class TestIntermediateDir:
         assert "warning: the intermediate ends with the root" in proc.stderr
         assert _cert(out / "ca-cert.pem").not_valid_after_utc == _cert(root_dir / "root-cert.pem").not_valid_after_utc
 
+    def test_combined_root_bundle_is_kept_and_the_keys_root_signs(self, tmp_path):
+        """A root-cert.pem holding roots A and B with B's key (a root rotation): the intermediate is signed by B,
+        cert-chain.pem ends with B, and root-cert.pem keeps the combined bytes, which `check` accepts."""
+        a, b = _root(tmp_path, name="a"), _root(tmp_path, name="b")
+        both = tmp_path / "ab"
+        both.mkdir()
+        (both / "root-cert.pem").write_bytes((a / "root-cert.pem").read_bytes() + (b / "root-cert.pem").read_bytes())
+        shutil.copy(b / "root-key.pem", both / "root-key.pem")
+        out = tmp_path / "east"
+        proc = run_cli("ca", "intermediate", "--cluster", "east", "--root-dir", str(both), "--out", str(out),
+                       "--key-type", "ec-p256")
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "root-cert.pem").read_bytes() == (both / "root-cert.pem").read_bytes()
+        chain = x509.load_pem_x509_certificates((out / "cert-chain.pem").read_bytes())
+        assert chain[1:] == [_cert(b / "root-cert.pem")]
+        chain[0].verify_directly_issued_by(_cert(b / "root-cert.pem"))
+        assert run_cli("check", str(out)).returncode == 0
+
     def test_a_key_that_is_not_the_roots_is_refused(self, tmp_path, root_dir):
         """A root-key.pem of another root is one clear error, and nothing is written."""
         other = _root(tmp_path, name="other")

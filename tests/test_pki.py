@@ -7,6 +7,7 @@ in one `error:` line. Every agent talks to OpenBao through a recording proxy, so
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -342,20 +343,27 @@ class TestSidecar:
             agent.stop()
 
 
-    def test_root_change_is_followed_and_a_lagging_answer_is_not(self, lab: PkiLab):
+    @pytest.mark.parametrize("same_second", [False, True], ids=["later-root", "root-of-the-same-second"])
+    def test_root_change_is_followed_and_a_lagging_answer_is_not(self, lab: PkiLab, same_second: bool):
         """A new default issuer (root) in the mount is seen within a poll and the intermediate is signed under it;
-        an answer that still shows the older root afterwards (a lagging node) signs nothing."""
+        an answer that still shows the older root afterwards (a lagging node) signs nothing, even when both roots
+        have the same notBefore (made within one second) and cannot be ordered by it."""
         root_mount = lab.layout.root_mount
         bundle = {**lab.bundle_istiod(), "on_root_change": "none"}
         agent = AgentProc(lab.config(bundle, poll="0.3s")).start()
         try:
             agent.wait_event("sidecar_ready", timeout=20)
             old_body = json.dumps(lab.admin.adapter.get(f"/v1/{root_mount}/issuer/default/json")).encode()
-            new = lab.admin.write_data(f"{root_mount}/root/generate/internal", data={
-                "common_name": "Root CA 2", "organization": "Istio", "key_type": "ec", "ttl": "8000h"})
-            lab.admin.write_data(f"{root_mount}/config/issuers", data={"default": new["data"]["issuer_id"]})
+            if same_second:
+                old_root = certs(json.loads(old_body)["data"]["certificate"].encode())[0]
+                pem_root, issuer_id = _import_root(lab.admin, root_mount, old_root.not_valid_before_utc)
+            else:
+                new = lab.admin.write_data(f"{root_mount}/root/generate/internal", data={
+                    "common_name": "Root CA 2", "organization": "Istio", "key_type": "ec", "ttl": "8000h"})
+                pem_root, issuer_id = new["data"]["certificate"].encode(), new["data"]["issuer_id"]
+            lab.admin.write_data(f"{root_mount}/config/issuers", data={"default": issuer_id})
             agent.wait_event("intermediate_root_changed", timeout=10)
-            new_root = certs(new["data"]["certificate"].encode())[0]
+            new_root = certs(pem_root)[0]
             assert wait_until(lambda: certs(current(lab.tmp / "istiod")["root-cert.pem"]) == [new_root], 10)
             agent.wait_event("root_changed", timeout=10)  # the worker's root-change guard saw it too
             signed = len([p for p, _ in lab.posts() if p.endswith("/sign-intermediate")])
@@ -371,6 +379,33 @@ class TestSidecar:
         finally:
             lab.proxy.mutate = None
             agent.stop()
+
+
+def _import_root(admin: Any, mount: str, not_before: dt.datetime) -> tuple[bytes, str]:
+    """Import a new root CA with the given notBefore into PKI mount `mount`; its PEM and issuer id."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Istio"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "Root CA 2")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(not_before)
+        .not_valid_after(not_before + dt.timedelta(days=300))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    answer = admin.write_data(f"{mount}/issuers/import/bundle", data={"pem_bundle": (pem_cert + pem_key).decode()})
+    return pem_cert, answer["data"]["imported_issuers"][0]
 
 
 # ---------------------------------------------------------------------------------------------- a real gateway

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PkiIntermediateSource", "csr_for", "generate_key", "open"]
 
+#: how many left-behind issuers and roots are remembered
+_SUPERSEDED_KEPT = 16
+
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
 
 
@@ -105,6 +108,8 @@ class PkiIntermediateSource(RenewingSource):
         self._root_pem: bytes | None = None
         #: CA certificate (DER) -> the Vault path of its CRL, found once per CA
         self._crl_paths: dict[bytes, str] = {}
+        #: issuers and roots (DER) this source has moved away from: an answer showing one again lags behind
+        self._superseded: list[bytes] = []
 
     @property
     def _where(self) -> str:
@@ -221,7 +226,9 @@ class PkiIntermediateSource(RenewingSource):
         current = self._issuer_chain(self.mount, self.issuer_ref)
         held = [x509.load_der_x509_certificate(der) for der in issued.cas]
         if current[0] != held[0] or current[-1] != held[-1]:
-            if _older(current[0], held[0]) or _older(current[-1], held[-1]):
+            shown_ders = ders([current[0], current[-1]])
+            if (_older(current[0], held[0]) or _older(current[-1], held[-1])
+                    or any(der in self._superseded for der in shown_ders)):
                 # never backwards: an older issuer or root than the one just signed under is a node that lags
                 # behind (HA standbys serve reads locally); at the next renewal the signing answer decides
                 self._log.info("intermediate_chain_stale", reason=f"Vault answered an older chain for issuer"
@@ -229,6 +236,10 @@ class PkiIntermediateSource(RenewingSource):
                 return issued
             self._log.warning("intermediate_root_changed", reason=f"the chain of issuer {shown(self.issuer_ref)} of"
                               f" mount {shown(self.mount)} has changed: signing a new intermediate under it")
+            # certificates made within the same second have equal notBefore and cannot be ordered by it: remember
+            # what was left behind, so that a node still showing it is known to lag (never a signing loop)
+            left = [der for der in ders([held[0], held[-1]]) if der not in shown_ders]
+            self._superseded = [*self._superseded, *left][-_SUPERSEDED_KEPT:]
             return None
         if not self.settings.crl:
             return issued
