@@ -279,7 +279,7 @@ class InitConfig(_Section, frozen=True):
 
 
 class HealthConfig(_Section, frozen=True):
-    listen: str = "0.0.0.0:8099"
+    listen: str = "[::]:8099"
 
 
 class SidecarConfig(_Section, frozen=True):

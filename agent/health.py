@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -276,9 +278,42 @@ class _GuardedSite(web.TCPSite):
         server = self.app_runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        host, port = self.bind
+        sock = _dual_stack_socket(port) if host == "::" else None
+        if sock is not None:
+            self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_BACKLOG)
+            return
+        if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
+            host = "0.0.0.0"
         self._server = await loop.create_server(
-            lambda: _Guard(server(), self), self.bind[0], self.bind[1], backlog=_BACKLOG, reuse_address=True
+            lambda: _Guard(server(), self), host, port, backlog=_BACKLOG, reuse_address=True
         )
+
+
+def _dual_stack_socket(port: int) -> socket.socket | None:
+    """A socket bound to [::]:port that also accepts IPv4 (IPV6_V6ONLY off), or None on a host without IPv6.
+
+    asyncio turns IPV6_V6ONLY on for every IPv6 socket it binds, so `[::]` would miss 127.0.0.1 (kubelet probes on an
+    IPv4 pod IP) unless the socket is made here; a kernel without IPv6 falls back to asyncio's IPv4 `0.0.0.0`.
+
+    Raises:
+        OSError: the port cannot be bound (in use, no permission).
+    """
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL}:
+            return None
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 async def start(app: web.Application, listen: str, limits: Limits | None = None) -> web.AppRunner:

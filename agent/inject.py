@@ -20,6 +20,7 @@ import yaml
 from agent import __version__
 from agent.config import safe_yaml_loader
 from agent.errors import AgentError, ConfigError
+from agent.text import shown
 
 __all__ = [
     "InjectOptions",
@@ -66,6 +67,10 @@ class InjectOptions:
     token_expiration: int = 3600
     #: set ROOT_CA_DIR on the target container; None means "only when it is istiod's discovery"
     root_ca_dir_env: bool | None = None
+    #: run the agent as uid/gid 1337 (istio-proxy's); False leaves the uid to the platform (OpenShift's SCC)
+    pin_uid: bool = True
+    #: change nothing: fail when a selected Deployment lacks any part of the agent's wiring
+    check: bool = False
 
     @property
     def sets_root_ca_dir(self) -> bool:
@@ -107,20 +112,26 @@ def agent_container(opts: InjectOptions) -> dict[str, Any]:
         },
         # Measured sizes (bench/RESULTS.md), kept equal to the chart's example values (a test checks it).
         "resources": {"requests": {"cpu": "5m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1337,
-            "runAsGroup": 1337,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _security_context(opts),
         "volumeMounts": [
             {"name": CA_VOLUME, "mountPath": opts.mount_path},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
         ],
+    }
+
+
+def _security_context(opts: InjectOptions) -> dict[str, Any]:
+    pinned = {"runAsUser": 1337, "runAsGroup": 1337} if opts.pin_uid else {}
+    return {
+        "runAsNonRoot": True,
+        # istiod and istio-proxy run as 1337 too, so the 0600 key stays readable to them; OpenShift's restricted
+        # SCC assigns a uid from the namespace's range instead, and readers get the key through fsGroup (0640)
+        **pinned,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
@@ -212,6 +223,96 @@ def _inject_deployment(doc: dict[str, Any], opts: InjectOptions) -> None:
         _upsert(_list_at(target, "env", where), {"name": "ROOT_CA_DIR", "value": opts.mount_path})
 
 
+def _named(items: Any) -> list[dict[str, Any]]:
+    return [i for i in items or [] if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _root_ca_dir(container: dict[str, Any]) -> str | None:
+    for env in _named(container.get("env")):
+        if env.get("name") == "ROOT_CA_DIR" and isinstance(env.get("value"), str):
+            return str(env["value"]).rstrip("/") or "/"
+    return None
+
+
+def _wiring_gaps(doc: dict[str, Any], opts: InjectOptions) -> tuple[bool, list[str]]:
+    """Whether the Deployment carries any of the agent's wiring, and what of it is missing.
+
+    Wiring: the agent initContainer, its volumes, a container mounting the shared volume, or ROOT_CA_DIR naming
+    the agent's directory (the agent's own mount of the shared volume, else --mount-path) with nothing else
+    mounted there.
+    """
+    pod = ((doc.get("spec") or {}).get("template") or {}).get("spec")
+    if not isinstance(pod, dict):
+        return False, []
+    agent = next((c for c in _named(pod.get("initContainers")) if c.get("name") == AGENT_CONTAINER), None)
+    volumes = {v.get("name") for v in _named(pod.get("volumes"))}
+    ours = [CA_VOLUME, TOKEN_VOLUME, CONFIG_VOLUME]
+    agent_dir = next((str(m.get("mountPath", "")).rstrip("/") for m in _named((agent or {}).get("volumeMounts"))
+                      if m.get("name") == CA_VOLUME), opts.mount_path)
+    readers: list[str] = []
+    gaps: list[str] = []
+    touched = agent is not None or any(v in volumes for v in ours)
+    for c in _named(pod.get("containers")):
+        name = shown(c.get("name"), 60)
+        mounts = {str(m.get("mountPath", "")).rstrip("/"): m.get("name") for m in _named(c.get("volumeMounts"))}
+        if CA_VOLUME in mounts.values():
+            readers.append(name)
+            touched = True
+        root_ca_dir = _root_ca_dir(c)
+        if root_ca_dir is None or mounts.get(root_ca_dir, CA_VOLUME) != CA_VOLUME:
+            continue
+        if root_ca_dir == agent_dir or mounts.get(root_ca_dir) == CA_VOLUME:
+            touched = True
+            if mounts.get(root_ca_dir) != CA_VOLUME:
+                gaps.append(f"its {name} container sets ROOT_CA_DIR={shown(root_ca_dir, 80)} without mounting "
+                            f"volume {CA_VOLUME} there")
+    if agent is None:
+        gaps.insert(0, f"it has no {AGENT_CONTAINER} initContainer")
+    missing = [v for v in ours if v not in volumes]
+    if missing:
+        gaps.append(f"it lacks volume{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if not readers and not any("ROOT_CA_DIR" in g for g in gaps):
+        gaps.append(f"no container besides the agent mounts volume {CA_VOLUME}")
+    return touched, gaps
+
+
+def _half_wired(doc: dict[str, Any], gaps: list[str], opts: InjectOptions) -> ConfigError:
+    """The one-sentence error for a Deployment that has part of the agent's wiring: what is missing, what to do."""
+    where = _describe(doc)
+    pod = doc["spec"]["template"]["spec"]
+    names = [c.get("name") for c in _named(pod.get("containers"))]
+    istiod = "discovery" in names or any(_root_ca_dir(c) for c in _named(pod.get("containers")))
+    if istiod:
+        advice = (
+            "istiod charts 1.24+ copy pilot.* over the top-level values, so your own pilot.initContainers, "
+            "pilot.volumes or pilot.volumeMounts replace the example's lists: put the example's entries into those "
+            "pilot.* lists too (one merged list each)"
+        )
+    elif gaps[0].startswith("it has no "):
+        proxy = next((n for n in names if n == "istio-proxy"), names[0] if names else opts.container)
+        name = (doc.get("metadata") or {}).get("name")
+        advice = (
+            "gateway charts 1.25 and 1.26 accept initContainers but drop them: add the agent with "
+            f"`istio-vault-agent inject --name {shown(name, 80)} --container {shown(proxy, 60)}` "
+            "or use gateway chart 1.27+"
+        )
+    else:
+        advice = "Helm replaces lists: merge your own volumes, volumeMounts and initContainers with the example's"
+    return ConfigError(f"{where} has only part of the agent's wiring ({'; '.join(gaps)}): {advice}")
+
+
+def _check(doc: dict[str, Any], opts: InjectOptions, *, selected: bool) -> None:
+    """Raise ConfigError for a Deployment that is half-wired (or, when `selected`, not wired at all)."""
+    touched, gaps = _wiring_gaps(doc, opts)
+    if gaps and (touched or selected):
+        if not touched:
+            raise ConfigError(
+                f"{_describe(doc)} has no {AGENT_CONTAINER} initContainer, volumes or mount: add the example values "
+                "(chart 1.24+ for istiod, 1.27+ for gateways) or run inject without --check to add them"
+            )
+        raise _half_wired(doc, gaps, opts)
+
+
 def _split(text: str) -> list[str]:
     """Split a YAML stream into chunks, each holding its own `---` line, so untouched ones can be echoed."""
     starts = [m.start() for m in _DOC_START.finditer(text)]
@@ -263,9 +364,15 @@ def _process(doc: Any, opts: InjectOptions) -> tuple[Any, int]:
             count += n
         return new, count
     if _matches(doc, opts):
+        if opts.check:
+            _check(doc, opts, selected=True)
+            return doc, 1
         new = copy.deepcopy(doc)
         _inject_deployment(new, opts)
         return new, 1
+    if isinstance(doc, dict) and doc.get("kind") == "Deployment":
+        # not ours to change, but a Deployment left half-wired by values would start without its CA or bundles
+        _check(doc, opts, selected=False)
     return doc, 0
 
 
@@ -353,6 +460,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the shared volume is mounted; not /etc/cacerts (default: %(default)s)",
     )
     parser.add_argument(
+        "--pin-uid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the agent as uid/gid 1337 like istio-proxy; --no-pin-uid on OpenShift, whose SCC assigns the uid "
+        "(then give the bundles key_mode 0640: the chart's openshift=true does) (default: pinned)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: fail when a selected Deployment, or any Deployment with part of the agent's wiring, "
+        "lacks the agent container, its volumes or the reader's mount (a post-renderer for the example values)",
+    )
+    parser.add_argument(
         "--root-ca-dir-env",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -376,6 +496,8 @@ def options_from_args(args: argparse.Namespace) -> InjectOptions:
         container=args.container,
         mount_path=mount_path,
         root_ca_dir_env=args.root_ca_dir_env,
+        pin_uid=args.pin_uid,
+        check=args.check,
     )
 
 

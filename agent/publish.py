@@ -208,7 +208,10 @@ def _make_dirs(dir: Path) -> None:
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another publisher made it meanwhile
             os.mkdir(path, 0o700)
-            os.chmod(path, 0o755)  # noqa: S103 - istiod often runs as another user and must read it
+            # keep the set-group-ID bit inherited from a parent such as an fsGroup emptyDir, so the files below get
+            # the pod's shared group (a 0640 key readable by a reader with another uid, as on OpenShift)
+            inherited = os.stat(path).st_mode & stat.S_ISGID
+            os.chmod(path, 0o755 | inherited)  # noqa: S103 - istiod often runs as another user and must read it
 
 
 def check_dirs(dirs: Sequence[tuple[str, str]]) -> None:

@@ -51,6 +51,8 @@ class Options:
     pki: bool = False
     gateways: tuple[tuple[str, str], ...] = ()
     gateway_domains: tuple[str, ...] = ()
+    #: revisions of istiod (`--set revision=canary` runs as istiod-canary) whose accounts the role also binds
+    revisions: tuple[str, ...] = ()
     namespace: str | None = None
     dry_run: bool = False
     fix: bool = False
@@ -100,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway-domain", action="append", default=[], metavar="DOMAIN",
         help="with --pki --gateway: a domain (and its subdomains) gateway certificates may name; repeatable",
+    )
+    parser.add_argument(
+        "--revision", action="append", default=[], metavar="REV",
+        help="a revisioned istiod (--set revision=REV) whose service account istiod-REV the istiod role also binds;"
+        " repeatable",
     )
     parser.add_argument("--namespace", metavar="NS", help="the Vault/OpenBao namespace to work in")
     parser.add_argument("--dry-run", action="store_true", help="print the bao/vault commands; change nothing")
@@ -156,12 +163,17 @@ def options_from_args(args: argparse.Namespace) -> Options:
             "--pki --gateway needs --gateway-domain DOMAIN (repeatable): the names the gateway PKI role may issue"
             " certificates for"
         )
+    revisions = tuple(dict.fromkeys(str(r) for r in args.revision))
+    for r in revisions:
+        if not _LABEL.fullmatch(r):
+            raise ConfigError(f"--revision {shown(r)!r} is not a revision name (lowercase letters, digits and '-')")
     if args.namespace is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", args.namespace):
         raise ConfigError(f"--namespace {shown(args.namespace)!r} is not a Vault namespace path (a/b)")
     return Options(
         layout=layout, kubernetes_host=host, ca_file=args.kubernetes_ca_cert, ca_pem=ca_pem,
         reviewer_jwt_file=args.token_reviewer_jwt, reviewer_jwt=jwt, kv_version=args.kv_version, pki=args.pki,
-        gateways=gateways, gateway_domains=domains, namespace=args.namespace, dry_run=args.dry_run, fix=args.fix,
+        gateways=gateways, gateway_domains=domains, revisions=revisions, namespace=args.namespace,
+        dry_run=args.dry_run, fix=args.fix,
     )
 
 
@@ -262,9 +274,9 @@ def _gateway_pki_role(opts: Options) -> dict[str, Any]:
     }
 
 
-def _role(layout: ClusterLayout, namespace: str, service_account: str, policies: list[str]) -> dict[str, Any]:
+def _role(layout: ClusterLayout, namespace: str, service_accounts: list[str], policies: list[str]) -> dict[str, Any]:
     return {
-        "bound_service_account_names": [service_account], "bound_service_account_namespaces": [namespace],
+        "bound_service_account_names": service_accounts, "bound_service_account_namespaces": [namespace],
         "audience": layout.audience, "token_policies": policies, "token_ttl": TOKEN_TTL[0],
     }
 
@@ -364,13 +376,14 @@ class _Planner:
             self.pki()
             policies.append(lay.pki_policy)
         if auth.state != "blocked":
-            self.role(auth, lay.role, lay.namespace, lay.service_account, policies)
+            accounts = [lay.service_account, *(f"{lay.service_account}-{r}" for r in o.revisions)]
+            self.role(auth, lay.role, lay.namespace, accounts, policies)
         for ns, sa in o.gateways:
             gw_policy = lay.gateway_policy if o.pki else lay.gateway_read_policy(ns, sa)
             if not o.pki and kv_ok:
                 self.policy(gw_policy, _kv_read_policy(o, lay.gateway_kv_path(ns, sa), f"gateway {ns}/{sa}"))
             if auth.state != "blocked":
-                self.role(auth, lay.gateway_auth_role(ns, sa), ns, sa, [gw_policy])
+                self.role(auth, lay.gateway_auth_role(ns, sa), ns, [sa], [gw_policy])
         return self.steps
 
     def auth_config(self, auth: Step) -> None:
@@ -399,11 +412,11 @@ class _Planner:
                     {"kubernetes_host": o.kubernetes_host, "disable_local_ca_jwt": True},
                     parent=auth, extra_diffs=extra, shown_fields=shown_fields)
 
-    def role(self, auth: Step, name: str, namespace: str, service_account: str, policies: list[str]) -> None:
+    def role(self, auth: Step, name: str, namespace: str, service_accounts: list[str], policies: list[str]) -> None:
         lay = self.opts.layout
-        want = _role(lay, namespace, service_account, policies)
+        want = _role(lay, namespace, service_accounts, policies)
         compare = {**want, "token_ttl": TOKEN_TTL[1]}
-        self.fields(f"role {name} on {lay.auth_mount} ({namespace}/{service_account})",
+        self.fields(f"role {name} on {lay.auth_mount} ({', '.join(f'{namespace}/{sa}' for sa in service_accounts)})",
                     f"auth/{lay.auth_mount}/role/{name}", want, compare, parent=auth)
 
     def pki(self) -> None:

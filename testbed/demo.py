@@ -1,5 +1,6 @@
 """The quick-start demo: a local OpenBao seeded like the vault-agent-init runbook, and the agent publishing into ./out.
 
+With --gateway, a real Envoy serving a gateway certificate the agent publishes from OpenBao, through one rotation.
 With --pki, OpenBao's PKI engine instead: istiod's intermediate signed from a CSR (the key made by the agent) and a
 gateway certificate issued and renewed (20 s TTL), into ./out/istiod-cacerts and ./out/ingress-cert.
 
@@ -47,12 +48,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sidecar", action="store_true", help="keep the agent running and rotate the CA once")
     parser.add_argument("--pki", action="store_true",
                         help="OpenBao's PKI engine signs istiod's intermediate and issues (and renews) a gateway cert")
+    parser.add_argument("--gateway", action="store_true",
+                        help="a real Envoy serves a gateway certificate from ./out/ingress-cert; rotate it in OpenBao"
+                             " and watch a TLS client get the new serial")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
     work = ROOT / ".demo"
     work.mkdir(exist_ok=True)
     if args.pki:
         return _pki_demo(out, work)
+    if args.gateway:
+        from testbed.gatewaydemo import run_gateway_demo
+
+        return run_gateway_demo(out / "ingress-cert", work, _agent, ROOT)
 
     _say("Starting OpenBao (bao server -dev) and a Kubernetes TokenReview stand-in on 127.0.0.1")
     bao = start_bao(root_token="root")

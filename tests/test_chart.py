@@ -18,7 +18,8 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the [test] ex
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate checks the objects")
 
 from agent import config as agent_config  # noqa: E402
-from agent.inject import InjectOptions, agent_container, agent_volumes  # noqa: E402
+from agent.errors import ConfigError  # noqa: E402
+from agent.inject import CA_VOLUME, InjectOptions, agent_container, agent_volumes, inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "istio-vault-agent"
@@ -126,8 +127,10 @@ def fixture_rendered_gateway() -> list[dict[str, Any]]:
 
 class TestAgentChart:
     def test_lint_is_clean(self) -> None:
-        """`helm lint --strict` reports no warning or error, in either mode, with RBAC on."""
-        for values in ({}, {"mode": "gateway", "rbac": {"create": True, "rolloutRestart": {"enabled": True}}}):
+        """`helm lint --strict` reports no warning or error, in either mode, with RBAC on, on OpenShift and with a
+        revisioned istiod's service account."""
+        for values in ({}, {"mode": "gateway", "rbac": {"create": True, "rolloutRestart": {"enabled": True}}},
+                       {"openshift": True, "extraServiceAccountNames": ["istiod-canary"], "rbac": {"create": True}}):
             report = helm.lint(CHART, values, strict=True, kube_version="v1.33.0")
             assert report["errors"] == []
             assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -145,7 +148,8 @@ class TestAgentChart:
         assert cfg.bundles[0].source.kv == "kubernetes-cluster1-secrets/istiod-service/certs"
         assert (cfg.auth.method, cfg.auth.mount, cfg.auth.role) == ("kubernetes", "kubernetes-cluster1", "istiod")
         assert cfg.auth.token_path == "/var/run/secrets/vault/token"
-        assert cfg.health.listen == "0.0.0.0:8099"
+        # dual-stack: kubelet probes reach it on IPv4-only, IPv6-only and dual-stack clusters
+        assert cfg.health.listen == "[::]:8099"
         assert "ca_cert" not in raw["vault"]
         assert "Added cacerts files watcher at /var/run/secrets/istio-ca" in notes
         assert "audience=vault" in notes
@@ -390,6 +394,137 @@ class TestGatewayExample:
         assert "env" not in gateway
 
 
+def check_stream(objects: list[dict[str, Any]], **options: Any) -> None:
+    """`istio-vault-agent inject --check` (with `options`) on the rendered objects: raises ConfigError on a gap."""
+    inject(yaml.safe_dump_all(objects, sort_keys=False), InjectOptions(check=True, **options))
+
+
+def merged_with_agent(example: str, key: str, own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The example's list `key` with the user's own entries appended: what a user of pilot.* must write."""
+    return [*load_values(example)[key], *own]
+
+
+#: a user's own pilot.* entries, one per list the istiod chart (1.24+) copies over the top level
+OWN_PILOT = {
+    "volumes": [{"name": "plugin-config", "configMap": {"name": "plugin-config"}}],
+    "volumeMounts": [{"name": "plugin-config", "mountPath": "/etc/plugin", "readOnly": True}],
+    "initContainers": [{"name": "warm-up", "image": "busybox:1.36", "command": ["true"]}],
+}
+
+
+class TestTraps:
+    @pytest.mark.parametrize("key", ["volumes", "volumeMounts", "initContainers"])
+    def test_own_pilot_lists_drop_the_agent_and_check_says_what_to_do(self, key: str) -> None:
+        """istiod 1.24+: the user's own pilot.<key> replaces the example's list, leaving ROOT_CA_DIR without the
+        agent's wiring; `inject --check` fails with one sentence saying to put the entries under pilot.* too, and
+        passes once the lists are merged there."""
+        own = OWN_PILOT[key]
+        values = {**load_values("istiod-values.yaml"), "pilot": {key: own}}
+        if key == "volumeMounts":  # the user's mount needs the user's volume, as in their own values
+            values["pilot"]["volumes"] = merged_with_agent("istiod-values.yaml", "volumes", OWN_PILOT["volumes"])
+        objects, _ = render(FIXTURE_CHARTS / "istiod-like", values, name="istiod")
+        pod = find(objects, "Deployment", "istiod")["spec"]["template"]["spec"]
+        discovery = next(c for c in pod["containers"] if c["name"] == "discovery")
+        # the trap: ROOT_CA_DIR (a map, merged) survives while a list of the agent's wiring is gone
+        assert {"name": "ROOT_CA_DIR", "value": "/var/run/secrets/istio-ca"} in discovery["env"]
+        with pytest.raises(ConfigError) as caught:
+            check_stream(objects)
+        message = str(caught.value)
+        assert message.startswith("Deployment istio-system/istiod has only part of the agent's wiring (")
+        assert "put the example's entries into those pilot.* lists too" in message
+        assert "\n" not in message
+
+        values["pilot"][key] = merged_with_agent("istiod-values.yaml", key, own)
+        objects, _ = render(FIXTURE_CHARTS / "istiod-like", values, name="istiod")
+        validate(objects)
+        check_pod_wiring(find(objects, "Deployment", "istiod")["spec"]["template"]["spec"])
+        check_stream(objects)
+
+    def test_gateway_chart_1_26_drops_init_containers(self) -> None:
+        """Gateway charts 1.25/1.26 accept initContainers but render none: the example gives an empty mount and no
+        agent, which `inject --check` refuses naming the inject command; without the example, `inject` adds the
+        agent and the result is complete and valid."""
+        chart = FIXTURE_CHARTS / "gateway-like-1.26"
+        objects, _ = render(chart, load_values("gateway-values.yaml"), name="istio-ingressgateway",
+                            namespace="istio-ingress")
+        pod = find(objects, "Deployment", "istio-ingressgateway")["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        assert CA_VOLUME in {v["name"] for v in pod["volumes"]}
+        with pytest.raises(ConfigError, match=(
+            r"^Deployment istio-ingress/istio-ingressgateway has only part of the agent's wiring \(it has no "
+            r"istio-vault-agent initContainer\): gateway charts 1\.25 and 1\.26 accept initContainers but drop "
+            r"them: add the agent with `istio-vault-agent inject --name istio-ingressgateway --container "
+            r"istio-proxy` or use gateway chart 1\.27\+$")):
+            check_stream(objects, names=("istio-ingressgateway",), container="istio-proxy")
+
+        objects, _ = render(chart, name="istio-ingressgateway", namespace="istio-ingress")
+        opts = {"names": ("istio-ingressgateway",), "container": "istio-proxy"}
+        injected = list(yaml.safe_load_all(inject(yaml.safe_dump_all(objects), InjectOptions(**opts))))
+        validate(injected)
+        check_pod_wiring(find(injected, "Deployment", "istio-ingressgateway")["spec"]["template"]["spec"])
+        check_stream(injected, **opts)
+
+    def test_revisioned_istiod_service_account_is_bound(self) -> None:
+        """istiod with revision=canary runs as istiod-canary; extraServiceAccountNames puts it in NOTES' Vault role
+        command and the RoleBinding next to istiod, and NOTES tell istiod users about it."""
+        objects, _ = render(FIXTURE_CHARTS / "istiod-like", {**load_values("istiod-values.yaml"),
+                                                             "revision": "canary"}, name="istiod")
+        pod = find(objects, "Deployment", "istiod-canary")["spec"]["template"]["spec"]
+        canary = pod["serviceAccountName"]
+        assert canary == "istiod-canary"
+
+        _, notes = render(CHART)
+        assert "runs as service account istiod-canary" in notes
+        assert "bound_service_account_names=istiod \\" in notes
+        objects, notes = render(CHART, {"extraServiceAccountNames": [canary], "rbac": {"create": True}})
+        validate(objects)
+        assert "bound_service_account_names=istiod,istiod-canary \\" in notes
+        assert "runs as service account istiod-canary" not in notes  # no hint once it is bound
+        _, notes = render(CHART, {"mode": "gateway"})
+        assert "1.25 and 1.26 accept initContainers but drop them" in notes
+        assert [s["name"] for s in find(objects, "RoleBinding")["subjects"]] == ["istiod", canary]
+
+    def test_openshift_drops_the_pinned_uid_and_makes_keys_group_readable(self) -> None:
+        """openshift=true publishes keys 0640 (a bundle's own key_mode wins); the OpenShift overlay after either
+        example runs the agent without runAsUser/runAsGroup, valid, and the same container `inject --no-pin-uid`
+        adds."""
+        values = {"openshift": True, "extraBundles": [
+            {"name": "own", "type": "tls", "source": {"kv": "s/own"}, "dir": "/var/run/secrets/istio-ca/own",
+             "key_mode": 0o600}]}
+        for mode in ("istiod", "gateway"):
+            objects, notes = render(CHART, {**values, "mode": mode})
+            _, cfg = agent_config_of(objects)
+            assert [b.key_mode for b in cfg.bundles] == [0o640, 0o600]
+            assert "--no-pin-uid" in notes
+        _, cfg = agent_config_of(render(CHART)[0])
+        assert cfg.bundles[0].key_mode == 0o600
+
+        overlay = load_values("openshift-values.yaml")
+        (agent,) = overlay["initContainers"]
+        assert overlay["initContainers"] == [agent_container(InjectOptions(pin_uid=False))]
+        (pinned,) = load_values("istiod-values.yaml")["initContainers"]
+        for key in ("runAsUser", "runAsGroup"):
+            del pinned["securityContext"][key]
+        assert agent == pinned
+        for chart, example, name in (("istiod-like", "istiod-values.yaml", "istiod"),
+                                     ("gateway-like", "gateway-values.yaml", "istio-ingressgateway")):
+            objects, _ = render(FIXTURE_CHARTS / chart, {**load_values(example), **overlay}, name=name)
+            validate(objects)
+            pod = find(objects, "Deployment", name)["spec"]["template"]["spec"]
+            check_pod_wiring(pod)
+            (rendered,) = pod["initContainers"]
+            assert rendered["securityContext"]["runAsNonRoot"] is True
+            assert not {"runAsUser", "runAsGroup"} & set(rendered["securityContext"])
+
+    def test_agent_failure_reason_reaches_kubectl_describe(self) -> None:
+        """Every way of adding the agent sets terminationMessagePolicy FallbackToLogsOnError, so a crash shows the
+        agent's `error:` line (or its log's tail) in `kubectl describe pod`."""
+        for example in ("istiod-values.yaml", "gateway-values.yaml", "openshift-values.yaml"):
+            (agent,) = load_values(example)["initContainers"]
+            assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError", example
+        assert agent_container(InjectOptions())["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def _ca_args(job: dict[str, Any]) -> Any:
     """The Job's args as the real `istio-vault-agent ca` parser reads them (so the chart follows the CLI)."""
     import argparse
@@ -478,6 +613,15 @@ class TestBootstrapJob:
         assert ca_volume["configMap"]["name"] == hook_cm["metadata"]["name"]
         assert env["VAULT_CACERT"] == mount_of(container, "vault-ca")["mountPath"] + "/vault-ca.crt"
         assert 'path "pki-root/data/istio/root" { capabilities = ["read"] }' in notes
+
+    def test_openshift_lets_the_scc_pick_the_ids(self) -> None:
+        """openshift: true drops the pinned uid, gid and fsGroup from the Job's pod (the restricted SCC sets them)."""
+        values = {"openshift": True, "bootstrap": {"enabled": True, "root": {"secretName": "r"}}}
+        objects, _ = render(CHART, values)
+        validate(objects)
+        security = find(objects, "Job")["spec"]["template"]["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(security)
 
     def test_lint_is_clean_with_the_job(self) -> None:
         """`helm lint --strict` stays clean with the Job on."""

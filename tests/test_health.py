@@ -435,6 +435,31 @@ class TestStart:
 
         asyncio.run(main())
 
+    def test_default_listen_answers_on_ipv4_and_ipv6_loopback(self) -> None:
+        """The default health.listen `[::]:PORT` is one dual-stack socket: 127.0.0.1 and ::1 both get /healthz, so
+        kubelet probes work on IPv4, IPv6-only and dual-stack pods alike."""
+        assert config.HealthConfig().listen == "[::]:8099"
+        if not _has_ipv6_loopback():
+            pytest.skip("this machine has no IPv6 loopback (::1) to connect over")
+        port = _free_port()
+
+        async def main() -> None:
+            app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
+            runner = await health.start(app, f"[::]:{port}")
+            try:
+                # one listening socket, not asyncio's usual IPv4 + IPv6-only pair
+                assert len(runner.addresses) == 1
+                assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+                assert (await get(f"http://[::1]:{port}/healthz"))[0] == 200
+            finally:
+                await runner.cleanup()
+            # released: both families refuse connections again
+            for url in (f"http://127.0.0.1:{port}/healthz", f"http://[::1]:{port}/healthz"):
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await get(url)
+
+        asyncio.run(main())
+
     def test_port_in_use_is_a_config_error(self, tmp_path: Path) -> None:
         """Binding a port that is taken fails with one sentence naming health.listen, not a traceback."""
         with socket.socket() as taken:
@@ -473,6 +498,18 @@ class TestStart:
                 await get(f"http://127.0.0.1:{port}/healthz")
 
         asyncio.run(main())
+
+
+def _has_ipv6_loopback() -> bool:
+    """True when a socket can bind ::1 here (containers often run without IPv6)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def _free_port() -> int:

@@ -252,3 +252,79 @@ class TestErrors:
             [*cmd, "--name", "foo"], input=ISTIOD, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
         )
         assert (done.returncode, done.stdout, done.stderr) == (1, "", "error: no Deployment matched --name foo\n")
+
+
+def half_wired(text: str, name: str, drop: str) -> str:
+    """`text` after inject, with one part of the agent's wiring on Deployment `name` taken out again."""
+    docs = documents(text)
+    pod = pod_of(next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name))
+    if drop == "agent":
+        pod["initContainers"] = [c for c in pod["initContainers"] if c["name"] != AGENT_CONTAINER]
+    elif drop == "volumes":
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] not in AGENT_VOLUMES]
+    else:
+        for c in pod["containers"]:
+            c["volumeMounts"] = [m for m in c.get("volumeMounts") or [] if m["name"] != CA_VOLUME]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+class TestCheck:
+    def test_check_passes_wired_manifests_through_unchanged(self) -> None:
+        """`inject --check` on a complete istiod or gateway gives the input back byte for byte, exit 0."""
+        istiod = inject_ok(ISTIOD)
+        assert inject_ok(istiod, "--check") == istiod
+        gateway = inject_ok(GATEWAY, "--name", "istio-ingressgateway", "--container", "istio-proxy")
+        assert inject_ok(gateway, "--check", "--name", "istio-ingressgateway", "--container", "istio-proxy") == gateway
+
+    @pytest.mark.parametrize(("drop", "gap"), [
+        ("agent", "it has no istio-vault-agent initContainer"),
+        ("volumes", "it lacks volumes istio-vault-agent-ca, istio-vault-agent-token, istio-vault-agent-config"),
+        ("mounts", "its discovery container sets ROOT_CA_DIR=/var/run/secrets/istio-ca without mounting volume"
+                   " istio-vault-agent-ca there"),
+    ])
+    def test_check_refuses_an_istiod_whose_pilot_lists_replaced_the_agent(self, drop: str, gap: str) -> None:
+        """istiod 1.24+ with the user's own pilot.* list: ROOT_CA_DIR without the agent, its volumes or the mount
+        is one `error:` line naming the gap and telling to put the entries under pilot.* too; nothing is printed."""
+        code, out, err = invoke(half_wired(inject_ok(ISTIOD), "istiod", drop), "--check")
+        assert (code, out) == (1, "")
+        assert err.startswith(f"error: Deployment istio-system/istiod has only part of the agent's wiring ({gap}")
+        assert err.endswith("put the example's entries into those pilot.* lists too (one merged list each)\n")
+        assert err.count("\n") == 1
+
+    def test_check_refuses_an_istiod_without_the_agent(self) -> None:
+        """A selected istiod with no trace of the agent fails `--check` with what to add."""
+        code, out, err = invoke(ISTIOD, "--check")
+        assert (code, out) == (1, "")
+        assert err.startswith("error: Deployment istio-system/istiod has no istio-vault-agent initContainer, volumes"
+                              " or mount: add the example values")
+
+    def test_half_wired_gateway_fails_even_when_not_selected(self) -> None:
+        """Gateway charts 1.25/1.26 drop initContainers: a gateway with the agent's volume and mount but no agent
+        fails `inject` (which injects istiod here) with the command that adds the agent to it."""
+        gateway = half_wired(inject_ok(GATEWAY, "--name", "istio-ingressgateway", "--container", "istio-proxy"),
+                             "istio-ingressgateway", "agent")
+        code, out, err = invoke(ISTIOD + "---\n" + gateway)
+        assert (code, out) == (1, "")
+        assert err == (
+            "error: Deployment istio-ingress/istio-ingressgateway has only part of the agent's wiring (it has no "
+            "istio-vault-agent initContainer): gateway charts 1.25 and 1.26 accept initContainers but drop them: add "
+            "the agent with `istio-vault-agent inject --name istio-ingressgateway --container istio-proxy` or use "
+            "gateway chart 1.27+\n"
+        )
+        # selecting it repairs it: the agent is added and the result passes --check
+        args = ("--name", "istio-ingressgateway", "--container", "istio-proxy")
+        fixed = inject_ok(gateway, *args)
+        check_pod_wiring(pod_of(deployment(fixed, "istio-ingressgateway")))
+        assert inject_ok(fixed, "--check", *args) == fixed
+
+
+class TestOpenShift:
+    def test_no_pin_uid_leaves_the_uid_to_the_platform(self) -> None:
+        """--no-pin-uid drops runAsUser/runAsGroup 1337 (OpenShift's SCC assigns them) and keeps everything else."""
+        pinned = pod_of(deployment(inject_ok(ISTIOD), "istiod"))["initContainers"][0]["securityContext"]
+        out = inject_ok(ISTIOD, "--no-pin-uid")
+        validate_all(out)
+        context = pod_of(deployment(out, "istiod"))["initContainers"][0]["securityContext"]
+        assert (pinned["runAsUser"], pinned["runAsGroup"]) == (1337, 1337)
+        assert context == {k: v for k, v in pinned.items() if k not in {"runAsUser", "runAsGroup"}}
+        assert context["runAsNonRoot"] is True

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -164,6 +165,47 @@ class TestModes:
         assert repair_needed(out, bundle(1), uid=1337, gid=5678)
         assert publish(out, bundle(1), uid=1337).changed
         assert (out / DATA / "ca-key.pem").stat().st_uid == 1337
+
+
+@pytest.fixture(name="shared_group_dir")
+def fixture_shared_group_dir() -> Iterator[Path]:
+    """A directory like kubelet's emptyDir for a pod with an fsGroup: set-group-ID, owned by group 5555, traversable
+    by other users (pytest's tmp_path is not)."""
+    base = Path(tempfile.mkdtemp(prefix="fsgroup-"))
+    try:
+        base.chmod(0o711)
+        shared = base / "istio-ca"
+        shared.mkdir()
+        os.chown(shared, 0, FS_GROUP)
+        shared.chmod(0o2775)
+        yield shared
+    finally:
+        shutil.rmtree(base)
+
+
+#: the pod's fsGroup in TestSharedGroup, and two reader uids (OpenShift assigns uids from a namespace range)
+FS_GROUP = 5555
+READER_UID = 1000670000
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a group and readers other than the test's own need root")
+class TestSharedGroup:
+    def test_key_0640_in_an_fsgroup_volume_is_readable_by_another_uid_in_the_group(self, shared_group_dir):
+        """OpenShift's way (no pinned uid, key_mode 0640): a bundle published into a subdirectory of the fsGroup
+        volume carries the pod's group, so a reader with another uid but that group reads the key, and a reader
+        outside the group cannot."""
+        out = shared_group_dir / "ingress-cert"
+        publish(out, {"tls.key": b"key", "tls.crt": b"crt"}, key_mode=0o640)
+        assert out.stat().st_mode & stat.S_ISGID, "the bundle dir dropped the set-group-ID bit it inherited"
+        for name in ("tls.key", "tls.crt"):
+            assert (out / DATA / name).stat().st_gid == FS_GROUP, name
+        key = str(out / "tls.key")
+        inside = subprocess.run(["cat", key], user=READER_UID, group=READER_UID, extra_groups=[FS_GROUP],
+                                capture_output=True, timeout=10, check=False)
+        assert (inside.returncode, inside.stdout) == (0, b"key"), inside.stderr
+        outside = subprocess.run(["cat", key], user=READER_UID, group=READER_UID, extra_groups=[],
+                                 capture_output=True, timeout=10, check=False)
+        assert outside.returncode != 0 and b"Permission denied" in outside.stderr
 
 
 class TestUnchanged:

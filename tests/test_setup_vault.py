@@ -189,6 +189,34 @@ class TestTwoClusters:
         assert proc.returncode == 1 and "login refused" in error_line(proc)
 
 
+class TestRevision:
+    def test_canary_istiod_logs_in_and_a_rerun_without_it_is_drift(self, tmp_path, bao, kube, files, unique,
+                                                                     vault_admin, sa_token_file, ca):
+        """`--revision canary` binds istiod-canary next to istiod, so a revisioned control plane's agent logs in;
+        running setup again without the flag reports the extra binding as drift instead of silently dropping it."""
+        root, inter, _ = ca
+        c = f"c{unique}"
+        assert _setup(bao, kube, files, c, "--revision", "canary").returncode == 0
+        _seed(vault_admin, c, root, inter)
+        for account in ("istiod", "istiod-canary"):
+            token = sa_token_file("istio-system", account, audience="vault", filename=f"token-{account}")
+            proc, out = _agent(tmp_path, bao, token, mount=f"kubernetes-{c}",
+                               kv=f"kubernetes-{c}-secrets/istiod-service/certs", name=account)
+            assert proc.returncode == 0, proc.stderr
+            assert (out / "ca-cert.pem").read_bytes() == inter.cert_pem
+        again = _setup(bao, kube, files, c, "--revision", "canary")
+        assert again.returncode == 0 and set(_states(again.stdout).values()) == {"unchanged"}, again.stdout
+        without = _setup(bao, kube, files, c)
+        assert without.returncode == 1
+        drifted = [line for line in without.stdout.splitlines() if line.startswith("drifted")]
+        assert len(drifted) == 1 and "role istiod" in drifted[0] and "istiod-canary" in drifted[0], without.stdout
+
+    def test_bad_revision_is_one_error_line(self, bao, kube, files, unique):
+        """A revision that cannot be part of a service account name is refused before anything is written."""
+        proc = _setup(bao, kube, files, f"c{unique}", "--revision", "Canary!")
+        assert proc.returncode == 1 and "--revision" in error_line(proc)
+
+
 class TestDryRun:
     @pytest.mark.parametrize("in_namespace", [False, True], ids=["root", "namespace"])
     def test_replayed_commands_give_what_a_real_run_gives(self, tmp_path, bao, kube, files, unique, vault_admin,

@@ -39,6 +39,17 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- end }}
 
 {{/*
+Every service account that runs the agent: serviceAccountName, then extraServiceAccountNames.
+*/}}
+{{- define "istio-vault-agent.serviceAccounts" -}}
+{{- $all := list (required "serviceAccountName is required" .Values.serviceAccountName) }}
+{{- range .Values.extraServiceAccountNames }}
+{{- $all = append $all . }}
+{{- end }}
+{{- join "," (uniq $all) }}
+{{- end }}
+
+{{/*
 Where the agent container sees the ConfigMap; the example values mount it here.
 */}}
 {{- define "istio-vault-agent.configDir" -}}
@@ -72,6 +83,14 @@ missing one fails the render with the values key to set.
 {{- end }}
 {{- range .Values.extraBundles }}
 {{- $bundles = append $bundles (deepCopy .) }}
+{{- end }}
+{{- if .Values.openshift }}
+{{- range $bundles }}
+{{- if not (hasKey . "key_mode") }}
+{{- /* 0640 (416 decimal): the reader runs with another uid and gets the key through the pod's fsGroup */}}
+{{- $_ := set . "key_mode" 416 }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $i, $b := $bundles }}
 {{- $where := printf "bundle %d (%s)" $i (toString ($b.name | default "unnamed")) }}
@@ -134,4 +153,47 @@ Name of the bootstrap Job (and of its ServiceAccount unless bootstrap.serviceAcc
 */}}
 {{- define "istio-vault-agent.bootstrapName" -}}
 {{- printf "%s-ca-bootstrap" (include "istio-vault-agent.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels of the pods that run the agent (monitoring.podSelector, or what the istiod and
+gateway charts put on their pods).
+*/}}
+{{- define "istio-vault-agent.podSelector" -}}
+{{- if .Values.monitoring.podSelector }}
+{{- toYaml .Values.monitoring.podSelector }}
+{{- else if eq .Values.mode "gateway" -}}
+app: {{ required "serviceAccountName (or monitoring.podSelector) is required to select the gateway pods" .Values.serviceAccountName }}
+{{- else -}}
+app: istiod
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the monitoring objects: the common ones plus monitoring.labels.
+*/}}
+{{- define "istio-vault-agent.monitoringLabels" -}}
+{{ include "istio-vault-agent.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `job` label the PodMonitor and the ServiceMonitor give the agent's series, so the
+alerts find this release's agents whichever of the two scrapes them.
+*/}}
+{{- define "istio-vault-agent.job" -}}
+{{ include "istio-vault-agent.fullname" . }}
+{{- end }}
+
+{{/*
+The label matchers (without braces) that pick this release's series in the alerts.
+*/}}
+{{- define "istio-vault-agent.ruleSelector" -}}
+{{- if .Values.monitoring.prometheusRule.selector }}
+{{- .Values.monitoring.prometheusRule.selector | trim | trimPrefix "{" | trimSuffix "}" }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (include "istio-vault-agent.job" .) .Release.Namespace }}
+{{- end }}
 {{- end }}
