@@ -17,7 +17,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; `inject`'s options are loaded only when that command runs (start-up time)."""
+    """The argument parser; `inject`'s and `ca`'s options are loaded only when that command runs (start-up time)."""
     p = argparse.ArgumentParser(
         prog="istio-vault-agent",
         description="Give Istio its CA from Vault or OpenBao: log in with Kubernetes auth, read the CA bundle,"
@@ -50,6 +50,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import inject as inject_mod
 
         inject_mod.add_arguments(inject)
+
+    ca = sub.add_parser("ca", help="bootstrap the mesh's trust: a root CA, and each cluster's intermediate (to a"
+                        " directory or KV)")
+    if command == "ca":
+        from agent import ca as ca_mod
+
+        ca_mod.add_arguments(ca)
 
     doctor = sub.add_parser(
         "doctor", help="check each cluster's Vault/OpenBao side end to end (operator credentials)"
@@ -116,6 +123,13 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ca(args: argparse.Namespace) -> int:
+    from agent import ca, hardening
+
+    hardening.apply()  # it holds the root key: no core dump may write it to disk
+    return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
@@ -129,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check, "doctor": _doctor}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "doctor": _doctor}
     try:
         if args.command == "inject":
             from agent import inject

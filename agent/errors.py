@@ -7,6 +7,7 @@ AgentError
  |    +-- SecretError     path missing, key missing, not what a bundle needs
  |         +-- PermissionDenied   403 on a path (or a token Vault no longer accepts)
  |         +-- ResponseTooLarge   an answer over limits.max_secret_size (never read further)
+ |         +-- WriteConflict      KV v2 check-and-set refused a write: someone else wrote the path meanwhile
  +-- VaultUnavailable     unreachable, sealed, timing out, not a Vault answer: retry with backoff
  |    +-- StaleRead       a version older than the live one (a lagging node): keep the live bundle, retry
  +-- BundleError          CA material that istiod would reject; names the file and check
@@ -29,6 +30,7 @@ __all__ = [
     "StaleRead",
     "VaultError",
     "VaultUnavailable",
+    "WriteConflict",
 ]
 
 
@@ -61,6 +63,12 @@ class PermissionDenied(SecretError):
 
 class ResponseTooLarge(SecretError):
     reason = "too_large"
+
+
+class WriteConflict(SecretError):
+    """KV v2 check-and-set refused a write (`ca intermediate --kv`): the path changed after it was read."""
+
+    reason = "write_conflict"
 
 
 class VaultUnavailable(AgentError):

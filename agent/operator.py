@@ -36,20 +36,28 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
 
 
 def operator_client(
-    *, namespace: str | None = None, environ: Mapping[str, str] | None = None, timeout: float = 30.0
+    *,
+    namespace: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    login: bool = False,
 ) -> hvac.Client:
-    """An hvac client with the operator's token from the environment; ConfigError saying what to set."""
+    """An hvac client with the operator's token from the environment; ConfigError saying what to set.
+
+    With `login` the command logs in itself (Kubernetes auth, `agent.auth.login`): the client starts without a
+    token and VAULT_TOKEN is neither needed nor read.
+    """
     from agent.config import Duration, VaultConfig
     from agent.vault import make_client
 
     environ = os.environ if environ is None else environ
     address = _env(environ, "ADDR")
-    token = _env(environ, "TOKEN")
+    token = None if login else _env(environ, "TOKEN")
     if not address:
         raise ConfigError("set VAULT_ADDR (or BAO_ADDR) to the address of Vault/OpenBao, e.g. https://vault:8200")
     if not address.startswith(("http://", "https://")):
         raise ConfigError(f"VAULT_ADDR {shown(address)!r} is not an http:// or https:// URL")
-    if not token:
+    if not token and not login:
         raise ConfigError(
             "set VAULT_TOKEN (or BAO_TOKEN) to an operator token: this command reads and writes Vault's"
             " configuration, which the agent's own login cannot"
@@ -63,5 +71,5 @@ def operator_client(
         timeout=Duration(timeout),
     )
     client = make_client(cfg, max_response_bytes=4 << 20)
-    client.token = token
+    client.token = token or ""
     return client

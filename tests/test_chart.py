@@ -559,3 +559,122 @@ class TestTraps:
             (agent,) = load_values(example)["initContainers"]
             assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError", example
         assert agent_container(InjectOptions())["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def _ca_args(job: dict[str, Any]) -> Any:
+    """The Job's args as the real `istio-vault-agent ca` parser reads them (so the chart follows the CLI)."""
+    import argparse
+
+    from agent import ca
+
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "ca"
+    parser = argparse.ArgumentParser()
+    ca.add_arguments(parser)
+    return parser.parse_args(args[1:])
+
+
+class TestBootstrapJob:
+    def test_absent_by_default(self) -> None:
+        """Without bootstrap.enabled nothing of the Job is rendered: no Job, ServiceAccount or hook."""
+        objects, notes = render(CHART)
+        assert not [o for o in objects if o["kind"] in {"Job", "ServiceAccount"}]
+        assert "Bootstrap:" not in notes
+
+    def test_job_with_root_secret_is_valid_and_least_privileged(self) -> None:
+        """With a root Secret the Job is schema-valid, runs `ca intermediate --if-missing --root-dir` on the
+        agent's KV path with Kubernetes auth, and its own ServiceAccount has no API token and no RBAC."""
+        values = {"bootstrap": {"enabled": True, "cluster": "east", "root": {"secretName": "istio-root"}},
+                  "rbac": {"create": True}}
+        objects, notes = render(CHART, values)
+        validate(objects)
+        job = find(objects, "Job")
+        pod = job["spec"]["template"]["spec"]
+        check_pod_wiring(pod)
+        args = _ca_args(job)
+        assert (args.ca_command, args.cluster, args.kv, args.if_missing, args.force) == (
+            "intermediate", "east", "kubernetes-cluster1-secrets/istiod-service/certs", True, False)
+        assert (args.root_dir, args.root_kv, args.key_type, args.days) == ("/etc/istio-ca-root", None, "rsa-4096", 730)
+        assert (args.auth_mount, args.role) == ("kubernetes-cluster1", "istio-ca-bootstrap")
+        # the token it logs in with is a projected token for Vault, not the API token
+        sa = find(objects, "ServiceAccount")
+        assert sa["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+        assert pod["serviceAccountName"] == sa["metadata"]["name"] != "istiod"
+        token = next(v for v in pod["volumes"] if v["name"] == "vault-token")["projected"]["sources"][0]
+        assert token["serviceAccountToken"]["audience"] == "vault"
+        (container,) = pod["containers"]
+        assert mount_of(container, "vault-token")["mountPath"] + "/token" == args.token_path
+        # no RBAC names the Job's account (the agent's own Role is for istiod's)
+        for binding in (o for o in objects if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}):
+            assert all(s["name"] != sa["metadata"]["name"] for s in binding["subjects"])
+        root = next(v for v in pod["volumes"] if v["name"] == "root-ca")["secret"]
+        assert root["secretName"] == "istio-root"
+        assert {i["key"] for i in root["items"]} == {"root-cert.pem", "root-key.pem"}
+        assert mount_of(container, "root-ca") == {"name": "root-ca", "mountPath": "/etc/istio-ca-root",
+                                                  "readOnly": True}
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env == {"VAULT_ADDR": "https://vault.vault.svc:8200"}  # no VAULT_TOKEN anywhere
+        # created before the release's other objects, so the bundle is in KV before istiod starts
+        for obj in (job, sa):
+            assert obj["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert int(sa["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+            job["metadata"]["annotations"]["helm.sh/hook-weight"])
+        assert 'path "kubernetes-cluster1-secrets/data/istiod-service/certs"' in notes
+
+    def test_job_with_root_in_kv_and_vault_ca(self) -> None:
+        """With bootstrap.root.kv the Job passes --root-kv and mounts no Secret; Vault's CA comes from a hook
+        ConfigMap of its own (the chart's ConfigMap does not exist yet when pre-install hooks run)."""
+        values = {"bootstrap": {"enabled": True, "root": {"kv": "pki-root/istio/root"}, "kv": "kv/c2/certs",
+                                "keyType": "ec-p256", "days": 365},
+                  "vault": {"caCertPEM": PEM, "namespace": "mesh"}}
+        objects, notes = render(CHART, values)
+        validate(objects)
+        job = find(objects, "Job")
+        pod = job["spec"]["template"]["spec"]
+        check_pod_wiring(pod)
+        args = _ca_args(job)
+        assert (args.root_kv, args.root_dir, args.kv, args.key_type, args.days) == (
+            "pki-root/istio/root", None, "kv/c2/certs", "ec-p256", 365)
+        assert "root-ca" not in {v["name"] for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VAULT_NAMESPACE"] == "mesh"
+        hook_cm = next(o for o in objects if o["kind"] == "ConfigMap" and "helm.sh/hook" in o["metadata"].get(
+            "annotations", {}))
+        assert hook_cm["data"]["vault-ca.crt"] == PEM
+        ca_volume = next(v for v in pod["volumes"] if v["name"] == "vault-ca")
+        assert ca_volume["configMap"]["name"] == hook_cm["metadata"]["name"]
+        assert env["VAULT_CACERT"] == mount_of(container, "vault-ca")["mountPath"] + "/vault-ca.crt"
+        assert 'path "pki-root/data/istio/root" { capabilities = ["read"] }' in notes
+
+    def test_openshift_lets_the_scc_pick_the_ids(self) -> None:
+        """openshift: true drops the pinned uid, gid and fsGroup from the Job's pod (the restricted SCC sets them)."""
+        values = {"openshift": True, "bootstrap": {"enabled": True, "root": {"secretName": "r"}}}
+        objects, _ = render(CHART, values)
+        validate(objects)
+        security = find(objects, "Job")["spec"]["template"]["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(security)
+
+    def test_lint_is_clean_with_the_job(self) -> None:
+        """`helm lint --strict` stays clean with the Job on."""
+        report = helm.lint(CHART, {"bootstrap": {"enabled": True, "root": {"secretName": "r"}}}, strict=True,
+                           kube_version="v1.33.0")
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+    @pytest.mark.parametrize(("values", "message"), [
+        ({"bootstrap": {"enabled": True}}, "bootstrap.root needs exactly one of secretName"),
+        ({"bootstrap": {"enabled": True, "root": {"secretName": "a", "kv": "b/c"}}},
+         "bootstrap.root needs exactly one of secretName"),
+        ({"bootstrap": {"enabled": True, "root": {"secretName": "a"}},
+          "istiod": {"bundle": {"source": {"kv": None, "pki_intermediate": {"mount": "pki", "cluster": "c"}}}}},
+         "bootstrap.kv is required"),
+    ])
+    def test_bad_bootstrap_values_fail_with_the_key_to_fix(self, values: dict[str, Any], message: str) -> None:
+        """No root, two roots, or no KV path to write stops the render naming the values key."""
+        with pytest.raises(helm.HelmRenderError, match=message):
+            render(CHART, values)

@@ -381,5 +381,6 @@ def test_init_imports_nothing_it_does_not_use(tmp_path, bao, sa_token_file, runb
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
     assert "hvac" in imported  # the measurement works
-    for heavy in ("aiohttp", "prometheus_client", "watchdog", "kubernetes", "agent.inject", "agent.setup_vault"):
+    for heavy in ("aiohttp", "prometheus_client", "watchdog", "kubernetes", "agent.inject", "agent.setup_vault",
+                  "agent.ca"):
         assert heavy not in imported, heavy

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent import vault
+from agent import kvstore, vault
 from agent.errors import SecretError
+from agent.kvstore import KVMount
 from agent.sources.base import Fetched, digest
 from agent.text import shown
 
@@ -29,12 +29,6 @@ __all__ = ["KVSource", "open"]
 def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> KVSource:
     """The KV source of `bundle`, polled every `sidecar.poll_interval`."""
     return KVSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
-
-
-@dataclass
-class _Mount:
-    path: str  # mount path without trailing slash
-    version: int  # 1 or 2
 
 
 def _timestamp(text: object) -> float | None:
@@ -58,7 +52,7 @@ class KVSource:
         self.bundle = bundle
         self.kv_path = (bundle.source.kv or "").strip("/")
         self.poll_interval = poll_interval
-        self._mount: _Mount | None = None
+        self._mount: KVMount | None = None
 
     def reset(self) -> None:
         """Detect the KV mount and its version again at the next call (Vault may have been restored)."""
@@ -104,30 +98,20 @@ class KVSource:
         return vault.field(data, key, kind, address=self.client.url, action=action, optional=optional)
 
     # -- reading ----------------------------------------------------------------------------------------------
-    def mount(self) -> _Mount:
-        """Find the KV mount and its version from sys/internal/ui/mounts, which any token with access can read."""
+    def mount(self) -> KVMount:
+        """Find the KV mount and its version (`kvstore.find_mount`), once until `reset`."""
         if self._mount is None:
             first = self.kv_path.split("/")[0]
-            hint = f"check that {shown(first)} is a KV mount and that the agent's policy grants read on the path"
-            action = f"looking up the KV mount of {shown(self.kv_path)}"
-            resp = self._call(
-                lambda: self.client.adapter.get(f"/v1/sys/internal/ui/mounts/{self.kv_path}"), action, hint
+            fix = (
+                f"check that {shown(first)} is a KV mount and that the agent's policy grants read on the path;"
+                f" source.kv of bundle {self.bundle.name} must be MOUNT/PATH of a KV v1 or v2 secret"
             )
-            data = self._field(self._answer(resp, action), "data", dict, action, optional=True) or {}
-            mount_path = str(data.get("path") or "").strip("/")
-            if not mount_path or data.get("type") not in {"kv", "generic"}:
-                raise SecretError(
-                    f"{shown(self.kv_path)} is not on a KV secrets engine: source.kv of bundle {self.bundle.name}"
-                    " must be MOUNT/PATH of a KV v1 or v2 secret"
-                )
-            options = data.get("options")
-            version = str((options if isinstance(options, dict) else {}).get("version") or "1")
-            self._mount = _Mount(mount_path, 2 if version == "2" else 1)
+            self._mount = kvstore.find_mount(self.client, self.kv_path, fix=fix)
         return self._mount
 
     @property
     def secret_path(self) -> str:
-        return self.kv_path[len(self.mount().path) :].strip("/")
+        return self.mount().secret
 
     def fetch(self) -> Fetched:
         """Read the secret and map its keys to the bundle's files.

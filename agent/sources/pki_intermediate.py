@@ -15,6 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import SecretError
+from agent.istio_certs import ISTIOD_SAN, csr_for, generate_key, intermediate_subject, key_pem, key_type_of
 from agent.sources.pki import (
     Issued,
     RenewingSource,
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PkiIntermediateSource", "csr_for", "generate_key", "open"]
 
-#: the DNS SAN Istio's tools/certs puts on an intermediate
-ISTIOD_SAN = "istiod.istio-system.svc"
-
 #: how many left-behind issuers and roots are remembered
 _SUPERSEDED_KEPT = 16
 
@@ -53,57 +51,6 @@ _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL----
 def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> PkiIntermediateSource:
     """The PKI intermediate source of istio-ca bundle `bundle`."""
     return PkiIntermediateSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
-
-
-def generate_key(key_type: str) -> Any:
-    """A new private key of `key_type` (ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-    if key_type.startswith("ec-"):
-        curve = ec.SECP384R1() if key_type == "ec-p384" else ec.SECP256R1()
-        return ec.generate_private_key(curve)
-    return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type.removeprefix("rsa-")))
-
-
-def _key_type_of(key: Any) -> str | None:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return f"rsa-{key.key_size}"
-    return None
-
-
-def _subject(cluster: str) -> x509.Name:
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Istio"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "Intermediate CA"),
-        x509.NameAttribute(NameOID.LOCALITY_NAME, cluster),
-    ])
-
-
-def csr_for(key: Any, cluster: str) -> bytes:
-    """The PEM CSR Istio's tools/certs makes for an intermediate of `cluster`, signed with `key`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(_subject(cluster))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(ISTIOD_SAN)]), critical=False)
-    )
-    return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.PEM)
-
-
-def _key_pem(key: Any) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-    return bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
 
 
 def _own_crl(key: Any, cert: x509.Certificate) -> bytes:
@@ -183,15 +130,15 @@ class PkiIntermediateSource(RenewingSource):
                             address=self.client.url, action=action, hint=hint)
         data = self._field(self._answer(resp, action), "data", dict, action)
         leaf, pool = self._issued_certs(data, action)
-        key_pem = _key_pem(key)
-        if not key_matches(key_pem, leaf):
+        new_key = key_pem(key)
+        if not key_matches(new_key, leaf):
             raise self._odd(action, "the certificate is not for the key of the CSR")
         chain = build_chain(leaf, pool)
         if not chain or not is_self_signed(chain[-1]):
             chain = build_chain(leaf, [*pool, *self._issuer_chain(self.mount, self.issuer_ref)])
         self._require_root(leaf, chain)
         own_crl = _own_crl(key, leaf) if s.crl else b""
-        files, _ = self._files(key_pem, leaf, chain, own_crl)
+        files, _ = self._files(new_key, leaf, chain, own_crl)
         not_before, not_after = validity(leaf)
         if not_after > chain[-1].not_valid_after_utc.timestamp():
             self._log.warning("intermediate_outlives_root", root_expires=iso(chain[-1].not_valid_after_utc.timestamp()),
@@ -245,9 +192,9 @@ class PkiIntermediateSource(RenewingSource):
         if not key_matches(published["ca-key.pem"], leaf):
             return None, "ca-key.pem does not match ca-cert.pem"
         key = load_pem_private_key(published["ca-key.pem"], password=None)
-        if _key_type_of(key) != s.key_type:
+        if key_type_of(key) != s.key_type:
             return None, f"its key is not {s.key_type}"
-        if leaf.subject != _subject(s.cluster) or _dns_names(leaf) != {ISTIOD_SAN}:
+        if leaf.subject != intermediate_subject(s.cluster) or _dns_names(leaf) != {ISTIOD_SAN}:
             return None, f"it was not made for cluster {shown(s.cluster)} (subject or SAN differ)"
         not_before, not_after = validity(leaf)
         renew_at = renew_time(not_before, not_after, self.renew_before)

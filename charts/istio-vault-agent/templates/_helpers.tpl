@@ -162,6 +162,13 @@ toYaml so values never need YAML quoting by hand.
 {{- end }}
 
 {{/*
+Name of the bootstrap Job (and of its ServiceAccount unless bootstrap.serviceAccountName is set).
+*/}}
+{{- define "istio-vault-agent.bootstrapName" -}}
+{{- printf "%s-ca-bootstrap" (include "istio-vault-agent.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 Labels of the pods that run the agent (monitoring.podSelector, or what the istiod and
 gateway charts put on their pods).
 */}}
