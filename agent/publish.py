@@ -305,7 +305,9 @@ def _snapshot(dir: Path) -> tuple[str, dict[str, _Entry]] | None:
         if generation is None:
             return None
         entries = _read_generation(dir / generation)
-        if entries is not None:
+        # a publish that swapped ..data meanwhile may be deleting this generation, and a listing taken during the
+        # deletion is partial: take the read only if the generation was still live after it
+        if entries is not None and _live_generation(dir) == generation:
             return generation, entries
     return None
 

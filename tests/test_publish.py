@@ -441,6 +441,40 @@ def run_child(code: str, *args: str) -> str:
 
 
 class TestConcurrentReader:
+    def test_a_generation_deleted_while_it_is_listed_is_read_again(self, out: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        """The agent's own read of the live bundle (change detection, repair, restart reuse) never returns part of a
+        generation that a concurrent publish swapped out and was deleting while it was listed."""
+        import agent.publish as publish_mod
+
+        publish(out, bundle(0, size=64))
+        real_listdir = os.listdir
+        raced: list[str] = []
+
+        def listdir(path: os.PathLike[str] | str) -> list[str]:
+            names = real_listdir(path)
+            old = Path(path)
+            if not raced and old.parent == out and old.name.startswith("..") and old.name != DATA:
+                # what a concurrent publish does between this reader's resolve and its listing: a new generation,
+                # ..data swapped to it, and the old generation's files being unlinked one by one
+                raced.append(old.name)
+                new = out / "..2030_01_01_00_00_00.racing"
+                new.mkdir()
+                for name, data in bundle(1, size=64).items():
+                    (new / name).write_bytes(data)
+                os.symlink(new.name, out / "..data_race")
+                os.replace(out / "..data_race", out / DATA)
+                (old / "ca-key.pem").unlink()
+                names = [n for n in names if n != "ca-key.pem"]
+            return names
+
+        monkeypatch.setattr(publish_mod.os, "listdir", listdir)
+        current = read_current(out)
+        monkeypatch.undo()
+        assert raced, "the race was not staged"
+        assert current is not None and set(current) == set(NAMES)
+        assert generation_of(current, size=64) == 1
+
     def test_reader_never_sees_a_mix(self, out: Path) -> None:
         """A reader resolving ..data once per read never pairs ca-key.pem and ca-cert.pem of different generations."""
         publish(out, bundle(0, size=64))
