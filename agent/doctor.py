@@ -462,11 +462,17 @@ def diagnose(
 
     Raises:
         VaultUnavailable: Vault could not be asked at all.
-        ConfigError: a cluster name cannot name mounts.
+        ConfigError: a cluster name cannot name mounts, or the client's namespace does not exist.
     """
     now = now or dt.datetime.now(dt.UTC)
     layouts = [ClusterLayout(check_cluster_name(name), pki_mount=pki_mount) for name in dict.fromkeys(clusters)]
     v = _Vault(client)
+    namespace = getattr(client.adapter, "namespace", None)
+    if namespace and v.read("sys/auth") is None:  # 404 at the namespace's own root: no such namespace
+        raise ConfigError(
+            f"Vault namespace {shown(namespace)!r} does not exist: fix --namespace (or VAULT_NAMESPACE), or create"
+            " it and run `istio-vault-agent setup vault` there first"
+        )
     out: list[Check] = []
     trusts: dict[str, Trust] = {}
     for lay in layouts:
