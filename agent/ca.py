@@ -265,9 +265,45 @@ def load_root_dir(directory: Path) -> Root:
     return _root(data[ROOT_CERT], data[ROOT_KEY], str(directory))
 
 
+def _find_kv(client: hvac.Client, path: str, flag: str, fix: str) -> kvstore.KVMount:
+    """kvstore.find_mount, with what a 403 or 404 of the mount lookup means to the operator.
+
+    Vault answers 403 for a mount that does not exist (as for one the token may not use), and 404 when the
+    namespace does not exist.
+    """
+    from agent.errors import PermissionDenied
+
+    try:
+        return kvstore.find_mount(client, path, fix=fix)
+    except PermissionDenied:
+        mount = shown(path.strip("/").split("/")[0])
+        raise PermissionDenied(
+            f"{flag} {shown(path)}: there is no KV mount {mount} that this token may use (Vault answers permission"
+            f" denied for both): check the mount's name (bao secrets list) and the token's policy"
+        ) from None
+    except SecretError:
+        namespace = getattr(client.adapter, "namespace", None)
+        if namespace and not _namespace_exists(client):
+            raise ConfigError(f"Vault namespace {shown(namespace)!r} does not exist: fix VAULT_NAMESPACE") from None
+        raise
+
+
+def _namespace_exists(client: hvac.Client) -> bool:
+    """False when the client's namespace answers 404 at its root (sys/internal/ui/mounts needs no policy)."""
+    import hvac.exceptions as hx
+
+    try:
+        client.adapter.get("/v1/sys/internal/ui/mounts")
+    except hx.InvalidPath:
+        return False
+    except Exception:  # noqa: BLE001 - only a 404 says no; anything else leaves the first error to be reported
+        return True
+    return True
+
+
 def _load_root_kv(client: hvac.Client, path: str) -> Root:
     fix = "--root-kv must be MOUNT/PATH of a KV secret with keys root_cert and root_key"
-    m = kvstore.find_mount(client, path, fix=fix)
+    m = _find_kv(client, path, "--root-kv", fix)
     data = kvstore.read(client, m, hint=f"grant read on {shown(m.policy_path)}")
     missing = [k for k in ROOT_KV_KEYS if not isinstance((data or {}).get(k), str) or not (data or {})[k].strip()]
     if data is None or missing:
@@ -314,7 +350,7 @@ def _check_targets(
     target: kvstore.KVMount | None = None
     seen = kvstore.Presence(False, 0)
     if opts.kv and client is not None:
-        target = kvstore.find_mount(client, opts.kv, fix="--kv must be MOUNT/PATH of a secret on a KV v1 or v2 mount")
+        target = _find_kv(client, opts.kv, "--kv", "--kv must be MOUNT/PATH of a secret on a KV v1 or v2 mount")
         seen = kvstore.presence(client, target)
     held = {f"KV v{target.version} path {shown(target.full)}": seen.live} if target else {}
     if out is not None:

@@ -462,3 +462,19 @@ class TestIntermediateKV:
         proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--kv", "kv/x",
                        env=cli_env(VAULT_ADDR=bao.address))
         assert proc.returncode == 1 and "set VAULT_TOKEN" in error_line(proc)
+
+    def test_unknown_mount_and_namespace_say_what_to_check(self, bao, vault_admin, unique, root_dir, tmp_path):
+        """An unknown KV mount (Vault answers 403) and an unknown VAULT_NAMESPACE (404) are one error line each
+        saying what to check; a non-KV path inside a real namespace still says it is not KV."""
+        base = ("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(tmp_path / "o"))
+        mount = run_cli(*base, "--kv", f"nomount{unique}/x", env=_operator_env(bao))
+        assert mount.returncode == 1 and error_line(mount) == (
+            f"error: --kv nomount{unique}/x: there is no KV mount nomount{unique} that this token may use (Vault"
+            " answers permission denied for both): check the mount's name (bao secrets list) and the token's policy")
+        assert not (tmp_path / "o").exists()
+        nowhere = run_cli(*base, "--kv", "kv/x", env=_operator_env(bao) | {"VAULT_NAMESPACE": f"none{unique}"})
+        assert nowhere.returncode == 1
+        assert error_line(nowhere) == f"error: Vault namespace 'none{unique}' does not exist: fix VAULT_NAMESPACE"
+        vault_admin.adapter.post(f"/v1/sys/namespaces/ns{unique}")
+        not_kv = run_cli(*base, "--kv", "sys/x", env=_operator_env(bao) | {"VAULT_NAMESPACE": f"ns{unique}"})
+        assert not_kv.returncode == 1 and "sys/x is not a secret on a KV secrets engine" in error_line(not_kv)
