@@ -255,6 +255,20 @@ class TestDryRun:
         assert f"bao write auth/kubernetes-{c}/role/istiod " in dry.stdout and "audience=vault" in dry.stdout
         assert vault_admin.read(f"auth/kubernetes-{c}/role/istiod")["data"]["audience"] == "other"
 
+    def test_reader_that_goes_away_gets_no_traceback(self, bao, kube, files, unique):
+        """`--dry-run | head` with the reader gone before the output: exit 141 like SIGPIPE, nothing on stderr."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "setup", "vault", "--cluster", f"c{unique}", "--kubernetes-host",
+             kube.url, "--kubernetes-ca-cert", str(files["ca"]), "--dry-run"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(VAULT_ADDR=bao.address,
+                                                                      VAULT_TOKEN=bao.root_token),
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the command prints anything
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141
+        assert stderr == ""
+
 
 class TestPki:
     def test_istiod_signs_its_intermediate_and_reads_no_other_kv(self, tmp_path, bao, kube, files, unique,
