@@ -338,6 +338,16 @@ class TestErrors:
                           env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token))
         assert garbage.returncode == 1 and "holds no PEM certificate" in error_line(garbage)
 
+    @pytest.mark.parametrize("host", ["https://k8s.example:6443/\nbao secrets disable x", "https://k8s .example",
+                                      "https://k8s.example:6443\t", "not a url"])
+    def test_kubernetes_host_with_whitespace_is_refused(self, bao, kube, files, unique, host):
+        """A --kubernetes-host with a newline, space or tab is one error line, and nothing is created."""
+        proc = run_cli("setup", "vault", "--cluster", f"c{unique}", "--kubernetes-host", host,
+                       "--kubernetes-ca-cert", str(files["ca"]),
+                       env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert error_line(proc).startswith("error: --kubernetes-host ") and "is not a URL" in proc.stderr
+
     def test_bad_cluster_name(self, bao, kube, files):
         """A cluster name that cannot name a mount is one error line saying what is allowed."""
         proc = _setup(bao, kube, files, "Cluster_1")
