@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent import istio_certs, kinds, kvstore
 from agent.clusters import BUNDLE_KEYS, check_cluster_name
 from agent.config import KEY_TYPES, SA_TOKEN_PATH
-from agent.errors import ConfigError, SecretError, WriteConflict
+from agent.errors import AuthError, ConfigError, SecretError, WriteConflict
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -175,7 +175,7 @@ def _write_files(directory: Path, files: Mapping[str, bytes], *, force: bool, sa
             raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        say(f"wrote {target} ({mode:04o})")
+        say(f"wrote {shown(target, 1000)} ({mode:04o})")
 
 
 # ---------------------------------------------------------------------------------------------- root
@@ -325,8 +325,23 @@ def _client(opts: IntermediateOptions, environ: Mapping[str, str] | None) -> hva
     from agent.config import AuthConfig
 
     client = operator_client(environ=environ, login=True)
-    login(client, AuthConfig(method="kubernetes", mount=opts.auth_mount, role=opts.role, token_path=opts.token_path))
+    try:
+        login(client, AuthConfig(method="kubernetes", mount=opts.auth_mount, role=opts.role,
+                                 token_path=opts.token_path))
+    except (AuthError, ConfigError) as exc:
+        # the agent's login names its config keys; here the user set flags
+        raise type(exc)(_flags_for_keys(str(exc))) from None
     return client
+
+
+#: the agent's auth config keys, as `ca intermediate` spells them
+_AUTH_FLAGS = {"auth.token_path": "--token-path", "auth.mount": "--auth-mount", "auth.role": "--role"}
+
+
+def _flags_for_keys(message: str) -> str:
+    for key, flag in _AUTH_FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 def _files(root: Root, key: Any, cert: x509.Certificate) -> dict[str, bytes]:

@@ -268,6 +268,16 @@ class TestIntermediateDir:
         assert "is not the key of any certificate" in error_line(proc)
         assert not out.exists() or not any(out.iterdir())
 
+    def test_written_paths_are_escaped(self, tmp_path, root_dir):
+        """A --out with a newline or a terminal escape is shown escaped in the `wrote` lines, one line per file."""
+        out = tmp_path / "a\nb\x1b[31m"
+        proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(out),
+                       "--key-type", "ec-p256")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 4 and all("a\\x0ab\\x1b[31m/" in ln for ln in lines) and "\x1b" not in proc.stdout
+        assert (out / "ca-key.pem").exists()
+
     def test_bad_cluster_name_and_missing_target(self, tmp_path, root_dir):
         """A cluster name unfit for mount names, or no --out/--kv, is one error line."""
         proc = run_cli("ca", "intermediate", "--cluster", "C 1", "--root-dir", str(root_dir), "--out", str(tmp_path))
@@ -456,6 +466,24 @@ class TestIntermediateKV:
         again = run_cli(*args, env=cli_env(VAULT_ADDR=bao.address))
         assert again.returncode == 0 and again.stdout.startswith("already present"), again.stderr
         _assert_no_key(proc.stdout + proc.stderr + again.stdout + again.stderr, token.read_text())
+
+    def test_login_errors_name_this_commands_flags(self, tmp_path, bao, vault_admin, kube, unique, root_dir):
+        """A login that fails names --token-path / --auth-mount, the flags of this command, not the agent's
+        config keys."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 1)
+        base = ("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--kv", kv, "--role",
+                "istiod")
+        no_file = run_cli(*base, "--auth-mount", f"kubernetes-{cluster}", "--token-path", str(tmp_path / "none"),
+                          env=cli_env(VAULT_ADDR=bao.address))
+        line = error_line(no_file)
+        assert no_file.returncode == 1 and line.endswith("or set --token-path") and "auth.token_path" not in line
+        token = tmp_path / "token"
+        token.write_text(kube.mint_token("istio-system", "istiod"))
+        no_mount = run_cli(*base, "--auth-mount", f"none{unique}", "--token-path", str(token),
+                           env=cli_env(VAULT_ADDR=bao.address))
+        line = error_line(no_mount)
+        assert no_mount.returncode == 1 and f"enabled at auth/none{unique} (--auth-mount)" in line
+        _assert_no_key(no_mount.stderr, token.read_text())
 
     def test_credentials_come_only_from_the_given_environment(self, bao, root_dir):
         """Without VAULT_TOKEN in the command's environment it refuses, saying what to set."""
