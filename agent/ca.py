@@ -142,15 +142,28 @@ def _refuse_existing(directory: Path, names: Mapping[str, bytes]) -> None:
         )
 
 
+def _make_dir(directory: Path, *, probe: bool = False) -> None:
+    """Create `directory` (0700) if missing; with `probe`, also create and remove a file there, so that a
+    directory that cannot be written fails before anything else is written (the KV secret)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create directory {directory}: {exc.strerror or exc}") from None
+    if probe:
+        tmp = directory / f".probe.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            tmp.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write in {directory}: {exc.strerror or exc}: nothing was written") from None
+
+
 def _write_files(directory: Path, files: Mapping[str, bytes], *, force: bool, say: Say) -> None:
     """Write each file beside its target and move it in (replace only with `force`); keys 0600, the rest 0644.
 
     Key files go first, so a reader that watches the certificate never sees it before its key.
     """
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create directory {directory}: {exc.strerror or exc}") from None
+    _make_dir(directory)
     if not force:
         _refuse_existing(directory, files)
     for name in sorted(files, key=lambda n: n not in _KEY_FILES):
@@ -385,6 +398,8 @@ def _check_targets(
                               " replace it (or --if-missing to leave it as it is)")
         if out is not None:
             _refuse_existing(out, _BUNDLE_FILES)
+    if out is not None and target is not None:
+        _make_dir(out, probe=True)  # before the KV write: a directory it cannot fill must not leave KV alone written
     return target, seen
 
 

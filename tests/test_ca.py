@@ -467,6 +467,21 @@ class TestIntermediateKV:
         assert again.returncode == 0 and again.stdout.startswith("already present"), again.stderr
         _assert_no_key(proc.stdout + proc.stderr + again.stdout + again.stderr, token.read_text())
 
+    def test_an_out_dir_it_cannot_fill_stops_it_before_kv(self, tmp_path, bao, vault_admin, kube, unique,
+                                                          root_dir):
+        """--kv with an --out that cannot be created is one error line and leaves KV empty, so a rerun needs no
+        --force."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
+        (tmp_path / "file").write_text("x")
+        base = ("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--kv", kv, "--key-type",
+                "ec-p256")
+        proc = run_cli(*base, "--out", str(tmp_path / "file" / "out"), env=_operator_env(bao))
+        assert proc.returncode == 1 and "cannot create directory" in error_line(proc) and proc.stdout == ""
+        assert _kv_data(vault_admin, kv) is None
+        again = run_cli(*base, "--out", str(tmp_path / "out"), env=_operator_env(bao))
+        assert again.returncode == 0, again.stderr
+        assert _kv_data(vault_admin, kv) is not None and (tmp_path / "out" / "ca-key.pem").exists()
+
     def test_login_errors_name_this_commands_flags(self, tmp_path, bao, vault_admin, kube, unique, root_dir):
         """A login that fails names --token-path / --auth-mount, the flags of this command, not the agent's
         config keys."""
