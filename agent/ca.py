@@ -286,6 +286,10 @@ def _find_kv(client: hvac.Client, path: str, flag: str, fix: str) -> kvstore.KVM
     """
     from agent.errors import PermissionDenied
 
+    if any(c in "?#%" or not c.isprintable() for c in path):
+        # in a URL these would cut the path (a query, a fragment) or be decoded: another secret would be written
+        raise ConfigError(f"{flag} {shown(path)!r} cannot name a KV secret: leave out '?', '#', '%' and control"
+                          " characters")
     try:
         return kvstore.find_mount(client, path, fix=fix)
     except PermissionDenied:

@@ -482,6 +482,16 @@ class TestIntermediateKV:
         assert again.returncode == 0, again.stderr
         assert _kv_data(vault_admin, kv) is not None and (tmp_path / "out" / "ca-key.pem").exists()
 
+    @pytest.mark.parametrize("suffix", ["?x=1", "#frag", "%2Fother", "\nb"])
+    def test_kv_path_that_a_url_would_change_is_refused(self, bao, vault_admin, kube, unique, root_dir, suffix):
+        """A --kv with '?', '#', '%' or a newline (which would make the request name another secret) is one error
+        line, and the secret it would have hit stays as it was."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
+        proc = run_cli("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--key-type",
+                       "ec-p256", "--kv", kv + suffix, "--force", env=_operator_env(bao))
+        assert proc.returncode == 1 and "cannot name a KV secret" in error_line(proc) and proc.stdout == ""
+        assert _kv_data(vault_admin, kv) is None
+
     def test_login_errors_name_this_commands_flags(self, tmp_path, bao, vault_admin, kube, unique, root_dir):
         """A login that fails names --token-path / --auth-mount, the flags of this command, not the agent's
         config keys."""
