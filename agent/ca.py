@@ -386,7 +386,12 @@ def _check_targets(
         seen = kvstore.presence(client, target)
     held = {f"KV v{target.version} path {shown(target.full)}": seen.live} if target else {}
     if out is not None:
-        held[str(out)] = bool(_existing(out, _BUNDLE_FILES))
+        found = _existing(out, _BUNDLE_FILES)
+        if opts.if_missing and found and len(found) < len(_BUNDLE_FILES):
+            lack = ", ".join(n for n in _BUNDLE_FILES if n not in found)
+            raise ConfigError(f"{out} holds only part of a CA (no {lack}): nothing was written; pass --force (instead"
+                              " of --if-missing) to replace it with a whole new intermediate")
+        held[str(out)] = bool(found)
     if opts.if_missing and any(held.values()):
         if all(held.values()):
             for where in held:

@@ -268,6 +268,19 @@ class TestIntermediateDir:
         assert "is not the key of any certificate" in error_line(proc)
         assert not out.exists() or not any(out.iterdir())
 
+    def test_if_missing_does_not_take_part_of_a_ca_for_one(self, tmp_path, root_dir):
+        """--if-missing with a directory holding only some of the four files is one error line naming what is
+        missing, not "already present"; the file there is left alone."""
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "ca-cert.pem").write_text("left over\n")
+        proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(out),
+                       "--key-type", "ec-p256", "--if-missing")
+        assert proc.returncode == 1 and proc.stdout == ""
+        line = error_line(proc)
+        assert "holds only part of a CA (no ca-key.pem, cert-chain.pem, root-cert.pem)" in line and "--force" in line
+        assert sorted(p.name for p in out.iterdir()) == ["ca-cert.pem"]
+
     def test_written_paths_are_escaped(self, tmp_path, root_dir):
         """A --out with a newline or a terminal escape is shown escaped in the `wrote` lines, one line per file."""
         out = tmp_path / "a\nb\x1b[31m"
