@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent import istio_certs, kinds, kvstore
 from agent.clusters import BUNDLE_KEYS, check_cluster_name
 from agent.config import KEY_TYPES, SA_TOKEN_PATH
-from agent.errors import ConfigError, SecretError, WriteConflict
+from agent.errors import AuthError, ConfigError, SecretError, WriteConflict
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -142,15 +142,28 @@ def _refuse_existing(directory: Path, names: Mapping[str, bytes]) -> None:
         )
 
 
+def _make_dir(directory: Path, *, probe: bool = False) -> None:
+    """Create `directory` (0700) if missing; with `probe`, also create and remove a file there, so that a
+    directory that cannot be written fails before anything else is written (the KV secret)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create directory {directory}: {exc.strerror or exc}") from None
+    if probe:
+        tmp = directory / f".probe.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            tmp.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write in {directory}: {exc.strerror or exc}: nothing was written") from None
+
+
 def _write_files(directory: Path, files: Mapping[str, bytes], *, force: bool, say: Say) -> None:
     """Write each file beside its target and move it in (replace only with `force`); keys 0600, the rest 0644.
 
     Key files go first, so a reader that watches the certificate never sees it before its key.
     """
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create directory {directory}: {exc.strerror or exc}") from None
+    _make_dir(directory)
     if not force:
         _refuse_existing(directory, files)
     for name in sorted(files, key=lambda n: n not in _KEY_FILES):
@@ -175,7 +188,7 @@ def _write_files(directory: Path, files: Mapping[str, bytes], *, force: bool, sa
             raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        say(f"wrote {target} ({mode:04o})")
+        say(f"wrote {shown(target, 1000)} ({mode:04o})")
 
 
 # ---------------------------------------------------------------------------------------------- root
@@ -265,9 +278,49 @@ def load_root_dir(directory: Path) -> Root:
     return _root(data[ROOT_CERT], data[ROOT_KEY], str(directory))
 
 
+def _find_kv(client: hvac.Client, path: str, flag: str, fix: str) -> kvstore.KVMount:
+    """kvstore.find_mount, with what a 403 or 404 of the mount lookup means to the operator.
+
+    Vault answers 403 for a mount that does not exist (as for one the token may not use), and 404 when the
+    namespace does not exist.
+    """
+    from agent.errors import PermissionDenied
+
+    if any(c in "?#%" or not c.isprintable() for c in path):
+        # in a URL these would cut the path (a query, a fragment) or be decoded: another secret would be written
+        raise ConfigError(f"{flag} {shown(path)!r} cannot name a KV secret: leave out '?', '#', '%' and control"
+                          " characters")
+    try:
+        return kvstore.find_mount(client, path, fix=fix)
+    except PermissionDenied:
+        mount = shown(path.strip("/").split("/")[0])
+        raise PermissionDenied(
+            f"{flag} {shown(path)}: there is no KV mount {mount} that this token may use (Vault answers permission"
+            f" denied for both): check the mount's name (bao secrets list) and the token's policy"
+        ) from None
+    except SecretError:
+        namespace = getattr(client.adapter, "namespace", None)
+        if namespace and not _namespace_exists(client):
+            raise ConfigError(f"Vault namespace {shown(namespace)!r} does not exist: fix VAULT_NAMESPACE") from None
+        raise
+
+
+def _namespace_exists(client: hvac.Client) -> bool:
+    """False when the client's namespace answers 404 at its root (sys/internal/ui/mounts needs no policy)."""
+    import hvac.exceptions as hx
+
+    try:
+        client.adapter.get("/v1/sys/internal/ui/mounts")
+    except hx.InvalidPath:
+        return False
+    except Exception:  # noqa: BLE001 - only a 404 says no; anything else leaves the first error to be reported
+        return True
+    return True
+
+
 def _load_root_kv(client: hvac.Client, path: str) -> Root:
     fix = "--root-kv must be MOUNT/PATH of a KV secret with keys root_cert and root_key"
-    m = kvstore.find_mount(client, path, fix=fix)
+    m = _find_kv(client, path, "--root-kv", fix)
     data = kvstore.read(client, m, hint=f"grant read on {shown(m.policy_path)}")
     missing = [k for k in ROOT_KV_KEYS if not isinstance((data or {}).get(k), str) or not (data or {})[k].strip()]
     if data is None or missing:
@@ -289,8 +342,23 @@ def _client(opts: IntermediateOptions, environ: Mapping[str, str] | None) -> hva
     from agent.config import AuthConfig
 
     client = operator_client(environ=environ, login=True)
-    login(client, AuthConfig(method="kubernetes", mount=opts.auth_mount, role=opts.role, token_path=opts.token_path))
+    try:
+        login(client, AuthConfig(method="kubernetes", mount=opts.auth_mount, role=opts.role,
+                                 token_path=opts.token_path))
+    except (AuthError, ConfigError) as exc:
+        # the agent's login names its config keys; here the user set flags
+        raise type(exc)(_flags_for_keys(str(exc))) from None
     return client
+
+
+#: the agent's auth config keys, as `ca intermediate` spells them
+_AUTH_FLAGS = {"auth.token_path": "--token-path", "auth.mount": "--auth-mount", "auth.role": "--role"}
+
+
+def _flags_for_keys(message: str) -> str:
+    for key, flag in _AUTH_FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 def _files(root: Root, key: Any, cert: x509.Certificate) -> dict[str, bytes]:
@@ -314,11 +382,16 @@ def _check_targets(
     target: kvstore.KVMount | None = None
     seen = kvstore.Presence(False, 0)
     if opts.kv and client is not None:
-        target = kvstore.find_mount(client, opts.kv, fix="--kv must be MOUNT/PATH of a secret on a KV v1 or v2 mount")
+        target = _find_kv(client, opts.kv, "--kv", "--kv must be MOUNT/PATH of a secret on a KV v1 or v2 mount")
         seen = kvstore.presence(client, target)
     held = {f"KV v{target.version} path {shown(target.full)}": seen.live} if target else {}
     if out is not None:
-        held[str(out)] = bool(_existing(out, _BUNDLE_FILES))
+        found = _existing(out, _BUNDLE_FILES)
+        if opts.if_missing and found and len(found) < len(_BUNDLE_FILES):
+            lack = ", ".join(n for n in _BUNDLE_FILES if n not in found)
+            raise ConfigError(f"{out} holds only part of a CA (no {lack}): nothing was written; pass --force (instead"
+                              " of --if-missing) to replace it with a whole new intermediate")
+        held[str(out)] = bool(found)
     if opts.if_missing and any(held.values()):
         if all(held.values()):
             for where in held:
@@ -334,6 +407,8 @@ def _check_targets(
                               " replace it (or --if-missing to leave it as it is)")
         if out is not None:
             _refuse_existing(out, _BUNDLE_FILES)
+    if out is not None and target is not None:
+        _make_dir(out, probe=True)  # before the KV write: a directory it cannot fill must not leave KV alone written
     return target, seen
 
 

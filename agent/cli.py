@@ -14,6 +14,8 @@ from agent.errors import AgentError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+#: 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+EXIT_SIGPIPE = 141
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -158,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc), run.termination_log if args.command == "run" else None)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader left (`setup vault --dry-run | head`): stop quietly, as a process killed by SIGPIPE would;
+        # stdout now points at /dev/null so that the flush at exit does not fail again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line; the traceback only with log.level debug
         import traceback
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.clusters import BUNDLE_KEYS, ClusterLayout, check_cluster_name
-from agent.errors import AgentError, BundleError, ConfigError, VaultUnavailable
+from agent.errors import AgentError, BundleError, ConfigError, PermissionDenied, VaultUnavailable
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -462,11 +462,25 @@ def diagnose(
 
     Raises:
         VaultUnavailable: Vault could not be asked at all.
-        ConfigError: a cluster name cannot name mounts.
+        ConfigError: a cluster name cannot name mounts, or the client's namespace does not exist.
+        PermissionDenied: the token may not list the auth methods (invalid, expired, or not an operator's).
     """
     now = now or dt.datetime.now(dt.UTC)
     layouts = [ClusterLayout(check_cluster_name(name), pki_mount=pki_mount) for name in dict.fromkeys(clusters)]
     v = _Vault(client)
+    namespace = getattr(client.adapter, "namespace", None)
+    try:
+        methods = v.read("sys/auth")
+    except PermissionDenied:  # every check would fail the same way: one line instead
+        raise PermissionDenied(
+            "the operator token may not list the auth methods (sys/auth): check that VAULT_TOKEN is valid and not"
+            " expired, and that its policy allows read on sys/auth (a root or admin token)"
+        ) from None
+    if namespace and methods is None:  # 404 at the namespace's own root: no such namespace
+        raise ConfigError(
+            f"Vault namespace {shown(namespace)!r} does not exist: fix --namespace (or VAULT_NAMESPACE), or create"
+            " it and run `istio-vault-agent setup vault` there first"
+        )
     out: list[Check] = []
     trusts: dict[str, Trust] = {}
     for lay in layouts:

@@ -138,7 +138,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
     layout = ClusterLayout(check_cluster_name(args.cluster))
     host = str(args.kubernetes_host)
     parsed = urllib.parse.urlsplit(host)
-    if parsed.scheme not in {"https", "http"} or not parsed.netloc:
+    # urlsplit drops tabs and newlines before parsing; Vault would store them in kubernetes_host
+    if parsed.scheme not in {"https", "http"} or not parsed.netloc or any(c.isspace() or not c.isprintable()
+                                                                        for c in host):
         raise ConfigError(f"--kubernetes-host {shown(host)!r} is not a URL: give the API server's https:// URL")
     ca_pem = _read_text(args.kubernetes_ca_cert, "the API server's CA certificate (PEM)", "--kubernetes-ca-cert")
     try:

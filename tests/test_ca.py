@@ -268,6 +268,29 @@ class TestIntermediateDir:
         assert "is not the key of any certificate" in error_line(proc)
         assert not out.exists() or not any(out.iterdir())
 
+    def test_if_missing_does_not_take_part_of_a_ca_for_one(self, tmp_path, root_dir):
+        """--if-missing with a directory holding only some of the four files is one error line naming what is
+        missing, not "already present"; the file there is left alone."""
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "ca-cert.pem").write_text("left over\n")
+        proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(out),
+                       "--key-type", "ec-p256", "--if-missing")
+        assert proc.returncode == 1 and proc.stdout == ""
+        line = error_line(proc)
+        assert "holds only part of a CA (no ca-key.pem, cert-chain.pem, root-cert.pem)" in line and "--force" in line
+        assert sorted(p.name for p in out.iterdir()) == ["ca-cert.pem"]
+
+    def test_written_paths_are_escaped(self, tmp_path, root_dir):
+        """A --out with a newline or a terminal escape is shown escaped in the `wrote` lines, one line per file."""
+        out = tmp_path / "a\nb\x1b[31m"
+        proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(out),
+                       "--key-type", "ec-p256")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 4 and all("a\\x0ab\\x1b[31m/" in ln for ln in lines) and "\x1b" not in proc.stdout
+        assert (out / "ca-key.pem").exists()
+
     def test_bad_cluster_name_and_missing_target(self, tmp_path, root_dir):
         """A cluster name unfit for mount names, or no --out/--kv, is one error line."""
         proc = run_cli("ca", "intermediate", "--cluster", "C 1", "--root-dir", str(root_dir), "--out", str(tmp_path))
@@ -457,8 +480,67 @@ class TestIntermediateKV:
         assert again.returncode == 0 and again.stdout.startswith("already present"), again.stderr
         _assert_no_key(proc.stdout + proc.stderr + again.stdout + again.stderr, token.read_text())
 
+    def test_an_out_dir_it_cannot_fill_stops_it_before_kv(self, tmp_path, bao, vault_admin, kube, unique,
+                                                          root_dir):
+        """--kv with an --out that cannot be created is one error line and leaves KV empty, so a rerun needs no
+        --force."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
+        (tmp_path / "file").write_text("x")
+        base = ("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--kv", kv, "--key-type",
+                "ec-p256")
+        proc = run_cli(*base, "--out", str(tmp_path / "file" / "out"), env=_operator_env(bao))
+        assert proc.returncode == 1 and "cannot create directory" in error_line(proc) and proc.stdout == ""
+        assert _kv_data(vault_admin, kv) is None
+        again = run_cli(*base, "--out", str(tmp_path / "out"), env=_operator_env(bao))
+        assert again.returncode == 0, again.stderr
+        assert _kv_data(vault_admin, kv) is not None and (tmp_path / "out" / "ca-key.pem").exists()
+
+    @pytest.mark.parametrize("suffix", ["?x=1", "#frag", "%2Fother", "\nb"])
+    def test_kv_path_that_a_url_would_change_is_refused(self, bao, vault_admin, kube, unique, root_dir, suffix):
+        """A --kv with '?', '#', '%' or a newline (which would make the request name another secret) is one error
+        line, and the secret it would have hit stays as it was."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
+        proc = run_cli("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--key-type",
+                       "ec-p256", "--kv", kv + suffix, "--force", env=_operator_env(bao))
+        assert proc.returncode == 1 and "cannot name a KV secret" in error_line(proc) and proc.stdout == ""
+        assert _kv_data(vault_admin, kv) is None
+
+    def test_login_errors_name_this_commands_flags(self, tmp_path, bao, vault_admin, kube, unique, root_dir):
+        """A login that fails names --token-path / --auth-mount, the flags of this command, not the agent's
+        config keys."""
+        cluster, kv = _kv_layout(vault_admin, kube, unique, 1)
+        base = ("ca", "intermediate", "--cluster", cluster, "--root-dir", str(root_dir), "--kv", kv, "--role",
+                "istiod")
+        no_file = run_cli(*base, "--auth-mount", f"kubernetes-{cluster}", "--token-path", str(tmp_path / "none"),
+                          env=cli_env(VAULT_ADDR=bao.address))
+        line = error_line(no_file)
+        assert no_file.returncode == 1 and line.endswith("or set --token-path") and "auth.token_path" not in line
+        token = tmp_path / "token"
+        token.write_text(kube.mint_token("istio-system", "istiod"))
+        no_mount = run_cli(*base, "--auth-mount", f"none{unique}", "--token-path", str(token),
+                           env=cli_env(VAULT_ADDR=bao.address))
+        line = error_line(no_mount)
+        assert no_mount.returncode == 1 and f"enabled at auth/none{unique} (--auth-mount)" in line
+        _assert_no_key(no_mount.stderr, token.read_text())
+
     def test_credentials_come_only_from_the_given_environment(self, bao, root_dir):
         """Without VAULT_TOKEN in the command's environment it refuses, saying what to set."""
         proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--kv", "kv/x",
                        env=cli_env(VAULT_ADDR=bao.address))
         assert proc.returncode == 1 and "set VAULT_TOKEN" in error_line(proc)
+
+    def test_unknown_mount_and_namespace_say_what_to_check(self, bao, vault_admin, unique, root_dir, tmp_path):
+        """An unknown KV mount (Vault answers 403) and an unknown VAULT_NAMESPACE (404) are one error line each
+        saying what to check; a non-KV path inside a real namespace still says it is not KV."""
+        base = ("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--out", str(tmp_path / "o"))
+        mount = run_cli(*base, "--kv", f"nomount{unique}/x", env=_operator_env(bao))
+        assert mount.returncode == 1 and error_line(mount) == (
+            f"error: --kv nomount{unique}/x: there is no KV mount nomount{unique} that this token may use (Vault"
+            " answers permission denied for both): check the mount's name (bao secrets list) and the token's policy")
+        assert not (tmp_path / "o").exists()
+        nowhere = run_cli(*base, "--kv", "kv/x", env=_operator_env(bao) | {"VAULT_NAMESPACE": f"none{unique}"})
+        assert nowhere.returncode == 1
+        assert error_line(nowhere) == f"error: Vault namespace 'none{unique}' does not exist: fix VAULT_NAMESPACE"
+        vault_admin.adapter.post(f"/v1/sys/namespaces/ns{unique}")
+        not_kv = run_cli(*base, "--kv", "sys/x", env=_operator_env(bao) | {"VAULT_NAMESPACE": f"ns{unique}"})
+        assert not_kv.returncode == 1 and "sys/x is not a secret on a KV secrets engine" in error_line(not_kv)

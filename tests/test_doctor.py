@@ -252,6 +252,25 @@ class TestBrokenPieces:
         assert proc.stderr.startswith("error: cannot reach Vault at http://127.0.0.1:9"), proc.stderr
         assert "t0ken-s3cret" not in proc.stderr
 
+    def test_token_vault_refuses(self, mesh, bao):
+        """A token Vault does not accept is one error line saying to check VAULT_TOKEN, no report, and the token
+        is not shown."""
+        proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN="s.n0t-a-t0ken"))
+        assert proc.returncode == 1 and proc.stdout == ""
+        line = error_line(proc)
+        assert line.startswith("error: the operator token may not list the auth methods") and "VAULT_TOKEN" in line
+        assert "n0t-a-t0ken" not in proc.stderr
+
+    def test_unknown_namespace(self, mesh, bao, unique):
+        """A --namespace (or VAULT_NAMESPACE) Vault does not have is one error line saying so, not FAIL lines."""
+        for extra, env in ((("--namespace", f"none{unique}"), {}), ((), {"VAULT_NAMESPACE": f"none{unique}"})):
+            proc = run_cli(*mesh.args, *extra,
+                           env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token, **env))
+            assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+            assert error_line(proc) == (f"error: Vault namespace 'none{unique}' does not exist: fix --namespace (or"
+                                        " VAULT_NAMESPACE), or create it and run `istio-vault-agent setup vault`"
+                                        " there first")
+
     def test_other_commands_do_not_load_doctor(self, tmp_path):
         """Start-up time: commands other than doctor never import agent.doctor."""
         root = root_ca()

@@ -255,6 +255,20 @@ class TestDryRun:
         assert f"bao write auth/kubernetes-{c}/role/istiod " in dry.stdout and "audience=vault" in dry.stdout
         assert vault_admin.read(f"auth/kubernetes-{c}/role/istiod")["data"]["audience"] == "other"
 
+    def test_reader_that_goes_away_gets_no_traceback(self, bao, kube, files, unique):
+        """`--dry-run | head` with the reader gone before the output: exit 141 like SIGPIPE, nothing on stderr."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "setup", "vault", "--cluster", f"c{unique}", "--kubernetes-host",
+             kube.url, "--kubernetes-ca-cert", str(files["ca"]), "--dry-run"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(VAULT_ADDR=bao.address,
+                                                                      VAULT_TOKEN=bao.root_token),
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the command prints anything
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141
+        assert stderr == ""
+
 
 class TestPki:
     def test_istiod_signs_its_intermediate_and_reads_no_other_kv(self, tmp_path, bao, kube, files, unique,
@@ -323,6 +337,16 @@ class TestErrors:
                           "--kubernetes-ca-cert", str(bad),
                           env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token))
         assert garbage.returncode == 1 and "holds no PEM certificate" in error_line(garbage)
+
+    @pytest.mark.parametrize("host", ["https://k8s.example:6443/\nbao secrets disable x", "https://k8s .example",
+                                      "https://k8s.example:6443\t", "not a url"])
+    def test_kubernetes_host_with_whitespace_is_refused(self, bao, kube, files, unique, host):
+        """A --kubernetes-host with a newline, space or tab is one error line, and nothing is created."""
+        proc = run_cli("setup", "vault", "--cluster", f"c{unique}", "--kubernetes-host", host,
+                       "--kubernetes-ca-cert", str(files["ca"]),
+                       env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=bao.root_token))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert error_line(proc).startswith("error: --kubernetes-host ") and "is not a URL" in proc.stderr
 
     def test_bad_cluster_name(self, bao, kube, files):
         """A cluster name that cannot name a mount is one error line saying what is allowed."""
