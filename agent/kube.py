@@ -37,8 +37,8 @@ _MAX_MESSAGE = 1024
 #: (connect, read) seconds; the client blocks, and a thread cannot be cancelled, so every call is bounded
 _PATCH_TIMEOUT = (5.0, 10.0)
 _EVENT_TIMEOUT = (2.0, 3.0)
-#: how long closing the EventRecorder waits for Events in flight
-_CLOSE_GRACE = 1.0
+#: how long closing the EventRecorder waits for Events in flight (SIGTERM must still exit within a second)
+_CLOSE_GRACE = 0.5
 _unavailable_logged = False
 
 T = TypeVar("T")

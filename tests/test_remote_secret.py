@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -318,6 +319,38 @@ class TestPrune:
         assert remote.secret("cluster-x") is not None  # not the agent's
         assert [e["object"] for e in second.events("remote_secret_pruned")] == [
             f"{remote.namespace}/istio-remote-secret-cluster-a"]
+
+
+class TestShutdown:
+    @pytest.mark.parametrize("call", ["secret GET", "Event POST"])
+    def test_sigterm_with_a_hung_kubernetes_call_exits_0_within_a_second(self, remote, call):
+        """SIGTERM while a Secret read or an Event hangs in the Kubernetes API: exit 0 within a second (README), and
+        no SIGABRT when the abandoned call returns while the agent exits."""
+        remote.store("cluster-a", remote.kubeconfig())
+        agent = remote.agent()
+        entered, release = threading.Event(), threading.Event()
+
+        def hang(_req: Any) -> tuple[int, Any]:
+            entered.set()
+            release.wait(30)
+            return 500, {"kind": "Status", "message": "late"}
+
+        if call == "secret GET":
+            remote.kube.add_handler("GET", f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}", hang)
+        else:
+            remote.kube.add_handler("POST", f"/api/v1/namespaces/{remote.namespace}/events", hang)
+            remote.store("cluster-a", remote.kubeconfig())  # a new version: published, then a BundlePublished Event
+        assert entered.wait(10)
+        # the call returns just after the agent stopped waiting for it, while it exits
+        timer = threading.Timer(0.6, release.set)
+        timer.start()
+        try:
+            rc, took = agent.stop()
+        finally:
+            timer.cancel()
+            release.set()
+        assert rc == 0 and took < 1.0, (rc, took, agent.tail())
+        assert agent.events("sidecar_stopped")
 
 
 class TestKubeconfigCheck:
