@@ -294,6 +294,24 @@ class TestRefusals:
         assert remote.writes() == 0
 
 
+    @pytest.mark.parametrize("method", ["GET", "PATCH"])
+    def test_an_answer_that_is_not_a_secret_is_an_error(self, remote, method):
+        """A Secret read or apply answered 200 with something that is not an object: init exits 1 with one sentence
+        instead of reporting success, and an unmanaged Secret of that name is not written (an odd read is never
+        taken for "absent")."""
+        if method == "GET":
+            meta = {"name": "istio-remote-secret-cluster-a", "namespace": remote.namespace}
+            remote.kube.put_secret({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+                                    "data": {"cluster-a": base64.b64encode(b"theirs").decode()}})
+        remote.store("cluster-a", remote.kubeconfig())
+        remote.kube.add_handler(method, f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}",
+                                lambda _req: (200, "<html>login</html>"))
+        proc = remote.init()
+        assert proc.returncode == 1
+        assert "with something that is not an object" in error_line(proc)
+        assert remote.data() == (b"theirs" if method == "GET" else None)
+
+
 class TestPrune:
     def test_prune_on_removal(self, remote):
         """Restarted without two of its bundles, the agent deletes the Secret whose bundle had prune: true and keeps
