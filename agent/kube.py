@@ -425,9 +425,12 @@ def _api_message(body: object) -> str:
 def _secret_failure(status: int | None, verb: str, what: str, message: str) -> str:
     if status == 403:
         rbac_verb = "patch" if verb == "apply" else verb
+        # the chart grants delete only on the Secrets of remoteSecrets.retiredClusters
+        chart = "list its cluster in remoteSecrets.retiredClusters" if verb == "delete" else (
+            "rbac.create with a remote-secret bundle")
         return (
             f"the agent may not {verb} {what}: grant its service account RBAC verb {rbac_verb}"
-            " on secrets in that namespace (chart: rbac.create with a remote-secret bundle)"
+            f" on secrets in that namespace (chart: {chart})"
         )
     if status == 401:
         return f"the Kubernetes API refused the agent's credentials for the {verb} of {what}"

@@ -339,6 +339,24 @@ class TestPrune:
             f"{remote.namespace}/istio-remote-secret-cluster-a"]
 
 
+    def test_a_forbidden_delete_names_the_chart_value_that_grants_it(self, remote):
+        """When RBAC forbids deleting a pruned Secret (the chart grants delete only on retired clusters), the warning
+        says to list the cluster in remoteSecrets.retiredClusters, and the Secret stays."""
+        for cluster in ("cluster-a", "cluster-b"):
+            remote.store(cluster, remote.kubeconfig(cluster))
+        bundles = [remote.bundle("cluster-a", prune=True), remote.bundle("cluster-b")]
+        first = remote.agent(*bundles)
+        assert wait_until(lambda: remote.event_reasons().count("BundlePublished") == 2, 5)
+        assert first.stop()[0] == 0
+        remote.kube.add_handler("DELETE", f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}", lambda _req: (
+            403, {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "secrets is forbidden"}))
+        second = remote.agent(bundles[1])
+        failed = second.wait_event("remote_secret_prune_failed")[-1]
+        assert "may not delete Secret" in failed["reason"]
+        assert "remoteSecrets.retiredClusters" in failed["reason"]
+        assert remote.secret("cluster-a") is not None
+
+
 class TestShutdown:
     @pytest.mark.parametrize("call", ["secret GET", "Event POST"])
     def test_sigterm_with_a_hung_kubernetes_call_exits_0_within_a_second(self, remote, call):
