@@ -10,6 +10,7 @@ import base64
 import json
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -412,6 +413,22 @@ class TestKubeconfigCheck:
         message = str(info.value)
         assert expect in message and "cluster-a" in message
         assert "t0ken" not in message and "\n" not in message
+
+    @pytest.mark.parametrize(("value", "expect"), [
+        (bytes(range(256)) * 64, "is not valid YAML"),
+        (b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+            f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n".encode() for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        ) + b"kind: Config\nclusters: *i\n", "exactly one entry in clusters, not 9"),
+        (b"[" * 50_000 + b"]" * 50_000, "is not valid YAML"),
+        (b"kind: Config\nx: " + b"y" * 2_000_000, "over the agent's limit"),
+    ], ids=["binary", "alias-bomb", "deep", "huge"])
+    def test_hostile_values_are_refused_quickly(self, value, expect):
+        """Binary data, a YAML alias bomb, deep nesting or a 2 MB value is one refusal sentence within seconds."""
+        started = time.monotonic()
+        with pytest.raises(BundleError, match=expect) as info:
+            self.check(decode_value(value))
+        assert time.monotonic() - started < 5
+        assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
     def test_missing_ca_and_not_yaml(self, ca_pem):
         """No certificate-authority-data, or text that is not YAML, is refused without echoing the content."""
