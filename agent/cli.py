@@ -106,13 +106,15 @@ class _Run:
     termination_log = _TERMINATION_LOG
 
     def __call__(self, args: argparse.Namespace) -> int:
-        from agent import config, hardening, log, runner
+        from agent import config, hardening, log, runner, threads
 
         hardening.apply()  # before the config, the token or a key is read
         cfg = config.load(args.config)
         self.termination_log = cfg.log.termination_message_path
         log.configure(cfg.log.level, cfg.log.format)
-        return runner.run(cfg, once=args.mode == "init")
+        code = runner.run(cfg, once=args.mode == "init")
+        threads.exit_now_if_abandoned(code)
+        return code
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -175,10 +175,15 @@ def _list_at(obj: dict[str, Any], key: str, where: str) -> list[Any]:
     return value
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` when it is a mapping, else {} (a rendered manifest can hold anything where a mapping belongs)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _describe(doc: Mapping[str, Any]) -> str:
-    meta = doc.get("metadata") or {}
-    ns = meta.get("namespace")
-    return f"Deployment {ns}/{meta.get('name')}" if ns else f"Deployment {meta.get('name')}"
+    meta = _mapping(doc.get("metadata"))
+    ns, name = meta.get("namespace"), shown(meta.get("name"), 80)
+    return f"Deployment {shown(ns, 80)}/{name}" if ns else f"Deployment {name}"
 
 
 def _matches(doc: Any, opts: InjectOptions) -> bool:
@@ -186,19 +191,19 @@ def _matches(doc: Any, opts: InjectOptions) -> bool:
         return False
     if not str(doc.get("apiVersion", "")).startswith("apps/"):
         return False
-    meta = doc.get("metadata") or {}
+    meta = _mapping(doc.get("metadata"))
     name = str(meta.get("name", ""))
     patterns = opts.names or (DEFAULT_NAMES if not opts.selector else ("*",))
     if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
         return False
-    labels = meta.get("labels") or {}
+    labels = _mapping(meta.get("labels"))
     return all(k in labels and str(labels[k]) == v for k, v in opts.selector.items())
 
 
 def _inject_deployment(doc: dict[str, Any], opts: InjectOptions) -> None:
     """Add the agent to one Deployment in place; raise ConfigError naming what is missing."""
     where = _describe(doc)
-    pod = ((doc.get("spec") or {}).get("template") or {}).get("spec")
+    pod = _mapping(_mapping(doc.get("spec")).get("template")).get("spec")
     if not isinstance(pod, dict):
         raise ConfigError(f"{where} has no spec.template.spec to add the agent to")
     containers = _list_at(pod, "containers", where)
@@ -241,9 +246,9 @@ def _wiring_gaps(doc: dict[str, Any], opts: InjectOptions) -> tuple[bool, list[s
     the agent's directory (the agent's own mount of the shared volume, else --mount-path) with nothing else
     mounted there.
     """
-    pod = ((doc.get("spec") or {}).get("template") or {}).get("spec")
+    pod = _mapping(_mapping(doc.get("spec")).get("template")).get("spec")
     if not isinstance(pod, dict):
-        return False, []
+        return False, ["it has no spec.template.spec"]
     agent = next((c for c in _named(pod.get("initContainers")) if c.get("name") == AGENT_CONTAINER), None)
     volumes = {v.get("name") for v in _named(pod.get("volumes"))}
     ours = [CA_VOLUME, TOKEN_VOLUME, CONFIG_VOLUME]
@@ -290,7 +295,7 @@ def _half_wired(doc: dict[str, Any], gaps: list[str], opts: InjectOptions) -> Co
         )
     elif gaps[0].startswith("it has no "):
         proxy = next((n for n in names if n == "istio-proxy"), names[0] if names else opts.container)
-        name = (doc.get("metadata") or {}).get("name")
+        name = _mapping(doc.get("metadata")).get("name")
         advice = (
             "gateway charts 1.25 and 1.26 accept initContainers but drop them: add the agent with "
             f"`istio-vault-agent inject --name {shown(name, 80)} --container {shown(proxy, 60)}` "

@@ -37,8 +37,8 @@ _MAX_MESSAGE = 1024
 #: (connect, read) seconds; the client blocks, and a thread cannot be cancelled, so every call is bounded
 _PATCH_TIMEOUT = (5.0, 10.0)
 _EVENT_TIMEOUT = (2.0, 3.0)
-#: how long closing the EventRecorder waits for Events in flight
-_CLOSE_GRACE = 1.0
+#: how long closing the EventRecorder waits for Events in flight (SIGTERM must still exit within a second)
+_CLOSE_GRACE = 0.5
 _unavailable_logged = False
 
 T = TypeVar("T")
@@ -248,12 +248,14 @@ class Kube:
         from kubernetes import client
 
         api = client.CoreV1Api(self.api_client)
+        what = f"Secret {namespace}/{name}"
         found = self._secret_call(
-            "get", f"Secret {namespace}/{name}",
+            "get", what,
             lambda: api.read_namespaced_secret(name, namespace, _preload_content=False,
                                                _request_timeout=_PATCH_TIMEOUT),
         )
-        return found if isinstance(found, dict) else None
+        # not "absent": the owner check must never be skipped on an odd answer
+        return None if found is None else self._object(found, "get", what)
 
     def apply_secret(self, secret: dict[str, Any], *, force: bool) -> dict[str, Any]:
         """Server-side apply `secret` (field manager istio-vault-agent); `force` takes over fields another manager
@@ -266,14 +268,29 @@ class Kube:
 
         meta = secret["metadata"]
         api = client.CoreV1Api(self.api_client)
+        what = f"Secret {meta['namespace']}/{meta['name']}"
         answer = self._secret_call(
-            "apply", f"Secret {meta['namespace']}/{meta['name']}",
+            "apply", what,
             lambda: api.patch_namespaced_secret(
                 meta["name"], meta["namespace"], secret, field_manager=FIELD_MANAGER, force=force,
                 _content_type=_APPLY_PATCH, _preload_content=False, _request_timeout=_PATCH_TIMEOUT,
             ),
         )
-        return answer if isinstance(answer, dict) else {}
+        return self._object(answer, "apply", what)
+
+    def _object(self, answer: object, verb: str, what: str) -> dict[str, Any]:
+        """`answer` when it is a JSON object (a Secret).
+
+        Raises:
+            PublishError: anything else (an answer from something that is not a Kubernetes API server).
+        """
+        if isinstance(answer, dict):
+            return answer
+        raise PublishError(
+            f"the Kubernetes API at {self.api_client.configuration.host} answered the {verb} of {what} with"
+            " something that is not an object: check that the agent's kubeconfig or in-cluster config points at"
+            " the API server"
+        )
 
     def list_secrets(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         """The Secrets of `namespace` that match `label_selector`. Blocks.
@@ -408,9 +425,12 @@ def _api_message(body: object) -> str:
 def _secret_failure(status: int | None, verb: str, what: str, message: str) -> str:
     if status == 403:
         rbac_verb = "patch" if verb == "apply" else verb
+        # the chart grants delete only on the Secrets of remoteSecrets.retiredClusters
+        chart = "list its cluster in remoteSecrets.retiredClusters" if verb == "delete" else (
+            "rbac.create with a remote-secret bundle")
         return (
             f"the agent may not {verb} {what}: grant its service account RBAC verb {rbac_verb}"
-            " on secrets in that namespace (chart: rbac.create with a remote-secret bundle)"
+            f" on secrets in that namespace (chart: {chart})"
         )
     if status == 401:
         return f"the Kubernetes API refused the agent's credentials for the {verb} of {what}"

@@ -5,6 +5,9 @@ prometheus_client is imported only by PrometheusMetrics, so init mode never pays
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
+import itertools
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -30,7 +33,11 @@ METRIC_NAMES = (
     "istio_vault_agent_token_expiry_timestamp_seconds",
     "istio_vault_agent_vault_node_state",
     "istio_vault_agent_renewals_total",
+    "istio_vault_agent_vault_request_duration_seconds",
 )
+
+#: upper bounds (seconds) of the Vault request latency histogram; vault.timeout defaults to 10 s
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Never label a series with a key file, even if a BundleInfo ever listed one.
 _KEY_SUFFIXES = ("key.pem", ".key")
@@ -66,6 +73,8 @@ class PrometheusMetrics(Metrics):
     - ``istio_vault_agent_publish_total{bundle}`` counter: generations published.
     - ``istio_vault_agent_errors_total{bundle,reason}`` counter: failures by short reason.
     - ``istio_vault_agent_vault_requests_total`` counter: HTTP requests answered by Vault.
+    - ``istio_vault_agent_vault_request_duration_seconds`` histogram (extra): time from sending each request to
+      Vault's response headers (requests' `elapsed`), for latency panels.
     - ``istio_vault_agent_bundle_expiry_timestamp_seconds{bundle}`` gauge (extra): earliest notAfter of the
       whole published bundle; alert on it minus time().
     - ``istio_vault_agent_bundle_ready{bundle}`` gauge (extra): 1 when /readyz counts the bundle as ready;
@@ -94,6 +103,9 @@ class PrometheusMetrics(Metrics):
         self._errors_total: dict[tuple[str, str], int] = {}
         self._renewals_total: dict[str, int] = {}
         self._vault_requests = 0
+        #: latency histogram: count per bucket (the last one is +Inf), and the sum
+        self._latency_buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
         self._ready: dict[str, bool] = {}
         self._token_expiry: float | None = None
         self._vault_node: str | None = None
@@ -116,10 +128,16 @@ class PrometheusMetrics(Metrics):
         with self._lock:
             self._errors_total[bundle, reason] = self._errors_total.get((bundle, reason), 0) + 1
 
-    def vault_request(self, *_args: object, **_kwargs: object) -> None:
-        """Count one Vault HTTP request. Used as a requests response hook, so it must return None."""
+    def vault_request(self, *args: object, **_kwargs: object) -> None:
+        """Count one Vault HTTP request and its latency (the response's `elapsed`, when it has one). Used as a
+        requests response hook, so it must return None."""
+        elapsed = getattr(args[0], "elapsed", None) if args else None
+        seconds = elapsed.total_seconds() if isinstance(elapsed, dt.timedelta) else None
         with self._lock:
             self._vault_requests += 1
+            if seconds is not None and seconds >= 0:
+                self._latency_buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+                self._latency_sum += seconds
 
     def renewal(self, bundle: str, *, renewed: bool) -> None:
         """Start `bundle`'s renewals_total at 0 (first issuance) or count one renewal."""
@@ -154,7 +172,7 @@ class PrometheusMetrics(Metrics):
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
     def _families(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         with self._lock:
             cert_expiry = {b: dict(files) for b, files in self._cert_expiry.items()}
@@ -164,6 +182,7 @@ class PrometheusMetrics(Metrics):
             errors_total = dict(self._errors_total)
             renewals_total = dict(self._renewals_total)
             vault_requests = self._vault_requests
+            latency_buckets, latency_sum = list(self._latency_buckets), self._latency_sum
             ready = dict(self._ready)
             token_expiry = self._token_expiry
             vault_node = self._vault_node
@@ -201,6 +220,14 @@ class PrometheusMetrics(Metrics):
 
         yield CounterMetricFamily(
             "istio_vault_agent_vault_requests", "HTTP requests answered by Vault.", value=vault_requests
+        )
+
+        cumulative = list(itertools.accumulate(latency_buckets))
+        yield HistogramMetricFamily(
+            "istio_vault_agent_vault_request_duration_seconds",
+            "Time from sending a request to Vault to its response headers, in seconds.",
+            buckets=[*zip([repr(b) for b in _LATENCY_BUCKETS], cumulative, strict=False), ("+Inf", cumulative[-1])],
+            sum_value=latency_sum,
         )
 
         c = CounterMetricFamily(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["offload"]
+__all__ = ["exit_now_if_abandoned", "offload"]
 
 T = TypeVar("T")
 
@@ -40,3 +42,17 @@ async def offload(fn: Callable[..., T], *args: Any, name: str | None = None) -> 
 
     threading.Thread(target=run, name=name or getattr(fn, "__name__", "blocking-call"), daemon=True).start()
     return await future
+
+
+def exit_now_if_abandoned(code: int) -> None:
+    """Exit with `code` at once, skipping interpreter finalization, while a daemon thread still runs a call.
+
+    An abandoned call (a hung Vault or Kubernetes API) that returns while the interpreter finalizes aborts the
+    process (SIGABRT), so a clean SIGTERM would end in a crash; without such a thread this returns.
+    """
+    if not any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
 import socket
 import time
@@ -457,6 +458,30 @@ class TestStart:
             for url in (f"http://127.0.0.1:{port}/healthz", f"http://[::1]:{port}/healthz"):
                 with pytest.raises(aiohttp.ClientConnectionError):
                     await get(url)
+
+        asyncio.run(main())
+
+    def test_default_listen_on_a_kernel_without_ipv6_serves_ipv4(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where the kernel has no IPv6 at all (an AF_INET6 socket cannot even be made), `[::]:PORT` falls back to
+        every IPv4 address instead of failing to start, so the default works there too."""
+        real = socket.socket
+
+        class NoIPv6(real):  # type: ignore[misc,valid-type]
+            def __init__(self, family: int = -1, *args: Any, **kwargs: Any) -> None:
+                if family == socket.AF_INET6:
+                    raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+                super().__init__(family, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "socket", NoIPv6)
+        port = _free_port()
+
+        async def main() -> None:
+            app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
+            runner = await health.start(app, f"[::]:{port}")
+            try:
+                assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+            finally:
+                await runner.cleanup()
 
         asyncio.run(main())
 

@@ -242,6 +242,26 @@ class TestErrors:
         assert err.count("\n") == 1
         assert err.startswith(message)
 
+    @pytest.mark.parametrize(
+        "odd", ["metadata: oops\nspec: oops", "metadata: {name: x, labels: [1]}\nspec: {template: [1]}"]
+    )
+    def test_a_malformed_deployment_beside_istiod_is_passed_through(self, odd: str) -> None:
+        """A Deployment whose metadata or spec is not a mapping (a broken render) is echoed unchanged, with and
+        without --check, while istiod still gets the agent: no internal error."""
+        stray = f"---\napiVersion: apps/v1\nkind: Deployment\n{odd}\n"
+        out = inject_ok(ISTIOD + stray)
+        assert out.endswith(stray)
+        istiod = out[: -len(stray)]
+        assert pod_of(deployment(istiod, "istiod"))["initContainers"][0]["name"] == AGENT_CONTAINER
+        assert inject_ok(out, "--check") == out
+
+    def test_check_refuses_a_selected_deployment_without_a_pod_spec(self) -> None:
+        """--check on an istiod Deployment whose spec is not a mapping fails with one sentence."""
+        code, out, err = invoke("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: istiod}\nspec: 5\n", "--check")
+        assert (code, out) == (1, "")
+        assert err.startswith("error: Deployment istiod has no istio-vault-agent initContainer")
+        assert err.count("\n") == 1
+
     def test_cli_subcommand_filters_stdin(self) -> None:
         """`istio-vault-agent inject` works as a pipe (as Helm 3 --post-renderer runs it) and fails cleanly."""
         cmd = [sys.executable, "-m", "agent.cli", "inject"]

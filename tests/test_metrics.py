@@ -7,6 +7,7 @@ import http.server
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,8 @@ class TestErrors:
 
 class _Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(0.06)
         body = b"hello"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -219,6 +222,21 @@ class TestVaultRequests:
             responses = [session.get(f"{http_url}/v1/sys/health", timeout=5) for _ in range(3)]
         assert [r.text for r in responses] == ["hello"] * 3
         assert samples(m)["istio_vault_agent_vault_requests_total", ()] == 3
+
+    def test_latency_histogram_sees_a_slow_vault(self, http_url: str) -> None:
+        """Each request's time to response headers lands in vault_request_duration_seconds: three answers that
+        take 60 ms each are counted above the 50 ms bucket, with their sum, as many as vault_requests_total."""
+        m = PrometheusMetrics()
+        with requests.Session() as session:
+            session.hooks["response"].append(m.vault_request)
+            for _ in range(3):
+                session.get(f"{http_url}/slow", timeout=5)
+        s = samples(m)
+        name = "istio_vault_agent_vault_request_duration_seconds"
+        assert s[f"{name}_count", ()] == s["istio_vault_agent_vault_requests_total", ()] == 3
+        assert s[f"{name}_bucket", (("le", "0.05"),)] == 0
+        assert s[f"{name}_bucket", (("le", "+Inf"),)] == 3
+        assert 0.18 <= s[f"{name}_sum", ()] < 5
 
     def test_hook_returns_none(self) -> None:
         """requests replaces the response with a hook's non-None return value, so it must return None."""

@@ -499,7 +499,8 @@ class TestDashboard:
                 assert t["datasource"] == p["datasource"] and t["expr"], p["title"]
 
     def test_queries_use_exported_metrics_and_cover_what_operators_watch(self) -> None:
-        """Panels read only exported metrics and show expiry, publishes, refusals, errors and Vault requests."""
+        """Panels read only exported metrics and show expiry, publishes, refusals, errors, Vault requests and their
+        latency."""
         _, dashboard = dashboard_of(render(ALL_ON))
         exprs = [t["expr"] for p in panels(dashboard) for t in p["targets"]]
         exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
@@ -512,6 +513,7 @@ class TestDashboard:
             "istio_vault_agent_publish_total",
             'reason="invalid_bundle"',
             "istio_vault_agent_vault_requests_total",
+            "istio_vault_agent_vault_request_duration_seconds_bucket",
             "istio_vault_agent_vault_node_state",
         ):
             assert needed in joined

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -293,6 +295,24 @@ class TestRefusals:
         assert remote.writes() == 0
 
 
+    @pytest.mark.parametrize("method", ["GET", "PATCH"])
+    def test_an_answer_that_is_not_a_secret_is_an_error(self, remote, method):
+        """A Secret read or apply answered 200 with something that is not an object: init exits 1 with one sentence
+        instead of reporting success, and an unmanaged Secret of that name is not written (an odd read is never
+        taken for "absent")."""
+        if method == "GET":
+            meta = {"name": "istio-remote-secret-cluster-a", "namespace": remote.namespace}
+            remote.kube.put_secret({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+                                    "data": {"cluster-a": base64.b64encode(b"theirs").decode()}})
+        remote.store("cluster-a", remote.kubeconfig())
+        remote.kube.add_handler(method, f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}",
+                                lambda _req: (200, "<html>login</html>"))
+        proc = remote.init()
+        assert proc.returncode == 1
+        assert "with something that is not an object" in error_line(proc)
+        assert remote.data() == (b"theirs" if method == "GET" else None)
+
+
 class TestPrune:
     def test_prune_on_removal(self, remote):
         """Restarted without two of its bundles, the agent deletes the Secret whose bundle had prune: true and keeps
@@ -320,6 +340,56 @@ class TestPrune:
             f"{remote.namespace}/istio-remote-secret-cluster-a"]
 
 
+    def test_a_forbidden_delete_names_the_chart_value_that_grants_it(self, remote):
+        """When RBAC forbids deleting a pruned Secret (the chart grants delete only on retired clusters), the warning
+        says to list the cluster in remoteSecrets.retiredClusters, and the Secret stays."""
+        for cluster in ("cluster-a", "cluster-b"):
+            remote.store(cluster, remote.kubeconfig(cluster))
+        bundles = [remote.bundle("cluster-a", prune=True), remote.bundle("cluster-b")]
+        first = remote.agent(*bundles)
+        assert wait_until(lambda: remote.event_reasons().count("BundlePublished") == 2, 5)
+        assert first.stop()[0] == 0
+        remote.kube.add_handler("DELETE", f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}", lambda _req: (
+            403, {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "secrets is forbidden"}))
+        second = remote.agent(bundles[1])
+        failed = second.wait_event("remote_secret_prune_failed")[-1]
+        assert "may not delete Secret" in failed["reason"]
+        assert "remoteSecrets.retiredClusters" in failed["reason"]
+        assert remote.secret("cluster-a") is not None
+
+
+class TestShutdown:
+    @pytest.mark.parametrize("call", ["secret GET", "Event POST"])
+    def test_sigterm_with_a_hung_kubernetes_call_exits_0_within_a_second(self, remote, call):
+        """SIGTERM while a Secret read or an Event hangs in the Kubernetes API: exit 0 within a second (README), and
+        no SIGABRT when the abandoned call returns while the agent exits."""
+        remote.store("cluster-a", remote.kubeconfig())
+        agent = remote.agent()
+        entered, release = threading.Event(), threading.Event()
+
+        def hang(_req: Any) -> tuple[int, Any]:
+            entered.set()
+            release.wait(30)
+            return 500, {"kind": "Status", "message": "late"}
+
+        if call == "secret GET":
+            remote.kube.add_handler("GET", f"/api/v1/namespaces/{remote.namespace}/secrets/{{name}}", hang)
+        else:
+            remote.kube.add_handler("POST", f"/api/v1/namespaces/{remote.namespace}/events", hang)
+            remote.store("cluster-a", remote.kubeconfig())  # a new version: published, then a BundlePublished Event
+        assert entered.wait(10)
+        # the call returns just after the agent stopped waiting for it, while it exits
+        timer = threading.Timer(0.6, release.set)
+        timer.start()
+        try:
+            rc, took = agent.stop()
+        finally:
+            timer.cancel()
+            release.set()
+        assert rc == 0 and took < 1.0, (rc, took, agent.tail())
+        assert agent.events("sidecar_stopped")
+
+
 class TestKubeconfigCheck:
     """The validator alone (pure): what istiod needs of a remote secret, one sentence per refusal."""
 
@@ -343,6 +413,22 @@ class TestKubeconfigCheck:
         message = str(info.value)
         assert expect in message and "cluster-a" in message
         assert "t0ken" not in message and "\n" not in message
+
+    @pytest.mark.parametrize(("value", "expect"), [
+        (bytes(range(256)) * 64, "is not valid YAML"),
+        (b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+            f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n".encode() for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        ) + b"kind: Config\nclusters: *i\n", "exactly one entry in clusters, not 9"),
+        (b"[" * 50_000 + b"]" * 50_000, "is not valid YAML"),
+        (b"kind: Config\nx: " + b"y" * 2_000_000, "over the agent's limit"),
+    ], ids=["binary", "alias-bomb", "deep", "huge"])
+    def test_hostile_values_are_refused_quickly(self, value, expect):
+        """Binary data, a YAML alias bomb, deep nesting or a 2 MB value is one refusal sentence within seconds."""
+        started = time.monotonic()
+        with pytest.raises(BundleError, match=expect) as info:
+            self.check(decode_value(value))
+        assert time.monotonic() - started < 5
+        assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
     def test_missing_ca_and_not_yaml(self, ca_pem):
         """No certificate-authority-data, or text that is not YAML, is refused without echoing the content."""
