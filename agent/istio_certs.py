@@ -16,6 +16,7 @@ __all__ = [
     "INTERMEDIATE_DAYS",
     "ISTIOD_SAN",
     "ROOT_DAYS",
+    "authority_key_id",
     "csr_for",
     "generate_key",
     "intermediate_cert",
@@ -102,6 +103,17 @@ def _ca_usage() -> x509.KeyUsage:
     )
 
 
+def authority_key_id(issuer: x509.Certificate, issuer_key: Any) -> x509.AuthorityKeyIdentifier:
+    """The AKI of what `issuer` signs: its SKI when it has one, else one derived from its public key."""
+    from cryptography import x509
+
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+
+
 def root_cert(key: Any, *, days: int = ROOT_DAYS, now: dt.datetime | None = None) -> x509.Certificate:
     """A self-signed root for `key`: O=Istio, CN=Root CA, CA:true (critical), the CA keyUsage, SKI; SHA-256."""
     from cryptography import x509
@@ -142,11 +154,7 @@ def intermediate_cert(
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    try:
-        issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    aki = authority_key_id(issuer, issuer_key)
     builder = (
         x509.CertificateBuilder()
         .subject_name(intermediate_subject(cluster))

@@ -15,7 +15,15 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import SecretError
-from agent.istio_certs import ISTIOD_SAN, csr_for, generate_key, intermediate_subject, key_pem, key_type_of
+from agent.istio_certs import (
+    ISTIOD_SAN,
+    authority_key_id,
+    csr_for,
+    generate_key,
+    intermediate_subject,
+    key_pem,
+    key_type_of,
+)
 from agent.sources.pki import (
     Issued,
     RenewingSource,
@@ -60,11 +68,7 @@ def _own_crl(key: Any, cert: x509.Certificate) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    try:
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+    aki = authority_key_id(cert, key)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(cert.subject)
