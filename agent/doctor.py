@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.clusters import BUNDLE_KEYS, ClusterLayout, check_cluster_name
 from agent.errors import AgentError, BundleError, ConfigError, PermissionDenied, VaultUnavailable
+from agent.kvstore import KVMount
 from agent.operator import ENV_HELP
 from agent.text import shown
 
@@ -228,14 +229,15 @@ class _Vault:
 
 def _kv_paths(layout: ClusterLayout, version: int | None) -> dict[str, str]:
     """Policy path -> what it is for, as the agent reads the bundle (KV v1: the path; v2: data/ and metadata/)."""
-    secret = layout.kv_path.removeprefix(layout.kv_mount + "/")
-    if version == 2:
-        return {f"{layout.kv_mount}/data/{secret}": "read", f"{layout.kv_mount}/metadata/{secret}": "metadata"}
-    if version == 1:
-        return {layout.kv_path: "read"}
-    # not a KV mount (yet): ask for every form an ACL could name
-    return {layout.kv_path: "read", f"{layout.kv_mount}/data/{secret}": "read",
-            f"{layout.kv_mount}/metadata/{secret}": "metadata"}
+    if version is None:  # not a KV mount (yet): ask for every form an ACL could name
+        return {**_kv_paths(layout, 1), **_kv_paths(layout, 2)}
+    data, *metadata = _kv(layout, version).read_paths
+    return {data: "read", **dict.fromkeys(metadata, "metadata")}
+
+
+def _kv(layout: ClusterLayout, version: int) -> KVMount:
+    """The cluster's bundle secret on its KV mount of `version`."""
+    return KVMount(layout.kv_mount, version, layout.kv_path.removeprefix(layout.kv_mount + "/"))
 
 
 @dataclass
@@ -380,7 +382,7 @@ def _capabilities(v: _Vault, policies: list[str], no_default: bool, paths: list[
 
 
 def _bundle(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
-    from agent import kinds
+    from agent import kinds, kvstore
 
     lay = c.layout
     version = v.kv_version(lay.kv_mount)
@@ -388,12 +390,7 @@ def _bundle(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
     if version is None:
         c.add("bundle", FAIL, f"no KV mount {lay.kv_mount}: {hint}")
         return
-    secret = lay.kv_path.removeprefix(lay.kv_mount + "/")
-    if version == 2:
-        data = v.read(f"{lay.kv_mount}/data/{secret}")
-        data = data.get("data") if isinstance(data, dict) and isinstance(data.get("data"), dict) else None
-    else:
-        data = v.read(lay.kv_path)
+    data = kvstore.read(v.client, _kv(lay, version), hint=f"the operator's token must be able to read {lay.kv_path}")
     if not data:
         extra = ""
         if isinstance(v.mounts().get(f"{lay.pki_mount}/"), dict):

@@ -42,6 +42,14 @@ class KVMount:
         """The path a policy must name to read or write the data."""
         return self.data_url.removeprefix("/v1/")
 
+    @property
+    def read_paths(self) -> tuple[str, ...]:
+        """Every path the agent reads for this secret, so its policy must grant read on each: the data, and on
+        KV v2 also the metadata (the cheap change probe)."""
+        if self.version == 2:
+            return (self.policy_path, f"{self.path}/metadata/{self.secret}")
+        return (self.policy_path,)
+
 
 @dataclass(frozen=True)
 class Presence:

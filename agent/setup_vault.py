@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent import vault
 from agent.clusters import ClusterLayout, check_cluster_name
 from agent.errors import ConfigError, PermissionDenied, SecretError
+from agent.kvstore import KVMount
 from agent.operator import ENV_HELP, operator_client
 from agent.text import shown
 
@@ -243,13 +244,10 @@ def _cli_value(value: Any) -> str:
 
 def _kv_read_policy(opts: Options, kv_path: str, who: str) -> str:
     mount, _, secret = kv_path.partition("/")
-    if opts.kv_version == 2:
-        return (
-            f"# {who} reads its own secret (KV v2: the secret and its metadata), nothing else\n"
-            f'path "{mount}/data/{secret}" {{\n  capabilities = ["read"]\n}}\n'
-            f'path "{mount}/metadata/{secret}" {{\n  capabilities = ["read"]\n}}\n'
-        )
-    return f'# {who} reads its own secret (KV v1), nothing else\npath "{kv_path}" {{\n  capabilities = ["read"]\n}}\n'
+    kv = KVMount(mount, opts.kv_version, secret)
+    what = "KV v2: the secret and its metadata" if kv.version == 2 else "KV v1"
+    rules = "".join(f'path "{path}" {{\n  capabilities = ["read"]\n}}\n' for path in kv.read_paths)
+    return f"# {who} reads its own secret ({what}), nothing else\n{rules}"
 
 
 def _pki_sign_policy(layout: ClusterLayout) -> str:
