@@ -134,6 +134,12 @@ def _ca(args: argparse.Namespace) -> int:
     return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
+def _setup(args: argparse.Namespace) -> int:
+    from agent import setup_vault
+
+    return setup_vault.run(args, print)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
@@ -147,16 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "doctor": _doctor}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "setup": _setup, "doctor": _doctor}
     try:
         if args.command == "inject":
             from agent import inject
 
             return int(inject.run(args))
-        if args.command == "setup":
-            from agent import setup_vault
-
-            return setup_vault.run(args, print)
         return int(handlers[args.command](args))
     except AgentError as exc:
         return _error(str(exc), run.termination_log if args.command == "run" else None)
