@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from agent.errors import ConfigError
 from agent.text import shown
 
-__all__ = ["BUNDLE_KEYS", "ClusterLayout", "check_cluster_name"]
+__all__ = ["BUNDLE_KEYS", "DNS_LABEL", "ClusterLayout", "check_cluster_name"]
 
 #: KV key -> file name istiod reads from ROOT_CA_DIR (the runbook's key names)
 BUNDLE_KEYS = {
@@ -22,13 +22,14 @@ BUNDLE_KEYS = {
     "root_cert": "root-cert.pem",
 }
 
-# a cluster name becomes part of mount, policy and role names: keep it to what every one of them accepts
-_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+#: a DNS-1123 label (a Kubernetes namespace name); a cluster name becomes part of mount, policy and role names, so
+#: it is kept to the same, which every one of them accepts
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def check_cluster_name(name: str) -> str:
     """`name` if it can name a cluster's mounts and policies; ConfigError otherwise."""
-    if not _NAME.fullmatch(name):
+    if not DNS_LABEL.fullmatch(name):
         raise ConfigError(
             f"cluster name {shown(name)!r} is not usable: use lowercase letters, digits and '-' "
             "(at most 63, starting and ending with a letter or digit)"

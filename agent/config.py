@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent import kinds
+from agent.clusters import DNS_LABEL
 from agent.errors import ConfigError
 from agent.text import shown
 
@@ -632,9 +633,8 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.prune only applies to remote-secret bundles")
 
 
-#: a label value and a namespace name (DNS-1123 label), as the API server checks them
+#: a label value, as the API server checks it
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _validate_remote_secret(key: str, b: BundleConfig) -> None:
@@ -662,7 +662,7 @@ def _validate_remote_secret(key: str, b: BundleConfig) -> None:
             f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
             f" istio-remote-secret-CLUSTER), not {shown(b.cluster, 80)!r}"
         )
-    if b.namespace is not None and not _DNS_LABEL.fullmatch(b.namespace):
+    if b.namespace is not None and not DNS_LABEL.fullmatch(b.namespace):
         raise ConfigError(f"{key}.namespace must be a Kubernetes namespace name, not {shown(b.namespace, 80)!r}")
     if not _LABEL_VALUE.fullmatch(b.name):
         raise ConfigError(

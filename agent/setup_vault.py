@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import vault
-from agent.clusters import ClusterLayout, check_cluster_name
+from agent.clusters import DNS_LABEL, ClusterLayout, check_cluster_name
 from agent.errors import ConfigError, PermissionDenied, SecretError
 from agent.kvstore import KVMount
 from agent.operator import ENV_HELP, operator_client
@@ -33,7 +33,6 @@ PKI_MAX_TTL = ("87600h", 87600 * 3600)
 #: the longest gateway certificate the gateway PKI role issues
 GATEWAY_MAX_TTL = ("720h", 720 * 3600)
 
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 _DOMAIN = re.compile(r"[a-z0-9*]([a-z0-9.-]{0,251}[a-z0-9])?")
 
@@ -124,7 +123,7 @@ def _read_text(path: str, what: str, flag: str) -> str:
 
 def _gateway(value: str) -> tuple[str, str]:
     ns, _, sa = value.partition("/")
-    if not _LABEL.fullmatch(ns) or not _SUBDOMAIN.fullmatch(sa):
+    if not DNS_LABEL.fullmatch(ns) or not _SUBDOMAIN.fullmatch(sa):
         raise ConfigError(
             f"--gateway {shown(value)!r} is not NAMESPACE/SERVICEACCOUNT (lowercase Kubernetes names), e.g."
             " istio-ingress/istio-ingressgateway"
@@ -168,7 +167,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         )
     revisions = tuple(dict.fromkeys(str(r) for r in args.revision))
     for r in revisions:
-        if not _LABEL.fullmatch(r):
+        if not DNS_LABEL.fullmatch(r):
             raise ConfigError(f"--revision {shown(r)!r} is not a revision name (lowercase letters, digits and '-')")
     if args.namespace is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", args.namespace):
         raise ConfigError(f"--namespace {shown(args.namespace)!r} is not a Vault namespace path (a/b)")
