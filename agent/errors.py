@@ -8,8 +8,12 @@ AgentError
  |         +-- PermissionDenied   403 on a path (or a token Vault no longer accepts)
  |         +-- ResponseTooLarge   an answer over limits.max_secret_size (never read further)
  |         +-- WriteConflict      KV v2 check-and-set refused a write: someone else wrote the path meanwhile
- +-- VaultUnavailable     unreachable, sealed, timing out, not a Vault answer: retry with backoff
- |    +-- StaleRead       a version older than the live one (a lagging node): keep the live bundle, retry
+ +-- Unavailable          a server the agent needs is not answering well now: retry with backoff, in both modes
+ |    +-- VaultUnavailable     Vault unreachable, sealed, redirecting elsewhere, timing out, not a Vault answer
+ |    |    +-- StaleRead       a version older than the live one (a lagging node): keep the live bundle, retry
+ |    +-- KubeUnavailable      the Kubernetes API unreachable, timing out, 5xx or 429
+ |    +-- CredentialUnavailable  the service-account token file cannot be read now (after the first publish only:
+ |                               kubelet may be rewriting it; the Vault token in hand stays in use)
  +-- BundleError          CA material that istiod would reject; names the file and check
  +-- PublishError         the output directory could not be written
  +-- ReloadError          a reload action failed
@@ -22,12 +26,15 @@ __all__ = [
     "AuthError",
     "BundleError",
     "ConfigError",
+    "CredentialUnavailable",
+    "KubeUnavailable",
     "PermissionDenied",
     "PublishError",
     "ReloadError",
     "ResponseTooLarge",
     "SecretError",
     "StaleRead",
+    "Unavailable",
     "VaultError",
     "VaultUnavailable",
     "WriteConflict",
@@ -71,8 +78,22 @@ class WriteConflict(SecretError):
     reason = "write_conflict"
 
 
-class VaultUnavailable(AgentError):
+class Unavailable(AgentError):
+    """Retryable: the worker backs off and tries again (until init.timeout before the first publish)."""
+
+    reason = "unavailable"
+
+
+class VaultUnavailable(Unavailable):
     reason = "vault_unavailable"
+
+
+class KubeUnavailable(Unavailable):
+    reason = "kube_unavailable"
+
+
+class CredentialUnavailable(Unavailable):
+    reason = "credential_unavailable"
 
 
 class StaleRead(VaultUnavailable):

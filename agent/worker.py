@@ -22,7 +22,7 @@ from agent.errors import (
     PermissionDenied,
     ResponseTooLarge,
     StaleRead,
-    VaultUnavailable,
+    Unavailable,
 )
 from agent.log import get_logger
 from agent.sources import Fetched
@@ -147,7 +147,7 @@ class BundleWorker:
                 raise
             except AgentError as exc:
                 first = self.state.live is None
-                retryable = isinstance(exc, VaultUnavailable)
+                retryable = isinstance(exc, Unavailable)
                 remaining = deadline - loop.time()
                 if first and ((once and not retryable) or remaining <= 0):
                     if remaining <= 0:
