@@ -171,6 +171,26 @@ def _ok_three() -> dict[str, bytes]:
     return files(inter(mid))
 
 
+@case("ok-chain-reissued-ca", "ok",
+      "cert-chain.pem holds an earlier issuance of ca-cert.pem (same subject and key, another serial), as istio's"
+      " own testdata (security/pkg/pki/testdata/cert-chain.pem with multilevelpki/int2-cert.pem) and a rotation make")
+def _ok_chain_reissued() -> dict[str, bytes]:
+    r = root()
+    key = k()
+    earlier, current = inter(r, key=key, serial=1001), inter(r, key=key, serial=1002)
+    return files(current, chain=[earlier, r])
+
+
+@case("chain-reissued-ca-expired", "a",
+      "cert-chain.pem starts with an expired earlier issuance of ca-cert.pem (same subject and key): istiod takes"
+      " the chain's lifetime from its first certificate")
+def _chain_reissued_expired() -> dict[str, bytes]:
+    r = root()
+    key = k()
+    earlier = inter(r, key=key, serial=1003, not_before=NOW - 20 * DAY, not_after=NOW - DAY)
+    return files(inter(r, key=key, serial=1004), chain=[earlier, r])
+
+
 @case("ok-root-as-ca", "ok", "the root itself plugged in as istiod's CA (ca-cert.pem is in root-cert.pem)")
 def _ok_root_as_ca() -> dict[str, bytes]:
     r = root()

@@ -344,13 +344,20 @@ def _envoy_problem(env: _Envoy) -> BundleError | None:
     return refuse_b(f"istiod would load it, but Envoy refuses every workload certificate {how}: {what} ({at})", check)
 
 
+def _same_ca(a: Certificate, b: Certificate) -> bool:
+    """`a` is `b` or another issuance of it: the same subject and public key, so it verifies what `b` signs."""
+    return a.raw == b.raw or (a.raw_subject == b.raw_subject and a.raw_spki == b.raw_spki)
+
+
 def _workload_checks(p: Parsed, ca: Certificate, roots: CertPool, crls: list[RevocationList] | None) -> _Envoy:
     """Verdict (b); returns the Envoy model for the warnings."""
     _key_leak(p)
     _envoy_unparsable(p)
     chain_certs = [c for b in p.blocks("cert-chain.pem") if b.label == b"CERTIFICATE"
                    and isinstance(c := p.cert(b.der), Certificate)]
-    if not roots.contains(ca) and not any(c.raw == ca.raw for c in chain_certs):
+    # another issuance of ca-cert.pem (same subject and key, another serial: what a rotation or a re-issue makes)
+    # verifies workload certificates as well as ca-cert.pem itself: istio's own testdata pairs them so
+    if not roots.contains(ca) and not any(_same_ca(c, ca) for c in chain_certs):
         lead = ("cert-chain.pem is empty" if not p.files["cert-chain.pem"].strip()
                 else "cert-chain.pem lacks ca-cert.pem")
         raise refuse_b(
@@ -455,7 +462,8 @@ def _envoy_warnings(env: _Envoy) -> list[str]:
 
 def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certificate], env: _Envoy) -> list[str]:
     out: list[str] = []
-    on_path = {c.raw for c in chain}
+    # another issuance of a certificate on the path (same subject and key) stands for it, as `_same_ca` says
+    on_path = {(c.raw_subject, c.raw_spki) for c in chain}
     for name in ("ca-cert.pem", "ca-key.pem"):
         n = len(p.blocks(name))
         if n > 1:
@@ -472,7 +480,7 @@ def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certifica
                 skipped.append(f"{nth} ({shown(str(c))})")
             elif b.headers:
                 skipped.append(f"{nth} (it carries PEM headers)")
-            elif c is not None and c.raw not in on_path:
+            elif c is not None and (c.raw_subject, c.raw_spki) not in on_path:
                 here = p.at(name, i, len(blocks), c)
                 if c.not_after < p.now:
                     expired.append(f"{here} expired at {stamp(c.not_after)}")
