@@ -281,3 +281,27 @@ def test_any_two_reads_never_publish_older_over_newer(lag: int, versions: tuple[
     elif b < a:
         assert isinstance(actions[0], Report) and actions[0].what == "stale"
         assert st.live == first
+
+
+# ------------------------------------------------------------------------------------------------ next_change
+
+
+def test_next_change_is_the_first_validity_edge_ahead() -> None:
+    """The validator's verdict on a bundle whose ca-cert.pem starts in 12 s may change in 12 s: the worker wakes
+    then; a bundle valid now changes next when its first certificate expires."""
+    from agent import kinds
+    from agent.validate import next_change
+    from testbed import pki
+
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    root = pki.root_ca()
+    soon = pki.intermediate_ca(root, not_before=now + dt.timedelta(seconds=12), not_after=now + dt.timedelta(days=9))
+    files = pki.istio_ca_files(root, soon)
+    with pytest.raises(BundleError):
+        kinds.get("istio-ca").validate(files, now=now)
+    assert next_change(files, now) == now + dt.timedelta(seconds=12)
+    kinds.get("istio-ca").validate(files, now=now + dt.timedelta(seconds=12))
+    later = next_change(files, now + dt.timedelta(seconds=12))
+    assert later == now + dt.timedelta(days=9, seconds=1)
+    assert next_change({"ca-key.pem": b"junk", "root-cert.pem": b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END "
+                        b"CERTIFICATE-----\n"}, now) is None

@@ -26,6 +26,7 @@ __all__ = [
     "TLS_FILES",
     "BundleInfo",
     "Limits",
+    "next_change",
     "reload_problem",
     "validate",
     "validate_dir",
@@ -140,3 +141,34 @@ def validate_dir(
             raise BundleError(f"{name} is missing from {directory}.")
         files[name] = data
     return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert)
+
+
+def next_change(files: Mapping[str, bytes], now: dt.datetime, *, limits: Limits | None = None) -> dt.datetime | None:
+    """The first moment after `now` at which a verdict on `files` may change with the clock alone: the earliest
+    notBefore, notAfter, CRL thisUpdate or nextUpdate still ahead, over every certificate and CRL in them; None
+    when there is none. Unparsable blocks are skipped (they refuse the bundle whatever the time)."""
+    from agent.validate.certs import parse_certificate
+    from agent.validate.crl import parse_crl
+    from agent.validate.info import to_datetime
+    from agent.validate.pem import decode_all
+
+    limits = limits or Limits()
+    epoch = _epoch(now)
+    ahead: list[int] = []
+    for name, data in files.items():
+        if name in KEY_FILES or len(data) > limits.max_file_bytes:
+            continue
+        for block in decode_all(data, limit=limits.max_certs_per_file):
+            try:
+                if block.label == b"CERTIFICATE":
+                    c = parse_certificate(block.der, limits)
+                    times = [c.not_before, c.not_after + 1]
+                elif block.label == b"X509 CRL":
+                    rl = parse_crl(block.der)
+                    times = [rl.this_update, *([] if rl.next_update is None else [rl.next_update + 1])]
+                else:
+                    continue
+            except Exception:  # noqa: BLE001, S112 - a block that does not parse refuses the bundle at any time
+                continue
+            ahead.extend(t for t in times if t > epoch)
+    return to_datetime(min(ahead)) if ahead else None
