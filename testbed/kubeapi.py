@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -112,6 +113,33 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{regex}$")
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS with the TLS handshake in each connection's own thread (a client that connects and never speaks holds
+    up only its thread), and quiet about clients that go away mid-handshake or mid-request (the agent aborting a
+    request it gave up on is not a stand-in failure)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], ctx: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.ctx = ctx
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = self.socket.accept()
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(10)
+        request.do_handshake()
+        request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # ssl.SSLError, resets, timeouts: the client went away
+            return
+        super().handle_error(request, client_address)
+
+
 class KubeAPI:
     """A threaded HTTPS server that behaves like the parts of the kube-apiserver the agent uses.
 
@@ -144,27 +172,27 @@ class KubeAPI:
         self._tmpdir = Path(self._tmp.name)
         self._ca_pem, self._ca_file, self._cert_file, self._key_file = _make_tls(self._tmpdir)
         self._server: ThreadingHTTPServer | None = None
+        self._port = 0
         self._thread: threading.Thread | None = None
         self._install_defaults()
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> KubeAPI:
-        """Listen on a free loopback port in a daemon thread; returns self."""
+        """Listen on a free loopback port (the same one again after `pause()`) in a daemon thread; returns self."""
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        server.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self._cert_file, self._key_file)
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        server = _TLSServer(("127.0.0.1", self._port), self._handler_class(), ctx)
+        self._port = int(server.server_address[1])
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="kubeapi-standin", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop listening and remove the temporary TLS files."""
+    def pause(self) -> None:
+        """Stop listening but keep the port, state and TLS files: connections are refused until `start()`."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -172,6 +200,10 @@ class KubeAPI:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def stop(self) -> None:
+        """Stop listening and remove the temporary TLS files."""
+        self.pause()
         self._tmp.cleanup()
 
     def __enter__(self) -> KubeAPI:
@@ -182,10 +214,10 @@ class KubeAPI:
 
     @property
     def port(self) -> int:
-        """The TCP port the server listens on."""
-        if self._server is None:
+        """The TCP port the server listens on (and listens on again after `pause()`)."""
+        if not self._port:
             raise RuntimeError("KubeAPI is not started; call start() first.")
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
