@@ -369,6 +369,9 @@ class Kube:
     pod: KubernetesConfig
     #: the API server's URL, for messages
     server: str
+    #: seconds each patch or Secret call may take in all; seconds each Event may take
+    deadline: float = SECRET_DEADLINE
+    event_deadline: float = EVENT_DEADLINE
 
     def __init__(self, access: _Access, *, pod: KubernetesConfig | None = None) -> None:
         """Wrap loaded access; callers want `Kube.load()` or `Kube.maybe()`."""
@@ -463,7 +466,7 @@ class Kube:
         verb: str,
         what: str,
         final: type[AgentError],
-        deadline: float = SECRET_DEADLINE,
+        deadline: float | None = None,
         limit: int = ANSWER_LIMIT,
         params: dict[str, str] | None = None,
         body: object = None,
@@ -478,6 +481,7 @@ class Kube:
         import aiohttp
 
         access = self._access
+        deadline = self.deadline if deadline is None else deadline
         headers: dict[str, str] = {}
         token = await self._bearer()
         if token:
@@ -690,7 +694,7 @@ class Kube:
         try:
             status, _ = await self._request(
                 "POST", f"/api/v1/namespaces/{_seg(ns)}/events", verb="create", what=f"an Event on pod {ns}/{pod}",
-                final=PublishError, deadline=EVENT_DEADLINE, limit=_EVENT_ANSWER_LIMIT, body=body,
+                final=PublishError, deadline=self.event_deadline, limit=_EVENT_ANSWER_LIMIT, body=body,
             )
         except AgentError as exc:  # an Event is never worth failing anything for
             get_logger().warning("kube_event_failed", reason=reason, error=str(exc))

@@ -60,8 +60,8 @@ class KubeRequest:
     user: str | None = None
 
 
-#: (HTTP status, JSON-serialisable body)
-KubeResponse = tuple[int, Any]
+#: (HTTP status, JSON-serialisable body or raw bytes), or (status, body, extra response headers)
+KubeResponse = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 Handler = Callable[[KubeRequest], KubeResponse]
 
 
@@ -531,11 +531,14 @@ class KubeAPI:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                status, body = api._dispatch(self.command, self.path, headers, raw)
-                data = json.dumps(body).encode()
+                answer = api._dispatch(self.command, self.path, headers, raw)
+                status, body, extra = (*answer, {}) if len(answer) == 2 else answer
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
