@@ -522,7 +522,7 @@ class Kube:
             )
         try:
             answer: Any = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             answer = _NOT_JSON
         if status >= 500 or status == 429:
             message = _status_message(answer)

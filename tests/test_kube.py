@@ -452,6 +452,7 @@ class TestBounds:
 
     @pytest.mark.parametrize(("answer", "needle"), [
         ((200, b"<html>login</html>", {}), "something not JSON"),
+        ((200, b"[" * 200_000, {}), "something not JSON"),
         ((200, "<html>login</html>"), "something that is not an object"),
     ])
     def test_an_answer_that_is_not_a_secret(
