@@ -779,7 +779,10 @@ def _secret_failure(status: int, verb: str, what: str, message: str) -> str:
 
 
 def _short(exc: BaseException) -> str:
-    """A one-line reason for a transport failure."""
+    """A one-line reason for a transport failure: the system's words for an errno ("Connection refused")."""
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno)
     text = str(exc) or type(exc).__name__
     return escape(text.splitlines()[0])[:200]
 
