@@ -1,25 +1,53 @@
-"""Kubernetes side: `kubectl rollout restart` of a workload, best-effort Events on the agent's own pod, and the
-Secret calls remote secrets need (get, server-side apply, list by label, delete).
+"""The agent's Kubernetes API session (aiohttp): in-cluster or kubeconfig access, `kubectl rollout restart`, the
+Secret calls remote secrets need (get, server-side apply, list by label, delete) and best-effort Events.
 
-The `kubernetes` client is imported only inside functions, so init mode (and `import agent.reload`) never loads it.
+Every request has one wall-clock deadline (connect, headers and body alike), a cap on the bytes it reads, follows
+no redirect and sends the bearer token only to the configured API server; cancelling the task aborts it. aiohttp
+and PyYAML are imported on first use, so `import agent.kube` (init mode loads it through agent.reload) stays cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import datetime as dt
+import json
 import os
+import re
+import shutil
+import ssl
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+from agent import __version__
 from agent.config import KubernetesConfig, RolloutTarget
-from agent.errors import ConfigError, PublishError, ReloadError
+from agent.errors import AgentError, ConfigError, KubeUnavailable, PublishError, ReloadError
+from agent.files import FileProblem, read_regular
 from agent.log import get_logger, redact
-from agent.text import escape
-from agent.threads import offload
+from agent.text import escape, shown
 
-__all__ = ["EVENT_COMPONENT", "FIELD_MANAGER", "RESTARTED_AT", "SA_DIR", "EventRecorder", "Kube", "emit_event"]
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = [
+    "ANSWER_LIMIT",
+    "EVENT_COMPONENT",
+    "EVENT_DEADLINE",
+    "FIELD_MANAGER",
+    "LIST_LIMIT",
+    "RESTARTED_AT",
+    "SA_DIR",
+    "SECRET_DEADLINE",
+    "EventRecorder",
+    "Kube",
+    "emit_event",
+]
 
 #: the pod-template annotation `kubectl rollout restart` sets; a new value makes the controller roll the pods
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -27,21 +55,32 @@ RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 EVENT_COMPONENT = "istio-vault-agent"
 #: where kubelet mounts the pod's service-account token, CA and namespace
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-_PLURALS = {"Deployment": "deployment", "DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}
-_STRATEGIC_MERGE = "application/strategic-merge-patch+json"
-_APPLY_PATCH = "application/apply-patch+yaml"
 #: the field manager of everything the agent writes (server-side apply, rollout restarts)
 FIELD_MANAGER = "istio-vault-agent"
+
+#: seconds one rollout-restart patch or Secret call may take in all (connect, TLS, headers, body)
+SECRET_DEADLINE = 10.0
+#: seconds one Event may take in all: Events are best effort and must never hold anything up
+EVENT_DEADLINE = 3.0
+#: bytes read of one answer (a Secret is at most 1 MiB of data, about 1.4 MiB as base64 in JSON)
+ANSWER_LIMIT = 4 * 1024 * 1024
+#: bytes read of a Secret list (only the agent's own Secrets, selected by label)
+LIST_LIMIT = 16 * 1024 * 1024
+_EVENT_ANSWER_LIMIT = 64 * 1024
+#: the service-account token (a JWT) and other small files kubelet mounts
+_TOKEN_LIMIT = 64 * 1024
+#: a kubeconfig (and each CA or client certificate file it names)
+_CONFIG_LIMIT = 4 * 1024 * 1024
+
+_PLURALS = {"Deployment": "deployments", "DaemonSet": "daemonsets", "StatefulSet": "statefulsets"}
+_STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+_APPLY_PATCH = "application/apply-patch+yaml"
 _MAX_MESSAGE = 1024
-#: (connect, read) seconds; the client blocks, and a thread cannot be cancelled, so every call is bounded
-_PATCH_TIMEOUT = (5.0, 10.0)
-_EVENT_TIMEOUT = (2.0, 3.0)
 #: how long closing the EventRecorder waits for Events in flight (SIGTERM must still exit within a second)
 _CLOSE_GRACE = 0.5
+#: what a bearer token may hold: visible ASCII (a JWT is base64url and dots), so it cannot split a header
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 _unavailable_logged = False
-
-T = TypeVar("T")
 
 
 def _now_rfc3339() -> str:
@@ -49,92 +88,317 @@ def _now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _kubeconfig_path() -> str | None:
+def _kubeconfig_paths() -> list[str] | None:
     """KUBECONFIG (may list several files, as kubectl allows), else ~/.kube/config when it exists."""
     env = os.environ.get("KUBECONFIG", "")
     if env.strip(os.pathsep):
-        return env
+        return [p for p in env.split(os.pathsep) if p]
     default = Path("~/.kube/config").expanduser()
-    return str(default) if default.is_file() else None
+    return [str(default)] if default.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------ access (config)
+
+
+@dataclass
+class _Access:
+    """Where the API server is and how the agent proves who it is; built once, off the event loop."""
+
+    server: str
+    ssl: ssl.SSLContext | None
+    origin: str
+    namespace: str | None = None
+    token: str | None = None
+    #: a file the token is read from again whenever it changes (kubelet rotates projected tokens)
+    token_file: str | None = None
+    token_stamp: tuple[int, int, int] | None = None
+    tls_server_name: str | None = None
+
+
+def _token_text(raw: bytes, what: str) -> str:
+    token = raw.decode("ascii", "replace").strip()
+    if not token:
+        raise FileProblem(f"{what} is empty")
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise FileProblem(f"{what} holds something that is not a bearer token")
+    return token
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_token_file(path: str) -> tuple[tuple[int, int, int], str]:
+    """The token file's (inode, mtime, size) and its token. Blocks.
+
+    Raises:
+        FileProblem: missing, not a regular file, over 64 KiB, empty or not a token.
+    """
+    try:
+        stamp = _stamp(path)
+    except OSError:
+        stamp = (0, 0, 0)
+    what = f"the token file {shown(path)}"
+    return stamp, _token_text(read_regular(path, limit=_TOKEN_LIMIT, what="the token file"), what)
+
+
+def _in_cluster(sa_dir: Path) -> _Access:
+    """The pod's service account: KUBERNETES_SERVICE_HOST/PORT, token, CA and namespace from `sa_dir`. Blocks."""
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(
+            f"in-cluster Kubernetes config cannot be loaded from {sa_dir}: {reason};"
+            " mount a service-account token (automountServiceAccountToken: true)"
+        )
+
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "").strip()
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "").strip()
+    if not host or not port.isdigit():
+        raise refuse("KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must both be set")
+    token_file = str(sa_dir / "token")
+    try:
+        stamp, token = _read_token_file(token_file)
+        ca_pem = read_regular(str(sa_dir / "ca.crt"), limit=_CONFIG_LIMIT, what="the service account's CA file")
+    except FileProblem as exc:
+        raise refuse(str(exc)) from None
+    try:
+        ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError):
+        raise refuse(f"{sa_dir / 'ca.crt'} holds no PEM certificate") from None
+    try:
+        namespace: str | None = read_regular(
+            str(sa_dir / "namespace"), limit=1024, what="the namespace file"
+        ).decode("utf-8", "replace").strip() or None
+    except FileProblem:
+        namespace = None
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 service address
+    return _Access(server=f"https://{host}:{int(port)}", ssl=ctx, origin="in-cluster", namespace=namespace,
+                   token=token, token_file=token_file, token_stamp=stamp)
+
+
+def _named(entries: object, kind: str, path: str) -> dict[str, tuple[dict[str, Any], str]]:
+    """`name -> (the entry's inner map, the file it came from)` of a kubeconfig's clusters, users or contexts."""
+    inner = {"clusters": "cluster", "users": "user", "contexts": "context"}[kind]
+    out: dict[str, tuple[dict[str, Any], str]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            value = entry.get(inner)
+            out.setdefault(entry["name"], (value if isinstance(value, dict) else {}, path))
+    return out
+
+
+def _data_or_file(entry: dict[str, Any], key: str, origin: str) -> bytes | None:
+    """The bytes of `<key>-data` (base64) or of the file `<key>` (relative to the kubeconfig that names it)."""
+    data = entry.get(f"{key}-data")
+    if data:
+        try:
+            return base64.b64decode(str(data), validate=False)
+        except (binascii.Error, ValueError):
+            raise FileProblem(f"{key}-data is not base64") from None
+    name = entry.get(key)
+    if not name:
+        return None
+    file = Path(str(name)).expanduser()
+    if not file.is_absolute():
+        file = Path(origin).parent / file
+    return read_regular(str(file), limit=_CONFIG_LIMIT, what=key)
+
+
+def _load_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """`ctx.load_cert_chain` wants files: write them to a private directory and remove it at once. Blocks."""
+    tmp = tempfile.mkdtemp(prefix="istio-vault-agent-kube-")  # mode 0700
+    try:
+        paths = []
+        for name, data in (("client.crt", cert_pem), ("client.key", key_pem)):
+            path = os.path.join(tmp, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            paths.append(path)
+        ctx.load_cert_chain(paths[0], paths[1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_Entries = dict[str, tuple[dict[str, Any], str]]
+
+
+def _merge(paths: list[str], refuse: Callable[[str], ConfigError]) -> tuple[dict[str, _Entries], str | None]:
+    """The clusters, users and contexts of the kubeconfig files `paths` and the current context, merged as kubectl
+    does (the first file to set a name or the current context wins; missing files are skipped). Blocks."""
+    import yaml
+
+    merged: dict[str, _Entries] = {"clusters": {}, "users": {}, "contexts": {}}
+    current: str | None = None
+    found = False
+    for path in paths:
+        try:
+            raw = read_regular(path, limit=_CONFIG_LIMIT, what="kubeconfig")
+        except FileProblem as exc:
+            if exc.missing and len(paths) > 1:
+                continue
+            raise refuse(str(exc)) from None
+        try:
+            doc = yaml.safe_load(raw) or {}
+        except yaml.YAMLError:
+            raise refuse(f"{shown(path)} is not valid YAML") from None
+        if not isinstance(doc, dict):
+            raise refuse(f"{shown(path)} is not a kubeconfig (not a map)")
+        found = True
+        for kind, into in merged.items():
+            for entry_name, value in _named(doc.get(kind), kind, path).items():
+                into.setdefault(entry_name, value)
+        if current is None and isinstance(doc.get("current-context"), str) and doc["current-context"]:
+            current = doc["current-context"]
+    if not found:
+        raise refuse("no configuration found")
+    return merged, current
+
+
+def _from_kubeconfig(paths: list[str]) -> _Access:
+    """The current context of the kubeconfig files `paths`: server, CA, credentials, namespace. Blocks."""
+    where = os.pathsep.join(paths)
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"kubeconfig {shown(where)} cannot be loaded: {reason}")
+
+    merged, current = _merge(paths, refuse)
+    if current is None or current not in merged["contexts"]:
+        raise refuse("no current-context is set" if current is None else f"context {shown(current)!r} does not exist")
+    context = merged["contexts"][current][0]
+    cluster_name, user_name = str(context.get("cluster") or ""), str(context.get("user") or "")
+    if cluster_name not in merged["clusters"]:
+        raise refuse(f"cluster {shown(cluster_name)!r} of context {shown(current)!r} does not exist")
+    cluster, cluster_origin = merged["clusters"][cluster_name]
+    server = str(cluster.get("server") or "").rstrip("/")
+    if not server.startswith(("https://", "http://")):
+        raise refuse(f"cluster {shown(cluster_name)!r} has no https:// server URL")
+    if cluster.get("insecure-skip-tls-verify"):
+        raise refuse(
+            f"cluster {shown(cluster_name)!r} sets insecure-skip-tls-verify, and the agent sends its credentials only"
+            " to a verified API server: give certificate-authority or certificate-authority-data"
+        )
+    user, user_origin = merged["users"].get(user_name, ({}, ""))
+    if user.get("exec") or user.get("auth-provider"):
+        plugin = "an exec credential plugin" if user.get("exec") else "an auth-provider plugin"
+        raise refuse(
+            f"user {shown(user_name)!r} uses {plugin}, which the agent does not run: give it a token, tokenFile or"
+            " client certificate"
+        )
+    server_name, namespace = cluster.get("tls-server-name"), context.get("namespace")
+    access = _Access(server=server, ssl=None, origin=where, namespace=str(namespace) if namespace else None,
+                     tls_server_name=str(server_name) if server_name else None)
+    try:
+        if server.startswith("https://"):
+            ca_pem = _data_or_file(cluster, "certificate-authority", cluster_origin)
+            try:
+                access.ssl = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
+            except (ssl.SSLError, ValueError):
+                raise refuse(f"the certificate authority of cluster {shown(cluster_name)!r} holds no PEM"
+                             " certificate") from None
+            _client_cert(access.ssl, user, user_origin, f"user {shown(user_name)!r}", refuse)
+        _token(access, user, user_origin, f"user {shown(user_name)!r}")
+    except FileProblem as exc:
+        raise refuse(str(exc)) from None
+    return access
+
+
+def _client_cert(
+    ctx: ssl.SSLContext, user: dict[str, Any], origin: str, who: str, refuse: Callable[[str], ConfigError]
+) -> None:
+    """Load the user's client certificate and key into `ctx`, when it has them. Blocks."""
+    cert_pem = _data_or_file(user, "client-certificate", origin)
+    key_pem = _data_or_file(user, "client-key", origin)
+    if (cert_pem is None) != (key_pem is None):
+        raise refuse(f"{who} needs both client-certificate and client-key")
+    if cert_pem is not None and key_pem is not None:
+        try:
+            _load_client_cert(ctx, cert_pem, key_pem)
+        except (ssl.SSLError, ValueError):
+            raise refuse(f"the client certificate and key of {who} do not load as a PEM certificate and its"
+                         " key") from None
+
+
+def _token(access: _Access, user: dict[str, Any], origin: str, who: str) -> None:
+    """The user's token, or its tokenFile (read again whenever it changes). Blocks."""
+    token = user.get("token")
+    if token:
+        access.token = _token_text(str(token).encode(), f"the token of {who}")
+    elif user.get("tokenFile"):
+        token_file = Path(str(user["tokenFile"])).expanduser()
+        if not token_file.is_absolute():
+            token_file = Path(origin).parent / token_file
+        access.token_file = str(token_file)
+        access.token_stamp, access.token = _read_token_file(access.token_file)
+
+
+def _load_access(sa_dir: Path) -> _Access:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return _in_cluster(sa_dir)
+    paths = _kubeconfig_paths()
+    if paths is None:
+        raise ConfigError(
+            "no Kubernetes API access: run in a pod with a service account, or set KUBECONFIG to a kubeconfig file"
+        )
+    return _from_kubeconfig(paths)
+
+
+# ------------------------------------------------------------------------------------------------ the client
+
+
+class _TooLarge(Exception):
+    pass
+
+
+_NOT_JSON = object()
 
 
 class Kube:
-    """A Kubernetes API client for the agent: in-cluster service account, else a kubeconfig."""
+    """The Kubernetes API session of the running agent: in-cluster service account, else a kubeconfig.
 
-    #: the `kubernetes.client.ApiClient` every call goes through
-    api_client: Any
+    Build it with `await Kube.load()` or `await Kube.maybe()` inside the event loop, and `await close()` it.
+    """
+
     #: namespace of the pod (service-account namespace file) or of the kubeconfig's current context
     namespace: str | None
-    #: where the credentials came from, for logs: "in-cluster" or the kubeconfig path
+    #: where the credentials came from, for logs: "in-cluster" or the kubeconfig path(s)
     origin: str
     #: the agent's own pod (downward API), which Events are recorded on
     pod: KubernetesConfig
+    #: the API server's URL, for messages
+    server: str
+    #: seconds each patch or Secret call may take in all; seconds each Event may take
+    deadline: float = SECRET_DEADLINE
+    event_deadline: float = EVENT_DEADLINE
 
-    def __init__(
-        self,
-        api_client: Any,
-        *,
-        namespace: str | None = None,
-        origin: str = "",
-        pod: KubernetesConfig | None = None,
-    ) -> None:
-        """Wrap a ready `kubernetes.client.ApiClient`; most callers want `Kube.load()` or `Kube.maybe()`."""
-        self.api_client = api_client
-        self.namespace = namespace
-        self.origin = origin
+    def __init__(self, access: _Access, *, pod: KubernetesConfig | None = None) -> None:
+        """Wrap loaded access; callers want `Kube.load()` or `Kube.maybe()`."""
+        self._access = access
+        self.namespace = access.namespace
+        self.origin = access.origin
+        self.server = access.server
         self.pod = pod or KubernetesConfig()
+        self._session: aiohttp.ClientSession | None = None
+        self._token_warned = False
 
     @classmethod
     def available(cls) -> bool:
         """True when in-cluster config (KUBERNETES_SERVICE_HOST) or a kubeconfig file is there to load."""
-        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or _kubeconfig_path() is not None
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or _kubeconfig_paths() is not None
 
     @classmethod
-    def load(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube:
-        """Build a client from in-cluster config when KUBERNETES_SERVICE_HOST is set, else from the kubeconfig.
+    async def load(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube:
+        """In-cluster config when KUBERNETES_SERVICE_HOST is set, else the kubeconfig (files read off the loop).
 
         Raises:
             ConfigError: neither is available, or the one found cannot be loaded.
         """
-        from kubernetes import client, config
-        from kubernetes.config.incluster_config import InClusterConfigLoader
-
-        cfg = client.Configuration()
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            try:
-                # the loader re-reads the token file every minute, so a rotated projected token is picked up
-                loader = InClusterConfigLoader(  # type: ignore[no-untyped-call]
-                    token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt")
-                )
-                loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
-            except config.ConfigException as exc:
-                raise ConfigError(
-                    f"in-cluster Kubernetes config cannot be loaded from {sa_dir}: {exc};"
-                    " mount a service-account token (automountServiceAccountToken: true)"
-                ) from None
-            ns_file = sa_dir / "namespace"
-            try:
-                namespace: str | None = ns_file.read_text(encoding="utf-8").strip() or None
-            except OSError:
-                namespace = None
-            return cls(client.ApiClient(cfg), namespace=namespace, origin="in-cluster", pod=pod)
-        path = _kubeconfig_path()
-        if path is None:
-            raise ConfigError(
-                "no Kubernetes API access: run in a pod with a service account, or set KUBECONFIG to a kubeconfig file"
-            )
-        try:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=path, client_configuration=cfg, persist_config=False
-            )
-            _, active = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
-        except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
-            raise ConfigError(f"kubeconfig {path} cannot be loaded: {exc}") from None
-        namespace = ((active or {}).get("context") or {}).get("namespace") or None
-        return cls(client.ApiClient(cfg), namespace=namespace, origin=path, pod=pod)
+        return cls(await asyncio.to_thread(_load_access, sa_dir), pod=pod)
 
     @classmethod
-    def maybe(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube | None:
+    async def maybe(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube | None:
         """`load()`, or None when there is no Kubernetes config at all (logged once, at debug).
 
         A config that exists but cannot be loaded is logged as a warning, and None is returned too.
@@ -146,14 +410,125 @@ class Kube:
                 get_logger().debug("kube_unavailable", detail="no in-cluster config and no kubeconfig")
             return None
         try:
-            return cls.load(sa_dir=sa_dir, pod=pod)
+            return await cls.load(sa_dir=sa_dir, pod=pod)
         except ConfigError as exc:
             get_logger().warning("kube_config_unusable", error=str(exc))
             return None
 
-    def close(self) -> None:
-        """Release the client's connection pool."""
-        self.api_client.close()
+    async def close(self) -> None:
+        """Close the connections (requests still running are aborted)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    # ------------------------------------------------------------------ one request
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # the deadline is asyncio.timeout around the whole request; no proxy from the environment, no
+                # decompression (a compressed answer could outgrow the byte cap after it was counted)
+                timeout=aiohttp.ClientTimeout(total=None),
+                trust_env=False,
+                auto_decompress=False,
+                headers={"User-Agent": f"istio-vault-agent/{__version__}", "Accept": "application/json",
+                         "Accept-Encoding": "identity"},
+            )
+        return self._session
+
+    async def _bearer(self) -> str | None:
+        """The token to send: the token file's current content when it changed (rotated), else the last one."""
+        access = self._access
+        if access.token_file is None:
+            return access.token
+        path = access.token_file
+        try:
+            stamp = await asyncio.to_thread(_stamp, path)
+            if stamp != access.token_stamp:
+                access.token_stamp, access.token = await asyncio.to_thread(_read_token_file, path)
+                self._token_warned = False
+        except OSError as exc:  # kubelet may be rewriting it: keep the token in hand, say so once
+            if not self._token_warned:
+                self._token_warned = True
+                get_logger().warning("kube_token_unreadable", reason=str(exc) if isinstance(exc, FileProblem) else
+                                     f"the token file {shown(path)} cannot be read: {exc.strerror}")
+        return access.token
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        verb: str,
+        what: str,
+        final: type[AgentError],
+        deadline: float | None = None,
+        limit: int = ANSWER_LIMIT,
+        params: dict[str, str] | None = None,
+        body: object = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        """One call to the API server: (status, the JSON answer or `_NOT_JSON`) for any answer but 3xx, 5xx, 429.
+
+        Raises:
+            KubeUnavailable: not reachable, reset, no full answer within `deadline`, 5xx or 429.
+            `final`: a redirect, an answer over `limit` bytes, or a certificate that does not verify.
+        """
+        import aiohttp
+
+        access = self._access
+        deadline = self.deadline if deadline is None else deadline
+        headers: dict[str, str] = {}
+        token = await self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        doing = f"the {verb} of {what}"
+        try:
+            async with asyncio.timeout(deadline):
+                async with self._client().request(
+                    method, access.server + path, params=params, data=data, headers=headers, allow_redirects=False,
+                    server_hostname=access.tls_server_name,
+                ) as resp:
+                    status, location = resp.status, resp.headers.get("Location", "")
+                    raw = await _read_capped(resp, limit)
+        except TimeoutError:
+            raise KubeUnavailable(
+                f"the Kubernetes API at {self.server} did not answer {doing} within {deadline:g}s"
+            ) from None
+        except _TooLarge:
+            raise final(f"the Kubernetes API at {self.server} answered {doing} with more than {limit} bytes") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise final(
+                f"the Kubernetes API at {self.server} has a certificate the agent does not trust"
+                f" ({_short(exc.certificate_error)}): check the kubeconfig's certificate-authority or the service"
+                " account's ca.crt"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeUnavailable(f"cannot reach the Kubernetes API at {self.server} for {doing}: {_short(exc)}") \
+                from None
+        if 300 <= status < 400:
+            raise final(
+                f"the Kubernetes API at {self.server} answered {doing} with a redirect ({status}) to"
+                f" {shown(location, 120)!r}, which the agent does not follow: point the kubeconfig or"
+                " KUBERNETES_SERVICE_HOST at the API server itself"
+            )
+        try:
+            answer: Any = json.loads(raw) if raw else None
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            answer = _NOT_JSON
+        if status >= 500 or status == 429:
+            message = _status_message(answer)
+            detail = f": {message}" if message else ""
+            raise KubeUnavailable(f"the Kubernetes API at {self.server} answered {status} to {doing}{detail}")
+        return status, answer
 
     # ------------------------------------------------------------------ rollout restart
 
@@ -171,110 +546,77 @@ class Kube:
             )
         return ns
 
-    def rollout_restart(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
+    async def rollout_restart(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
         """Restart the pods of a Deployment, DaemonSet or StatefulSet exactly as `kubectl rollout restart` does.
 
         Sends a strategic merge patch that sets the pod template annotation `kubectl.kubernetes.io/restartedAt`
-        to now (RFC 3339). Blocks; call it through `rollout_restart_async`. Returns a short description.
+        to now (RFC 3339). Returns a short description.
 
         Raises:
-            ReloadError: the workload does not exist, RBAC forbids the patch, or the API cannot be reached.
+            ReloadError: the workload does not exist, RBAC forbids the patch, or the answer is not the API's.
+            KubeUnavailable: the API cannot be reached, times out, or answers 5xx or 429.
         """
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
         ns = self.resolve_namespace(target, default_namespace)
         what = f"{target.kind} {ns}/{target.name}"
         now = _now_rfc3339()
         body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
-        patch = getattr(client.AppsV1Api(self.api_client), f"patch_namespaced_{_PLURALS[target.kind]}")
-        try:
-            # without _content_type the client picks json-patch+json, which the apiserver rejects for a dict
-            patch(
-                target.name,
-                ns,
-                body,
-                field_manager=FIELD_MANAGER,
-                _content_type=_STRATEGIC_MERGE,
-                _request_timeout=_PATCH_TIMEOUT,
-            )
-        except ApiException as exc:
-            raise ReloadError(_api_failure(exc.status, what, f"{target.kind.lower()}s")) from None
-        except Exception as exc:  # noqa: BLE001 - urllib3/ssl/socket errors all mean "cannot reach the API"
-            raise ReloadError(
-                f"cannot reach the Kubernetes API at {self.api_client.configuration.host} to restart {what}:"
-                f" {_short(exc)}"
-            ) from None
+        plural = _PLURALS[target.kind]
+        status, _ = await self._request(
+            "PATCH", f"/apis/apps/v1/namespaces/{_seg(ns)}/{plural}/{_seg(target.name)}", verb="rollout restart",
+            what=what, final=ReloadError, params={"fieldManager": FIELD_MANAGER}, body=body,
+            content_type=_STRATEGIC_MERGE,
+        )
+        if not 200 <= status < 300:
+            raise ReloadError(_api_failure(status, what, plural))
         return f"rollout restart of {what} (restartedAt={now})"
-
-    async def rollout_restart_async(self, target: RolloutTarget, default_namespace: str | None = None) -> str:
-        """`rollout_restart` in a daemon thread, for the event loop; raises what it raises."""
-        return await offload(self.rollout_restart, target, default_namespace)
 
     # ------------------------------------------------------------------------ secrets
 
-    def _secret_call(self, verb: str, what: str, call: Any) -> Any:
-        """Run one Secret call; its JSON answer, or None for a 404. Blocks.
+    async def _secret_call(
+        self, method: str, path: str, verb: str, what: str, *, limit: int = ANSWER_LIMIT,
+        params: dict[str, str] | None = None, body: object = None, content_type: str = "application/json",
+    ) -> Any:
+        """One Secret call; its JSON answer, or None for a 404.
 
         Raises:
-            PublishError: RBAC forbids it, a conflict, or the API cannot be reached; one sentence naming `what`.
+            PublishError: RBAC forbids it, a conflict, or not an answer of the API; one sentence naming `what`.
+            KubeUnavailable: as `_request`.
         """
-        import json
+        status, answer = await self._request(method, path, verb=verb, what=what, final=PublishError, limit=limit,
+                                              params=params, body=body, content_type=content_type)
+        if status == 404:
+            return None
+        if not 200 <= status < 300:
+            raise PublishError(_secret_failure(status, verb, what, _status_message(answer)))
+        if answer is _NOT_JSON:
+            raise PublishError(f"the Kubernetes API answered the {verb} of {what} with something not JSON")
+        return answer
 
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            resp = call()
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise PublishError(_secret_failure(exc.status, verb, what, _api_message(exc.body))) from None
-        except Exception as exc:  # noqa: BLE001 - urllib3/ssl/socket errors all mean "cannot reach the API"
-            raise PublishError(
-                f"cannot reach the Kubernetes API at {self.api_client.configuration.host} to {verb} {what}:"
-                f" {_short(exc)}"
-            ) from None
-        try:
-            return json.loads(resp.data or b"null")
-        except ValueError:
-            raise PublishError(f"the Kubernetes API answered the {verb} of {what} with something not JSON") from None
-
-    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The Secret as the API returns it (data base64), or None when it does not exist. Blocks.
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as the API returns it (data base64), or None when it does not exist.
 
         Raises:
-            PublishError: as `_secret_call`.
+            PublishError, KubeUnavailable: as `_secret_call`.
         """
-        from kubernetes import client
-
-        api = client.CoreV1Api(self.api_client)
         what = f"Secret {namespace}/{name}"
-        found = self._secret_call(
-            "get", what,
-            lambda: api.read_namespaced_secret(name, namespace, _preload_content=False,
-                                               _request_timeout=_PATCH_TIMEOUT),
-        )
+        found = await self._secret_call("GET", f"/api/v1/namespaces/{_seg(namespace)}/secrets/{_seg(name)}",
+                                        "get", what)
         # not "absent": the owner check must never be skipped on an odd answer
         return None if found is None else self._object(found, "get", what)
 
-    def apply_secret(self, secret: dict[str, Any], *, force: bool) -> dict[str, Any]:
+    async def apply_secret(self, secret: dict[str, Any], *, force: bool) -> dict[str, Any]:
         """Server-side apply `secret` (field manager istio-vault-agent); `force` takes over fields another manager
-        owns. Returns the Secret the API answered. Blocks.
+        owns. Returns the Secret the API answered.
 
         Raises:
-            PublishError: as `_secret_call`; a 409 is a field another manager owns (without `force`).
+            PublishError, KubeUnavailable: as `_secret_call`; a 409 is a field another manager owns (without `force`).
         """
-        from kubernetes import client
-
         meta = secret["metadata"]
-        api = client.CoreV1Api(self.api_client)
         what = f"Secret {meta['namespace']}/{meta['name']}"
-        answer = self._secret_call(
-            "apply", what,
-            lambda: api.patch_namespaced_secret(
-                meta["name"], meta["namespace"], secret, field_manager=FIELD_MANAGER, force=force,
-                _content_type=_APPLY_PATCH, _preload_content=False, _request_timeout=_PATCH_TIMEOUT,
-            ),
+        answer = await self._secret_call(
+            "PATCH", f"/api/v1/namespaces/{_seg(meta['namespace'])}/secrets/{_seg(meta['name'])}", "apply", what,
+            params={"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}, body=secret,
+            content_type=_APPLY_PATCH,
         )
         return self._object(answer, "apply", what)
 
@@ -287,103 +629,80 @@ class Kube:
         if isinstance(answer, dict):
             return answer
         raise PublishError(
-            f"the Kubernetes API at {self.api_client.configuration.host} answered the {verb} of {what} with"
+            f"the Kubernetes API at {self.server} answered the {verb} of {what} with"
             " something that is not an object: check that the agent's kubeconfig or in-cluster config points at"
             " the API server"
         )
 
-    def list_secrets(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        """The Secrets of `namespace` that match `label_selector`. Blocks.
+    async def list_secrets(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The Secrets of `namespace` that match `label_selector`.
 
         Raises:
-            PublishError: as `_secret_call`.
+            PublishError, KubeUnavailable: as `_secret_call`.
         """
-        from kubernetes import client
-
-        api = client.CoreV1Api(self.api_client)
-        answer = self._secret_call(
-            "list", f"Secrets in namespace {namespace}",
-            lambda: api.list_namespaced_secret(namespace, label_selector=label_selector, _preload_content=False,
-                                               _request_timeout=_PATCH_TIMEOUT),
+        answer = await self._secret_call(
+            "GET", f"/api/v1/namespaces/{_seg(namespace)}/secrets", "list", f"Secrets in namespace {namespace}",
+            limit=LIST_LIMIT, params={"labelSelector": label_selector},
         )
         items = answer.get("items") if isinstance(answer, dict) else None
         return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
-    def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
-        """Delete the Secret (only the object with `uid`, when given); False when it was already gone. Blocks.
+    async def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete the Secret (only the object with `uid`, when given); False when it was already gone.
 
         Raises:
-            PublishError: as `_secret_call`.
+            PublishError, KubeUnavailable: as `_secret_call`.
         """
-        from kubernetes import client
-
-        api = client.CoreV1Api(self.api_client)
-        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
-        answer = self._secret_call(
-            "delete", f"Secret {namespace}/{name}",
-            lambda: api.delete_namespaced_secret(name, namespace, body=body, _preload_content=False,
-                                                 _request_timeout=_PATCH_TIMEOUT),
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}} if uid else None
+        answer = await self._secret_call(
+            "DELETE", f"/api/v1/namespaces/{_seg(namespace)}/secrets/{_seg(name)}", "delete",
+            f"Secret {namespace}/{name}", body=body,
         )
         return answer is not None
 
     # ------------------------------------------------------------------------ events
 
-    def event(self, reason: str, message: str, type: str = "Normal") -> bool:
+    async def event(self, reason: str, message: str, type: str = "Normal") -> bool:
         """Record a core/v1 Event on the agent's pod (`self.pod`: POD_NAME, POD_NAMESPACE, POD_UID); True when created.
 
         Best effort: without pod name and namespace nothing is sent, and every failure is logged, never raised.
-        `message` must already be free of secret material; it is cut to 1024 characters. Blocks.
+        `message` must already be free of secret material; it is cut to 1024 characters.
         """
         pod, ns = self.pod.pod_name, self.pod.pod_namespace
         if not pod or not ns:
             return False
+        now = _now_rfc3339()
+        text = escape(str(redact(None, "", {"message": message})["message"]))[:_MAX_MESSAGE]
+        involved = {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns, "uid": self.pod.pod_uid}
+        source = {"component": EVENT_COMPONENT, "host": self.pod.node_name}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # client-go names events <object>.<unix nanos in hex>
+            "metadata": {"name": f"{pod}.{time.time_ns():x}", "namespace": ns},
+            "involvedObject": {k: v for k, v in involved.items() if v is not None},
+            "reason": reason,
+            "message": text,
+            "type": type,
+            "source": {k: v for k, v in source.items() if v is not None},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": EVENT_COMPONENT,
+            "reportingInstance": pod,
+        }
         try:
-            from kubernetes import client
-
-            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            text = escape(str(redact(None, "", {"message": message})["message"]))[:_MAX_MESSAGE]
-            body = client.CoreV1Event(
-                api_version="v1",
-                kind="Event",
-                # client-go names events <object>.<unix nanos in hex>
-                metadata=client.V1ObjectMeta(name=f"{pod}.{time.time_ns():x}", namespace=ns),
-                involved_object=client.V1ObjectReference(
-                    api_version="v1", kind="Pod", name=pod, namespace=ns, uid=self.pod.pod_uid
-                ),
-                reason=reason,
-                message=text,
-                type=type,
-                source=client.V1EventSource(component=EVENT_COMPONENT, host=self.pod.node_name),
-                first_timestamp=now,
-                last_timestamp=now,
-                count=1,
-                reporting_component=EVENT_COMPONENT,
-                reporting_instance=pod,
+            status, _ = await self._request(
+                "POST", f"/api/v1/namespaces/{_seg(ns)}/events", verb="create", what=f"an Event on pod {ns}/{pod}",
+                final=PublishError, deadline=self.event_deadline, limit=_EVENT_ANSWER_LIMIT, body=body,
             )
-            client.CoreV1Api(self.api_client).create_namespaced_event(ns, body, _request_timeout=_EVENT_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - an Event is never worth failing a publish for
-            status = getattr(exc, "status", None)
-            get_logger().warning(
-                "kube_event_failed", reason=reason, status=status, error=_short(exc) if status is None else None
-            )
+        except AgentError as exc:  # an Event is never worth failing anything for
+            get_logger().warning("kube_event_failed", reason=reason, error=str(exc))
+            return False
+        if not 200 <= status < 300:
+            get_logger().warning("kube_event_failed", reason=reason, status=status)
             return False
         return True
-
-    async def emit_event(
-        self,
-        reason: str,
-        message: str,
-        type: str = "Normal",
-        *,
-        timeout: float = 5.0,
-    ) -> bool:
-        """`event()` in a thread, waiting at most `timeout` seconds; never raises, True when created."""
-        try:
-            return await asyncio.wait_for(offload(self.event, reason, message, type), timeout)
-        except TimeoutError:
-            # the thread itself ends within the request timeout; we just stop waiting for it
-            get_logger().warning("kube_event_failed", reason=reason, error=f"no answer within {timeout:g}s")
-            return False
 
 
 async def emit_event(
@@ -392,15 +711,46 @@ async def emit_event(
     message: str,
     type: str = "Normal",
     *,
-    timeout: float = 5.0,
+    timeout: float = EVENT_DEADLINE,
 ) -> bool:
-    """Record an Event on the agent's pod through `kube` if there is one; never raises, True when created."""
+    """Record an Event on the agent's pod through `kube` if there is one, waiting at most `timeout` seconds (the
+    request is aborted then); never raises, True when created."""
     if kube is None:
         return False
-    return await kube.emit_event(reason, message, type, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            return await kube.event(reason, message, type)
+    except TimeoutError:
+        get_logger().warning("kube_event_failed", reason=reason, error=f"no answer within {timeout:g}s")
+        return False
 
 
-def _api_failure(status: int | None, what: str, plural: str) -> str:
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of `resp`, read as it streams in; `_TooLarge` as soon as it passes `limit` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _seg(name: str) -> str:
+    """One URL path segment (a name the API returned may hold anything)."""
+    return quote(name, safe="")
+
+
+def _status_message(answer: object) -> str:
+    """The `message` of a metav1.Status answer, escaped and shortened; "" when there is none."""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return shown(message, 200) if isinstance(message, str) else ""
+
+
+def _api_failure(status: int, what: str, plural: str) -> str:
     if status == 404:
         return f"{what} does not exist: check reload.target (kind, name, namespace)"
     if status == 403:
@@ -410,19 +760,7 @@ def _api_failure(status: int | None, what: str, plural: str) -> str:
     return f"the Kubernetes API answered {status} to the rollout restart of {what}"
 
 
-def _api_message(body: object) -> str:
-    """The `message` of a metav1.Status body, shortened; "" when there is none."""
-    import json
-
-    try:
-        status = json.loads(body) if isinstance(body, str | bytes) else None
-    except ValueError:
-        return ""
-    message = status.get("message") if isinstance(status, dict) else None
-    return escape(message)[:200] if isinstance(message, str) else ""
-
-
-def _secret_failure(status: int | None, verb: str, what: str, message: str) -> str:
+def _secret_failure(status: int, verb: str, what: str, message: str) -> str:
     if status == 403:
         rbac_verb = "patch" if verb == "apply" else verb
         # the chart grants delete only on the Secrets of remoteSecrets.retiredClusters
@@ -441,17 +779,19 @@ def _secret_failure(status: int | None, verb: str, what: str, message: str) -> s
 
 
 def _short(exc: BaseException) -> str:
-    """A one-line reason without the urllib3 retry noise."""
-    reason = getattr(exc, "reason", None)
-    text = str(reason if reason is not None else exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    """A one-line reason for a transport failure: the system's words for an errno ("Connection refused")."""
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno)
+    text = str(exc) or type(exc).__name__
+    return escape(text.splitlines()[0])[:200]
 
 
 class EventRecorder:
-    """Fire-and-forget Events on the agent's pod, and the one Kubernetes client of a running agent.
+    """Fire-and-forget Events on the agent's pod, and the Kubernetes session of a running agent's reloads.
 
-    The client (and the `kubernetes` package) is loaded in a thread on first use, never on the event loop.
-    Without pod name and namespace no Event is sent and nothing is loaded for it.
+    The session is loaded on first use (its files read off the loop). Without pod name and namespace no Event is
+    sent and nothing is loaded for it. Each Event is a task; closing aborts the ones still running after a moment.
     """
 
     def __init__(self, pod: KubernetesConfig) -> None:
@@ -462,10 +802,10 @@ class EventRecorder:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def client(self) -> Kube | None:
-        """The Kubernetes client, or None without in-cluster config or kubeconfig (looked up once)."""
+        """The Kubernetes session, or None without in-cluster config or kubeconfig (looked up once)."""
         async with self._load_lock:
             if not self._loaded:
-                self._kube = await offload(lambda: Kube.maybe(pod=self.pod))
+                self._kube = await Kube.maybe(pod=self.pod)
                 self._loaded = True
         return self._kube
 
@@ -482,15 +822,13 @@ class EventRecorder:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Give Events in flight a moment to finish, stop the rest, and release the client.
-
-        A cancelled task cannot stop its thread: closing the client (or exiting) under a thread still inside a TLS
-        request can abort the process, so the client stays open while one may be left.
-        """
+        """Give Events in flight a moment to finish, abort the rest, and close the session."""
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=_CLOSE_GRACE)
         for task in pending:
             task.cancel()
-        if self._kube is not None and not pending:
-            self._kube.close()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._kube is not None:
+            await self._kube.close()

@@ -261,16 +261,16 @@ def _one_line(exc: BaseException) -> str:
 async def _rollout_restart(action: RolloutRestartReload, kube: Kube | None) -> str:
     owned = kube is None
     if kube is None:
-        kube = await offload(Kube.maybe)
+        kube = await Kube.maybe()
     if kube is None:
         raise ReloadError(
             "reload action rollout-restart needs Kubernetes API access: run in a pod with a service account"
             " (automountServiceAccountToken: true) or set KUBECONFIG"
         )
     try:
-        result = await kube.rollout_restart_async(action.target)
+        result = await kube.rollout_restart(action.target)
     finally:
         if owned:
-            kube.close()
+            await kube.close()
     get_logger().debug("rollout_restarted", kind=action.target.kind, name=action.target.name)
     return result

@@ -19,7 +19,6 @@ from agent.sources import open_source
 from agent.supervisor import supervise
 from agent.targets import open_target
 from agent.targets.secret import KubeLoader
-from agent.threads import offload
 from agent.validate import Limits
 from agent.vault import VaultGate, make_client
 from agent.worker import BundleState, BundleWorker
@@ -118,7 +117,7 @@ class Agent:
             try:
                 await supervise(tasks, stop=self.stop, until_all_done=True)
             finally:
-                await offload(self.kube.drain, _DRAIN_SECONDS)
+                await self.kube.drain(_DRAIN_SECONDS)
             if self.stop.is_set():
                 return False
             self._log.info("init_done", bundles=[b.name for b in self.cfg.bundles])
@@ -129,7 +128,7 @@ class Agent:
             await supervise(tasks, stop=self.stop, until_all_done=False)
         finally:
             # at the same time, not one after the other: each waits up to half a second for calls in flight
-            closing: list[Awaitable[object]] = [offload(self.kube.drain, _DRAIN_SECONDS)]
+            closing: list[Awaitable[object]] = [self.kube.drain(_DRAIN_SECONDS)]
             if self.events is not None:
                 closing.append(self.events.close())
             await asyncio.gather(*closing)
@@ -174,7 +173,7 @@ class Agent:
         if not any(b.kind.target == "secret" for b in self.cfg.bundles):
             return
         try:
-            deleted = await offload(lambda: prune(self.kube, self.cfg.bundles, self.cfg.kubernetes))
+            deleted = await prune(self.kube, self.cfg.bundles, self.cfg.kubernetes)
         except AgentError as exc:
             self.metrics.error("-", exc.reason)
             self._log.warning("remote_secret_prune_failed", reason=str(exc))

@@ -274,7 +274,7 @@ class BundleWorker:
     async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
         st, b = self.state, self.cfg
         async with self._publish_lock:
-            result = await offload(self.target.publish, fetched.files)
+            result = await self.target.publish(fetched.files)
         previous, check = st.live, self.kind.reload_problem
         self._reload_problem = (
             check(previous.files, fetched.files, multiroot=b.multiroot)
@@ -302,10 +302,10 @@ class BundleWorker:
         async with self._publish_lock:
             # read under the lock: a cycle may have published newer content while this waited for it
             live = self.state.live
-            if live is None or not await offload(self.target.damaged, live.files):
+            if live is None or not await self.target.damaged(live.files):
                 return False
             files = live.files
-            await offload(self.target.publish, files)
+            await self.target.publish(files)
         where = self.target.where
         self.metrics.error(self.cfg.name, "tampered")
         self._log.warning("bundle_repaired", dir=where, reason=f"{where} was changed or deleted by someone else")

@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -59,8 +60,8 @@ class KubeRequest:
     user: str | None = None
 
 
-#: (HTTP status, JSON-serialisable body)
-KubeResponse = tuple[int, Any]
+#: (HTTP status, JSON-serialisable body or raw bytes), or (status, body, extra response headers)
+KubeResponse = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 Handler = Callable[[KubeRequest], KubeResponse]
 
 
@@ -112,6 +113,33 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{regex}$")
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS with the TLS handshake in each connection's own thread (a client that connects and never speaks holds
+    up only its thread), and quiet about clients that go away mid-handshake or mid-request (the agent aborting a
+    request it gave up on is not a stand-in failure)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], ctx: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.ctx = ctx
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = self.socket.accept()
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(10)
+        request.do_handshake()
+        request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # ssl.SSLError, resets, timeouts: the client went away
+            return
+        super().handle_error(request, client_address)
+
+
 class KubeAPI:
     """A threaded HTTPS server that behaves like the parts of the kube-apiserver the agent uses.
 
@@ -144,27 +172,27 @@ class KubeAPI:
         self._tmpdir = Path(self._tmp.name)
         self._ca_pem, self._ca_file, self._cert_file, self._key_file = _make_tls(self._tmpdir)
         self._server: ThreadingHTTPServer | None = None
+        self._port = 0
         self._thread: threading.Thread | None = None
         self._install_defaults()
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> KubeAPI:
-        """Listen on a free loopback port in a daemon thread; returns self."""
+        """Listen on a free loopback port (the same one again after `pause()`) in a daemon thread; returns self."""
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        server.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self._cert_file, self._key_file)
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        server = _TLSServer(("127.0.0.1", self._port), self._handler_class(), ctx)
+        self._port = int(server.server_address[1])
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="kubeapi-standin", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop listening and remove the temporary TLS files."""
+    def pause(self) -> None:
+        """Stop listening but keep the port, state and TLS files: connections are refused until `start()`."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -172,6 +200,10 @@ class KubeAPI:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def stop(self) -> None:
+        """Stop listening and remove the temporary TLS files."""
+        self.pause()
         self._tmp.cleanup()
 
     def __enter__(self) -> KubeAPI:
@@ -182,10 +214,10 @@ class KubeAPI:
 
     @property
     def port(self) -> int:
-        """The TCP port the server listens on."""
-        if self._server is None:
+        """The TCP port the server listens on (and listens on again after `pause()`)."""
+        if not self._port:
             raise RuntimeError("KubeAPI is not started; call start() first.")
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -499,11 +531,14 @@ class KubeAPI:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                status, body = api._dispatch(self.command, self.path, headers, raw)
-                data = json.dumps(body).encode()
+                answer = api._dispatch(self.command, self.path, headers, raw)
+                status, body, extra = (*answer, {}) if len(answer) == 2 else answer
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 

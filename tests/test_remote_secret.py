@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import select
+import socket
 import ssl
 import threading
 import time
@@ -313,6 +315,40 @@ class TestRefusals:
         assert remote.data() == (b"theirs" if method == "GET" else None)
 
 
+class TestUnavailableAPI:
+    @pytest.mark.parametrize("fault", ["refused", "500"])
+    def test_init_retries_until_the_api_recovers(self, remote, tmp_path, fault):
+        """In init mode a Kubernetes API that refuses connections, or answers 500, for about 3 s is retried with the
+        same backoff as an unavailable Vault (logged retryable, naming the API address), and the Secret is applied
+        once it recovers: exit 0."""
+        config = remote.kubeconfig()
+        remote.store("cluster-a", config)
+        with KubeAPI() as api:  # a private API server: the shared one also answers OpenBao's TokenReviews
+            token = api.mint_token("istio-system", "istiod")
+            remote.leaks.secret("private API token", token)
+            remote.kubeconfig_file = api.write_kubeconfig(tmp_path / "private-kubeconfig", token)
+            if fault == "refused":
+                api.pause()
+                recover = api.start
+            else:
+                recover = api.add_handler("GET", "/api/v1/namespaces/{namespace}/secrets/{name}", lambda _req: (
+                    500, {"kind": "Status", "code": 500, "message": "etcdserver: leader changed"}))
+            timer = threading.Timer(3.0, recover)
+            timer.start()
+            try:
+                proc = remote.init()
+            finally:
+                timer.cancel()
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            secret = api.secret(remote.namespace, "istio-remote-secret-cluster-a")
+        assert secret is not None and base64.b64decode(secret["data"]["cluster-a"]) == config
+        failures = [json.loads(line) for line in proc.stderr.splitlines() if '"sync_failed"' in line]
+        assert failures, proc.stderr[-3000:]
+        assert all(f["retryable"] is True for f in failures), failures
+        assert all(api.url in f["reason"] for f in failures), failures
+        assert "500" in failures[0]["reason"] if fault == "500" else "cannot reach" in failures[0]["reason"]
+
+
 class TestPrune:
     def test_prune_on_removal(self, remote):
         """Restarted without two of its bundles, the agent deletes the Secret whose bundle had prune: true and keeps
@@ -386,6 +422,24 @@ class TestShutdown:
         finally:
             timer.cancel()
             release.set()
+        assert rc == 0 and took < 1.0, (rc, took, agent.tail())
+        assert agent.events("sidecar_stopped")
+
+
+    def test_sigterm_while_the_api_never_answers_exits_0_within_a_second(self, remote, tmp_path):
+        """SIGTERM while the first Secret read waits on an API server that accepted the connection and never
+        answers (not even TLS): the request is aborted and the agent exits 0 within a second."""
+        remote.store("cluster-a", remote.kubeconfig())
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)
+            config = yaml.safe_load(remote.kubeconfig_file.read_text())
+            config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{silent.getsockname()[1]}"
+            remote.kubeconfig_file = tmp_path / "silent-kubeconfig"
+            remote.kubeconfig_file.write_text(yaml.safe_dump(config))
+            agent = remote.agent(ready=False)
+            assert select.select([silent], [], [], 10)[0], agent.tail()  # the agent's connection is waiting
+            rc, took = agent.stop()
         assert rc == 0 and took < 1.0, (rc, took, agent.tail())
         assert agent.events("sidecar_stopped")
 

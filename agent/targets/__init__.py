@@ -25,16 +25,17 @@ class Published:
 
 
 class Target(Protocol):
-    """One bundle's destination. Every method blocks (disk or Kubernetes API) and raises AgentErrors only."""
+    """One bundle's destination. Every method is a coroutine (disk work runs in a thread, Kubernetes calls are
+    async and cancellable) and raises AgentErrors only."""
 
     #: what the bundle is published to, for logs and Events: a directory, or `Secret NAMESPACE/NAME`
     where: str
 
-    def publish(self, files: Mapping[str, bytes]) -> Published:
+    async def publish(self, files: Mapping[str, bytes]) -> Published:
         """Make `files` live, unless they already are (then `changed` is False and nothing is written)."""
         ...
 
-    def damaged(self, files: Mapping[str, bytes]) -> bool:
+    async def damaged(self, files: Mapping[str, bytes]) -> bool:
         """True when what is live no longer holds `files` (deleted or altered by someone else)."""
         ...
 

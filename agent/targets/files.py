@@ -1,7 +1,8 @@
-"""The file target: a bundle published into its directory, kubelet AtomicWriter style (agent.publish)."""
+"""The file target: a bundle published into its directory, kubelet AtomicWriter style (agent.publish), in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,19 +28,21 @@ class FileTarget:
         return {"key_files": kind.key_files, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
                 "gid": b.gid}
 
-    def publish(self, files: Mapping[str, bytes]) -> Published:
-        """A new generation unless the live one matches (see `agent.publish.publish`).
+    async def publish(self, files: Mapping[str, bytes]) -> Published:
+        """A new generation unless the live one matches (see `agent.publish.publish`), written in a thread.
 
         Raises:
             PublishError: the directory cannot be written, or holds a file the kind forbids.
         """
-        result = publish.publish(Path(self.bundle.dir), files, **self._options(), forbid=self.bundle.kind.forbidden)
+        result = await asyncio.to_thread(
+            publish.publish, Path(self.bundle.dir), files, **self._options(), forbid=self.bundle.kind.forbidden
+        )
         return Published(result.changed, result.generation)
 
-    def damaged(self, files: Mapping[str, bytes]) -> bool:
-        """See `agent.publish.repair_needed`.
+    async def damaged(self, files: Mapping[str, bytes]) -> bool:
+        """See `agent.publish.repair_needed` (read in a thread).
 
         Raises:
             PublishError: the directory cannot be read.
         """
-        return publish.repair_needed(Path(self.bundle.dir), files, **self._options())
+        return await asyncio.to_thread(publish.repair_needed, Path(self.bundle.dir), files, **self._options())

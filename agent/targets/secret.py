@@ -4,10 +4,10 @@ owner labels are ever written or deleted."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import PublishError
@@ -93,48 +93,57 @@ def _holds(current: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
 
 
 class KubeLoader:
-    """The Kubernetes client of the Secret targets, loaded once, on first use, in whichever thread needs it.
+    """The Kubernetes session of the Secret targets, loaded once, on first use.
 
-    It counts the calls in flight, so that shutdown can let them finish: a daemon thread still inside a TLS
-    request when the interpreter exits can abort the process (OpenSSL is cleaned up under it).
+    It counts the calls in flight, so that shutdown can give them a moment before it closes the session (which
+    aborts whatever is still running).
     """
 
     def __init__(self, pod: KubernetesConfig) -> None:
         self.pod = pod
         self._kube: Kube | None = None
-        self._lock = threading.Lock()
-        self._idle = threading.Condition()
+        self._lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._busy = 0
 
-    def get(self) -> Kube:
-        """The client (in-cluster config, else KUBECONFIG). Blocks.
+    async def get(self) -> Kube:
+        """The session (in-cluster config, else KUBECONFIG).
 
         Raises:
             ConfigError: there is no Kubernetes API access to load.
         """
         from agent.kube import Kube
 
-        with self._lock:
+        async with self._lock:
             if self._kube is None:
-                self._kube = Kube.load(pod=self.pod)
+                self._kube = await Kube.load(pod=self.pod)
             return self._kube
 
-    @contextlib.contextmanager
-    def using(self) -> Iterator[Kube]:
+    @contextlib.asynccontextmanager
+    async def using(self) -> AsyncIterator[Kube]:
         """`get()`, counted as a call in flight until the block ends."""
-        with self._idle:
-            self._busy += 1
+        self._busy += 1
+        self._idle.clear()
         try:
-            yield self.get()
+            yield await self.get()
         finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
 
-    def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the calls in flight to end; True when none is left. Blocks."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the calls in flight to end, then close the session; True when none was
+        left (the rest are aborted by the close)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            done = True
+        except TimeoutError:
+            done = False
+        if self._kube is not None:
+            await self._kube.close()
+        return done
 
 
 class SecretTarget:
@@ -162,33 +171,34 @@ class SecretTarget:
                 " cluster one bundle, or relabel the Secret"
             )
 
-    def publish(self, files: Mapping[str, bytes]) -> Published:
+    async def publish(self, files: Mapping[str, bytes]) -> Published:
         """Apply the Secret unless it already holds `files` (then no write at all).
 
         Raises:
-            PublishError: the Secret exists and another owner's, RBAC forbids it, or the API cannot be reached.
+            PublishError: the Secret exists and another owner's, RBAC forbids it, or not an answer of the API.
+            KubeUnavailable: the API cannot be reached, times out, or answers 5xx or 429 (retried).
             ConfigError: there is no Kubernetes API access.
         """
         want = manifest(self.bundle, self.namespace, files)
-        with self.kube.using() as kube:
-            current = kube.get_secret(self.namespace, self.name)
+        async with self.kube.using() as kube:
+            current = await kube.get_secret(self.namespace, self.name)
             if current is not None:
                 self._check_ours(current)
                 if _holds(current, want):
                     return Published(False, str(_meta_value(current, "resourceVersion")))
             # force only on a Secret the agent owns: it takes back fields someone edited by hand; a new Secret that
             # appeared since the read (another owner) then fails with a conflict instead
-            applied = kube.apply_secret(want, force=current is not None)
+            applied = await kube.apply_secret(want, force=current is not None)
         return Published(True, str(_meta_value(applied, "resourceVersion")))
 
-    def damaged(self, files: Mapping[str, bytes]) -> bool:
+    async def damaged(self, files: Mapping[str, bytes]) -> bool:
         """True when the Secret is gone, or no longer holds `files`, labels and annotations.
 
         Raises:
-            PublishError / ConfigError: as `publish`.
+            PublishError / KubeUnavailable / ConfigError: as `publish`.
         """
-        with self.kube.using() as kube:
-            current = kube.get_secret(self.namespace, self.name)
+        async with self.kube.using() as kube:
+            current = await kube.get_secret(self.namespace, self.name)
         return current is None or not _holds(current, manifest(self.bundle, self.namespace, files))
 
 
@@ -197,25 +207,25 @@ def _meta_value(obj: Mapping[str, Any], key: str) -> object:
     return meta.get(key, "") if isinstance(meta, dict) else ""
 
 
-def prune(loader: KubeLoader, bundles: Sequence[BundleConfig], pod: KubernetesConfig) -> list[str]:
+async def prune(loader: KubeLoader, bundles: Sequence[BundleConfig], pod: KubernetesConfig) -> list[str]:
     """Delete the agent's Secrets that no configured remote-secret bundle claims and whose bundle asked for pruning
     (annotation istio-vault-agent/prune=true), in the namespaces of the configured remote-secret bundles.
 
-    Returns what was deleted (`NAMESPACE/NAME`). Blocks.
+    Returns what was deleted (`NAMESPACE/NAME`).
 
     Raises:
-        PublishError: listing or deleting failed (RBAC, API unreachable).
+        PublishError / KubeUnavailable: listing or deleting failed (RBAC; API unreachable).
     """
     remote = [b for b in bundles if b.kind.target == "secret"]
     claimed = {(namespace_of(b, pod), secret_name(b.cluster or "")) for b in remote}
-    with loader.using() as kube:
-        return _sweep(kube, claimed)
+    async with loader.using() as kube:
+        return await _sweep(kube, claimed)
 
 
-def _sweep(kube: Kube, claimed: set[tuple[str, str]]) -> list[str]:
+async def _sweep(kube: Kube, claimed: set[tuple[str, str]]) -> list[str]:
     deleted: list[str] = []
     for namespace in sorted({ns for ns, _ in claimed}):
-        for secret in kube.list_secrets(namespace, f"{MANAGED_BY}={AGENT},{BUNDLE_LABEL}"):
+        for secret in await kube.list_secrets(namespace, f"{MANAGED_BY}={AGENT},{BUNDLE_LABEL}"):
             name = str(_meta_value(secret, "name"))
             labels, annotations = _meta(secret, "labels"), _meta(secret, "annotations")
             if (namespace, name) in claimed or labels.get(MANAGED_BY) != AGENT:
@@ -225,6 +235,6 @@ def _sweep(kube: Kube, claimed: set[tuple[str, str]]) -> list[str]:
                                   reason="its bundle is gone from the config and did not set prune: true")
                 continue
             uid = _meta_value(secret, "uid")
-            if kube.delete_secret(namespace, name, uid=uid if isinstance(uid, str) and uid else None):
+            if await kube.delete_secret(namespace, name, uid=uid if isinstance(uid, str) and uid else None):
                 deleted.append(f"{namespace}/{name}")
     return deleted
