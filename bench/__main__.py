@@ -1,4 +1,4 @@
-"""`python -m bench [--quick]`: see bench/run.py and docs/performance.md."""
+"""`python -m bench [--quick]`: see bench/run.py and docs/performance.md; `--production`: bench/production.py."""
 
 import sys
 

@@ -35,6 +35,8 @@ class AgentSpec:
     config_path: Path
     health_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: working directory: `python -m agent.cli` imports the agent from here first (a checkout's root)
+    cwd: Path = ROOT
 
 
 def bao_binary() -> str:
@@ -167,7 +169,7 @@ class AgentProcess:
         self._log: IO[bytes] = self.log_path.open("ab")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            spec.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=spec.env, cwd=ROOT
+            spec.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=spec.env, cwd=spec.cwd
         )
 
     @property

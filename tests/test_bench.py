@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from bench.report import percentile
+from bench.production import (
+    Checkout,
+    checkouts_from_args,
+    markdown,
+    ours_production_spec,
+    targets,
+)
+from bench.report import MIB, percentile
 from bench.watch import Watcher
 from testbed.bao import BaoNotFound, find_bao
 from tests.support import ROOT, cli_env
@@ -127,6 +134,106 @@ class TestMeasuringParts:
             assert watcher.counts("d") == (1, 1)
         finally:
             watcher.stop()
+
+
+def _production_result() -> dict[str, Any]:
+    """A `--compare` result as `bench.production.run` returns it, with round numbers."""
+
+    def agent(rss: float, anon: float) -> dict[str, Any]:
+        return {"instances": 10, "rss": {"mean": rss * MIB}, "anon": {"mean": anon * MIB, "min": anon * MIB,
+                "max": anon * MIB}, "pss": {"mean": anon * MIB}, "cpu_seconds_per_hour": {"mean": 1.0},
+                "events": {"min": 1}}
+
+    def init(ms: float) -> dict[str, Any]:
+        return {"wall": {"p50": ms / 1000}, "cpu": {"p50": ms / 1000}, "maxrss": {"p50": 50 * MIB}}
+
+    result: dict[str, Any] = {
+        "environment": {"started": "2026-12-07 08:00 UTC", "cpus": 2, "cpu_model": "x", "python": "3.11",
+                        "bao_version": "OpenBao v2", "loadavg_start": "0 0 0", "loadavg_end": "0 0 0",
+                        "duration_seconds": 60},
+        "instances": 10,
+        "checkouts": [{"label": "before", "describe": "/b (abc)"}, {"label": "after", "describe": "/a (def)"}],
+        "init": {"before": init(250), "after": init(300), "bao": init(100)},
+        "fleet": {"window_seconds": 35, "settle_seconds": 5, "agents": {
+            "before": agent(100, 72), "after": agent(40, 24), "bao": agent(80, 12)},
+            "probes": {"healthz": {"sent": 50, "ok": 50}}},
+    }
+    result["targets"] = targets(result)
+    return result
+
+
+class TestProductionMode:
+    def test_agent_runs_with_the_chart_config_and_the_pod_environment(self, tmp_path: Path) -> None:
+        """The agent loads the chart's defaults and reads every downward-API variable from the environment."""
+        from agent.config import load
+
+        checkout = Checkout("after", ROOT)
+        spec = ours_production_spec(
+            "istiod-after-3", tmp_path, checkout, address="http://127.0.0.1:8200", token_path=tmp_path / "token",
+            kv="kv/istio/cacerts", kubeconfig=tmp_path / "kubeconfig", mode="sidecar",
+        )
+        cfg = load(spec.config_path, env=spec.env)
+        assert cfg.sidecar.poll_interval == 30 and cfg.init.timeout == 120
+        assert cfg.health.listen == f"127.0.0.1:{spec.health_port}"
+        assert cfg.kubernetes.pod_name == "istiod-after-3" and cfg.kubernetes.pod_namespace == "istio-system"
+        assert cfg.kubernetes.pod_uid and cfg.kubernetes.node_name
+        assert spec.env["KUBECONFIG"] == str(tmp_path / "kubeconfig")
+        assert spec.env["PYTHONPATH"] == str(ROOT) and spec.cwd == ROOT  # `-m agent.cli` imports this checkout
+        assert not [k for k in spec.env if k.startswith(("VAULT_", "KUBERNETES_"))]
+
+    def test_compare_takes_two_checkouts_and_refuses_other_directories(self, tmp_path: Path) -> None:
+        """`--compare BEFORE AFTER` labels them before and after; a directory without the agent is one error line."""
+        chosen = checkouts_from_args(None, [ROOT, ROOT])
+        assert [(c.label, c.root) for c in chosen] == [("before", ROOT), ("after", ROOT)]
+        assert checkouts_from_args(None, None) == [Checkout("ours", ROOT)]
+        with pytest.raises(SystemExit, match=r"is not an istio-vault-agent checkout \(no agent/cli.py in it\)"):
+            checkouts_from_args(tmp_path, None)
+
+    def test_report_has_ratios_against_bao_and_after_against_before(self) -> None:
+        """One table: both checkouts, bao agent, each / bao and after / before; targets judged per checkout."""
+        text = markdown(_production_result())
+        assert "| per agent | before | after | bao agent | before / bao | after / bao | after / before |" in text
+        assert "| anonymous RSS (RssAnon), mean | 72.0 MiB | 24.0 MiB | 12.0 MiB | 6.00 | 2.00 | 0.33 |" in text
+        assert "| RSS, mean | 100.0 MiB | 40.0 MiB | 80.0 MiB | 1.25 | 0.50 | 0.40 |" in text
+        assert "| init wall time, median | 250 ms | 300 ms | 100 ms | 2.50 | 3.00 | 1.20 |" in text
+        met = {t["target"]: t["met"] for t in _production_result()["targets"]}
+        assert met == {
+            "before: anonymous RSS <= 2.5x bao agent's": False,
+            "before: total RSS <= 0.6x bao agent's": False,
+            "after: anonymous RSS <= 2.5x bao agent's": True,
+            "after: total RSS <= 0.6x bao agent's": True,
+            "init wall time median after <= 1.25x before": True,
+        }
+
+    def test_production_flag_reaches_its_own_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`python -m bench --production --help` shows the production mode's options (instances, compare)."""
+        from bench.run import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(["--production", "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "python -m bench --production" in out and "--compare BEFORE AFTER" in out and "--instances" in out
+
+
+@pytest.mark.slow
+def test_production_command(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`python -m bench --production -n 2` records an Event per pod and measures both tools (10-30 s)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("takes 10 to 30 seconds; run with -m slow")
+    _need_bao()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--production", "-n", "2", "--init-runs", "1", "--window", "1",
+         "--settle", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=ROOT, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "production.json").read_text())
+    agents = result["fleet"]["agents"]
+    assert agents["ours"]["instances"] == agents["bao"]["instances"] == 2
+    assert agents["ours"]["events"]["min"] >= 1
+    assert agents["ours"]["anon"]["mean"] > agents["bao"]["anon"]["mean"] > 1024 * 1024
+    assert "| anonymous RSS (RssAnon), mean |" in (tmp_path / "production.md").read_text()
 
 
 @pytest.mark.slow
