@@ -42,6 +42,10 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _MAX_TEXT = 4000
 # Room for a burst of probe and scrape connections (the kernel default of 128 drops SYNs under load).
 _BACKLOG = 1024
+# Connections accepted per turn of the event loop (asyncio takes `backlog` of them at once): small against the
+# descriptor reserve of `_fd_budget`, since sockets closed at the cap are only released a turn later; a flood
+# accepted 1024 at a time would run out of descriptors and make asyncio stop accepting for a second.
+_ACCEPT_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -316,13 +320,17 @@ class _GuardedSite(web.TCPSite):
         host, port = self.bind
         sock = _dual_stack_socket(port) if host == "::" else None
         if sock is not None:
-            self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_BACKLOG)
-            return
-        if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
-            host = "0.0.0.0"
-        self._server = await loop.create_server(
-            lambda: _Guard(server(), self), host, port, backlog=_BACKLOG, reuse_address=True
-        )
+            self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_ACCEPT_BATCH)
+        else:
+            if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
+                host = "0.0.0.0"
+            self._server = await loop.create_server(
+                lambda: _Guard(server(), self), host, port, backlog=_ACCEPT_BATCH, reuse_address=True
+            )
+        # asyncio listens with the batch size: give the kernel's queue its full length again (the same socket)
+        for listening in self._server.sockets:
+            with listening.dup() as again:
+                again.listen(_BACKLOG)
 
 
 def _dual_stack_socket(port: int) -> socket.socket | None:
