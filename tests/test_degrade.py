@@ -237,7 +237,7 @@ class TestLogPipe:
         os.close(write_end)
         try:
             assert wait_until(lambda: _healthz(port) == 200, 20), "the sidecar never answered /healthz"
-            assert wait_until(lambda: (out / "..data").exists(), 10)
+            assert wait_until((out / "..data").exists, 10)
             # keep it logging (a repair line each time) until the pipe is full
             def full() -> bool:
                 with contextlib.suppress(FileNotFoundError):
