@@ -306,11 +306,12 @@ class _GuardedSite(web.TCPSite):
 
     def reclaim(self) -> bool:
         """Free the slot of the oldest connection that has not sent a complete request yet; False if none."""
-        for guard in self.waiting:
-            guard.release()
-            self.reclaimed += 1
-            return True
-        return False
+        oldest = next(iter(self.waiting), None)  # dicts keep insertion order: the first is the oldest
+        if oldest is None:
+            return False
+        oldest.release()
+        self.reclaimed += 1
+        return True
 
     async def start(self) -> None:
         await web.BaseSite.start(self)

@@ -53,7 +53,7 @@ _MAX_FIELD = 4000
 #: lines waiting for stderr at most; more are dropped and counted (about 1 MB of JSON lines)
 QUEUE_LINES = 1000
 #: how long the exit waits for queued lines to reach stderr (a pipe nobody reads must not hold the exit up)
-_EXIT_FLUSH_SECONDS = 2.0
+_EXIT_FLUSH_SECONDS = 1.0
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
