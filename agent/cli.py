@@ -166,8 +166,8 @@ def _open_std_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:  # the lowest free number: fd itself unless a lower one was missing too (then handled)
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, as the lower ones are open
+            if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
 
