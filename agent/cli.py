@@ -4,6 +4,8 @@ one `error:` line and exit 1."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -89,14 +91,21 @@ def _error(message: str, termination_log: str | None = None) -> int:
 
     # one line whatever the message carries: control characters from outside text are shown as \xNN
     line = f"error: {escape(message)[:_MAX_LINE]}"
-    print(line, file=sys.stderr)
     if termination_log:
-        # best effort: the file exists only in a container, and may not be writable
+        # first, so that a stderr nobody reads cannot keep it from being written; best effort: the file exists
+        # only in a container, and may not be writable
         try:
             with open(termination_log, "w", encoding="utf-8") as out:
                 out.write(line[:4096] + "\n")  # the kubelet keeps at most 4096 bytes
         except OSError:
             pass
+    log = sys.modules.get("agent.log")
+    if log is not None and log.emit_line(line):
+        # behind the log lines already queued, written out within a short deadline whatever stderr does
+        log.shutdown()
+    elif sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(line, file=sys.stderr, flush=True)
     return EXIT_ERROR
 
 
@@ -113,6 +122,7 @@ class _Run:
         self.termination_log = cfg.log.termination_message_path
         log.configure(cfg.log.level, cfg.log.format)
         code = runner.run(cfg, once=args.mode == "init")
+        log.shutdown()  # every line out before the exit (init mode), within a short deadline
         threads.exit_now_if_abandoned(code)
         return code
 
@@ -148,8 +158,23 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor.exit_code(checks)
 
 
+def _open_std_fds() -> None:
+    """Put /dev/null on descriptors 0, 1 and 2 if the process started with them closed: otherwise the first files
+    and sockets the agent opens would get those numbers, and anything written to stdout or stderr (by a library,
+    or a reload command it runs) would land in them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, as the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `istio-vault-agent` console script; returns the exit code."""
+    _open_std_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
@@ -167,8 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader left (`setup vault --dry-run | head`): stop quietly, as a process killed by SIGPIPE would;
         # stdout now points at /dev/null so that the flush at exit does not fail again
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_SIGPIPE
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line; the traceback only with log.level debug

@@ -42,14 +42,19 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _MAX_TEXT = 4000
 # Room for a burst of probe and scrape connections (the kernel default of 128 drops SYNs under load).
 _BACKLOG = 1024
+# Connections accepted per turn of the event loop (asyncio takes `backlog` of them at once): small against the
+# descriptor reserve of `_fd_budget`, since sockets closed at the cap are only released a turn later; a flood
+# accepted 1024 at a time would run out of descriptors and make asyncio stop accepting for a second.
+_ACCEPT_BATCH = 32
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one client may hold of the health server: it never starves the probes or the publish path."""
 
-    #: open connections at most; one more is closed at once. None: 128 below the process's file limit
-    #: (RLIMIT_NOFILE), so the health port alone can never use up the descriptors publishing needs.
+    #: open connections at most; one more takes the slot of the oldest connection that has not sent a complete
+    #: request, or is closed at once when there is none. None: 128 below the process's file limit (RLIMIT_NOFILE),
+    #: so the health port alone can never use up the descriptors publishing needs.
     max_connections: int | None = None
     #: a request's headers must arrive within this many seconds of the connection or of the previous request
     header_timeout: float = 5.0
@@ -194,7 +199,12 @@ def make_app(
 
 class _Guard(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: counts it against the cap, closes it when a request's
-    headers do not arrive in time (a half-open or slowloris client), and otherwise passes everything through."""
+    headers do not arrive in time (a half-open or slowloris client), and otherwise passes everything through.
+
+    At the cap, a new connection takes the slot of the oldest one that has not sent a complete request yet (an
+    idle or slow client), so that a flood of silent connections can never lock the probes out; it is closed
+    only when every slot holds a connection that has sent a request.
+    """
 
     def __init__(self, inner: asyncio.Protocol, site: _GuardedSite) -> None:
         self.inner = inner
@@ -202,19 +212,32 @@ class _Guard(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""
+        #: handed to aiohttp (connection_made was passed on)
         self.counted = False
+        #: holds one of the site's slots
+        self.holding = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if self.site.open >= self.site.max_connections:
+        if self.site.open >= self.site.max_connections and not self.site.reclaim():
             self.site.rejected += 1
             transport.abort()  # excess: closed at once, never handed to aiohttp
             return
         self.site.open += 1
-        self.counted = True
+        self.holding = self.counted = True
+        self.site.waiting[self] = None
         self._arm(self.site.limits.header_timeout)
         self.inner.connection_made(transport)
+
+    def release(self) -> None:
+        """Give the slot back (at most once) and close the connection at once."""
+        self.site.waiting.pop(self, None)
+        if self.holding:
+            self.holding = False
+            self.site.open -= 1
+        if self.transport is not None:
+            self.transport.abort()
 
     def _arm(self, seconds: float) -> None:
         if self.timer is not None:
@@ -230,6 +253,7 @@ class _Guard(asyncio.Protocol):
         # each end of a header block is a request: the next one must come within keep-alive + header time
         seen = self.tail + data
         if b"\r\n\r\n" in seen:
+            self.site.waiting.pop(self, None)  # it asked for something: no longer a slot to reclaim
             self._arm(self.site.limits.keepalive_timeout + self.site.limits.header_timeout)
         self.tail = seen[-3:]
         self.inner.data_received(data)
@@ -246,8 +270,11 @@ class _Guard(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.counted:
+        self.site.waiting.pop(self, None)
+        if self.holding:
+            self.holding = False
             self.site.open -= 1
+        if self.counted:
             self.inner.connection_lost(exc)
 
 
@@ -272,6 +299,19 @@ class _GuardedSite(web.TCPSite):
         self.open = 0
         self.rejected = 0
         self.expired = 0
+        #: slots taken back from connections without a complete request, for new ones
+        self.reclaimed = 0
+        #: connections that have not sent a complete request yet, oldest first
+        self.waiting: dict[_Guard, None] = {}
+
+    def reclaim(self) -> bool:
+        """Free the slot of the oldest connection that has not sent a complete request yet; False if none."""
+        oldest = next(iter(self.waiting), None)  # dicts keep insertion order: the first is the oldest
+        if oldest is None:
+            return False
+        oldest.release()
+        self.reclaimed += 1
+        return True
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -281,13 +321,17 @@ class _GuardedSite(web.TCPSite):
         host, port = self.bind
         sock = _dual_stack_socket(port) if host == "::" else None
         if sock is not None:
-            self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_BACKLOG)
-            return
-        if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
-            host = "0.0.0.0"
-        self._server = await loop.create_server(
-            lambda: _Guard(server(), self), host, port, backlog=_BACKLOG, reuse_address=True
-        )
+            self._server = await loop.create_server(lambda: _Guard(server(), self), sock=sock, backlog=_ACCEPT_BATCH)
+        else:
+            if host == "::":  # no IPv6 in this kernel: every IPv4 address instead
+                host = "0.0.0.0"
+            self._server = await loop.create_server(
+                lambda: _Guard(server(), self), host, port, backlog=_ACCEPT_BATCH, reuse_address=True
+            )
+        # asyncio listens with the batch size: give the kernel's queue its full length again (the same socket)
+        for listening in self._server.sockets:
+            with listening.dup() as again:
+                again.listen(_BACKLOG)
 
 
 def _dual_stack_socket(port: int) -> socket.socket | None:

@@ -1,13 +1,21 @@
 """Logging: structlog events as JSON lines on stderr (console on request), with a last-line redaction guard.
 
 Secrets never reach a log call in the first place; the guard only makes a mistake visible instead of a leak.
+A log call never blocks: lines go into a bounded queue that one writer thread empties into stderr; when nobody
+reads stderr fast enough, lines are dropped, counted (`dropped_lines`) and reported in one line once it drains.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import errno
 import logging
+import os
 import re
+import select
 import sys
+import threading
 import time
 import warnings
 from collections.abc import MutableMapping
@@ -17,7 +25,18 @@ import structlog
 
 from agent.text import escape
 
-__all__ = ["RateLimited", "configure", "escape_fields", "get_logger", "loop_exception_handler", "redact"]
+__all__ = [
+    "QUEUE_LINES",
+    "RateLimited",
+    "configure",
+    "dropped_lines",
+    "emit_line",
+    "escape_fields",
+    "get_logger",
+    "loop_exception_handler",
+    "redact",
+    "shutdown",
+]
 
 _SENSITIVE_KEYS = re.compile(r"(token|secret|password|private|jwt|key_pem|client_token)", re.IGNORECASE)
 # PEM private keys, Vault/OpenBao service tokens (hvs./s./b.), and JWTs
@@ -31,6 +50,10 @@ _SENSITIVE_TEXT = re.compile(
 
 #: the longest log field value (every piece of outside text in it is already cut to 200 characters)
 _MAX_FIELD = 4000
+#: lines waiting for stderr at most; more are dropped and counted (about 1 MB of JSON lines)
+QUEUE_LINES = 1000
+#: how long the exit waits for queued lines to reach stderr (a pipe nobody reads must not hold the exit up)
+_EXIT_FLUSH_SECONDS = 1.0
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -68,7 +91,7 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=_QueueLoggerFactory(_WRITER.open(stream or sys.stderr)),
         cache_logger_on_first_use=False,
     )
     # Python warnings (cryptography warns about odd certificates) become log events, not stray stderr text
@@ -78,6 +101,172 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
     root = logging.getLogger()
     if not any(isinstance(h, _Bridge) for h in root.handlers):
         root.addHandler(_Bridge(logging.WARNING))
+
+
+class _Writer:
+    """A bounded queue of lines and the daemon thread that writes them to one file descriptor.
+
+    The thread writes with os.write on a duplicate of the stream's descriptor: no Python-level lock is shared with
+    sys.stderr, so a write blocked on a full pipe never holds up the interpreter's own flush at exit. A stream
+    without a descriptor (a StringIO in tests) cannot block and is written at once; no stream at all (the process
+    started with stderr closed) discards the lines.
+    """
+
+    def __init__(self, capacity: int = QUEUE_LINES) -> None:
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._lines: collections.deque[str] = collections.deque()
+        self._busy = False
+        self._fd: int | None = None
+        self._stream: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        #: `open` was called: lines have a destination (or are discarded on purpose)
+        self.opened = False
+        #: lines lost since the start (queue full, or stderr gone)
+        self.dropped = 0
+        self._unreported = 0
+        atexit.register(self.flush, _EXIT_FLUSH_SECONDS)
+
+    def open(self, stream: Any) -> _Writer:
+        """Write to `stream` from now on (lines still queued go to the new one)."""
+        fd: int | None = None
+        if stream is not None:
+            try:
+                stream.flush()
+                fd = os.dup(stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                fd = None  # no descriptor: written at once (it cannot block)
+        with self._cond:
+            old, self._fd, self._stream, self.opened = self._fd, fd, stream, True
+        if old is not None:
+            os.close(old)
+        return self
+
+    def put(self, line: str) -> None:
+        """Queue one line (without its newline); dropped and counted when the queue is full."""
+        with self._cond:
+            if self._fd is None:
+                if self._stream is not None:
+                    self._stream.write(line + "\n")
+                    self._stream.flush()
+                return
+            if len(self._lines) >= self.capacity:
+                self.dropped += 1
+                self._unreported += 1
+                return
+            self._lines.append(line)
+            self._cond.notify_all()
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._stopping:
+                    self._cond.wait()
+                if not self._lines:  # stopping, and everything written
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                line, fd, self._busy = self._lines.popleft(), self._fd, True
+            written = fd is not None and _write_all(fd, (line + "\n").encode("utf-8", "replace"))
+            with self._cond:
+                self._busy = False
+                if not written:
+                    self.dropped += 1
+                report = self._unreported if written and not self._lines else 0
+                self._unreported -= report
+                self._cond.notify_all()
+            if report:
+                # the queue drained: say once how many lines were lost (a line of the configured format)
+                get_logger().warning("log_lines_dropped", dropped=report, reason="stderr was not read fast enough")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every queued line to be written; True if they were."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._lines or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, timeout: float) -> bool:
+        """Flush for up to `timeout` seconds and end the writer thread; True when it ended (lines queued later
+        start a new one). A thread blocked on a pipe nobody reads is left behind, as a daemon."""
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return thread is None or not thread.is_alive()
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of `data` to `fd`, waiting while it is full; False when it is gone (closed, EPIPE, EBADF)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # someone made the pipe non-blocking: wait until it takes more
+            select.select([], [fd], [], 1.0)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EINTR):
+                continue
+            return False
+    return True
+
+
+_WRITER = _Writer()
+
+
+class _QueueLogger:
+    """structlog's logger for rendered lines: every level method queues the line (see `_Writer`)."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.put(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _QueueLoggerFactory:
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+
+    def __call__(self, *_args: Any) -> _QueueLogger:
+        return _QueueLogger(self._writer)
+
+
+def emit_line(line: str) -> bool:
+    """Queue one line of plain text (the `error:` line) behind the log lines, on the same stderr; False (and nothing
+    queued) before `configure`."""
+    if not _WRITER.opened:
+        return False
+    _WRITER.put(line)
+    return True
+
+
+def dropped_lines() -> int:
+    """How many log lines were dropped since the start (stderr full, or gone)."""
+    return _WRITER.dropped
+
+
+def shutdown(timeout: float = _EXIT_FLUSH_SECONDS) -> bool:
+    """Write out the queued lines (waiting at most `timeout` seconds) and end the writer thread; True if it ended."""
+    return _WRITER.stop(timeout)
 
 
 class RateLimited:

@@ -34,6 +34,8 @@ METRIC_NAMES = (
     "istio_vault_agent_vault_node_state",
     "istio_vault_agent_renewals_total",
     "istio_vault_agent_vault_request_duration_seconds",
+    "istio_vault_agent_file_watch_polling",
+    "istio_vault_agent_log_lines_dropped_total",
 )
 
 #: upper bounds (seconds) of the Vault request latency histogram; vault.timeout defaults to 10 s
@@ -61,6 +63,9 @@ class Metrics:
     def token_login(self, login: object | None) -> None:
         """The agent holds a new (or renewed) Vault token, an `auth.Login`."""
 
+    def file_watch_polling(self, polling: bool) -> None:
+        """The file watcher finds changes by polling (inotify unavailable) when `polling`, else through inotify."""
+
 
 class PrometheusMetrics(Metrics):
     """Prometheus metrics in a registry of their own, so several agents can live in one process.
@@ -87,6 +92,11 @@ class PrometheusMetrics(Metrics):
     - ``istio_vault_agent_renewals_total{bundle}`` counter (extra): renewed certificates published, for bundles
       whose source issues them (PKI); 0 from their first publish, absent for KV bundles. Failed signing
       requests count in errors_total with reason ``signing``.
+    - ``istio_vault_agent_file_watch_polling`` gauge (extra): 1 when the file watcher polls every
+      ``sidecar.poll_interval`` because inotify is unavailable (instances or watches exhausted), 0 with inotify;
+      absent until the watcher starts.
+    - ``istio_vault_agent_log_lines_dropped_total`` counter (extra): log lines dropped because stderr was not
+      read fast enough (or was closed); the agent never waits for its log.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
     method is a dict update under a lock (the Vault hook runs in worker threads).
@@ -109,6 +119,7 @@ class PrometheusMetrics(Metrics):
         self._ready: dict[str, bool] = {}
         self._token_expiry: float | None = None
         self._vault_node: str | None = None
+        self._watch_polling: bool | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_collector(self))
 
@@ -152,6 +163,11 @@ class PrometheusMetrics(Metrics):
         with self._lock:
             self._token_expiry = value
 
+    def file_watch_polling(self, polling: bool) -> None:
+        """Record whether the file watcher polls (1) or uses inotify (0)."""
+        with self._lock:
+            self._watch_polling = polling
+
     def set_state(self, *, ready: Mapping[str, bool], vault_node: str | None = None) -> None:
         """Set readiness per bundle, as /readyz sees it, and the Vault node's last known state; the health
         server calls this before each scrape.
@@ -186,6 +202,7 @@ class PrometheusMetrics(Metrics):
             ready = dict(self._ready)
             token_expiry = self._token_expiry
             vault_node = self._vault_node
+            watch_polling = self._watch_polling
 
         g = GaugeMetricFamily(
             "istio_vault_agent_cert_expiry_timestamp_seconds",
@@ -270,6 +287,28 @@ class PrometheusMetrics(Metrics):
             for state in NODE_STATES:
                 g.add_metric([state], 1.0 if state == vault_node else 0.0)
         yield g
+        yield from _degraded_families(watch_polling)
+
+
+def _degraded_families(watch_polling: bool | None) -> Iterator[Any]:
+    """The agent's own fallbacks: file watching by polling, log lines dropped."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from agent.log import dropped_lines
+
+    g = GaugeMetricFamily(
+        "istio_vault_agent_file_watch_polling",
+        "1 when the file watcher polls every sidecar.poll_interval because inotify is unavailable, else 0.",
+    )
+    if watch_polling is not None:
+        g.add_metric([], 1.0 if watch_polling else 0.0)
+    yield g
+
+    yield CounterMetricFamily(
+        "istio_vault_agent_log_lines_dropped",
+        "Log lines dropped because stderr was not read fast enough, or was closed.",
+        value=dropped_lines(),
+    )
 
 
 def _collector(metrics: PrometheusMetrics) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 from agent.errors import PublishError
 from agent.text import shown
 
-__all__ = ["DATA", "KEYS", "PublishResult", "check_dirs", "publish", "read_current", "repair_needed"]
+__all__ = ["DATA", "KEYS", "MAX_FILE_SIZE", "PublishResult", "check_dirs", "publish", "read_current", "repair_needed"]
 
 #: files written with ``key_mode`` (0600 by default) instead of ``file_mode``
 KEYS: frozenset[str] = frozenset({"ca-key.pem", "tls.key"})
@@ -40,6 +40,9 @@ _SYSTEM_DIRS = frozenset({
 })
 # a reader racing a publisher may find the generation it resolved already removed; it then resolves again
 _READ_ATTEMPTS = 100
+#: the largest file read back from a published generation unless the caller says otherwise (limits.max_secret_size's
+#: default): a larger one planted there is never read, and counts as damage
+MAX_FILE_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def publish(
     uid: int | None = None,
     gid: int | None = None,
     forbid: Collection[str] = (),
+    limit: int = MAX_FILE_SIZE,
 ) -> PublishResult:
     """Publish `files` into `dir` as one new generation, unless the live one already matches.
 
@@ -113,7 +117,7 @@ def publish(
         _ensure_dir(dir)
         with _locked(dir) as dir_fd:
             _check_forbidden_entries(dir, forbid)
-            live = _snapshot(dir)
+            live = _snapshot(dir, files, limit)
             if live is not None and _intact(dir, live, spec):
                 _cleanup(dir, live[0], files)
                 return PublishResult(changed=False, generation=live[0], path=dir)
@@ -128,14 +132,16 @@ def publish(
         raise PublishError(_describe(dir, exc)) from exc
 
 
-def read_current(dir: Path) -> dict[str, bytes] | None:
+def read_current(dir: Path, *, limit: int = MAX_FILE_SIZE) -> dict[str, bytes] | None:
     """Return the live generation's regular files (resolved through ``..data`` once), or None if none.
+
+    Anything else in the generation (a directory, a FIFO, a symlink, a file over `limit` bytes) is left out, unread.
 
     Raises:
         PublishError: the directory cannot be read.
     """
     try:
-        live = _snapshot(Path(dir))
+        live = _snapshot(Path(dir), None, limit)
     except OSError as exc:
         raise PublishError(_describe(Path(dir), exc)) from exc
     if live is None:
@@ -152,11 +158,14 @@ def repair_needed(
     key_mode: int = 0o600,
     uid: int | None = None,
     gid: int | None = None,
+    limit: int = MAX_FILE_SIZE,
 ) -> bool:
     """Return True if ``..data``, a visible link, or a file's bytes, mode or owner differ from `files`.
 
     The sidecar uses this to notice tampering or loss; `publish` with the same arguments heals it. Pass the
-    same `key_files`, modes and owner as to `publish`, or a bundle with custom modes always looks damaged.
+    same `key_files`, modes and owner as to `publish`, or a bundle with custom modes always looks damaged. A live
+    generation that cannot be read safely (a directory, a FIFO or an oversized file planted in it) is damaged; no
+    file is read further than the bytes it is compared with.
 
     Raises:
         PublishError: the directory cannot be read.
@@ -164,7 +173,7 @@ def repair_needed(
     dir = Path(dir)
     spec = _Spec.build(files, key_files, file_mode, key_mode, (uid, gid))
     try:
-        live = _snapshot(dir)
+        live = _snapshot(dir, files, limit)
         return live is None or not _intact(dir, live, spec)
     except OSError as exc:
         raise PublishError(_describe(dir, exc)) from exc
@@ -298,13 +307,15 @@ def _live_generation(dir: Path) -> str | None:
     return target if _GENERATION.match(target) else None
 
 
-def _snapshot(dir: Path) -> tuple[str, dict[str, _Entry]] | None:
-    """Resolve ``..data`` once and read that generation; None if there is no live generation."""
+def _snapshot(
+    dir: Path, want: Mapping[str, bytes] | None = None, limit: int = MAX_FILE_SIZE
+) -> tuple[str, dict[str, _Entry]] | None:
+    """Resolve ``..data`` once and read that generation (see `_read_generation`); None if there is no live one."""
     for _ in range(_READ_ATTEMPTS):
         generation = _live_generation(dir)
         if generation is None:
             return None
-        entries = _read_generation(dir / generation)
+        entries = _read_generation(dir / generation, want, limit)
         # a publish that swapped ..data meanwhile may be deleting this generation, and a listing taken during the
         # deletion is partial: take the read only if the generation was still live after it
         if entries is not None and _live_generation(dir) == generation:
@@ -312,30 +323,69 @@ def _snapshot(dir: Path) -> tuple[str, dict[str, _Entry]] | None:
     return None
 
 
-def _read_generation(path: Path) -> dict[str, _Entry] | None:
-    """Read every entry of a generation; None if it vanished meanwhile (a concurrent publish removed it)."""
+def _read_generation(path: Path, want: Mapping[str, bytes] | None, limit: int) -> dict[str, _Entry] | None:
+    """Read every entry of a generation; None if it vanished meanwhile (a concurrent publish removed it).
+
+    Only regular files are read (checked on the open descriptor), never a symlink, never blocking (a FIFO), and
+    never more than needed: compared with `want`, a file of another size is not read at all and one of the same
+    size at most one byte past it; otherwise (`want` None) a file over `limit` bytes is not read. What is not read
+    gets no data, which never matches: the generation counts as damaged and a fresh publish replaces it. A
+    generation that is not a readable directory reads as empty, so damaged too.
+    """
     try:
         names = os.listdir(path)
     except FileNotFoundError:
         return None
+    except OSError:  # not a directory (planted), or unreadable
+        return {}
     entries: dict[str, _Entry] = {}
     for name in names:
         try:
             # O_NOFOLLOW: never serve a symlink planted in a generation; O_NONBLOCK: never hang on a FIFO
-            fd = os.open(path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                raise
-            st = os.lstat(path / name)
+        except OSError:  # a symlink (ELOOP), a socket (ENXIO), an unreadable file: its metadata only
+            try:
+                st = os.lstat(path / name)
+            except FileNotFoundError:
+                return None
             entries[name] = _Entry(None, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
             continue
-        with open(fd, "rb", closefd=True) as handle:
+        try:
             st = os.fstat(fd)
-            data = handle.read() if stat.S_ISREG(st.st_mode) else None
+            # a name that is not wanted is compared with b"": read only when empty (it is damage either way)
+            data = _read_entry(fd, st, None if want is None else want.get(name, b""), limit)
+        finally:
+            os.close(fd)
         entries[name] = _Entry(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
     return entries
+
+
+def _read_entry(fd: int, st: os.stat_result, expected: bytes | None, limit: int) -> bytes | None:
+    """The bytes of one open generation entry, or None when it is not read (see `_read_generation`)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        return None
+    if expected is not None and st.st_size != len(expected):
+        return None  # differs already: never read
+    try:
+        return _read_at_most(fd, limit if expected is None else len(expected))
+    except OSError:  # EIO and the like: unreadable, so damaged
+        return None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes | None:
+    """The bytes of `fd`, or None when it holds more than `limit` (it grew since its fstat)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = os.read(fd, min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
 
 
 def _intact(dir: Path, live: tuple[str, dict[str, _Entry]], spec: _Spec) -> bool:

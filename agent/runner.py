@@ -155,7 +155,10 @@ class Agent:
         await asyncio.gather(*(w.published.wait() for w in self.workers))
         self._log.info("sidecar_ready", bundles=[b.name for b in self.cfg.bundles])
         await self._prune_remote_secrets()
-        watcher = FileWatcher(self.cfg.auth, [w for w in self.workers if w.kind.target == "files"], self.keeper)
+        watcher = FileWatcher(
+            self.cfg.auth, [w for w in self.workers if w.kind.target == "files"], self.keeper,
+            poll_interval=self.cfg.sidecar.poll_interval, metrics=self.metrics,
+        )
         await supervise(
             {"token keeper": self.keeper.run(), "file watcher": watcher.run()},
             stop=asyncio.Event(),
@@ -184,6 +187,16 @@ class Agent:
                 self.events.record("RemoteSecretPruned", f"Secret {name} deleted: its bundle left the config")
 
 
+def _resync(agent: Agent) -> None:
+    get_logger().info("resync_requested", signal="SIGHUP", bundles=[w.cfg.name for w in agent.workers])
+    for worker in agent.workers:
+        worker.resync()
+
+
+def _ignored(sig: signal.Signals) -> None:
+    get_logger().info("signal_ignored", signal=sig.name)
+
+
 def run(cfg: AgentConfig, *, once: bool) -> int:
     """Run the agent until done (init mode) or SIGTERM/SIGINT (sidecar mode); returns the exit code.
 
@@ -199,6 +212,11 @@ def run(cfg: AgentConfig, *, once: bool) -> int:
         loop.set_exception_handler(loop_exception_handler)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
+        # SIGHUP: what a user sends for a reload: every bundle is synced now; SIGUSR1/2: said and ignored (their
+        # default action would kill the agent without a word)
+        loop.add_signal_handler(signal.SIGHUP, _resync, agent)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, _ignored, sig)
         finished = await agent.run()
         return 0 if finished else EXIT_STOPPED
 

@@ -1,40 +1,64 @@
 """Sidecar mode: watch the published directories (heal tampering or loss) and the service-account token
 file (kubelet rotates it: log in again with the new one).
+
+inotify first; where the node has none to spare (instances or watches exhausted), the same checks run every
+`sidecar.poll_interval` instead, said once in the log and in `istio_vault_agent_file_watch_polling`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import auth
+from agent.files import read_regular
 from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.config import AuthConfig
     from agent.keeper import TokenKeeper
+    from agent.metrics import Metrics
     from agent.worker import BundleWorker
 
 __all__ = ["FileWatcher"]
 
 # kubelet and editors write in several steps: react once the burst is over
 _DEBOUNCE = 0.1
+#: the largest service-account token file read (a projected token is about 1 KiB)
+_TOKEN_LIMIT = 64 * 1024
+#: inotify's limits, named in the warning so that an operator knows which sysctl ran out
+_LIMITS = {errno.EMFILE: "fs.inotify.max_user_instances", errno.ENOSPC: "fs.inotify.max_user_watches"}
 
 
 class FileWatcher:
-    """A watchdog observer over the bundle dirs and the token file's dir, feeding one asyncio task."""
+    """A watchdog observer over the bundle dirs and the token file's dir, feeding one asyncio task; polling every
+    `poll_interval` seconds instead when inotify is unavailable."""
 
-    def __init__(self, auth: AuthConfig, workers: Sequence[BundleWorker], keeper: TokenKeeper) -> None:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        workers: Sequence[BundleWorker],
+        keeper: TokenKeeper,
+        *,
+        poll_interval: float = 30.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.auth = auth
         self.workers = workers
         self.keeper = keeper
+        self.poll_interval = poll_interval
+        self.metrics = metrics
         self._event = asyncio.Event()
         self._log = get_logger()
 
     def _observer(self) -> Any:
+        """A started inotify observer over every watched dir, or None (after one warning) when inotify is
+        unavailable."""
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -49,44 +73,85 @@ class FileWatcher:
                 with contextlib.suppress(RuntimeError):  # the loop is closing
                     loop.call_soon_threadsafe(wake)
 
-        token_dir = Path(self.auth.token_path).parent
-        if self.auth.method != "token" and token_dir.is_dir():
-            observer.schedule(Handler(), str(token_dir), recursive=False)
-        for worker in self.workers:
-            # the first pass published every bundle, so each dir exists
-            observer.schedule(Handler(), worker.cfg.dir, recursive=True)
-        observer.daemon = True
-        observer.start()
+        try:
+            token_dir = Path(self.auth.token_path).parent
+            if self.auth.method != "token" and token_dir.is_dir():
+                observer.schedule(Handler(), str(token_dir), recursive=False)
+            for worker in self.workers:
+                # the first pass published every bundle, so each dir exists
+                observer.schedule(Handler(), worker.cfg.dir, recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            with contextlib.suppress(Exception):
+                observer.stop()
+            self._polling(exc)
+            return None
         return observer
+
+    def _polling(self, exc: OSError | None) -> None:
+        """Say once that changes are now found by polling, and why."""
+        if exc is None:
+            reason = "the inotify watcher stopped"
+        else:
+            limit = _LIMITS.get(exc.errno or 0)
+            cause = os.strerror(exc.errno).lower() if exc.errno else type(exc).__name__
+            reason = f"inotify is unavailable ({cause}" + (f"; raise {limit} on the node" if limit else "") + ")"
+        self._log.warning("file_watch_polling", reason=reason, poll_interval=self.poll_interval)
+        if self.metrics is not None:
+            self.metrics.file_watch_polling(True)
 
     async def run(self) -> None:
         """React to file events until cancelled: repair every bundle dir, log in again on a new SA token."""
         observer = self._observer()
+        if observer is not None and self.metrics is not None:
+            self.metrics.file_watch_polling(False)
         token_path = self.auth.token_path
         reported: str | None = None
         # a first look right away: files may have changed between the first publish and now
         self._event.set()
         try:
             while True:
-                await self._event.wait()
+                # with inotify, the timeout only checks that the observer still runs; polling, it is the tick
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._event.wait(), self.poll_interval)
+                if observer is not None and not self._event.is_set():
+                    if _running(observer):
+                        continue
+                    with contextlib.suppress(Exception):
+                        observer.stop()
+                    observer = None
+                    self._polling(None)
                 await asyncio.sleep(_DEBOUNCE)
                 self._event.clear()
                 for worker in self.workers:
                     await worker.repair()
                 login = self.keeper.login
                 used = login.credential_digest if login is not None else None
-                token = _fingerprint(token_path)
+                # off the loop, and never more than a token's size: a FIFO or a huge file in its place cannot stall
+                # the health server or grow memory
+                token = await asyncio.to_thread(_fingerprint, token_path)
                 if used is not None and token is not None and token not in (used, reported):
                     reported = token  # once per new file, also while the re-login is still failing
                     self._log.info("sa_token_changed", token_path=token_path, mount=auth.mount_of(self.auth))
                     self.keeper.sa_token_changed()
         finally:
-            observer.stop()
+            if observer is not None:
+                observer.stop()
+
+
+def _running(observer: Any) -> bool:
+    """The observer thread and each of its emitters are alive (an emitter dies when inotify fails later)."""
+    return bool(observer.is_alive()) and all(emitter.is_alive() for emitter in observer.emitters)
 
 
 def _fingerprint(path: str) -> str | None:
-    """The token file's `auth.credential_digest`, or None when it cannot be read (the token is never kept)."""
+    """The token file's `auth.credential_digest`, or None when it cannot be read safely (the token is never kept).
+
+    Blocking: call it off the event loop.
+    """
     try:
-        return auth.credential_digest(Path(path).read_text(encoding="utf-8", errors="replace").strip())
+        data = read_regular(path, limit=_TOKEN_LIMIT, what="the service-account token file")
     except OSError:
         return None
+    return auth.credential_digest(data.decode("utf-8", errors="replace").strip())

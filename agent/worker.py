@@ -8,6 +8,7 @@ runs in threads and returns results; only the event loop changes `BundleState`, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import random
 import time
@@ -120,6 +121,8 @@ class BundleWorker:
         #: set once the bundle was first published
         self.published = asyncio.Event()
         self._publish_lock = asyncio.Lock()
+        #: set by `resync` (SIGHUP): ends the wait before the next check
+        self._resync = asyncio.Event()
         self._log = get_logger(bundle=cfg.name)
         self._refused_reported: str | None = None
         #: why the consumer would not take the last publish in a reload (the root-change guard acts on it)
@@ -174,7 +177,14 @@ class BundleWorker:
             if changed and self.events is not None:
                 await self._after_publish()
             now = time.time()
-            await asyncio.sleep(max(0.0, self.source.next_check(self.state.live, now) - now))
+            wait = max(0.0, self.source.next_check(self.state.live, now) - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync.wait(), wait)
+            self._resync.clear()
+
+    def resync(self) -> None:
+        """Check the source now instead of at the next poll (SIGHUP)."""
+        self._resync.set()
 
     def stalled(self, now: float, limit: float) -> bool:
         """True when a cycle has been running for more than `limit` seconds (monotonic `now`): a wedge."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -359,6 +360,57 @@ class TestConcurrency:
             assert {status for status, _ in results} == {200}
             assert all(b"istio_vault_agent_publish_total" in body for status, body in results[1::2])
             assert elapsed < 10
+
+        asyncio.run(main())
+
+
+class TestConnectionCap:
+    def test_idle_connections_give_their_slots_to_probes(self) -> None:
+        """At the connection cap, 200 connections that never sent a request do not lock probes out: each of 18
+        probes takes the slot of the oldest silent one and is answered within 1 s."""
+
+        async def main() -> None:
+            app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
+            runner = await health.start(app, "127.0.0.1:0", health.Limits(max_connections=20))
+            port = health.bound_port(runner)
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+            try:
+                await asyncio.sleep(0.1)
+                timeout = aiohttp.ClientTimeout(total=1)
+                async with aiohttp.ClientSession(timeout=timeout) as session:
+                    for _ in range(18):
+                        async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                            assert resp.status == 200
+            finally:
+                for _, writer in idle:
+                    writer.close()
+                await runner.cleanup()
+
+        asyncio.run(main())
+
+    def test_connections_that_asked_keep_their_slots(self) -> None:
+        """Slots held by connections that sent a request are never taken: at the cap, a new connection is closed."""
+
+        async def main() -> None:
+            app = health.make_app(AgentStub([]), PrometheusMetrics(), alive=lambda: True)
+            runner = await health.start(app, "127.0.0.1:0", health.Limits(max_connections=2))
+            port = health.bound_port(runner)
+            held = []
+            try:
+                for _ in range(2):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+                    held.append(writer)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    assert await asyncio.wait_for(reader.read(), 2) == b""
+                writer.close()
+            finally:
+                for writer in held:
+                    writer.close()
+                await runner.cleanup()
 
         asyncio.run(main())
 

@@ -304,6 +304,70 @@ class TestTamper:
         assert repair_needed(out, bundle(1))
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestUnreadableGeneration:
+    def test_a_planted_subdirectory_is_damage_not_an_error(self, out: Path) -> None:
+        """A directory planted in the live generation makes it damaged (no error, no descriptor left open), and
+        a publish replaces it; read_current leaves it out."""
+        publish(out, bundle(1))
+        (out / DATA / "sub").mkdir()
+        assert read_current(out) == bundle(1)
+        before = _open_fds()
+        for _ in range(20):
+            assert repair_needed(out, bundle(1))
+        assert _open_fds() == before
+        result = publish(out, bundle(1))
+        assert result.changed and read_current(out) == bundle(1)
+        assert not (out / DATA / "sub").exists() and not repair_needed(out, bundle(1))
+        assert _open_fds() == before
+
+    def test_a_planted_sparse_file_is_never_read(self, out: Path) -> None:
+        """A 300 MiB sparse file planted in the live generation is damage found without reading it: the peak of
+        Python allocations during the check and the publish stays far below its size."""
+        import tracemalloc
+
+        publish(out, bundle(1))
+        with (out / DATA / "ca-cert.pem.bak").open("wb") as f:
+            f.truncate(300 << 20)
+        with (out / DATA / "ca-cert.pem").open("r+b") as f:  # the same name too, now huge
+            f.truncate(300 << 20)
+        tracemalloc.start()
+        try:
+            assert repair_needed(out, bundle(1))
+            assert "ca-cert.pem" not in (read_current(out) or {})
+            assert publish(out, bundle(1)).changed
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 << 20, peak
+        assert read_current(out) == bundle(1)
+
+    def test_a_file_over_the_limit_is_left_out(self, out: Path) -> None:
+        """read_current reads no file over its `limit`, and a file of the wanted size is read up to it only."""
+        publish(out, bundle(1, size=100))
+        assert read_current(out, limit=100) == {}
+        assert read_current(out) == bundle(1, size=100)
+        assert not repair_needed(out, bundle(1, size=100), limit=1 << 20)
+
+    @pytest.mark.parametrize("what", ["fifo", "file"])
+    def test_a_generation_that_is_not_a_directory(self, out: Path, what: str) -> None:
+        """..data pointing at a FIFO or a regular file named like a generation is damage, healed by a publish."""
+        publish(out, bundle(1))
+        fake = out / "..2020_01_01_00_00_00.planted"
+        if what == "fifo":
+            os.mkfifo(fake)
+        else:
+            fake.write_bytes(b"x")
+        os.symlink(fake.name, out / "..data_new")
+        os.rename(out / "..data_new", out / DATA)
+        assert repair_needed(out, bundle(1))
+        assert publish(out, bundle(1)).changed
+        assert read_current(out) == bundle(1) and not fake.exists()
+
+
 class TestForbid:
     def test_tls_crt_in_bundle_is_refused(self, out: Path) -> None:
         """An istio-ca bundle carrying tls.crt is refused and nothing is written."""

@@ -48,4 +48,4 @@ def open_target(bundle: BundleConfig, cfg: AgentConfig, kube: KubeLoader) -> Tar
         return SecretTarget(bundle, cfg.kubernetes, kube)
     from agent.targets.files import FileTarget
 
-    return FileTarget(bundle)
+    return FileTarget(bundle, max_file_size=cfg.limits.max_secret_size)

@@ -19,14 +19,16 @@ __all__ = ["FileTarget"]
 class FileTarget:
     """Publishes one bundle's files into `bundle.dir` with the kind's key files, modes and owner (a `Target`)."""
 
-    def __init__(self, bundle: BundleConfig) -> None:
+    def __init__(self, bundle: BundleConfig, *, max_file_size: int = publish.MAX_FILE_SIZE) -> None:
         self.bundle = bundle
         self.where = bundle.dir
+        #: the largest file read back from the live generation (limits.max_secret_size)
+        self.max_file_size = max_file_size
 
     def _options(self) -> dict[str, Any]:
         b, kind = self.bundle, self.bundle.kind
         return {"key_files": kind.key_files, "file_mode": b.file_mode, "key_mode": b.key_mode, "uid": b.uid,
-                "gid": b.gid}
+                "gid": b.gid, "limit": self.max_file_size}
 
     async def publish(self, files: Mapping[str, bytes]) -> Published:
         """A new generation unless the live one matches (see `agent.publish.publish`), written in a thread.
