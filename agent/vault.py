@@ -122,7 +122,7 @@ def _messages(body: bytes) -> str:
     """Vault's `errors` list from an error answer, joined and escaped ('' when there is none)."""
     try:
         data = jsonlib.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     errors = data.get("errors") if isinstance(data, dict) else None
     if isinstance(errors, list) and errors:
@@ -260,7 +260,7 @@ class Vault:
             return "unreachable"
         try:
             return health_state(jsonlib.loads(got.body))
-        except ValueError:
+        except (ValueError, RecursionError):
             return "unreachable"
 
     async def probe_node(self) -> str | None:
@@ -441,7 +441,7 @@ class Vault:
     def _decode(self, got: _Answer, action: str) -> object:
         try:
             return jsonlib.loads(got.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             ctype = shown(got.content_type.split(";", maxsplit=1)[0] or "no content type", 60)
             raise VaultUnavailable(
                 f"{self._where} answered with something that is not a Vault response while {action}"
@@ -570,7 +570,9 @@ class Vault:
                 f"cannot reach {self._where} while {action}: is it running and reachable? ({self.key('address')})"
             )
         if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-            return VaultUnavailable(f"{self._where} closed the connection while {action}")
+            return VaultUnavailable(
+                f"cannot reach {self._where} while {action}: it closed the connection; is it running and reachable?"
+            )
         if isinstance(exc, aiohttp.ClientResponseError):
             return VaultUnavailable(
                 f"{self._where} answered with something that is not a Vault response while {action}"

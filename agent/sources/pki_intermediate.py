@@ -324,7 +324,7 @@ class PkiIntermediateSource(RenewingSource):
 
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise self._odd(action, "not a CRL") from None
             data = self._field(body if isinstance(body, dict) else {}, "data", dict, action)
             raw = str(self._field(data, "crl", str, action)).encode()
