@@ -1,4 +1,5 @@
-"""Blocking calls (hvac, validation, publishing, the kubernetes client) from asyncio, in daemon threads of their own.
+"""Blocking calls that may hang (the kubernetes client, a Secret target's publish, reload actions) from asyncio, in
+daemon threads of their own. Vault is not among them: agent.vault is async and cancellable.
 
 Unlike `asyncio.to_thread`, an abandoned call never holds up `asyncio.run`'s executor shutdown: a cancelled
 task cannot stop a thread, so a SIGTERM exit stays prompt while a hanging request runs out its own timeout.
