@@ -176,7 +176,7 @@ class Vault:
         self.max_response_bytes = max_response_bytes
         self.metrics = metrics
         #: the token each authenticated request carries, asked for when it is sent ("" for none)
-        self.token: Callable[[], str] = str
+        self.token: Callable[[], str] = lambda: ""
         #: the last node state reported by sys/health (None: never asked) and when (time.time())
         self.node_state: str | None = None
         self.node_state_at: float | None = None
@@ -334,7 +334,8 @@ class Vault:
         target = urllib.parse.urljoin(url, location)
         try:
             parsed = urllib.parse.urlsplit(target)
-            same = _origin(parsed) == self._origin
+            # credentials in the Location would be sent as a Basic header: not Vault's own address either
+            same = _origin(parsed) == self._origin and parsed.username is None
         except ValueError:
             same = False
         if not same:

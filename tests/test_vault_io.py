@@ -398,6 +398,159 @@ class TestNamedCauses:
             proxy.close()
 
 
+@pytest.fixture(name="front")
+def fixture_front() -> Iterator[HTTPProxy]:
+    """A mutating proxy in front of a Recorder (which answers `{}` to everything): no Vault needed."""
+    upstream = Recorder()
+    proxy = HTTPProxy(upstream.port)
+    proxy.upstream = upstream  # type: ignore[attr-defined]
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        upstream.close()
+
+
+def _session(address: str, **kw: Any) -> Any:
+    from agent.config import Duration, VaultConfig
+    from agent.vault import Vault
+
+    timeout = kw.pop("timeout", 2.0)
+    return Vault(VaultConfig(address=address, timeout=Duration(timeout), **kw), env={}, max_response_bytes=1000)
+
+
+class TestVaultSession:
+    def test_each_request_carries_the_token_of_the_moment_and_vaults_headers(self, front):
+        """The token is asked for when each request is sent; the namespace and X-Vault-Request go along."""
+        import asyncio
+
+        tokens = iter(["first-token", "second-token"])
+
+        async def main() -> None:
+            vault = _session(front.address, namespace="team-a")
+            vault.token = lambda: next(tokens)
+            try:
+                await vault.request("GET", "secret/a", action="reading a")
+                await vault.request("GET", "secret/b", action="reading b")
+                await vault.request("GET", "sys/health", auth=False, action="asking")
+            finally:
+                await vault.close()
+
+        asyncio.run(main())
+        sent = [{k.lower(): v for k, v in h.items()} for h in front.headers]
+        assert [h.get("x-vault-token") for h in sent] == ["first-token", "second-token", None]
+        assert all(h["x-vault-namespace"] == "team-a" and h["x-vault-request"] == "true" for h in sent)
+
+    def test_same_origin_redirects_stop_after_three_hops(self, front):
+        """A redirect loop on Vault's own address is followed 3 times, then one error says so."""
+        import asyncio
+
+        from agent.errors import VaultUnavailable
+
+        front.mutate = lambda m, p, s, b: redirect(307, f"{front.address}/v1/loop?{len(front.requests)}")
+
+        async def main() -> str:
+            vault = _session(front.address)
+            try:
+                await vault.request("GET", "loop", action="reading a loop")
+            except VaultUnavailable as exc:
+                return str(exc)
+            finally:
+                await vault.close()
+            return ""
+
+        assert "more than 3 times" in asyncio.run(main())
+        assert len(front.requests) == 4
+
+    def test_https_to_http_is_never_followed(self):
+        """A redirect from an https:// address to http:// on the same host and port is another origin."""
+        from agent.config import VaultConfig
+        from agent.errors import VaultUnavailable
+        from agent.vault import Vault
+
+        vault = Vault(VaultConfig(address="https://127.0.0.1:8200"), env={})
+
+        with pytest.raises(VaultUnavailable, match="another address"):
+            vault._redirect_target("https://127.0.0.1:8200/v1/x", "http://127.0.0.1:8200/v1/x", "reading x")
+        with pytest.raises(VaultUnavailable, match="another address"):
+            vault._redirect_target("https://127.0.0.1:8200/v1/x", "https://u@127.0.0.1:8200/v1/x", "reading x")
+        assert vault._redirect_target("https://127.0.0.1:8200/v1/x", "/v1/y", "r") == "https://127.0.0.1:8200/v1/y"
+
+    @pytest.mark.parametrize("chunked", [False, True])
+    def test_an_answer_over_the_cap_is_refused_while_it_streams(self, front, chunked):
+        """An answer over max_secret_size is refused, by its Content-Length or while it streams in."""
+        import asyncio
+
+        from agent.errors import ResponseTooLarge
+
+        front.mutate = lambda m, p, s, b: Answer(200, b"x" * 5000, chunked=chunked, chunk=100)
+
+        async def main() -> str:
+            vault = _session(front.address)
+            try:
+                await vault.request("GET", "big", action="reading big")
+            except ResponseTooLarge as exc:
+                return str(exc)
+            finally:
+                await vault.close()
+            return ""
+
+        assert "over limits.max_secret_size (1000 bytes)" in asyncio.run(main())
+
+    def test_dropping_connections_after_a_failure_spares_requests_in_flight(self, front):
+        """A VaultUnavailable on one request starts a new session for the next ones; a slow request already in
+        flight on the old session still gets its answer."""
+        import asyncio
+
+        from agent.errors import VaultUnavailable
+
+        front.mutate = lambda m, p, s, b: (Answer(200, b'{"ok": 1}', stall=0.8) if p.endswith("/slow")
+                                           else Answer(503, b"{}") if p.endswith("/down") else None)
+
+        async def main() -> object:
+            vault = _session(front.address)
+            try:
+                slow = asyncio.ensure_future(vault.request("GET", "slow", action="reading slowly"))
+                await asyncio.sleep(0.2)
+                with pytest.raises(VaultUnavailable):
+                    await vault.request("GET", "down", action="reading a sealed node")
+                await vault.request("GET", "after", action="reading again")
+                return await slow
+            finally:
+                await vault.close()
+
+        assert asyncio.run(main()) == {"ok": 1}
+
+    def test_cancelling_the_task_aborts_the_request(self, front):
+        """Cancelling the awaiting task ends a request whose headers never come, at once."""
+        import asyncio
+
+        front.mutate = lambda m, p, s, b: Answer(200, b"{}", stall=30)
+
+        async def main() -> float:
+            vault = _session(front.address, timeout=60.0)
+            task = asyncio.ensure_future(vault.request("GET", "hang", action="hanging"))
+            await asyncio.sleep(0.3)
+            start = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await vault.close()
+            return time.monotonic() - start
+
+        assert asyncio.run(main()) < 0.5
+
+    def test_proxies_come_from_the_environment_and_no_proxy_is_honoured(self):
+        """HTTPS_PROXY/HTTP_PROXY apply to vault.address unless NO_PROXY names its host."""
+        from agent.config import VaultConfig
+        from agent.vault import Vault
+
+        env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "vault.internal"}
+        assert Vault(VaultConfig(address="https://vault.example:8200"), env=env)._proxy == "http://proxy:3128"
+        assert Vault(VaultConfig(address="https://vault.internal:8200"), env=env)._proxy is None
+        assert Vault(VaultConfig(address="http://vault.example:8200"), env=env)._proxy is None
+
+
 def _server_cert(ca: pki.CertKey, *, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1",),
                  not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> tuple[bytes, bytes]:
     leaf = pki.leaf_cert(ca, dns_names=dns, ip_addresses=ips, cn=(dns or ips)[0], not_before=not_before,
