@@ -269,14 +269,21 @@ class TestTokenFile:
         assert str(link) in line and "MemoryError" not in proc.stderr, line
         assert took < 5, took
 
-    def test_an_empty_token_file_and_a_revoked_token_do_not_end_the_sidecar(self, lab, bao, sa_token_file):
-        """In a running sidecar, a revoked Vault token while the token file is empty for 4 s is retried: the sidecar
-        keeps running and, once kubelet writes a token again, logs in and publishes the next version."""
+    @pytest.mark.parametrize("damage", ["empty", "mode 000"])
+    def test_a_bad_token_file_and_a_revoked_token_do_not_end_the_sidecar(self, lab, bao, sa_token_file, damage):
+        """In a running sidecar, a revoked Vault token while the token file is empty (or unreadable) for 4 s is
+        retried: the sidecar keeps running and, once kubelet writes a token again, logs in and publishes the next
+        version."""
+        if damage == "mode 000" and os.geteuid() == 0:
+            pytest.skip("root reads a file of mode 000")
         agent = lab.agent("empty", poll="200ms").start()
         try:
             agent.wait_event("sidecar_ready", timeout=20)
             admin = bao.client()
-            lab.token.write_text("")
+            if damage == "empty":
+                lab.token.write_text("")
+            else:
+                lab.token.chmod(0)
             admin.write(f"sys/leases/revoke-prefix/auth/{lab.layout.auth_mount}/login")
             lab.layout.write(admin, lab.bundles[1])
             time.sleep(4)
@@ -287,7 +294,7 @@ class TestTokenFile:
         finally:
             agent.stop()
         failures = " ".join(e.get("reason", "") for e in agent.events("sync_failed"))
-        assert "is empty" in failures, failures
+        assert ("is empty" if damage == "empty" else "cannot be opened") in failures, failures
 
     def test_a_tiny_lease_makes_a_bounded_number_of_renewals(self, lab):
         """A login (and renewal) answer with a 10 ms lease: at most one renewal a second, one warning."""
