@@ -1,26 +1,40 @@
 """Log in to Vault: Kubernetes or JWT auth with the service-account token read fresh at every login, or a token file.
 
-Projected service-account tokens rotate (kubelet rewrites the file), so the token is never cached here.
+Projected service-account tokens rotate (kubelet rewrites the file), so the token is never cached here. Every call
+goes through the agent's Vault session, so the JWT is only ever sent to the configured origin.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import vault
-from agent.errors import AuthError, ConfigError, VaultUnavailable
+from agent.errors import AuthError, ConfigError, CredentialUnavailable, VaultUnavailable
 from agent.text import shown
+from agent.vault import field
 
 if TYPE_CHECKING:
-    import hvac
-
     from agent.config import AuthConfig
+    from agent.vault import Vault
 
-__all__ = ["Login", "credential_digest", "login", "mount_of", "read_token_file", "renew"]
+__all__ = [
+    "TOKEN_FILE_LIMIT",
+    "Login",
+    "credential_digest",
+    "login",
+    "login_hint",
+    "lookup_self",
+    "mount_of",
+    "read_token_file",
+    "renew",
+    "seconds",
+]
+
+#: the largest token file read (a projected service-account token is about 1 KiB)
+TOKEN_FILE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,23 +68,34 @@ def credential_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def read_token_file(path: str, what: str) -> str:
-    """The token in `path`, stripped; ConfigError naming the file when it is missing or empty."""
+def read_token_file(path: str, what: str, *, settled: bool = False) -> str:
+    """The token in `path`, stripped: a regular file of at most 64 KiB (a FIFO or /dev/zero is refused, never read).
+    Blocking: call it off the event loop.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or empty, before the agent ever logged in with it (fix it).
+        CredentialUnavailable: the same once `settled` (a login worked before): kubelet may be rewriting the file;
+            the caller retries and keeps the Vault token it holds.
+    """
+    from agent.files import FileProblem, read_regular
+
+    error: type[ConfigError | CredentialUnavailable] = CredentialUnavailable if settled else ConfigError
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{what} file {path} does not exist: mount a projected service account token there or set auth.token_path"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not text"
-        raise ConfigError(f"{what} file {path} cannot be read: {reason}") from None
+        raw = read_regular(path, limit=TOKEN_FILE_LIMIT, what=f"{what} file")
+    except FileProblem as exc:
+        fix = ": mount a projected service account token there or set auth.token_path" if exc.missing else ""
+        raise error(f"{exc}{fix}") from None
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise error(f"{what} file {shown(path)} cannot be read: not text") from None
     if not token:
-        raise ConfigError(f"{what} file {path} is empty")
+        raise error(f"{what} file {shown(path)} is empty")
     return token
 
 
-def _login_hint(cfg: AuthConfig, message: str) -> str:
+def login_hint(cfg: AuthConfig, message: str) -> str:
+    """What to fix after a refused login, from Vault's message."""
     mount, role, path = shown(mount_of(cfg)), shown(cfg.role or ""), shown(cfg.token_path)
     lowered = message.lower()
     if "role" in lowered and ("invalid" in lowered or "not found" in lowered or "could not be found" in lowered):
@@ -88,80 +113,72 @@ def _login_hint(cfg: AuthConfig, message: str) -> str:
     return f"check role {role!r} on auth mount {mount!r} and the token in {path}"
 
 
-def login(client: hvac.Client, cfg: AuthConfig) -> Login:
-    """Log in with the configured method and set the client's token.
+def seconds(data: dict[str, Any], key: str, address: str, action: str) -> float:
+    """`data[key]` as a non-negative number of seconds (0 when absent); VaultUnavailable when not a number."""
+    value = field(data, key, (int, float), address=address, action=action, optional=True)
+    return max(0.0, float(value or 0))
+
+
+async def login(vault: Vault, cfg: AuthConfig, *, settled: bool = False) -> Login:
+    """Log in with the configured method; the token file is read at every login.
+
+    `settled`: a login worked before (see `read_token_file`).
 
     Raises:
-        ConfigError: the token file is missing or empty.
+        ConfigError / CredentialUnavailable: the token file cannot be read, or is empty.
         AuthError: Vault refused the login (role, mount, service account or audience).
         VaultUnavailable: Vault could not be reached; retry.
     """
-    address = client.url
-    client.token = ""  # a login never carries an earlier token along
+    address = vault.address
     if cfg.method == "token":
-        client.token = read_token_file(cfg.token_path, "Vault token")
+        token = await asyncio.to_thread(read_token_file, cfg.token_path, "Vault token", settled=settled)
         action = f"looking up the token in {shown(cfg.token_path)}"
-        response = vault.call(
-            client.auth.token.lookup_self,
-            address=address,
-            action=action,
-            login=True,
+        body = await vault.request(
+            "GET", "auth/token/lookup-self", token=token, action=action, login=True,
             hint=f"put a valid Vault token in {shown(cfg.token_path)}",
         )
-        data = vault.field(vault.answer(response, address=address, action=action), "data", dict,
-                           address=address, action=action)
+        data = field(body or {}, "data", dict, address=address, action=action)
         return Login(
-            token=client.token,
+            token=token,
             accessor=str(data.get("accessor") or ""),
-            ttl=_seconds(data, "ttl", address, action),
+            ttl=seconds(data, "ttl", address, action),
             renewable=data.get("renewable") is True,
             obtained_at=time.time(),
         )
 
-    jwt = read_token_file(cfg.token_path, "service account token")
+    jwt = await asyncio.to_thread(read_token_file, cfg.token_path, "service account token", settled=settled)
     digest = credential_digest(jwt)
     mount = mount_of(cfg)
     role = cfg.role or ""
     action = f"logging in to auth/{shown(mount)} as role {shown(role)!r}"
-
-    def do_login() -> dict[str, Any]:
-        if cfg.method == "kubernetes":
-            return client.auth.kubernetes.login(role, jwt, use_token=False, mount_point=mount)  # type: ignore[no-any-return]
-        return client.auth.jwt.jwt_login(role, jwt, use_token=False, path=mount)  # type: ignore[no-any-return]
-
     try:
-        response = vault.call(do_login, address=address, action=action, login=True)
+        body = await vault.request(
+            "POST", f"auth/{mount}/login", json={"role": role, "jwt": jwt}, auth=False, action=action, login=True
+        )
     except AuthError as exc:
-        _not_ready(client, str(exc), action)
-        hint = _login_hint(cfg, str(exc))
+        await _not_ready(vault, str(exc), action)
+        hint = login_hint(cfg, str(exc))
         raise AuthError(f"{exc}; {hint}") from exc
-    auth = vault.field(vault.answer(response, address=address, action=action), "auth", dict,
-                       address=address, action=action, optional=True)
-    token = (auth or {}).get("client_token")
-    if not token or not isinstance(token, str):
+    auth = field(body or {}, "auth", dict, address=address, action=action, optional=True)
+    client_token = (auth or {}).get("client_token")
+    if not client_token or not isinstance(client_token, str):
         raise AuthError(f"{action} returned no token: check that auth.mount is a {cfg.method} auth method")
-    client.token = token
     return Login(
-        token=token,
+        token=client_token,
         accessor=str(auth.get("accessor") or ""),
-        ttl=_seconds(auth, "lease_duration", address, action),
+        ttl=seconds(auth, "lease_duration", address, action),
         renewable=auth.get("renewable") is True,
         obtained_at=time.time(),
         credential_digest=digest,
     )
 
 
-def _seconds(data: dict[str, Any], key: str, address: str, action: str) -> float:
-    value = vault.field(data, key, (int, float), address=address, action=action, optional=True)
-    return max(0.0, float(value or 0))
-
-
-def _not_ready(client: hvac.Client, message: str, action: str) -> None:
+async def _not_ready(vault: Vault, message: str, action: str) -> None:
     """A bare "permission denied" on a login is also what a standby answers before it has caught up with the
     auth mount (about 30 s after it was configured), or a node that is not active: then it is worth a retry."""
     if not message.rstrip().endswith("permission denied"):
         return
-    state = vault.node_state(client)
+    state = await vault.node_status()
     if state != "active":
         raise VaultUnavailable(
             f"login refused while {action}: permission denied by a node that reports itself {state}; a standby"
@@ -169,22 +186,37 @@ def _not_ready(client: hvac.Client, message: str, action: str) -> None:
         )
 
 
-def renew(client: hvac.Client, current: Login) -> Login:
-    """Renew the client's token; the returned Login carries the new TTL (shorter than asked near max TTL).
+async def renew(vault: Vault, current: Login) -> Login:
+    """Renew `current`'s token; the returned Login carries the new TTL (shorter than asked near max TTL).
 
     Raises:
         AuthError: the token was revoked, expired or is not renewable: log in again.
         VaultUnavailable: Vault could not be reached.
     """
     action = "renewing the Vault token"
-    response = vault.call(client.auth.token.renew_self, address=client.url, action=action, login=True)
-    data = vault.field(vault.answer(response, address=client.url, action=action), "auth", dict,
-                       address=client.url, action=action)
+    body = await vault.request("POST", "auth/token/renew-self", json={}, token=current.token, action=action,
+                               login=True)
+    data = field(body or {}, "auth", dict, address=vault.address, action=action)
     return Login(
         token=current.token,
         accessor=str(data.get("accessor") or current.accessor),
-        ttl=_seconds(data, "lease_duration", client.url, action),
+        ttl=seconds(data, "lease_duration", vault.address, action),
         renewable=data.get("renewable") is True,
         obtained_at=time.time(),
         credential_digest=current.credential_digest,
     )
+
+
+async def lookup_self(vault: Vault, token: str) -> bool:
+    """Whether Vault still accepts `token` (lookup-self, which every token may call); False on a 401/403.
+
+    Raises:
+        VaultUnavailable: Vault could not be reached.
+    """
+    from agent.errors import PermissionDenied
+
+    try:
+        await vault.request("GET", "auth/token/lookup-self", token=token, action="looking up the agent's Vault token")
+    except PermissionDenied:  # 403: revoked, expired, or unknown to a restarted Vault
+        return False
+    return True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import istio_certs, kinds, kvstore
+from agent import hvac_client, istio_certs, kinds, kvstore
 from agent.clusters import BUNDLE_KEYS, check_cluster_name
 from agent.config import KEY_TYPES, SA_TOKEN_PATH
 from agent.errors import AuthError, ConfigError, SecretError, WriteConflict
@@ -279,7 +279,7 @@ def load_root_dir(directory: Path) -> Root:
 
 
 def _find_kv(client: hvac.Client, path: str, flag: str, fix: str) -> kvstore.KVMount:
-    """kvstore.find_mount, with what a 403 or 404 of the mount lookup means to the operator.
+    """hvac_client.kv_mount, with what a 403 or 404 of the mount lookup means to the operator.
 
     Vault answers 403 for a mount that does not exist (as for one the token may not use), and 404 when the
     namespace does not exist.
@@ -291,7 +291,7 @@ def _find_kv(client: hvac.Client, path: str, flag: str, fix: str) -> kvstore.KVM
         raise ConfigError(f"{flag} {shown(path)!r} cannot name a KV secret: leave out '?', '#', '%' and control"
                           " characters")
     try:
-        return kvstore.find_mount(client, path, fix=fix)
+        return hvac_client.kv_mount(client, path, fix=fix)
     except PermissionDenied:
         mount = shown(path.strip("/").split("/")[0])
         raise PermissionDenied(
@@ -321,7 +321,7 @@ def _namespace_exists(client: hvac.Client) -> bool:
 def _load_root_kv(client: hvac.Client, path: str) -> Root:
     fix = "--root-kv must be MOUNT/PATH of a KV secret with keys root_cert and root_key"
     m = _find_kv(client, path, "--root-kv", fix)
-    data = kvstore.read(client, m, hint=f"grant read on {shown(m.policy_path)}")
+    data = hvac_client.kv_read(client, m, hint=f"grant read on {shown(m.policy_path)}")
     missing = [k for k in ROOT_KV_KEYS if not isinstance((data or {}).get(k), str) or not (data or {})[k].strip()]
     if data is None or missing:
         raise SecretError(f"KV path {shown(m.full)} has no {' or '.join(missing or ROOT_KV_KEYS)}: {fix}")
@@ -338,8 +338,8 @@ def _client(opts: IntermediateOptions, environ: Mapping[str, str] | None) -> hva
         return operator_client(environ=environ)
     if not opts.role:
         raise ConfigError("--auth-mount needs --role: the Kubernetes auth role this service account logs in as")
-    from agent.auth import login
     from agent.config import AuthConfig
+    from agent.hvac_client import login
 
     client = operator_client(environ=environ, login=True)
     try:
@@ -383,7 +383,7 @@ def _check_targets(
     seen = kvstore.Presence(False, 0)
     if opts.kv and client is not None:
         target = _find_kv(client, opts.kv, "--kv", "--kv must be MOUNT/PATH of a secret on a KV v1 or v2 mount")
-        seen = kvstore.presence(client, target)
+        seen = hvac_client.kv_presence(client, target)
     held = {f"KV v{target.version} path {shown(target.full)}": seen.live} if target else {}
     if out is not None:
         found = _existing(out, _BUNDLE_FILES)
@@ -472,9 +472,9 @@ def make_intermediate(
             before_write()
         data = {k: files[name].decode() for k, name in BUNDLE_KEYS.items()}
         try:
-            version = kvstore.write(client, target, data, cas=seen.version)
+            version = hvac_client.kv_write(client, target, data, cas=seen.version)
         except WriteConflict:
-            if opts.if_missing and kvstore.presence(client, target).live:  # another run of the Job won the race
+            if opts.if_missing and hvac_client.kv_presence(client, target).live:  # another run of the Job won the race
                 say(f"already present: KV v2 path {shown(target.full)}; nothing written (--if-missing)")
                 return
             raise

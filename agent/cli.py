@@ -115,7 +115,7 @@ class _Run:
     termination_log = _TERMINATION_LOG
 
     def __call__(self, args: argparse.Namespace) -> int:
-        from agent import config, hardening, log, runner, threads
+        from agent import config, hardening, log, runner
 
         hardening.apply()  # before the config, the token or a key is read
         cfg = config.load(args.config)
@@ -123,7 +123,6 @@ class _Run:
         log.configure(cfg.log.level, cfg.log.format)
         code = runner.run(cfg, once=args.mode == "init")
         log.shutdown()  # every line out before the exit (init mode), within a short deadline
-        threads.exit_now_if_abandoned(code)
         return code
 
 

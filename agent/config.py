@@ -45,6 +45,7 @@ __all__ = [
     "Size",
     "SourceConfig",
     "VaultConfig",
+    "env_sources",
     "from_mapping",
     "load",
     "parse_duration",
@@ -128,7 +129,7 @@ class VaultConfig(_Section, frozen=True):
     namespace: str | None = None
     tls_server_name: str | None = None
     skip_verify: bool = False
-    #: per-request timeout; hvac blocks, so this bounds every call
+    #: the wall-clock bound of one request to Vault: connect, headers and body together
     timeout: Duration = Duration(10)
 
 
@@ -405,25 +406,43 @@ def _loads_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML{at}: {problem}") from None
 
 
+#: vault.<key> -> the environment variables that override it, first found wins (like the vault CLI)
+_VAULT_ENV = {
+    "address": ("VAULT_ADDR", "BAO_ADDR"),
+    "ca_cert": ("VAULT_CACERT", "BAO_CACERT"),
+    "namespace": ("VAULT_NAMESPACE", "BAO_NAMESPACE"),
+    "skip_verify": ("VAULT_SKIP_VERIFY", "BAO_SKIP_VERIFY"),
+}
+
+
+def env_sources(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`vault.<key>` -> the environment variable that set it (`{"vault.address": "VAULT_ADDR"}`), for the keys
+    that `load` took from the environment rather than the config file; errors name that variable."""
+    env = os.environ if env is None else env
+    found: dict[str, str] = {}
+    for key, names in _VAULT_ENV.items():
+        name = next((n for n in names if env.get(n)), None)
+        if name is not None:
+            found[f"vault.{key}"] = name
+    return found
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     """Env overrides the file, like the vault CLI: VAULT_ADDR (or BAO_ADDR), VAULT_CACERT, ..."""
     vault = raw.setdefault("vault", {})
     if not isinstance(vault, dict):
         return
-    addr = env.get("VAULT_ADDR") or env.get("BAO_ADDR")
-    if addr:
-        vault["address"] = addr
-    cacert = env.get("VAULT_CACERT") or env.get("BAO_CACERT")
-    if cacert:
-        vault["ca_cert"] = cacert
-    namespace = env.get("VAULT_NAMESPACE") or env.get("BAO_NAMESPACE")
-    if namespace:
-        vault["namespace"] = namespace
-    skip = env.get("VAULT_SKIP_VERIFY") or env.get("BAO_SKIP_VERIFY")
-    if skip is not None and skip != "":
+    sources = env_sources(env)
+    for key in ("address", "ca_cert", "namespace"):
+        name = sources.get(f"vault.{key}")
+        if name is not None:
+            vault[key] = env[name]
+    name = sources.get("vault.skip_verify")
+    if name is not None:
+        skip = env[name]
         lowered = skip.strip().lower()
         if lowered not in {"1", "0", "true", "false", "yes", "no"}:
-            raise ConfigError(f"VAULT_SKIP_VERIFY must be true or false, not {shown(skip)!r}")
+            raise ConfigError(f"{name} must be true or false, not {shown(skip)!r}")
         vault["skip_verify"] = lowered in {"1", "true", "yes"}
     # the downward API: the pod the agent runs in, for Events
     pod = {key: env[var] for var, key in _POD_ENV.items() if env.get(var)}

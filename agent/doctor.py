@@ -179,16 +179,16 @@ def _roots(trusts: dict[str, Trust]) -> list[Check]:
 
 
 class _Vault:
-    """The operator's client, every call translated once (vault.call)."""
+    """The operator's client, every call translated once (hvac_client.call)."""
 
     def __init__(self, client: hvac.Client) -> None:
         self.client = client
         self._mounts: dict[str, Any] | None = None
 
     def call(self, fn: Callable[[], Any], action: str) -> Any:
-        from agent import vault
+        from agent import hvac_client
 
-        return vault.call(fn, address=self.client.url, action=action)
+        return hvac_client.call(fn, address=self.client.url, action=action)
 
     def data(self, response: Any, action: str) -> dict[str, Any]:
         from agent import vault
@@ -382,7 +382,7 @@ def _capabilities(v: _Vault, policies: list[str], no_default: bool, paths: list[
 
 
 def _bundle(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
-    from agent import kinds, kvstore
+    from agent import hvac_client, kinds
 
     lay = c.layout
     version = v.kv_version(lay.kv_mount)
@@ -390,7 +390,8 @@ def _bundle(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
     if version is None:
         c.add("bundle", FAIL, f"no KV mount {lay.kv_mount}: {hint}")
         return
-    data = kvstore.read(v.client, _kv(lay, version), hint=f"the operator's token must be able to read {lay.kv_path}")
+    data = hvac_client.kv_read(v.client, _kv(lay, version),
+                               hint=f"the operator's token must be able to read {lay.kv_path}")
     if not data:
         extra = ""
         if isinstance(v.mounts().get(f"{lay.pki_mount}/"), dict):

@@ -3,6 +3,7 @@
 It logs in when asked for a token and there is none, renews at 2/3 of the TTL, logs in again after max TTL,
 when the service-account token file changes, or when a worker finds the token refused (403). Each new
 login gets a new `generation`, so a worker knows whether its last full read was made under the same login.
+The Vault session asks it for the token at the moment each request is sent (`token`).
 """
 
 from __future__ import annotations
@@ -12,46 +13,68 @@ import time
 from typing import TYPE_CHECKING
 
 from agent import auth
-from agent.errors import AgentError, PermissionDenied
+from agent.errors import AgentError
 from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.config import AuthConfig
     from agent.metrics import Metrics
-    from agent.vault import VaultGate
+    from agent.vault import Vault
 
-__all__ = ["TokenKeeper"]
+__all__ = ["MIN_RENEW_INTERVAL", "TINY_LEASE", "TokenKeeper"]
 
 # A token this close to its lease end is not handed out; a new login is cheaper than a 403 mid-cycle.
 _EXPIRY_MARGIN = 1.0
 # After a failed re-login in the renewal loop, wait this long before trying again (workers retry on their own).
 _RELOGIN_RETRY = 5.0
+#: renewals (and re-logins from the renewal loop) are never closer than this, whatever lease Vault grants
+MIN_RENEW_INTERVAL = 1.0
+#: a lease shorter than this is logged (once): the agent cannot keep such a token alive between its requests
+TINY_LEASE = 2.0
 
 
 class TokenKeeper:
-    """Hands out a valid Vault token to the workers; in sidecar mode `run()` keeps it valid."""
+    """Hands out a valid Vault token to the workers; in sidecar mode `run()` keeps it valid.
 
-    def __init__(self, cfg: AuthConfig, gate: VaultGate, metrics: Metrics) -> None:
+    Until `settle()` (every bundle published once), a token file that cannot be read is a ConfigError: the
+    agent stops and says what to fix. After it, the same problem is CredentialUnavailable: retried, the Vault token
+    in hand stays in use until a new login succeeds, and the sidecar never exits for it.
+    """
+
+    def __init__(self, cfg: AuthConfig, vault: Vault, metrics: Metrics) -> None:
         self.cfg = cfg
-        self.gate = gate
+        self.vault = vault
         self.metrics = metrics
         self.login: auth.Login | None = None
         #: increases with every new login
         self.generation = 0
+        #: every bundle was published once: token-file problems are retried from now on
+        self.settled = False
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._relogin = asyncio.Event()
+        self._last_renewal = float("-inf")
+        self._tiny_reported = False
         self._log = get_logger()
+        vault.token = self.token
+
+    def token(self) -> str:
+        """The current Vault token ("" before the first login); never logged."""
+        return self.login.token if self.login is not None else ""
+
+    def settle(self) -> None:
+        """Every bundle was published once: from now on a token-file problem is retried, never final."""
+        self.settled = True
 
     async def ensure(self) -> int:
         """Log in unless there is a token far enough from its lease end; returns the login's generation.
 
         Raises:
-            ConfigError / AuthError / VaultUnavailable: as `auth.login`.
+            ConfigError / CredentialUnavailable / AuthError / VaultUnavailable: as `auth.login`.
         """
         async with self._lock:
             current = self.login
-            if current is None or time.time() >= current.expires_at - _EXPIRY_MARGIN:
+            if current is None or time.time() >= current.expires_at - min(_EXPIRY_MARGIN, current.ttl / 3):
                 await self._login_locked()
             return self.generation
 
@@ -64,7 +87,7 @@ class TokenKeeper:
         async with self._lock:
             if generation != self.generation:
                 return True  # someone logged in meanwhile: retry with that token
-            if self.login is not None and await self.gate.run(self._token_accepted):
+            if self.login is not None and await auth.lookup_self(self.vault, self.login.token):
                 return False
             await self._login_locked()
             return True
@@ -74,21 +97,29 @@ class TokenKeeper:
         self._relogin.set()
 
     async def run(self) -> None:
-        """Renew at 2/3 of the TTL; log in again when renewal fails, max TTL is near, or the SA token changed."""
+        """Renew at 2/3 of the TTL; log in again when renewal fails, max TTL is near, or the SA token changed.
+
+        Renewals and re-logins from here are never closer than MIN_RENEW_INTERVAL apart.
+        """
         while True:
             self._changed.clear()
+            pause = self._last_renewal + MIN_RENEW_INTERVAL - time.monotonic()
             if self._relogin.is_set():
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 self._relogin.clear()
+                self._last_renewal = time.monotonic()
                 await self._relogin_now("service account token changed")
                 continue
             login = self.login
             if login is None or not login.ttl:
                 await self._wait(3600)
                 continue
-            due = login.obtained_at + login.ttl * 2 / 3 - time.time()
+            due = max(login.obtained_at + login.ttl * 2 / 3 - time.time(), pause)
             if due > 0:
                 await self._wait(due)
                 continue
+            self._last_renewal = time.monotonic()
             await self._renew_or_relogin(login)
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -103,8 +134,8 @@ class TokenKeeper:
             relogin.cancel()
 
     async def _login_locked(self) -> None:
-        self.login = None
-        login = await self.gate.run(lambda: auth.login(self.gate.client, self.cfg))
+        # the token in hand stays in use (and is sent) until the new login succeeds
+        login = await auth.login(self.vault, self.cfg, settled=self.settled)
         self._set(login)
         self._log.info(
             "vault_login", method=self.cfg.method, mount=auth.mount_of(self.cfg), role=self.cfg.role,
@@ -116,18 +147,14 @@ class TokenKeeper:
         if new:
             self.generation += 1
         self.metrics.token_login(login)
+        if login.ttl and login.ttl < TINY_LEASE and not self._tiny_reported:
+            self._tiny_reported = True
+            self._log.warning(
+                "token_lease_tiny", ttl=login.ttl,
+                reason=f"Vault grants the agent's token a lease of {login.ttl:g}s; the agent renews at most once a"
+                " second and logs in again when needed: raise the role's token_ttl",
+            )
         self._changed.set()
-
-    def _token_accepted(self) -> bool:
-        """Whether Vault still accepts the agent's token (lookup-self, which every token may call). Blocks."""
-        from agent import vault
-
-        client = self.gate.client
-        try:
-            vault.call(client.auth.token.lookup_self, address=client.url, action="looking up the agent's Vault token")
-        except PermissionDenied:  # 403: revoked, expired, or unknown to a restarted Vault
-            return False
-        return True
 
     async def _relogin_now(self, why: str) -> None:
         try:
@@ -142,7 +169,7 @@ class TokenKeeper:
     async def _renew_or_relogin(self, login: auth.Login) -> None:
         if login.renewable:
             try:
-                renewed = await self.gate.run(lambda: auth.renew(self.gate.client, login))
+                renewed = await auth.renew(self.vault, login)
             except AgentError as exc:
                 self._log.info("token_renew_failed", reason=str(exc))
             else:

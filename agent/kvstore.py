@@ -1,22 +1,21 @@
-"""KV secrets by path, for the agent and the admin commands: which mount and KV version a `MOUNT/PATH` is on
-(sys/internal/ui/mounts), whether a secret holds data and at which version, reading its keys, and writing it
-with KV v2 check-and-set, so that two writers cannot both believe they created it.
+"""KV secrets by path: which mount and KV version a `MOUNT/PATH` is on (sys/internal/ui/mounts), and whether a
+secret holds data and at which version. The shapes and their checks are shared with the admin commands (their hvac
+calls are in agent.hvac_client); the async `find_mount` is the agent's, through its Vault session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent import vault
-from agent.errors import SecretError, WriteConflict
+from agent.errors import SecretError
 from agent.text import shown
+from agent.vault import field
 
 if TYPE_CHECKING:
-    import hvac
+    from agent.vault import Vault
 
-__all__ = ["KVMount", "Presence", "find_mount", "presence", "read", "write"]
+__all__ = ["KVMount", "Presence", "find_mount", "mount_of", "mounts_path", "presence_of"]
 
 
 @dataclass(frozen=True)
@@ -60,20 +59,20 @@ class Presence:
     version: int
 
 
-def find_mount(client: hvac.Client, kv_path: str, *, fix: str) -> KVMount:
-    """The KV mount of `kv_path` and its version, from sys/internal/ui/mounts, which any token with access to the
-    path can read. `fix` ends the error sentence (what to check or change).
+def mounts_path(kv_path: str) -> str:
+    """The API path that says which mount `kv_path` is on (readable by any token with access to the path)."""
+    return f"/v1/sys/internal/ui/mounts/{kv_path.strip('/')}"
+
+
+def mount_of(body: dict[str, Any] | None, kv_path: str, *, address: str, action: str, fix: str) -> KVMount:
+    """The KVMount that a sys/internal/ui/mounts answer describes for `kv_path`.
 
     Raises:
         SecretError: the path is not on a KV engine (or the token sees nothing there).
-        VaultUnavailable: Vault could not be reached or sent something else than an answer.
+        VaultUnavailable: the answer is not shaped like Vault's.
     """
     kv_path = kv_path.strip("/")
-    action = f"looking up the KV mount of {shown(kv_path)}"
-    resp = vault.call(lambda: client.adapter.get(f"/v1/sys/internal/ui/mounts/{kv_path}"), address=client.url,
-                      action=action, hint=fix)
-    data = vault.field(vault.answer(resp, address=client.url, action=action), "data", dict, address=client.url,
-                       action=action, optional=True) or {}
+    data = field(body or {}, "data", dict, address=address, action=action, optional=True) or {}
     mount_path = str(data.get("path") or "").strip("/")
     secret = kv_path[len(mount_path):].strip("/")
     if not mount_path or data.get("type") not in {"kv", "generic"} or not secret:
@@ -83,94 +82,25 @@ def find_mount(client: hvac.Client, kv_path: str, *, fix: str) -> KVMount:
     return KVMount(mount_path, 2 if version == "2" else 1, secret)
 
 
-def _get(client: hvac.Client, url: str, action: str, hint: str) -> dict[str, Any] | None:
-    """GET `url` as a Vault answer; None for a 404."""
-    import hvac.exceptions as hx
-
-    def get() -> object:
-        try:
-            return client.adapter.get(url)
-        except hx.InvalidPath:
-            return None
-
-    resp = vault.call(get, address=client.url, action=action, hint=hint)
-    return None if resp is None else vault.answer(resp, address=client.url, action=action)
-
-
-def presence(client: hvac.Client, m: KVMount) -> Presence:
-    """Whether `m`'s secret holds data, and its current version (KV v2: from metadata, no secret bytes read).
-
-    Raises:
-        PermissionDenied: the token may not read the metadata (KV v2) or the secret (KV v1).
-        VaultUnavailable: Vault could not be reached.
-    """
-    if m.version == 1:
-        action = f"reading KV v1 path {shown(m.full)}"
-        return Presence(_get(client, m.data_url, action, f"grant read on {shown(m.full)}") is not None, 0)
-    action = f"reading the metadata of KV v2 path {shown(m.full)}"
-    body = _get(client, f"/v1/{m.path}/metadata/{m.secret}", action,
-                f"grant read on {shown(f'{m.path}/metadata/{m.secret}')}")
+def presence_of(body: dict[str, Any] | None, *, address: str, action: str) -> Presence:
+    """A KV v2 metadata answer (None: 404) as a Presence."""
     if body is None:
         return Presence(False, 0)
-    data = vault.field(body, "data", dict, address=client.url, action=action)
-    current = vault.field(data, "current_version", int, address=client.url, action=action)
-    versions = vault.field(data, "versions", dict, address=client.url, action=action, optional=True) or {}
+    data = field(body, "data", dict, address=address, action=action)
+    current = field(data, "current_version", int, address=address, action=action)
+    versions = field(data, "versions", dict, address=address, action=action, optional=True) or {}
     entry = versions.get(str(current))
     live = isinstance(entry, dict) and not entry.get("deletion_time") and entry.get("destroyed") is not True
     return Presence(live, current)
 
 
-def read(client: hvac.Client, m: KVMount, *, hint: str) -> dict[str, Any] | None:
-    """The current data of `m`'s secret; None when there is none (absent, or its current KV v2 version deleted).
+async def find_mount(vault: Vault, kv_path: str, *, fix: str) -> KVMount:
+    """The KV mount of `kv_path` and its version. `fix` ends the error sentence (what to check or change).
 
     Raises:
-        PermissionDenied: the token may not read it.
-        VaultUnavailable: Vault could not be reached.
+        SecretError: the path is not on a KV engine (or the token sees nothing there).
+        VaultUnavailable: Vault could not be reached or sent something else than an answer.
     """
-    action = f"reading KV v{m.version} path {shown(m.full)}"
-    body = _get(client, m.data_url, action, hint)
-    if body is None:
-        return None
-    data = vault.field(body, "data", dict, address=client.url, action=action, optional=True) or {}
-    if m.version == 2:
-        data = vault.field(data, "data", dict, address=client.url, action=action, optional=True) or {}
-    return dict(data)
-
-
-def write(client: hvac.Client, m: KVMount, data: Mapping[str, str], *, cas: int | None) -> int | None:
-    """Write `data` as `m`'s secret; returns the new KV v2 version (None on KV v1).
-
-    On KV v2 `cas` is the version the caller saw (0: none): Vault refuses the write when the secret has moved on
-    since. KV v1 has no check-and-set; `cas` is ignored there.
-
-    Raises:
-        WriteConflict: check-and-set refused the write (someone else wrote the secret meanwhile).
-        PermissionDenied: the token may not write the path.
-        VaultUnavailable: Vault could not be reached.
-    """
-    import hvac.exceptions as hx
-
-    action = f"writing KV v{m.version} path {shown(m.full)}"
-    hint = f"grant create and update on {shown(m.policy_path)}"
-    body: dict[str, Any] = dict(data) if m.version == 1 else {"data": dict(data)}
-    if m.version == 2 and cas is not None:
-        body["options"] = {"cas": cas}
-
-    def post() -> object:
-        try:
-            return client.adapter.post(m.data_url, json=body)
-        except hx.InvalidRequest as exc:
-            if m.version == 2 and "check-and-set" in str(exc):
-                raise WriteConflict(
-                    f"KV path {shown(m.full)} changed while this command ran (another writer made a version after"
-                    f" version {cas}), so check-and-set refused the write and nothing was written: look at what is"
-                    " there now before running again"
-                ) from None
-            raise
-
-    resp = vault.call(post, address=client.url, action=action, hint=hint)
-    if m.version == 1:
-        return None
-    answer = vault.answer(resp, address=client.url, action=action)
-    result = vault.field(answer, "data", dict, address=client.url, action=action)
-    return int(vault.field(result, "version", int, address=client.url, action=action))
+    action = f"looking up the KV mount of {shown(kv_path.strip('/'))}"
+    body = await vault.request("GET", mounts_path(kv_path), action=action, hint=fix)
+    return mount_of(body, kv_path, address=vault.address, action=action, fix=fix)

@@ -6,7 +6,6 @@ prometheus_client is imported only by PrometheusMetrics, so init mode never pays
 from __future__ import annotations
 
 import bisect
-import datetime as dt
 import itertools
 import math
 import threading
@@ -54,8 +53,8 @@ class Metrics:
     def error(self, bundle: str, reason: str) -> None:
         """A failure of `bundle`, labelled by a short reason such as invalid_bundle or vault_unavailable."""
 
-    def vault_request(self, *_args: object, **_kwargs: object) -> None:
-        """One HTTP request was sent to Vault (a requests response hook)."""
+    def vault_request(self, seconds: float | None = None) -> None:
+        """Vault answered one HTTP request; `seconds` from sending it to the response headers."""
 
     def renewal(self, bundle: str, *, renewed: bool) -> None:
         """A generation that its source issued went live: a renewal when `renewed`, else a first issuance."""
@@ -79,7 +78,7 @@ class PrometheusMetrics(Metrics):
     - ``istio_vault_agent_errors_total{bundle,reason}`` counter: failures by short reason.
     - ``istio_vault_agent_vault_requests_total`` counter: HTTP requests answered by Vault.
     - ``istio_vault_agent_vault_request_duration_seconds`` histogram (extra): time from sending each request to
-      Vault's response headers (requests' `elapsed`), for latency panels.
+      Vault's response headers, for latency panels.
     - ``istio_vault_agent_bundle_expiry_timestamp_seconds{bundle}`` gauge (extra): earliest notAfter of the
       whole published bundle; alert on it minus time().
     - ``istio_vault_agent_bundle_ready{bundle}`` gauge (extra): 1 when /readyz counts the bundle as ready;
@@ -99,7 +98,7 @@ class PrometheusMetrics(Metrics):
       read fast enough (or was closed); the agent never waits for its log.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
-    method is a dict update under a lock (the Vault hook runs in worker threads).
+    method is a dict update under a lock (scrapes may come from another thread).
     """
 
     def __init__(self) -> None:
@@ -139,11 +138,8 @@ class PrometheusMetrics(Metrics):
         with self._lock:
             self._errors_total[bundle, reason] = self._errors_total.get((bundle, reason), 0) + 1
 
-    def vault_request(self, *args: object, **_kwargs: object) -> None:
-        """Count one Vault HTTP request and its latency (the response's `elapsed`, when it has one). Used as a
-        requests response hook, so it must return None."""
-        elapsed = getattr(args[0], "elapsed", None) if args else None
-        seconds = elapsed.total_seconds() if isinstance(elapsed, dt.timedelta) else None
+    def vault_request(self, seconds: float | None = None) -> None:
+        """Count one Vault HTTP request and its latency to the response headers (`seconds`, when known)."""
         with self._lock:
             self._vault_requests += 1
             if seconds is not None and seconds >= 0:

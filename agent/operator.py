@@ -48,7 +48,7 @@ def operator_client(
     token and VAULT_TOKEN is neither needed nor read.
     """
     from agent.config import Duration, VaultConfig
-    from agent.vault import make_client
+    from agent.hvac_client import make_client
 
     environ = os.environ if environ is None else environ
     address = _env(environ, "ADDR")

@@ -24,7 +24,6 @@ from agent.errors import ConfigError, ReloadError
 from agent.kube import Kube
 from agent.log import get_logger, redact
 from agent.text import shown
-from agent.threads import offload
 
 __all__ = ["STDERR_TAIL", "find_processes", "reload", "restart_on_root_change"]
 
@@ -129,7 +128,7 @@ def _kill(pid: int, sig: signal.Signals) -> bool:
 
 
 async def _signal_matching(pattern: str, sig: signal.Signals, *, key: str) -> list[int]:
-    pids = await offload(find_processes, pattern)
+    pids = await asyncio.to_thread(find_processes, pattern)
     sent = [pid for pid in pids if _kill(pid, sig)]
     if not sent:
         raise ReloadError(

@@ -20,7 +20,7 @@ from agent.supervisor import supervise
 from agent.targets import open_target
 from agent.targets.secret import KubeLoader
 from agent.validate import Limits
-from agent.vault import VaultGate, make_client
+from agent.vault import Vault
 from agent.worker import BundleState, BundleWorker
 
 if TYPE_CHECKING:
@@ -55,19 +55,17 @@ class Agent:
             from agent.metrics import PrometheusMetrics
 
             self.metrics, self.events = PrometheusMetrics(), EventRecorder(cfg.kubernetes)
-        self.gate = VaultGate(
-            make_client(cfg.vault, on_request=self.metrics.vault_request, max_response_bytes=cfg.limits.max_secret_size)
-        )
-        self.keeper = TokenKeeper(cfg.auth, self.gate, self.metrics)
+        self.vault = Vault(cfg.vault, metrics=self.metrics, max_response_bytes=cfg.limits.max_secret_size)
+        self.keeper = TokenKeeper(cfg.auth, self.vault, self.metrics)
         limits = Limits(max_file_bytes=cfg.limits.max_file_size, max_certs_per_file=cfg.limits.max_certs_per_file)
         #: the Kubernetes client of remote-secret bundles (loaded only when one publishes)
         self.kube = KubeLoader(cfg.kubernetes)
         self.workers = [
             BundleWorker(
                 b,
-                source=open_source(b, self.gate.client, cfg),
+                source=open_source(b, self.vault, cfg),
                 target=open_target(b, cfg, self.kube),
-                gate=self.gate,
+                vault=self.vault,
                 keeper=self.keeper,
                 metrics=self.metrics,
                 init_timeout=cfg.init.timeout,
@@ -93,7 +91,7 @@ class Agent:
     @property
     def vault_node(self) -> tuple[str | None, float | None]:
         """What the Vault node said of itself when a failure last made a worker ask (sys/health), and when."""
-        return self.gate.node_state, self.gate.node_state_at
+        return self.vault.node_state, self.vault.node_state_at
 
     def alive(self) -> bool:
         """False once stopping, or when a worker's cycle has hung for 3 x its interval (a wedge)."""
@@ -118,6 +116,7 @@ class Agent:
                 await supervise(tasks, stop=self.stop, until_all_done=True)
             finally:
                 await self.kube.drain(_DRAIN_SECONDS)
+                await self.vault.close()
             if self.stop.is_set():
                 return False
             self._log.info("init_done", bundles=[b.name for b in self.cfg.bundles])
@@ -131,6 +130,7 @@ class Agent:
             closing: list[Awaitable[object]] = [self.kube.drain(_DRAIN_SECONDS)]
             if self.events is not None:
                 closing.append(self.events.close())
+            closing.append(self.vault.close())
             await asyncio.gather(*closing)
             self._log.info("sidecar_stopped")
         return True
@@ -153,6 +153,7 @@ class Agent:
         from agent.watch import FileWatcher
 
         await asyncio.gather(*(w.published.wait() for w in self.workers))
+        self.keeper.settle()  # from now on a token-file problem is retried, never final
         self._log.info("sidecar_ready", bundles=[b.name for b in self.cfg.bundles])
         await self._prune_remote_secrets()
         watcher = FileWatcher(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import vault
+from agent import hvac_client, vault
 from agent.clusters import DNS_LABEL, ClusterLayout, check_cluster_name
 from agent.errors import ConfigError, PermissionDenied, SecretError
 from agent.kvstore import KVMount
@@ -192,7 +192,7 @@ class _Vault:
         """GET /v1/<path>'s `data`; None when Vault has nothing there (404) and `missing_ok`."""
         hint = "the operator token needs read on it (a root or admin token)"
         try:
-            resp = vault.call(lambda: self.client.adapter.get(f"/v1/{path}", params=params or None),
+            resp = hvac_client.call(lambda: self.client.adapter.get(f"/v1/{path}", params=params or None),
                               address=self.client.url, action=action, hint=hint)
         except PermissionDenied:
             raise
@@ -206,7 +206,7 @@ class _Vault:
         return data if isinstance(data, dict) else None
 
     def post(self, path: str, body: dict[str, Any], action: str) -> None:
-        vault.call(lambda: self.client.adapter.post(f"/v1/{path}", json=body), address=self.client.url,
+        hvac_client.call(lambda: self.client.adapter.post(f"/v1/{path}", json=body), address=self.client.url,
                    action=action, hint="the operator token needs write on it (a root or admin token)")
 
 

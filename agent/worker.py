@@ -1,8 +1,9 @@
 """One BundleWorker per bundle: schedule, fetch, validate, publish (to its Target), reload; and the bundle's state.
 
 The same loop serves both modes. Until its first publish a worker has init semantics (retry while Vault is
-unavailable, give up after init.timeout); `once` ends it there. Blocking work (Vault, validation, disk)
-runs in threads and returns results; only the event loop changes `BundleState`, which /readyz reads.
+unavailable, give up after init.timeout, which bounds the whole first pass whatever hangs); `once` ends it there.
+Vault calls are async (agent.vault); validation and disk work run in `asyncio.to_thread` and return results; only
+the event loop changes `BundleState`, which /readyz reads.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.sources import Fetched
-from agent.threads import offload
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from agent.sources import Source
     from agent.targets import Target
     from agent.validate import BundleInfo, Limits
-    from agent.vault import VaultGate
+    from agent.vault import Vault
 
 __all__ = ["BundleState", "BundleWorker", "backoff_delays"]
 
@@ -95,7 +95,7 @@ class BundleWorker:
         *,
         source: Source,
         target: Target,
-        gate: VaultGate,
+        vault: Vault,
         keeper: TokenKeeper,
         metrics: Metrics,
         init_timeout: float,
@@ -109,7 +109,7 @@ class BundleWorker:
         self.source = source
         #: where the bundle is published: its directory, or a Kubernetes Secret
         self.target = target
-        self.gate = gate
+        self.vault = vault
         self.keeper = keeper
         self.metrics = metrics
         self.init_timeout = init_timeout
@@ -144,8 +144,17 @@ class BundleWorker:
         attempt = 0
         while True:
             attempt += 1
+            timed_out = False
             try:
-                changed = await self.cycle()
+                if self.state.live is None:
+                    # before the first publish init.timeout bounds everything, whatever hangs (a call, a file)
+                    try:
+                        async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                            changed = await self.cycle()
+                    except TimeoutError:
+                        timed_out = True
+                else:
+                    changed = await self.cycle()
             except ConfigError:
                 raise
             except AgentError as exc:
@@ -171,6 +180,8 @@ class BundleWorker:
                 await self._failed(exc, retryable=retryable, attempt=attempt, retry_in=delay)
                 await asyncio.sleep(delay)
                 continue
+            if timed_out:
+                raise self._gave_up(attempt)
             delays, attempt = None, 0
             if once:
                 return
@@ -185,6 +196,12 @@ class BundleWorker:
     def resync(self) -> None:
         """Check the source now instead of at the next poll (SIGHUP)."""
         self._resync.set()
+
+    def _gave_up(self, attempt: int) -> AgentError:
+        """The error that ends the first pass when init.timeout ran out in the middle of a cycle."""
+        last = self.state.last_error
+        cause = f"{last}; " if last else "a call to Vault did not finish in time; "
+        return Unavailable(f"{cause}gave up after init.timeout ({self.init_timeout:g}s, {attempt} attempts)")
 
     def stalled(self, now: float, limit: float) -> bool:
         """True when a cycle has been running for more than `limit` seconds (monotonic `now`): a wedge."""
@@ -217,16 +234,16 @@ class BundleWorker:
         elif st.live is not None:
             # the newest content seen is the refused one, if any: compare with that
             seen = st.refused or st.live
-            if seen.revision is not None and await self.gate.run(source.revision) == seen.revision:
+            if seen.revision is not None and await source.revision() == seen.revision:
                 if st.refused is not None and st.refused_error is not None:
                     raise _again(st.refused_error)
                 await self._repair_if_damaged()
                 return False
         try:
-            fetched = await self.gate.run(source.fetch)
+            fetched = await source.fetch()
         except ResponseTooLarge as exc:
             # remember it by revision (where the source has one), so it is not downloaded again at every poll
-            revision = await self.gate.run(source.revision) if st.live is not None else None
+            revision = await source.revision() if st.live is not None else None
             if revision is not None:
                 st.refused, st.refused_error = Fetched(files={}, digest="", revision=revision), exc
             raise
@@ -240,7 +257,7 @@ class BundleWorker:
             st.refused = fetched
             raise _again(st.refused_error)
         try:
-            info = await offload(
+            info = await asyncio.to_thread(
                 lambda: self.kind.validate(fetched.files, limits=self.limits, ca_signs_cert=self.cfg.ca_signs_cert)
             )
         except BundleError as exc:
@@ -339,7 +356,7 @@ class BundleWorker:
             if self._stale_reported != str(exc):
                 self._stale_reported = str(exc)
                 self._log.warning("stale_read", reason=str(exc), retry_in=round(retry_in, 2))
-            await self.gate.leave_node()
+            await self.vault.leave_node()
             return
         if isinstance(exc, BundleError):
             # logged once per refused content by _sync; one Event per refused content, not one per poll
@@ -357,7 +374,7 @@ class BundleWorker:
             "sync_failed", reason=str(exc), retryable=retryable, attempt=attempt, retry_in=round(retry_in, 2)
         )
         if retryable:
-            await self.gate.probe_node()
+            await self.vault.probe_node()
 
     async def _after_publish(self) -> None:
         """Sidecar mode, after a new generation went live: Event, reload action, root-change guard."""

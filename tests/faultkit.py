@@ -12,6 +12,7 @@ import http.server
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -199,7 +200,8 @@ def debris(out: Path) -> list[str]:
 
 @dataclass
 class Answer:
-    """What the HTTP proxy sends back instead of OpenBao's answer; `trickle` seconds pass between chunks."""
+    """What the HTTP proxy sends back instead of OpenBao's answer; `trickle` seconds pass between chunks, `stall`
+    seconds before the status line (headers that never come in time); `headers` are added (a Location)."""
 
     status: int
     body: bytes
@@ -207,6 +209,18 @@ class Answer:
     chunked: bool = False
     trickle: float = 0.0
     chunk: int = 65536
+    stall: float = 0.0
+    headers: dict[str, str] | None = None
+
+
+def redirect(status: int, location: str) -> Answer:
+    """A redirect to `location`, as a standby without request forwarding (or a hostile balancer) sends."""
+    return Answer(status, b"", None, headers={"Location": location})
+
+
+def drip(body: bytes, every: float = 1.0) -> Answer:
+    """A 200 whose body comes one byte per `every` seconds (with its Content-Length)."""
+    return Answer(200, body, trickle=every, chunk=1)
 
 
 Mutation = Callable[[str, str, int, bytes], "Answer | None"]
@@ -225,6 +239,8 @@ class HTTPProxy:
         self.requests: list[tuple[str, str]] = []
         #: (method, path, request body) of each request, for tests of what the agent sends
         self.bodies: list[tuple[str, str, bytes]] = []
+        #: the headers of each request, in the same order
+        self.headers: list[dict[str, str]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -238,6 +254,7 @@ class HTTPProxy:
                 body = self.rfile.read(length) if length else b""
                 proxy.requests.append((self.command, self.path))
                 proxy.bodies.append((self.command, self.path, body))
+                proxy.headers.append(dict(self.headers.items()))
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -250,9 +267,13 @@ class HTTPProxy:
                 self._send(answer)
 
             def _send(self, answer: Answer) -> None:
+                if answer.stall:
+                    time.sleep(answer.stall)
                 self.send_response(answer.status)
                 if answer.content_type:
                     self.send_header("Content-Type", answer.content_type)
+                for name, value in (answer.headers or {}).items():
+                    self.send_header(name, value)
                 if answer.chunked:
                     self.send_header("Transfer-Encoding", "chunked")
                 else:
@@ -284,3 +305,119 @@ class HTTPProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------- other ends
+
+
+class Recorder:
+    """A plain HTTP server on 127.0.0.1 that answers every request 200 `{}` and records it: the place a redirect
+    points to, to see what reached it (`requests`: method, path, headers, body)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.requests.append((self.command, self.path, dict(self.headers.items()), body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _record
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="recorder").start()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class TLSProxy:
+    """A TLS-terminating TCP proxy on 127.0.0.1 in front of a plain-HTTP OpenBao, with a server certificate the
+    test chooses (expired, for another name, from another CA); `use(cert_pem, key_pem)` changes it for the
+    connections that come next, as a Vault certificate rotation would."""
+
+    def __init__(self, upstream_port: int, cert_pem: bytes, key_pem: bytes, workdir: Path) -> None:
+        self.upstream_port = upstream_port
+        self._dir = workdir
+        self._n = 0
+        self._context = self._make(cert_pem, key_pem)
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = int(self._sock.getsockname()[1])
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="tls-proxy").start()
+
+    @property
+    def address(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _make(self, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+        self._n += 1
+        cert, key = self._dir / f"tls-proxy-{self._n}.crt", self._dir / f"tls-proxy-{self._n}.key"
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        return context
+
+    def use(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self._context = self._make(cert_pem, key_pem)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                raw, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw, self._context), daemon=True).start()
+
+    def _serve(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        try:
+            raw.settimeout(10)
+            client = context.wrap_socket(raw, server_side=True)
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            upstream.settimeout(None)
+        except OSError:  # the client gave up on the handshake (an untrusted certificate)
+            with contextlib.suppress(OSError):
+                raw.close()
+            return
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()

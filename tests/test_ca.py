@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
-from agent import ca, kvstore
+from agent import ca, hvac_client
 from agent.errors import WriteConflict
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
 from tests.faultkit import HTTPProxy
@@ -317,8 +317,8 @@ def _kv_layout(vault_admin, kube, unique: str, version: int) -> tuple[str, str]:
 
 
 def _kv_data(vault_admin, kv: str) -> dict[str, str] | None:
-    m = kvstore.find_mount(vault_admin, kv, fix="test")
-    return kvstore.read(vault_admin, m, hint="test")
+    m = hvac_client.kv_mount(vault_admin, kv, fix="test")
+    return hvac_client.kv_read(vault_admin, m, hint="test")
 
 
 class TestIntermediateKV:
@@ -380,9 +380,9 @@ class TestIntermediateKV:
         """A version written by someone else between the command's read and its write makes KV v2 check-and-set
         refuse the write: one clear error, and the other writer's data stays."""
         cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
-        m = kvstore.find_mount(vault_admin, kv, fix="test")
+        m = hvac_client.kv_mount(vault_admin, kv, fix="test")
         if force:
-            kvstore.write(vault_admin, m, {"ca_key": "old"}, cas=0)
+            hvac_client.kv_write(vault_admin, m, {"ca_key": "old"}, cas=0)
         theirs = {"ca_key": "theirs", "ca_cert": "theirs", "cert_chain": "theirs", "root_cert": "theirs"}
 
         def race() -> None:
@@ -401,7 +401,7 @@ class TestIntermediateKV:
         """With --if-missing, a run whose check-and-set loses to another run's write reports "already present"
         and leaves the winner's data: two Jobs at once both succeed, one bundle."""
         cluster, kv = _kv_layout(vault_admin, kube, unique, 2)
-        m = kvstore.find_mount(vault_admin, kv, fix="test")
+        m = hvac_client.kv_mount(vault_admin, kv, fix="test")
         winner = {"ca_key": "w", "ca_cert": "w", "cert_chain": "w", "root_cert": "w"}
 
         def race() -> None:

@@ -292,17 +292,26 @@ class TestVaultAvailability:
 class TestTokenFile:
     def test_token_file_is_reread_at_every_login(self, tmp_path, bao, kube, sa_token_file, runbook):
         """A rotated projected token is used at the next login; the old one is never cached."""
+        import asyncio
+
         from agent import auth
         from agent.config import AuthConfig, VaultConfig
-        from agent.vault import make_client
+        from agent.vault import Vault
 
         token = sa_token_file("istio-system", "istiod")
         cfg = AuthConfig(method="kubernetes", mount=runbook.auth_mount, role="istiod", token_path=str(token))
-        client = make_client(VaultConfig(address=bao.address))
-        first = auth.login(client, cfg)
-        kube.revoke_token(token.read_text())
-        sa_token_file("istio-system", "istiod")  # kubelet writes a fresh token
-        second = auth.login(client, cfg)
+
+        async def twice() -> tuple[auth.Login, auth.Login]:
+            vault = Vault(VaultConfig(address=bao.address), env={})
+            try:
+                first = await auth.login(vault, cfg)
+                kube.revoke_token(token.read_text())
+                sa_token_file("istio-system", "istiod")  # kubelet writes a fresh token
+                return first, await auth.login(vault, cfg)
+            finally:
+                await vault.close()
+
+        first, second = asyncio.run(twice())
         assert second.token != first.token and second.ttl > 0
         reviewed = [r.body["spec"]["token"] for r in kube.tokenreviews()]
         assert token.read_text() in reviewed
@@ -373,14 +382,15 @@ class TestTLS:
 
 
 def test_init_imports_nothing_it_does_not_use(tmp_path, bao, sa_token_file, runbook):
-    """Start-up time: an init pass never imports the sidecar's aiohttp, prometheus_client, watchdog or kubernetes."""
+    """Start-up time: an init pass imports aiohttp (its Vault session) but never hvac, requests, the sidecar's
+    prometheus_client or watchdog, or the kubernetes client."""
     token = sa_token_file("istio-system", "istiod")
     cfg = _config(tmp_path, bao, token, runbook)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent.cli", "run", "--config", str(cfg)],
                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
-    assert "hvac" in imported  # the measurement works
-    for heavy in ("aiohttp", "prometheus_client", "watchdog", "kubernetes", "agent.inject", "agent.setup_vault",
-                  "agent.ca"):
+    assert "aiohttp" in imported  # the measurement works
+    for heavy in ("hvac", "requests", "prometheus_client", "watchdog", "kubernetes", "agent.inject",
+                  "agent.setup_vault", "agent.ca"):
         assert heavy not in imported, heavy

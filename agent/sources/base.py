@@ -1,6 +1,7 @@
 """The Source interface: what a bundle's data source must do, and the `Fetched` result it returns.
 
-Sources are synchronous (hvac blocks); the worker calls them in a thread, one Vault call at a time.
+Sources are async: their Vault requests go through the agent's Vault session (agent.vault), bounded and
+cancellable, side by side with other bundles'; CPU or disk work inside them runs in `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ class Fetched:
 
 
 class Source(Protocol):
-    """One bundle's data source. Every method blocks and raises AgentErrors only (VaultUnavailable: retry)."""
+    """One bundle's data source. `fetch` and `revision` raise AgentErrors only (VaultUnavailable: retry)."""
 
-    def fetch(self) -> Fetched:
+    async def fetch(self) -> Fetched:
         """Read the bundle's files now."""
         ...
 
-    def revision(self) -> str | None:
+    async def revision(self) -> str | None:
         """The current revision by a cheap probe without reading secret bytes (compared with Fetched.revision).
 
         None when the source cannot tell (no probe, or the probe is not allowed): the worker then fetches.

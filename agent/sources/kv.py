@@ -12,23 +12,23 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent import kvstore, vault
+from agent import kvstore
 from agent.errors import SecretError
 from agent.kvstore import KVMount
 from agent.sources.base import Fetched, digest
 from agent.text import shown
+from agent.vault import field
 
 if TYPE_CHECKING:
-    import hvac
-
     from agent.config import AgentConfig, BundleConfig
+    from agent.vault import Vault
 
 __all__ = ["KVSource", "open"]
 
 
-def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> KVSource:
+def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> KVSource:
     """The KV source of `bundle`, polled every `sidecar.poll_interval`."""
-    return KVSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return KVSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
 
 
 def _timestamp(text: object) -> float | None:
@@ -45,10 +45,10 @@ def _timestamp(text: object) -> float | None:
 
 
 class KVSource:
-    """Reads one bundle's KV secret with an authenticated hvac client (a `Source`)."""
+    """Reads one bundle's KV secret through the agent's Vault session (a `Source`)."""
 
-    def __init__(self, client: hvac.Client, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
-        self.client = client
+    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+        self.vault = vault
         self.bundle = bundle
         self.kv_path = (bundle.source.kv or "").strip("/")
         self.poll_interval = poll_interval
@@ -62,43 +62,33 @@ class KVSource:
         """Every poll_interval, +-10 % jitter so a fleet of agents does not poll in step."""
         return now + self.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
 
-    def revision(self) -> str | None:
+    async def revision(self) -> str | None:
         """KV v2: `version@created_time` of the current version, from metadata (no secret bytes); None for KV v1.
 
         Also None when the policy does not allow reading metadata: the worker then reads the secret.
         """
-        m = self.mount()
+        m = await self.mount()
         if m.version != 2:
             return None
-        action = f"reading the metadata of KV path {self.kv_path}"
+        action = f"reading the metadata of KV path {shown(self.kv_path)}"
         try:
-            resp = self._call(
-                lambda: self.client.secrets.kv.v2.read_secret_metadata(path=self.secret_path, mount_point=m.path),
-                action,
-            )
+            body = await self.vault.request("GET", f"/v1/{m.path}/metadata/{m.secret}", action=action)
         except SecretError:
             return None
-        data = self._field(self._answer(resp, action), "data", dict, action)
+        data = self._field(body or {}, "data", dict, action)
         current = self._field(data, "current_version", int, action)
         versions = self._field(data, "versions", dict, action, optional=True) or {}
         entry = versions.get(str(current))
         created = entry.get("created_time", "") if isinstance(entry, dict) else ""
         return f"{current}@{created if isinstance(created, str) else ''}"
 
-    # -- the boundary -----------------------------------------------------------------------------------------
-    def _call(self, fn: Any, action: str, hint: str = "") -> Any:
-        return vault.call(fn, address=self.client.url, action=action, hint=hint)
-
-    def _answer(self, resp: object, action: str) -> dict[str, Any]:
-        return vault.answer(resp, address=self.client.url, action=action)
-
     def _field(
         self, data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], action: str, *, optional: bool = False
     ) -> Any:
-        return vault.field(data, key, kind, address=self.client.url, action=action, optional=optional)
+        return field(data, key, kind, address=self.vault.address, action=action, optional=optional)
 
     # -- reading ----------------------------------------------------------------------------------------------
-    def mount(self) -> KVMount:
+    async def mount(self) -> KVMount:
         """Find the KV mount and its version (`kvstore.find_mount`), once until `reset`."""
         if self._mount is None:
             first = self.kv_path.split("/")[0]
@@ -106,14 +96,10 @@ class KVSource:
                 f"check that {shown(first)} is a KV mount and that the agent's policy grants read on the path;"
                 f" source.kv of bundle {self.bundle.name} must be MOUNT/PATH of a KV v1 or v2 secret"
             )
-            self._mount = kvstore.find_mount(self.client, self.kv_path, fix=fix)
+            self._mount = await kvstore.find_mount(self.vault, self.kv_path, fix=fix)
         return self._mount
 
-    @property
-    def secret_path(self) -> str:
-        return self.mount().secret
-
-    def fetch(self) -> Fetched:
+    async def fetch(self) -> Fetched:
         """Read the secret and map its keys to the bundle's files.
 
         Raises:
@@ -121,32 +107,28 @@ class KVSource:
             ResponseTooLarge: the answer is over limits.max_secret_size (it is not read beyond that).
             VaultUnavailable: Vault unreachable or sealed, or an answer that is not Vault's; retry.
         """
-        m = self.mount()
-        policy_path = f"{m.path}/data/{self.secret_path}" if m.version == 2 else self.kv_path
+        m = await self.mount()
         hint = (
-            f"check that the secret exists and that the agent's policy grants read on {shown(policy_path)},"
+            f"check that the secret exists and that the agent's policy grants read on {shown(m.policy_path)},"
             f" or fix source.kv of bundle {self.bundle.name}"
         )
         action = f"reading KV v{m.version} path {shown(self.kv_path)}"
         version: int | None = None
         revision: str | None = None
         created: float | None = None
+        body = await self.vault.request("GET", m.data_url, action=action, hint=hint) or {}
         if m.version == 2:
-            resp = self._call(
-                lambda: self.client.adapter.get(f"/v1/{m.path}/data/{self.secret_path}"), action, hint
-            )
-            body = self._field(self._answer(resp, action), "data", dict, action)
-            meta = self._field(body, "metadata", dict, action)
+            inner = self._field(body, "data", dict, action)
+            meta = self._field(inner, "metadata", dict, action)
             if meta.get("deletion_time") or meta.get("destroyed") is True:
                 raise SecretError(f"the current version of KV secret {shown(self.kv_path)} is deleted; {hint}")
-            data = self._field(body, "data", dict, action, optional=True) or {}
+            data = self._field(inner, "data", dict, action, optional=True) or {}
             version = self._field(meta, "version", int, action)
             created_text = meta.get("created_time") if isinstance(meta.get("created_time"), str) else ""
             revision = f"{version}@{created_text}"
             created = _timestamp(created_text)
         else:
-            resp = self._call(lambda: self.client.adapter.get(f"/v1/{self.kv_path}"), action, hint)
-            data = self._field(self._answer(resp, action), "data", dict, action, optional=True) or {}
+            data = self._field(body, "data", dict, action, optional=True) or {}
         files = self._map(data)
         return Fetched(files=files, digest=digest(files), revision=revision, version=version, created_at=created)
 

@@ -8,24 +8,26 @@ reuse of the published generation; chain building; and `signing_call`, where a f
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent import publish, vault
+from agent import publish
 from agent.errors import AgentError, BundleError, VaultUnavailable
 from agent.log import get_logger
 from agent.sources.base import Fetched, digest
 from agent.text import shown
+from agent.vault import field as vault_field
 
 if TYPE_CHECKING:
-    import hvac
     from cryptography import x509
 
     from agent.config import AgentConfig, BundleConfig, PkiSource
+    from agent.vault import Vault
 
 __all__ = [
     "Issued",
@@ -51,9 +53,9 @@ T = TypeVar("T")
 JITTER = 0.05
 
 
-def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> PkiTlsSource:
+def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiTlsSource:
     """The PKI source of tls bundle `bundle`."""
-    return PkiTlsSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return PkiTlsSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
 
 
 # ---------------------------------------------------------------------------------------------- certificates
@@ -123,15 +125,15 @@ def renew_time(not_before: float, not_after: float, left: float, rng: Callable[[
 # ---------------------------------------------------------------------------------------------- the boundary
 
 
-def signing_call(fn: Callable[[], T], *, address: str, action: str, hint: str) -> T:
-    """One signing or issuing request; every failure is counted as reason `signing` (errors_total).
+async def signing_call(request: Awaitable[T]) -> T:
+    """Await one signing or issuing request; every failure is counted as reason `signing` (errors_total).
 
     Raises:
         VaultUnavailable: transient (retry with backoff); the live bundle stays.
-        VaultError: Vault refused the request (role, policy, CSR): final, with `hint` saying what to fix.
+        VaultError: Vault refused the request (role, policy, CSR): final, with its hint saying what to fix.
     """
     try:
-        return vault.call(fn, address=address, action=action, hint=hint)
+        return await request
     except AgentError as exc:
         exc.reason = "signing"
         raise
@@ -192,8 +194,8 @@ class RenewingSource:
     #: the prefix of this source's log events (`certificate_issued`, `..._reused`, `..._not_reused`)
     event: str = "certificate"
 
-    def __init__(self, client: hvac.Client, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
-        self.client = client
+    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+        self.vault = vault
         self.bundle = bundle
         self.poll_interval = poll_interval
         self._issued: Issued | None = None
@@ -204,7 +206,7 @@ class RenewingSource:
         self._log = get_logger(bundle=bundle.name)
 
     # -- the Source interface ---------------------------------------------------------------------------------
-    def revision(self) -> str | None:
+    async def revision(self) -> str | None:
         """The held material's revision while nothing is due; None (fetch) when renewal or a refresh is due."""
         issued, now = self._issued, time.time()
         if issued is None or now >= issued.renew_at or (self.refresh and now >= self._refresh_at):
@@ -220,7 +222,7 @@ class RenewingSource:
         """A new login: refresh at the next fetch (Vault may have been restored); the held material stays."""
         self._refresh_at = 0.0
 
-    def fetch(self) -> Fetched:
+    async def fetch(self) -> Fetched:
         """The held material, reused from the published generation or refreshed; new material when due.
 
         Raises:
@@ -229,16 +231,16 @@ class RenewingSource:
         """
         now = time.time()
         if not self._looked:
-            published = publish.read_current(Path(self.bundle.dir)) or {}
-            self._issued = self._reuse_published(published, now)
+            published = await asyncio.to_thread(publish.read_current, Path(self.bundle.dir)) or {}
+            self._issued = await self._reuse_published(published, now)
             self._looked, self._ever = True, bool(published)
             self._refresh_at = now + 0.85 * self.poll_interval
         elif self._issued is not None and self.refresh and now >= self._refresh_at:
-            self._issued = self._refresh(self._issued, now)
+            self._issued = await self._refresh(self._issued, now)
             self._refresh_at = now + 0.85 * self.poll_interval
         if self._issued is None or now >= self._issued.renew_at:
             renewed = self._ever
-            issued = self._issue(now, renewed=renewed)
+            issued = await self._issue(now, renewed=renewed)
             self._issued, self._ever = issued, True
             self._refresh_at = now + 0.85 * self.poll_interval
             self._log.info(
@@ -247,11 +249,11 @@ class RenewingSource:
             )
         return self._issued.fetched()
 
-    def _reuse_published(self, published: dict[str, bytes], now: float) -> Issued | None:
+    async def _reuse_published(self, published: dict[str, bytes], now: float) -> Issued | None:
         if not published:
             return None
         try:
-            issued, why = self._reuse(published, now)
+            issued, why = await self._reuse(published, now)
         except BundleError as exc:
             issued, why = None, str(exc)
         if issued is None:
@@ -264,31 +266,29 @@ class RenewingSource:
         return issued
 
     # -- what a source implements -----------------------------------------------------------------------------
-    def _issue(self, now: float, *, renewed: bool) -> Issued:
+    async def _issue(self, now: float, *, renewed: bool) -> Issued:
         raise NotImplementedError
 
-    def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
+    async def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
         """The published generation as held material, or None and why it cannot be reused."""
         raise NotImplementedError
 
-    def _refresh(self, issued: Issued, now: float) -> Issued | None:
+    async def _refresh(self, issued: Issued, now: float) -> Issued | None:
         """The held material brought up to date, or None when it must be replaced now."""
         return issued
 
     # -- shared steps ------------------------------------------------------------------------------------------
-    def _call(self, fn: Callable[[], T], action: str, hint: str = "") -> T:
-        return vault.call(fn, address=self.client.url, action=action, hint=hint)
-
-    def _answer(self, resp: object, action: str) -> dict[str, Any]:
-        return vault.answer(resp, address=self.client.url, action=action)
+    async def _get(self, path: str, action: str, hint: str = "", params: Mapping[str, str] | None = None
+                   ) -> dict[str, Any]:
+        return await self.vault.request("GET", path, params=params, action=action, hint=hint) or {}
 
     def _field(self, data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], action: str,
                *, optional: bool = False) -> Any:
-        return vault.field(data, key, kind, address=self.client.url, action=action, optional=optional)
+        return vault_field(data, key, kind, address=self.vault.address, action=action, optional=optional)
 
     def _odd(self, action: str, what: str) -> VaultUnavailable:
         return VaultUnavailable(
-            f"Vault at {shown(self.client.url)} answered with something that is not a Vault response while"
+            f"Vault at {shown(self.vault.address)} answered with something that is not a Vault response while"
             f" {action} ({what})"
         )
 
@@ -306,13 +306,13 @@ class RenewingSource:
             pool.extend(load_certs(text))
         return leaf[0], pool
 
-    def _issuer_chain(self, mount: str, ref: str) -> list[x509.Certificate]:
+    async def _issuer_chain(self, mount: str, ref: str) -> list[x509.Certificate]:
         """The issuer `ref` of `mount` and the chain above it that the mount knows (`issuer/<ref>/json`, which
         needs no policy), issuer first."""
         action = f"reading the chain of issuer {shown(ref)} of PKI mount {shown(mount)}"
         hint = f"check that {shown(mount)} is a PKI mount with an issuer {shown(ref)}"
-        resp = self._call(lambda: self.client.adapter.get(f"/v1/{mount}/issuer/{ref}/json"), action, hint)
-        data = self._field(self._answer(resp, action), "data", dict, action)
+        body = await self._get(f"/v1/{mount}/issuer/{ref}/json", action, hint)
+        data = self._field(body, "data", dict, action)
         certs = load_certs(self._field(data, "certificate", str, action))
         if not certs:
             raise self._odd(action, "'certificate' is not a PEM certificate")
@@ -320,13 +320,13 @@ class RenewingSource:
                 if isinstance(text, str) for c in load_certs(text)]
         return [certs[0], *build_chain(certs[0], pool)]
 
-    def _mount_issuers(self, mount: str) -> dict[str, tuple[str, bool]]:
+    async def _mount_issuers(self, mount: str) -> dict[str, tuple[str, bool]]:
         """serial (Vault's colon hex) -> (issuer id, has a key) for every issuer of `mount` (a list of issuers,
         which needs no policy; GET ?list=true rather than the LIST verb, which some proxies refuse)."""
         action = f"listing the issuers of PKI mount {shown(mount)}"
-        resp = self._call(lambda: self.client.adapter.get(f"/v1/{mount}/issuers", params={"list": "true"}), action,
-                          f"check that {shown(mount)} is a PKI mount")
-        data = self._field(self._answer(resp, action), "data", dict, action)
+        body = await self._get(f"/v1/{mount}/issuers", action, f"check that {shown(mount)} is a PKI mount",
+                               params={"list": "true"})
+        data = self._field(body, "data", dict, action)
         info = self._field(data, "key_info", dict, action, optional=True) or {}
         out: dict[str, tuple[str, bool]] = {}
         for issuer_id, entry in info.items():
@@ -371,8 +371,8 @@ class PkiTlsSource(RenewingSource):
 
     renew_before = 1 / 3
 
-    def __init__(self, client: hvac.Client, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
-        super().__init__(client, bundle, poll_interval=poll_interval)
+    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+        super().__init__(vault, bundle, poll_interval=poll_interval)
         settings = bundle.source.pki
         assert settings is not None
         self.settings: PkiSource = settings
@@ -382,7 +382,7 @@ class PkiTlsSource(RenewingSource):
     def _where(self) -> str:
         return f"{self.mount}/issue/{self.settings.role}"
 
-    def _issue(self, now: float, *, renewed: bool) -> Issued:
+    async def _issue(self, now: float, *, renewed: bool) -> Issued:
         s, b = self.settings, self.bundle
         body: dict[str, Any] = {"common_name": s.common_name, "ttl": f"{round(s.ttl)}s", "format": "pem"}
         if s.alt_names:
@@ -394,9 +394,9 @@ class PkiTlsSource(RenewingSource):
             f"the agent's policy needs update on {shown(self._where)} and role {shown(s.role)} must allow these"
             f" names and ttl, or fix source.pki of bundle {b.name}"
         )
-        resp = signing_call(lambda: self.client.adapter.post(f"/v1/{self._where}", json=body),
-                            address=self.client.url, action=action, hint=hint)
-        data = self._field(self._answer(resp, action), "data", dict, action)
+        resp = await signing_call(self.vault.request("POST", f"/v1/{self._where}", json=body, action=action,
+                                                     hint=hint))
+        data = self._field(resp or {}, "data", dict, action)
         key = self._field(data, "private_key", str, action)
         if "PRIVATE KEY-----" not in key:
             raise self._odd(action, "'private_key' is not a PEM private key")
@@ -416,7 +416,7 @@ class PkiTlsSource(RenewingSource):
         below = chain[:-1] if is_self_signed(anchor) else chain
         return {"tls.key": key, "tls.crt": b"".join(pem(c) for c in [leaf, *below]), "ca.crt": pem(anchor)}
 
-    def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
+    async def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
         s = self.settings
         if not {"tls.key", "tls.crt", "ca.crt"} <= set(published):
             return None, "the published bundle lacks tls.key, tls.crt or ca.crt"
@@ -438,11 +438,11 @@ class PkiTlsSource(RenewingSource):
         if not chain:
             return None, "tls.crt does not chain to ca.crt"
         # the issuing CA must still be an issuer of the mount, and its chain end at the published root
-        issuers = self._mount_issuers(self.mount)
+        issuers = await self._mount_issuers(self.mount)
         entry = issuers.get(serial_hex(chain[0].serial_number))
         if entry is None or not entry[1]:
             return None, f"its issuing CA is no longer an issuer of mount {shown(self.mount)}"
-        current = self._issuer_chain(self.mount, entry[0])
+        current = await self._issuer_chain(self.mount, entry[0])
         if current[0] != chain[0] or current[-1] != chain[-1]:
             return None, f"the chain of its issuing CA in mount {shown(self.mount)} has changed"
         self.bundle.kind.validate(published, ca_signs_cert=self.bundle.ca_signs_cert)

@@ -10,6 +10,7 @@ renewed at once. root-cert.pem keeps its published bytes while the root stays th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
@@ -42,11 +43,11 @@ from agent.sources.pki import (
 from agent.text import shown
 
 if TYPE_CHECKING:
-    import hvac
     from cryptography import x509
 
     from agent.config import AgentConfig, BundleConfig
     from agent.config import PkiIntermediateSource as Settings
+    from agent.vault import Vault
 
 __all__ = ["PkiIntermediateSource", "csr_for", "generate_key", "open"]
 
@@ -56,9 +57,9 @@ _SUPERSEDED_KEPT = 16
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
 
 
-def open(bundle: BundleConfig, client: hvac.Client, cfg: AgentConfig) -> PkiIntermediateSource:
+def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiIntermediateSource:
     """The PKI intermediate source of istio-ca bundle `bundle`."""
-    return PkiIntermediateSource(client, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return PkiIntermediateSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
 
 
 def _own_crl(key: Any, cert: x509.Certificate) -> bytes:
@@ -98,8 +99,8 @@ class PkiIntermediateSource(RenewingSource):
     refresh = True
     event = "intermediate"
 
-    def __init__(self, client: hvac.Client, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
-        super().__init__(client, bundle, poll_interval=poll_interval)
+    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+        super().__init__(vault, bundle, poll_interval=poll_interval)
         settings = bundle.source.pki_intermediate
         assert settings is not None
         self.settings: Settings = settings
@@ -120,9 +121,9 @@ class PkiIntermediateSource(RenewingSource):
         return f"{self.mount}/{self.path}"
 
     # -- issuing ---------------------------------------------------------------------------------------------
-    def _issue(self, now: float, *, renewed: bool) -> Issued:
+    async def _issue(self, now: float, *, renewed: bool) -> Issued:
         s, b = self.settings, self.bundle
-        key = generate_key(s.key_type)
+        key = await asyncio.to_thread(generate_key, s.key_type)  # an RSA key takes a while: not on the loop
         body = {"csr": csr_for(key, s.cluster).decode(), "use_csr_values": True, "ttl": f"{round(s.ttl)}s",
                 "format": "pem"}
         action = f"signing istiod's intermediate CSR at {shown(self._where)}"
@@ -130,19 +131,19 @@ class PkiIntermediateSource(RenewingSource):
             f"the agent's policy needs update on {shown(self._where)}, and the issuer must be able to sign this"
             f" ttl; or fix source.pki_intermediate of bundle {b.name}"
         )
-        resp = signing_call(lambda: self.client.adapter.post(f"/v1/{self._where}", json=body),
-                            address=self.client.url, action=action, hint=hint)
-        data = self._field(self._answer(resp, action), "data", dict, action)
+        resp = await signing_call(self.vault.request("POST", f"/v1/{self._where}", json=body, action=action,
+                                                     hint=hint))
+        data = self._field(resp or {}, "data", dict, action)
         leaf, pool = self._issued_certs(data, action)
         new_key = key_pem(key)
         if not key_matches(new_key, leaf):
             raise self._odd(action, "the certificate is not for the key of the CSR")
         chain = build_chain(leaf, pool)
         if not chain or not is_self_signed(chain[-1]):
-            chain = build_chain(leaf, [*pool, *self._issuer_chain(self.mount, self.issuer_ref)])
+            chain = build_chain(leaf, [*pool, *await self._issuer_chain(self.mount, self.issuer_ref)])
         self._require_root(leaf, chain)
         own_crl = _own_crl(key, leaf) if s.crl else b""
-        files, _ = self._files(new_key, leaf, chain, own_crl)
+        files, _ = await self._files(new_key, leaf, chain, own_crl)
         not_before, not_after = validity(leaf)
         if not_after > chain[-1].not_valid_after_utc.timestamp():
             self._log.warning("intermediate_outlives_root", root_expires=iso(chain[-1].not_valid_after_utc.timestamp()),
@@ -163,7 +164,7 @@ class PkiIntermediateSource(RenewingSource):
             "cert pem_bundle=@root.pem), or sign at the mount that holds the root"
         )
 
-    def _files(self, key_pem: bytes, leaf: x509.Certificate, chain: list[x509.Certificate],
+    async def _files(self, key_pem: bytes, leaf: x509.Certificate, chain: list[x509.Certificate],
                own_crl: bytes, held_crls: bytes = b"") -> tuple[dict[str, bytes], bool]:
         """The bundle's files, and whether a CRL of the chain revokes the intermediate (`held_crls`: the published
         ca-crl.pem, whose CRLs a lagging node's older ones do not replace)."""
@@ -177,12 +178,12 @@ class PkiIntermediateSource(RenewingSource):
         }
         revoked = False
         if self.settings.crl:
-            crls, revoked = self._chain_crls(leaf, chain, held_crls)
+            crls, revoked = await self._chain_crls(leaf, chain, held_crls)
             files["ca-crl.pem"] = own_crl + crls
         return files, revoked
 
     # -- restart reuse ---------------------------------------------------------------------------------------
-    def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
+    async def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         s = self.settings
@@ -205,7 +206,7 @@ class PkiIntermediateSource(RenewingSource):
         if now >= renew_at:
             return None, f"it is due for renewal since {iso(renew_at)}"
         chain = build_chain(leaf, [*load_certs(published["cert-chain.pem"]), *load_certs(published["root-cert.pem"])])
-        current = self._issuer_chain(self.mount, self.issuer_ref)
+        current = await self._issuer_chain(self.mount, self.issuer_ref)
         if not chain or chain[0] != current[0]:
             return None, f"it was not signed by issuer {shown(self.issuer_ref)} of mount {shown(self.mount)}"
         if chain[-1] != current[-1] or load_certs(published["root-cert.pem"])[:1] != [current[-1]]:
@@ -214,7 +215,8 @@ class PkiIntermediateSource(RenewingSource):
         if s.crl:
             own_crl = next((m.group() for m in _CRL_BLOCK.finditer(published.get("ca-crl.pem", b""))
                             if _signed_crl(m.group(), leaf) is not None), b"") or _own_crl(key, leaf)
-        files, revoked = self._files(published["ca-key.pem"], leaf, chain, own_crl, published.get("ca-crl.pem", b""))
+        files, revoked = await self._files(published["ca-key.pem"], leaf, chain, own_crl,
+                                           published.get("ca-crl.pem", b""))
         if revoked:
             return None, "a CRL of its chain revokes it"
         for name in ("ca-cert.pem", "cert-chain.pem"):
@@ -224,10 +226,10 @@ class PkiIntermediateSource(RenewingSource):
                       renew_at=renew_at, cas=ders(chain), extra={"own_crl": own_crl}), ""
 
     # -- once per poll_interval ------------------------------------------------------------------------------
-    def _refresh(self, issued: Issued, now: float) -> Issued | None:
+    async def _refresh(self, issued: Issued, now: float) -> Issued | None:
         from cryptography import x509
 
-        current = self._issuer_chain(self.mount, self.issuer_ref)
+        current = await self._issuer_chain(self.mount, self.issuer_ref)
         held = [x509.load_der_x509_certificate(der) for der in issued.cas]
         if current[0] != held[0] or current[-1] != held[-1]:
             shown_ders = ders([current[0], current[-1]])
@@ -248,7 +250,7 @@ class PkiIntermediateSource(RenewingSource):
         if not self.settings.crl:
             return issued
         leaf = x509.load_pem_x509_certificate(issued.files["ca-cert.pem"])
-        crls, revoked = self._chain_crls(leaf, held, issued.files.get("ca-crl.pem", b""))
+        crls, revoked = await self._chain_crls(leaf, held, issued.files.get("ca-crl.pem", b""))
         if revoked:
             self._log.warning("intermediate_revoked", serial=serial_hex(issued.serial),
                               reason="a CRL of its chain revokes the intermediate: signing a new one")
@@ -257,7 +259,7 @@ class PkiIntermediateSource(RenewingSource):
         return dataclasses.replace(issued, files=files, renewed=False)
 
     # -- CRLs ------------------------------------------------------------------------------------------------
-    def _chain_crls(self, leaf: x509.Certificate, chain: list[x509.Certificate],
+    async def _chain_crls(self, leaf: x509.Certificate, chain: list[x509.Certificate],
                     held: bytes = b"") -> tuple[bytes, bool]:
         """The CRL of every CA of `chain`, in chain order, and whether the issuer's CRL revokes `leaf`.
 
@@ -266,8 +268,8 @@ class PkiIntermediateSource(RenewingSource):
         out, revoked = [], False
         below = leaf
         for ca in chain:
-            path = self._crl_path(ca, below)
-            block = self._read_crl(path, ca)
+            path = await self._crl_path(ca, below)
+            block = await self._read_crl(path, ca)
             crl = _signed_crl(block, ca)
             kept = next((m.group() for m in _CRL_BLOCK.finditer(held)
                          if (h := _signed_crl(m.group(), ca)) is not None and _crl_number(h) > _crl_number(crl)), None)
@@ -280,7 +282,7 @@ class PkiIntermediateSource(RenewingSource):
             below = ca
         return b"".join(out), revoked
 
-    def _crl_path(self, ca: x509.Certificate, below: x509.Certificate) -> str:
+    async def _crl_path(self, ca: x509.Certificate, below: x509.Certificate) -> str:
         """Where `ca`'s CRL is: the mount's issuer with that certificate and a key, else the CRL distribution point
         of the certificate it signed when that is on this Vault."""
         from cryptography import x509
@@ -288,10 +290,10 @@ class PkiIntermediateSource(RenewingSource):
         der = ders([ca])[0]
         if der in self._crl_paths:
             return self._crl_paths[der]
-        found = self._mount_issuers(self.mount).get(serial_hex(ca.serial_number))
+        found = (await self._mount_issuers(self.mount)).get(serial_hex(ca.serial_number))
         path = f"/v1/{self.mount}/issuer/{found[0]}/crl/pem" if found is not None and found[1] else None
         if path is None:
-            base = self.client.url.rstrip("/")
+            base = self.vault.address
             try:
                 points = below.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
             except x509.ExtensionNotFound:
@@ -303,28 +305,29 @@ class PkiIntermediateSource(RenewingSource):
             raise SecretError(
                 f"crl: true needs the CRL of every CA above the intermediate, and"
                 f" {shown(ca.subject.rfc4514_string(), 80)} is neither an issuer with a key in PKI mount"
-                f" {shown(self.mount)} nor named by a CRL distribution point on {shown(self.client.url)}: set"
+                f" {shown(self.mount)} nor named by a CRL distribution point on {shown(self.vault.address)}: set"
                 " crl_distribution_points in its mount's config/urls, or turn crl off in source.pki_intermediate"
                 f" of bundle {self.bundle.name}"
             )
         self._crl_paths[der] = path
         return path
 
-    def _read_crl(self, path: str, ca: x509.Certificate) -> bytes:
+    async def _read_crl(self, path: str, ca: x509.Certificate) -> bytes:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
 
         action = f"reading the CRL of {shown(ca.subject.rfc4514_string(), 80)} at {shown(path)}"
-        resp = self._call(lambda: self.client.adapter.get(path), action,
-                          f"check the PKI mount's CRL, or turn crl off in source.pki_intermediate of bundle"
-                          f" {self.bundle.name}")
-        if isinstance(resp, dict):
-            data = self._field(resp, "data", dict, action)
+        raw = await self.vault.read_raw(path, action=action, hint=f"check the PKI mount's CRL, or turn crl off in"
+                                        f" source.pki_intermediate of bundle {self.bundle.name}")
+        if raw.lstrip().startswith(b"{"):  # a JSON answer: {"data": {"crl": PEM}}
+            import json
+
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):
+                raise self._odd(action, "not a CRL") from None
+            data = self._field(body if isinstance(body, dict) else {}, "data", dict, action)
             raw = str(self._field(data, "crl", str, action)).encode()
-        elif hasattr(resp, "content") and isinstance(resp.content, bytes):
-            raw = resp.content
-        else:
-            raise self._odd(action, type(resp).__name__)
         try:
             crl = x509.load_pem_x509_crl(raw) if b"-----BEGIN X509 CRL-----" in raw else x509.load_der_x509_crl(raw)
         except ValueError:
