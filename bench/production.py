@@ -6,7 +6,8 @@ once against one OpenBao; per-agent mean RSS and anonymous RSS, and init wall ti
 `--compare BEFORE AFTER` runs two checkouts' agents in the same run and prints one table.
 
 Our agents run with the interpreter of a venv holding exactly the image's dependencies: the checkout's
-requirements.lock installed with `pip install --require-hashes --no-deps`, as the Dockerfile does, built once
+requirements.lock installed with `pip install --require-hashes --no-deps` into a venv made without pip, as the
+Dockerfile does, built once
 per lock hash under bench/results/image-venv/ (`--python` runs them with another interpreter instead). The
 development venv would inflate the numbers: it holds the test tools, and e.g. structlog imports `rich` when
 it is installed (about 3 MiB of anonymous memory that the image does not have).
@@ -153,11 +154,12 @@ class ImageVenv:
         return self.directory / ".complete"
 
     def commands(self) -> list[list[str]]:
-        """`python3 -m venv DIR`, then the Dockerfile's install of requirements.lock into it."""
+        """The Dockerfile's: a venv without pip (so no pip, and no setuptools with its .pth file run at every
+        start on Python < 3.12), filled by an outside pip (this interpreter's) with exactly requirements.lock."""
         return [
-            [self.base_python, "-m", "venv", str(self.directory)],
-            [str(self.python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-             "--require-hashes", "--no-deps", "-r", str(self.lock)],
+            [self.base_python, "-m", "venv", "--without-pip", str(self.directory)],
+            [sys.executable, "-m", "pip", "--python", str(self.python), "install", "--disable-pip-version-check",
+             "--no-input", "--require-hashes", "--no-deps", "-r", str(self.lock)],
         ]
 
     def ready(self) -> bool:
@@ -168,8 +170,8 @@ class ImageVenv:
             return False
 
     def stamp(self) -> str:
-        """The marker's content: what the venv was built from."""
-        return f"{self.lock_sha256} {self.base_python} {self.base_version}\n"
+        """The marker's content: the lock's hash and the build's commands (a changed recipe rebuilds too)."""
+        return json.dumps({"lock_sha256": self.lock_sha256, "python": self.base_version, "commands": self.commands()})
 
     def ensure(self) -> Path:
         """Build the venv unless a complete one for this lock is cached; returns its interpreter.
@@ -200,7 +202,8 @@ class ImageVenv:
         """The report's words for it."""
         return (
             f"{self.python} (Python {self.base_version}), a venv holding exactly {self.lock}"
-            f" (sha256 {self.lock_sha256[:12]}) installed with pip --require-hashes --no-deps as the image does"
+            f" (sha256 {self.lock_sha256[:12]}) installed with pip --require-hashes --no-deps into a venv made"
+            f" --without-pip, as the image does"
         )
 
 
