@@ -4,13 +4,21 @@ N instances of istio-vault-agent per checkout (downward API env, Events recorded
 stand-in, health and metrics served and probed, chart defaults) and N of `bao agent` at its defaults, all at
 once against one OpenBao; per-agent mean RSS and anonymous RSS, and init wall time side by side (issue 18).
 `--compare BEFORE AFTER` runs two checkouts' agents in the same run and prints one table.
+
+Our agents run with the interpreter of a venv holding exactly the image's dependencies: the checkout's
+requirements.lock installed with `pip install --require-hashes --no-deps` into a venv made without pip, as the
+Dockerfile does, built once
+per lock hash under bench/results/image-venv/ (`--python` runs them with another interpreter instead). The
+development venv would inflate the numbers: it holds the test tools, and e.g. structlog imports `rich` when
+it is installed (about 3 MiB of anonymous memory that the image does not have).
 """
 
 from __future__ import annotations
 
 import argparse
-import compileall
 import datetime as dt
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -24,7 +32,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +48,11 @@ __all__ = [
     "CHART_DEFAULTS",
     "Checkout",
     "Fleet",
+    "ImageVenv",
     "checkouts_from_args",
     "downward_env",
+    "image_venv",
+    "interpreters",
     "main",
     "markdown",
     "ours_production_spec",
@@ -51,6 +62,10 @@ __all__ = [
 ]
 
 RESULTS = ROOT / "bench" / "results"
+#: where the image venvs are cached, one per base Python version and requirements.lock hash (git-ignored)
+IMAGE_VENVS = RESULTS / "image-venv"
+#: the interpreter image venvs are made from: the one beneath this venv, so only the packages differ
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 #: what the chart renders when values.yaml is left alone (charts/istio-vault-agent/values.yaml)
 CHART_DEFAULTS = {"init_timeout": "120s", "poll_interval": "30s"}
 #: the namespace and service account of the pods (the istiod example's)
@@ -71,6 +86,10 @@ class Checkout:
 
     label: str
     root: Path
+    #: the interpreter that runs this checkout's agents
+    python: str = sys.executable
+    #: what that interpreter is, for the report
+    interpreter: str = "the interpreter running the benchmark"
 
     def describe(self) -> str:
         """The root and its git commit (`+dirty` with uncommitted changes), for the report."""
@@ -104,6 +123,134 @@ def checkouts_from_args(checkout: Path | None, compare: Sequence[Path] | None) -
             raise SystemExit(f"error: {c.root} is not an istio-vault-agent checkout (no agent/cli.py in it)")
         resolved.append(Checkout(c.label, root))
     return resolved
+
+
+# --------------------------------------------------------------------------------------------- image venv
+
+
+@dataclass(frozen=True)
+class ImageVenv:
+    """A venv with exactly the image's dependencies: `lock` installed as the Dockerfile installs it.
+
+    Cached under `cache` in a directory named after the base Python version and the lock's sha256, so a
+    changed lock gets a venv of its own; `.complete` is written last, and a directory without it (a build
+    that was interrupted or failed) is removed and built again.
+    """
+
+    lock: Path
+    lock_sha256: str
+    base_python: str
+    base_version: str
+    directory: Path
+
+    @property
+    def python(self) -> Path:
+        """The venv's interpreter (not resolved: a venv is recognised by the path its interpreter is run by)."""
+        return self.directory / "bin" / "python"
+
+    @property
+    def marker(self) -> Path:
+        """Written once the install has succeeded; holds the lock's hash and the base interpreter."""
+        return self.directory / ".complete"
+
+    def commands(self) -> list[list[str]]:
+        """The Dockerfile's: a venv without pip (so no pip, and no setuptools with its .pth file run at every
+        start on Python < 3.12), filled by an outside pip (this interpreter's) with exactly requirements.lock."""
+        return [
+            [self.base_python, "-m", "venv", "--without-pip", str(self.directory)],
+            [sys.executable, "-m", "pip", "--python", str(self.python), "install", "--disable-pip-version-check",
+             "--no-input", "--require-hashes", "--no-deps", "-r", str(self.lock)],
+        ]
+
+    def ready(self) -> bool:
+        """The venv was built completely from this very lock."""
+        try:
+            return self.marker.read_text() == self.stamp() and self.python.exists()
+        except OSError:
+            return False
+
+    def stamp(self) -> str:
+        """The marker's content: the lock's hash and the build's commands (a changed recipe rebuilds too)."""
+        return json.dumps({"lock_sha256": self.lock_sha256, "python": self.base_version, "commands": self.commands()})
+
+    def ensure(self) -> Path:
+        """Build the venv unless a complete one for this lock is cached; returns its interpreter.
+
+        Raises:
+            RuntimeError: venv or pip failed (the tail of its output says why; pip needs PyPI).
+        """
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        with (self.directory.parent / ".build-lock").open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # one build at a time, a second benchmark waits and reuses it
+            if self.ready():
+                return self.python
+            shutil.rmtree(self.directory, ignore_errors=True)
+            _log(f"building the image venv {self.directory} from {self.lock} (pip --require-hashes --no-deps)")
+            for argv in self.commands():
+                try:
+                    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900,
+                                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise RuntimeError(f"building the image venv failed: {argv[0]}: {exc}") from exc
+                if proc.returncode != 0:
+                    tail = (proc.stdout + proc.stderr)[-3000:]
+                    raise RuntimeError(f"building the image venv failed: {' '.join(argv[:4])}...:\n{tail}")
+            self.marker.write_text(self.stamp())
+        return self.python
+
+    def describe(self) -> str:
+        """The report's words for it."""
+        return (
+            f"{self.python} (Python {self.base_version}), a venv holding exactly {self.lock}"
+            f" (sha256 {self.lock_sha256[:12]}) installed with pip --require-hashes --no-deps into a venv made"
+            f" --without-pip, as the image does"
+        )
+
+
+def image_venv(lock: Path, *, cache: Path = IMAGE_VENVS, base_python: str = BASE_PYTHON) -> ImageVenv:
+    """The image venv for `lock` made from `base_python` (nothing is built until `ensure()`).
+
+    Raises:
+        SystemExit: the lock cannot be read or the base interpreter does not run.
+    """
+    try:
+        digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {lock}: {exc.strerror}") from exc
+    proc = subprocess.run(
+        [base_python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    version = proc.stdout.strip()
+    if proc.returncode != 0 or not version:
+        raise SystemExit(f"error: the base interpreter {base_python} for the image venv does not run")
+    return ImageVenv(lock.resolve(), digest, base_python, version, cache / f"py{version}-{digest[:16]}")
+
+
+def interpreters(
+    checkouts: Sequence[Checkout], python: str | None, *, cache: Path = IMAGE_VENVS, base_python: str = BASE_PYTHON
+) -> list[Checkout | ImageVenv]:
+    """What runs each checkout's agents: `python` when given, else the image venv of the checkout's own
+    requirements.lock (this repository's when the checkout has none). Returns, per checkout, the checkout
+    with its interpreter set (`python` given) or the ImageVenv still to be ensured."""
+    out: list[Checkout | ImageVenv] = []
+    for c in checkouts:
+        if python is not None:
+            out.append(replace(c, python=python, interpreter=f"{python} (given with --python)"))
+            continue
+        lock = c.root / "requirements.lock"
+        out.append(image_venv(lock if lock.is_file() else ROOT / "requirements.lock", cache=cache,
+                              base_python=base_python))
+    return out
+
+
+def with_interpreters(checkouts: Sequence[Checkout], python: str | None, base_python: str) -> list[Checkout]:
+    """The checkouts with their interpreters set, image venvs built (or reused) as needed."""
+    return [
+        replace(c, python=str(chosen.ensure()), interpreter=chosen.describe()) if isinstance(chosen, ImageVenv)
+        else chosen
+        for c, chosen in zip(checkouts, interpreters(checkouts, python, base_python=base_python), strict=True)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -147,28 +294,34 @@ def ours_production_spec(
     kv: str,
     kubeconfig: Path,
     mode: str,
-    python: str = sys.executable,
+    python: str | None = None,
 ) -> AgentSpec:
-    """istio-vault-agent from `checkout` with the chart's config and a pod's environment; pod name = label."""
+    """istio-vault-agent from `checkout` with the chart's config and a pod's environment; pod name = label.
+
+    It runs with `python`, by default the checkout's interpreter (`Checkout.python`).
+    """
     base = workdir / label
     base.mkdir(parents=True, exist_ok=True)
     out = base / "out"
     port = free_port()
     cfg = production_config(address=address, token_path=token_path, kv=kv, out=out, health_port=port)
     path = write_config(base / "agent.yaml", cfg)
-    argv = [python, "-m", "agent.cli", "run", "--config", str(path), "--mode", mode]
+    argv = [python or checkout.python, "-m", "agent.cli", "run", "--config", str(path), "--mode", mode]
     env = downward_env(checkout, kubeconfig=kubeconfig, pod_name=label, node_name="bench-node")
     return AgentSpec(label, "ours", argv, out, path, health_port=port, env=env, cwd=checkout.root)
 
 
-def _prepare(checkout: Checkout, python: str) -> None:
-    """Byte-compile the checkout's agent (as pip does at install) and check that its agent is the one imported.
+def _prepare(checkout: Checkout) -> None:
+    """Byte-compile the checkout's agent (as pip does at install) with the interpreter that runs it, and check
+    that its agent is the one imported.
 
     Raises:
         RuntimeError: the interpreter imports `agent` from somewhere else.
     """
-    # a read-only checkout stays uncompiled (quiet=2 hides the errors): every start then compiles it again
-    compileall.compile_dir(str(checkout.root / "agent"), quiet=2)
+    python = checkout.python
+    # a read-only checkout stays uncompiled (-qq hides the errors): every start then compiles it again
+    subprocess.run([python, "-m", "compileall", "-qq", str(checkout.root / "agent")],
+                   capture_output=True, check=False, timeout=300)
     env = downward_env(checkout, kubeconfig=Path(os.devnull), pod_name="probe", node_name="bench-node")
     proc = subprocess.run(
         [python, "-c", "import agent.cli, sys; sys.stdout.write(agent.cli.__file__)"],
@@ -197,13 +350,13 @@ def _init_once(spec: AgentSpec, expected: dict[str, bytes]) -> tuple[float, floa
 
 
 def measure_init(
-    tb: Testbed, workdir: Path, checkouts: Sequence[Checkout], runs: int, *, kubeconfig: Path, python: str
+    tb: Testbed, workdir: Path, checkouts: Sequence[Checkout], runs: int, *, kubeconfig: Path
 ) -> dict[str, Any]:
     """`runs` init runs of every checkout's agent and of bao agent, round robin (the first one rotates too)."""
     common = {"address": tb.bao.address, "token_path": tb.token_path, "kv": tb.kv_path}
     specs: dict[str, AgentSpec] = {
         c.label: ours_production_spec(
-            f"init-{c.label}", workdir, c, kubeconfig=kubeconfig, mode="init", python=python, **common  # type: ignore[arg-type]
+            f"init-{c.label}", workdir, c, kubeconfig=kubeconfig, mode="init", **common  # type: ignore[arg-type]
         )
         for c in checkouts
     }
@@ -234,10 +387,10 @@ class _Member:
 class Fleet:
     """Every sidecar of the run: `instances` per checkout and as many `bao agent`s, started interleaved."""
 
-    def __init__(self, tb: Testbed, workdir: Path, checkouts: Sequence[Checkout], *, kubeconfig: Path, python: str):
-        """Nothing runs until `start()`."""
+    def __init__(self, tb: Testbed, workdir: Path, checkouts: Sequence[Checkout], *, kubeconfig: Path):
+        """Nothing runs until `start()`; each checkout's agents run with its interpreter."""
         self.tb, self.workdir, self.checkouts = tb, workdir, list(checkouts)
-        self.kubeconfig, self.python = kubeconfig, python
+        self.kubeconfig = kubeconfig
         self.members: list[_Member] = []
         self.probes: dict[str, list[int]] = {"healthz": [0, 0], "readyz": [0, 0], "metrics": [0, 0]}
         self._stop = threading.Event()
@@ -256,7 +409,7 @@ class Fleet:
                 for c in self.checkouts:
                     spec = ours_production_spec(
                         f"istiod-{c.label}-{i}", self.workdir, c, kubeconfig=self.kubeconfig, mode="sidecar",
-                        python=self.python, **common,  # type: ignore[arg-type]
+                        **common,  # type: ignore[arg-type]
                     )
                     started.append(_Member(c.label, spec, AgentProcess(spec)))
                 spec = bao_agent_spec(f"bao-{i}", self.workdir, mode="sidecar", **common)  # type: ignore[arg-type]
@@ -474,7 +627,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Production configuration memory: {n} instances of each, side by side",
         "",
-        f"Run {env['started']} on {env['cpus']} CPU(s) ({env['cpu_model']}), Python {env['python']},"
+        f"Run {env['started']} on {env['cpus']} CPU(s) ({env['cpu_model']}), harness on Python {env['python']},"
         f" {env['bao_version']}; load average {env['loadavg_start']} at start, {env.get('loadavg_end', '?')} at end;"
         f" took {env.get('duration_seconds', 0):.0f} s.",
         "",
@@ -523,7 +676,12 @@ def markdown(result: dict[str, Any]) -> str:
     for t in result.get("targets", []):
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {_x(t['ratio'])} | {met} |")
-    lines += ["", "## How", "", *METHOD, ""]
+    lines += ["", "## How", "", *METHOD]
+    lines += [
+        f"- {c['label']}'s agents ran with {c.get('interpreter') or c.get('python') or 'an unrecorded interpreter'}."
+        for c in result["checkouts"]
+    ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -563,13 +721,17 @@ def _environment() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure init and the fleet for the chosen checkouts; returns the result dict."""
-    checkouts = checkouts_from_args(args.checkout, args.compare)
+    checkouts = with_interpreters(checkouts_from_args(args.checkout, args.compare), args.python, args.image_python)
     for c in checkouts:
-        _prepare(c, args.python)
+        _prepare(c)
     result: dict[str, Any] = {
         "environment": _environment(),
         "instances": args.instances,
-        "checkouts": [{"label": c.label, "root": str(c.root), "describe": c.describe()} for c in checkouts],
+        "checkouts": [
+            {"label": c.label, "root": str(c.root), "describe": c.describe(), "python": c.python,
+             "interpreter": c.interpreter}
+            for c in checkouts
+        ],
     }
     _log("starting OpenBao and the Kubernetes API stand-in")
     with Testbed() as tb:
@@ -581,10 +743,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.init_runs > 0:
             _log(f"init: {args.init_runs} runs each of {', '.join(c.label for c in checkouts)} and bao, round robin")
             result["init"] = measure_init(
-                tb, tb.workdir, checkouts, args.init_runs, kubeconfig=kubeconfig, python=args.python
+                tb, tb.workdir, checkouts, args.init_runs, kubeconfig=kubeconfig
             )
         if args.instances > 0:
-            fleet = Fleet(tb, tb.workdir, checkouts, kubeconfig=kubeconfig, python=args.python)
+            fleet = Fleet(tb, tb.workdir, checkouts, kubeconfig=kubeconfig)
             try:
                 _log(f"starting {args.instances} sidecars of each ({len(checkouts) + 1} tools), {args.wave} per wave")
                 fleet.start(args.instances, args.wave)
@@ -608,7 +770,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds of probing before memory is sampled (default 35: at least one 30 s poll)")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after the last first Event (default 5)")
     p.add_argument("--wave", type=int, default=10, help="agents of each tool started at once (default 10)")
-    p.add_argument("--python", default=sys.executable, help="interpreter for the agents (default: this one)")
+    p.add_argument("--python", help="interpreter for our agents (default: the image venv of the checkout's"
+                   " requirements.lock, built once under bench/results/image-venv/)")
+    p.add_argument("--image-python", default=BASE_PYTHON,
+                   help=f"the Python the image venv is made from (default {BASE_PYTHON}; the image runs 3.12)")
     p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
     return p
 

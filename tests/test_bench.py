@@ -18,7 +18,10 @@ import pytest
 
 from bench.production import (
     Checkout,
+    ImageVenv,
     checkouts_from_args,
+    image_venv,
+    interpreters,
     markdown,
     ours_production_spec,
     targets,
@@ -152,7 +155,8 @@ def _production_result() -> dict[str, Any]:
                         "bao_version": "OpenBao v2", "loadavg_start": "0 0 0", "loadavg_end": "0 0 0",
                         "duration_seconds": 60},
         "instances": 10,
-        "checkouts": [{"label": "before", "describe": "/b (abc)"}, {"label": "after", "describe": "/a (def)"}],
+        "checkouts": [{"label": "before", "describe": "/b (abc)", "interpreter": "/v/bin/python (image venv)"},
+                      {"label": "after", "describe": "/a (def)", "interpreter": "/w/bin/python (image venv)"}],
         "init": {"before": init(250), "after": init(300), "bao": init(100)},
         "fleet": {"window_seconds": 35, "settle_seconds": 5, "agents": {
             "before": agent(100, 72), "after": agent(40, 24), "bao": agent(80, 12)},
@@ -196,6 +200,7 @@ class TestProductionMode:
         assert "| anonymous RSS (RssAnon), mean | 72.0 MiB | 24.0 MiB | 12.0 MiB | 6.00 | 2.00 | 0.33 |" in text
         assert "| RSS, mean | 100.0 MiB | 40.0 MiB | 80.0 MiB | 1.25 | 0.50 | 0.40 |" in text
         assert "| init wall time, median | 250 ms | 300 ms | 100 ms | 2.50 | 3.00 | 1.20 |" in text
+        assert "- before's agents ran with /v/bin/python (image venv)." in text
         met = {t["target"]: t["met"] for t in _production_result()["targets"]}
         assert met == {
             "before: anonymous RSS <= 2.5x bao agent's": False,
@@ -216,6 +221,65 @@ class TestProductionMode:
         assert "python -m bench --production" in out and "--compare BEFORE AFTER" in out and "--instances" in out
 
 
+def _lock_names(lock: Path) -> set[str]:
+    return {line.split("==")[0].lower() for line in lock.read_text().splitlines() if "==" in line[:60]
+            and not line.startswith((" ", "#"))}
+
+
+class TestImageVenv:
+    @staticmethod
+    def _checkout(root: Path, lock: bytes | None) -> Checkout:
+        (root / "agent").mkdir(parents=True)
+        (root / "agent" / "cli.py").write_text("")
+        if lock is not None:
+            (root / "requirements.lock").write_bytes(lock)
+        return Checkout("ours", root)
+
+    def test_agents_run_from_the_checkouts_requirements_lock_installed_as_the_image_does(self, tmp_path: Path) -> None:
+        """By default the agents' venv holds exactly the measured checkout's requirements.lock, installed with
+        the Dockerfile's pip flags, not the development venv with the test tools."""
+        lock = (ROOT / "requirements.lock").read_bytes()
+        checkout = self._checkout(tmp_path / "co", lock)
+        (chosen,) = interpreters([checkout], None, cache=tmp_path / "cache")
+        assert isinstance(chosen, ImageVenv)
+        assert chosen.lock == checkout.root / "requirements.lock"
+        assert chosen.directory.parent == tmp_path / "cache" and not chosen.directory.exists()  # nothing built yet
+        venv, install = chosen.commands()
+        assert venv[1:] == ["-m", "venv", "--without-pip", str(chosen.directory)]  # no pip nor setuptools in it
+        assert install[1:6] == ["-m", "pip", "--python", str(chosen.directory / "bin" / "python"), "install"]
+        assert install[-4:] == ["--require-hashes", "--no-deps", "-r", str(chosen.lock)]
+        assert "--require-hashes --no-deps -r /wheels/requirements.lock" in (ROOT / "Dockerfile").read_text()
+        # a checkout without a lock of its own gets this repository's
+        (fallback,) = interpreters([self._checkout(tmp_path / "old", None)], None, cache=tmp_path / "cache")
+        assert isinstance(fallback, ImageVenv) and fallback.lock == ROOT / "requirements.lock"
+        # --python overrides: no venv at all
+        (given,) = interpreters([checkout], "/opt/py/bin/python", cache=tmp_path / "cache")
+        assert isinstance(given, Checkout) and given.python == "/opt/py/bin/python"
+        assert "--python" in given.interpreter
+
+    def test_cached_venv_is_reused_until_the_lock_changes(self, tmp_path: Path) -> None:
+        """A complete venv of the same lock is reused without running pip; an edited lock or a half-built venv
+        is built again."""
+        cache = tmp_path / "cache"
+        (tmp_path / "a.lock").write_text("structlog==26.1.0 \\\n    --hash=sha256:00\n")
+        (tmp_path / "same.lock").write_text("structlog==26.1.0 \\\n    --hash=sha256:00\n")
+        (tmp_path / "b.lock").write_text("structlog==26.1.1 \\\n    --hash=sha256:11\n")
+        a, same, b = (image_venv(tmp_path / n, cache=cache) for n in ("a.lock", "same.lock", "b.lock"))
+        assert a.directory == same.directory != b.directory and a.lock_sha256 != b.lock_sha256
+        # a base interpreter that cannot run: ensure() may not build anything to pass
+        a = ImageVenv(a.lock, a.lock_sha256, str(tmp_path / "no-python"), a.base_version, a.directory)
+        (a.directory / "bin").mkdir(parents=True)
+        (a.directory / "bin" / "python").symlink_to(sys.executable)
+        assert not a.ready()  # half built: no marker
+        a.marker.write_text(a.stamp())
+        assert a.ready() and a.ensure() == a.directory / "bin" / "python"
+        a.marker.write_text(b.stamp())  # built from another lock
+        assert not a.ready()
+        with pytest.raises(RuntimeError, match="building the image venv failed"):
+            a.ensure()
+        assert not a.directory.exists()  # the stale venv was removed before the rebuild was tried
+
+
 @pytest.mark.slow
 def test_production_command(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """`python -m bench --production -n 2` records an Event per pod and measures both tools (10-30 s)."""
@@ -234,6 +298,15 @@ def test_production_command(tmp_path: Path, request: pytest.FixtureRequest) -> N
     assert agents["ours"]["events"]["min"] >= 1
     assert agents["ours"]["anon"]["mean"] > agents["bao"]["anon"]["mean"] > 1024 * 1024
     assert "| anonymous RSS (RssAnon), mean |" in (tmp_path / "production.md").read_text()
+    # the agents ran in the image venv: exactly requirements.lock, none of the development venv's tools
+    python = result["checkouts"][0]["python"]
+    assert python != sys.executable and "image-venv" in python
+    names = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert {n.lower().replace("_", "-") for n in names} == _lock_names(ROOT / "requirements.lock")
+    assert "--require-hashes --no-deps" in (tmp_path / "production.md").read_text()
 
 
 @pytest.mark.slow
