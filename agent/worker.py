@@ -264,7 +264,8 @@ class BundleWorker:
         while event is not None:
             self.core, actions = rules.decide(self.core, event)
             event = None
-            for action in actions:
+            # the rules' Sleep first: a Report raises, and `run` then waits for the time the rules asked for
+            for action in sorted(actions, key=lambda a: not isinstance(a, rules.Sleep)):
                 if isinstance(action, rules.Probe):
                     event = rules.Revision(time.time(), await self.source.revision())
                 elif isinstance(action, rules.Fetch):
