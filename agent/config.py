@@ -260,11 +260,17 @@ class BundleConfig(_Section, frozen=True):
     namespace: str | None = None
     #: remote-secret: delete the Secret once this bundle is gone from the config (recorded on the Secret)
     prune: bool = False
+    #: how often this bundle's source is looked at; default sidecar.poll_interval
+    poll_interval: Duration | None = None
 
     @property
     def kind(self) -> kinds.Kind:
         """What this bundle's `type` is made of and how it is validated."""
         return kinds.get(self.type)
+
+    def interval(self, sidecar: SidecarConfig) -> float:
+        """Seconds between two looks at this bundle's source: its own poll_interval, else sidecar.poll_interval."""
+        return float(self.poll_interval if self.poll_interval is not None else sidecar.poll_interval)
 
     @property
     def files(self) -> dict[str, str]:
@@ -292,7 +298,9 @@ class HealthConfig(_Section, frozen=True):
 
 
 class SidecarConfig(_Section, frozen=True):
-    poll_interval: Duration = Duration(30)
+    #: 5 minutes, as bao agent and vault-k8s re-read static secrets; the first look after start comes at a random
+    #: phase of it, so agents started together do not poll in step. SIGHUP looks at once.
+    poll_interval: Duration = Duration(300)
 
 
 class LogConfig(_Section, frozen=True):
@@ -602,6 +610,9 @@ def validate(cfg: AgentConfig) -> None:
     parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
+    for i, b in enumerate(cfg.bundles):
+        if b.poll_interval is not None and b.poll_interval < 0.1:
+            raise ConfigError(f"bundles[{i}].poll_interval must be at least 100ms")
 
 
 def _validate_bundle(key: str, b: BundleConfig) -> None:

@@ -1,14 +1,15 @@
 """The TokenKeeper: the one owner of the agent's Vault token.
 
-It logs in when asked for a token and there is none, renews at 2/3 of the TTL, logs in again after max TTL,
-when the service-account token file changes, or when a worker finds the token refused (403). Each new
-login gets a new `generation`, so a worker knows whether its last full read was made under the same login.
+It logs in when asked for a token and there is none, renews at 2/3 of the TTL, logs in again after max TTL or
+when a worker finds the token refused (403). A rotated service-account token file costs no login: the file is
+read at the next login the agent needs. Each new login gets a new `generation`.
 The Vault session asks it for the token at the moment each request is sent (`token`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,6 @@ class TokenKeeper:
         self.settled = False
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._relogin = asyncio.Event()
         self._last_renewal = float("-inf")
         self._tiny_reported = False
         self._log = get_logger()
@@ -92,25 +92,14 @@ class TokenKeeper:
             await self._login_locked()
             return True
 
-    def sa_token_changed(self) -> None:
-        """The service-account token file changed: log in again with the new one (kubelet rotated it)."""
-        self._relogin.set()
-
     async def run(self) -> None:
-        """Renew at 2/3 of the TTL; log in again when renewal fails, max TTL is near, or the SA token changed.
+        """Renew at 2/3 of the TTL; log in again when renewal fails or max TTL is near.
 
         Renewals and re-logins from here are never closer than MIN_RENEW_INTERVAL apart.
         """
         while True:
             self._changed.clear()
             pause = self._last_renewal + MIN_RENEW_INTERVAL - time.monotonic()
-            if self._relogin.is_set():
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                self._relogin.clear()
-                self._last_renewal = time.monotonic()
-                await self._relogin_now("service account token changed")
-                continue
             login = self.login
             if login is None or not login.ttl:
                 await self._wait(3600)
@@ -124,14 +113,9 @@ class TokenKeeper:
 
     # -- internals ----------------------------------------------------------------------------------------
     async def _wait(self, seconds: float) -> None:
-        """Sleep `seconds`, or less when the login changed or a re-login was asked for."""
-        changed = asyncio.ensure_future(self._changed.wait())
-        relogin = asyncio.ensure_future(self._relogin.wait())
-        try:
-            await asyncio.wait((changed, relogin), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            changed.cancel()
-            relogin.cancel()
+        """Sleep `seconds`, or less when the login changed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
 
     async def _login_locked(self) -> None:
         # the token in hand stays in use (and is sent) until the new login succeeds

@@ -70,6 +70,11 @@ class Content:
     version: int | None = None
     created_at: float | None = None
     files: Mapping[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    #: False for content known only by its revision, never read (an answer over the size cap): it cannot be
+    #: validated again, only refused again while the revision stays
+    readable: bool = True
+    #: for sources that issue what they return (PKI): whether this replaces content due for renewal (metrics)
+    renewed: bool | None = field(default=None, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -305,9 +310,13 @@ def decide(st: State, event: Event) -> tuple[State, list[Action]]:
 
 def _unchanged(st: State) -> tuple[State, list[Action]]:
     """The backend still holds what was seen last."""
-    if st.refused is not None:
+    refused = st.refused
+    if refused is not None:
+        if not refused.readable:
+            st, report = _report(st, "refused", str(st.refused_error), st.refused_error)
+            return st, [report, _next(st)]
         # a verdict may depend on the time (a notBefore still ahead): the same bytes are validated again, not read
-        return st, [Validate(st.refused, again=True)]
+        return st, [Validate(refused, again=True)]
     return st, [Kept(), _next(st)]
 
 

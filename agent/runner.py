@@ -69,7 +69,7 @@ class Agent:
                 keeper=self.keeper,
                 metrics=self.metrics,
                 init_timeout=cfg.init.timeout,
-                retry_interval=cfg.sidecar.poll_interval,
+                retry_interval=b.interval(cfg.sidecar),
                 limits=limits,
                 events=self.events,
             )
@@ -95,7 +95,8 @@ class Agent:
 
     def alive(self) -> bool:
         """False once stopping, or when a worker's cycle has hung for 3 x its interval (a wedge)."""
-        limit = 3 * max(self.cfg.sidecar.poll_interval, 3 * self.cfg.vault.timeout)
+        # a cycle is a handful of requests, each bounded by vault.timeout: its length does not grow with the interval
+        limit = 3 * max(30.0, 3 * self.cfg.vault.timeout)
         now = time.monotonic()
         return not self.stop.is_set() and not any(w.stalled(now, limit) for w in self.workers)
 
@@ -157,7 +158,7 @@ class Agent:
         self._log.info("sidecar_ready", bundles=[b.name for b in self.cfg.bundles])
         await self._prune_remote_secrets()
         watcher = FileWatcher(
-            self.cfg.auth, [w for w in self.workers if w.kind.target == "files"], self.keeper,
+            [w for w in self.workers if w.kind.target == "files"],
             poll_interval=self.cfg.sidecar.poll_interval, metrics=self.metrics,
         )
         await supervise(

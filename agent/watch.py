@@ -1,5 +1,7 @@
-"""Sidecar mode: watch the published directories (heal tampering or loss) and the service-account token
-file (kubelet rotates it: log in again with the new one).
+"""Sidecar mode: watch the published directories (heal tampering or loss).
+
+The service-account token file is not watched: kubelet rotates it about every 48 minutes, and a login per rotation
+would cost a TokenReview for nothing. The keeper reads the file at the next login it needs (expiry, revocation).
 
 inotify first; where the node has none to spare (instances or watches exhausted), the same checks run every
 `sidecar.poll_interval` instead, said once in the log and in `istio_vault_agent_file_watch_polling`.
@@ -12,16 +14,11 @@ import contextlib
 import errno
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import auth
-from agent.files import read_regular
 from agent.log import get_logger
 
 if TYPE_CHECKING:
-    from agent.config import AuthConfig
-    from agent.keeper import TokenKeeper
     from agent.metrics import Metrics
     from agent.worker import BundleWorker
 
@@ -29,28 +26,22 @@ __all__ = ["FileWatcher"]
 
 # kubelet and editors write in several steps: react once the burst is over
 _DEBOUNCE = 0.1
-#: the largest service-account token file read (a projected token is about 1 KiB)
-_TOKEN_LIMIT = 64 * 1024
 #: inotify's limits, named in the warning so that an operator knows which sysctl ran out
 _LIMITS = {errno.EMFILE: "fs.inotify.max_user_instances", errno.ENOSPC: "fs.inotify.max_user_watches"}
 
 
 class FileWatcher:
-    """A watchdog observer over the bundle dirs and the token file's dir, feeding one asyncio task; polling every
-    `poll_interval` seconds instead when inotify is unavailable."""
+    """A watchdog observer over the bundle dirs, feeding one asyncio task; polling every `poll_interval` seconds
+    instead when inotify is unavailable."""
 
     def __init__(
         self,
-        auth: AuthConfig,
         workers: Sequence[BundleWorker],
-        keeper: TokenKeeper,
         *,
         poll_interval: float = 30.0,
         metrics: Metrics | None = None,
     ) -> None:
-        self.auth = auth
         self.workers = workers
-        self.keeper = keeper
         self.poll_interval = poll_interval
         self.metrics = metrics
         self._event = asyncio.Event()
@@ -74,9 +65,6 @@ class FileWatcher:
                     loop.call_soon_threadsafe(wake)
 
         try:
-            token_dir = Path(self.auth.token_path).parent
-            if self.auth.method != "token" and token_dir.is_dir():
-                observer.schedule(Handler(), str(token_dir), recursive=False)
             for worker in self.workers:
                 # the first pass published every bundle, so each dir exists
                 observer.schedule(Handler(), worker.cfg.dir, recursive=True)
@@ -102,12 +90,10 @@ class FileWatcher:
             self.metrics.file_watch_polling(True)
 
     async def run(self) -> None:
-        """React to file events until cancelled: repair every bundle dir, log in again on a new SA token."""
+        """React to file events until cancelled: repair every bundle dir."""
         observer = self._observer()
         if observer is not None and self.metrics is not None:
             self.metrics.file_watch_polling(False)
-        token_path = self.auth.token_path
-        reported: str | None = None
         # a first look right away: files may have changed between the first publish and now
         self._event.set()
         try:
@@ -126,15 +112,6 @@ class FileWatcher:
                 self._event.clear()
                 for worker in self.workers:
                     await worker.repair()
-                login = self.keeper.login
-                used = login.credential_digest if login is not None else None
-                # off the loop, and never more than a token's size: a FIFO or a huge file in its place cannot stall
-                # the health server or grow memory
-                token = await asyncio.to_thread(_fingerprint, token_path)
-                if used is not None and token is not None and token not in (used, reported):
-                    reported = token  # once per new file, also while the re-login is still failing
-                    self._log.info("sa_token_changed", token_path=token_path, mount=auth.mount_of(self.auth))
-                    self.keeper.sa_token_changed()
         finally:
             if observer is not None:
                 observer.stop()
@@ -143,15 +120,3 @@ class FileWatcher:
 def _running(observer: Any) -> bool:
     """The observer thread and each of its emitters are alive (an emitter dies when inotify fails later)."""
     return bool(observer.is_alive()) and all(emitter.is_alive() for emitter in observer.emitters)
-
-
-def _fingerprint(path: str) -> str | None:
-    """The token file's `auth.credential_digest`, or None when it cannot be read safely (the token is never kept).
-
-    Blocking: call it off the event loop.
-    """
-    try:
-        data = read_regular(path, limit=_TOKEN_LIMIT, what="the service-account token file")
-    except OSError:
-        return None
-    return auth.credential_digest(data.decode("utf-8", errors="replace").strip())

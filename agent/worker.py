@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime as dt
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent import rules
 from agent.errors import (
     AgentError,
     BundleError,
@@ -59,7 +61,7 @@ def _again(err: AgentError) -> AgentError:
 
 @dataclass
 class BundleState:
-    """What the agent knows of one bundle: what is live, what was refused, the last failure."""
+    """What the health server and metrics read of one bundle: what is live, and the last failure."""
 
     cfg: BundleConfig
     #: the content that is published, as the source returned it
@@ -68,11 +70,6 @@ class BundleState:
     #: when the live content was published (time.time())
     published_at: float | None = None
     last_error: str | None = None
-    #: content the validator refused, and why: not validated again while the source still returns it
-    refused: Fetched | None = None
-    refused_error: AgentError | None = None
-    #: the login generation of the last full read (a new login reads in full: Vault may have been restored)
-    synced_generation: int | None = None
     #: time.monotonic() when the running cycle started; None between cycles
     busy_since: float | None = None
 
@@ -84,6 +81,20 @@ class BundleState:
     def __repr__(self) -> str:
         version = None if self.live is None else self.live.version
         return f"BundleState({self.cfg.name}, version={version}, error={self.last_error!r})"
+
+
+def _content(fetched: Fetched) -> rules.Content:
+    return rules.Content(
+        digest=fetched.digest, revision=fetched.revision, version=fetched.version, created_at=fetched.created_at,
+        files=fetched.files, renewed=fetched.renewed,
+    )
+
+
+def _fetched(content: rules.Content) -> Fetched:
+    return Fetched(
+        files=dict(content.files), digest=content.digest, revision=content.revision, version=content.version,
+        created_at=content.created_at, renewed=content.renewed,
+    )
 
 
 class BundleWorker:
@@ -124,11 +135,18 @@ class BundleWorker:
         #: set by `resync` (SIGHUP): ends the wait before the next check
         self._resync = asyncio.Event()
         self._log = get_logger(bundle=cfg.name)
-        self._refused_reported: str | None = None
+        #: what the rules know (agent/rules.py): the live and refused content, when to look again
+        self.core = rules.State()
+        #: when the rules want the next look (time.time()), set by their `Sleep`
+        self._wake_at = 0.0
+        #: a resync (SIGHUP) was asked for: the next look reads in full
+        self._resync_requested = False
+        #: the first look after the first publish was put at a random phase of the interval
+        self._phased = False
+        #: the error `_report` raised last (reported already: `_failed` does not report it again)
+        self._raised: AgentError | None = None
         #: why the consumer would not take the last publish in a reload (the root-change guard acts on it)
         self._reload_problem: str | None = None
-        self._stale_reported: str | None = None
-        self._too_large_reported: str | None = None
 
     # -- the loop -----------------------------------------------------------------------------------------
     async def run(self, *, once: bool) -> None:
@@ -173,8 +191,9 @@ class BundleWorker:
                         else backoff_delays(initial=min(1.0, self.retry_interval), cap=max(self.retry_interval, 5.0))
                     )
                 delay = next(delays)
-                if isinstance(exc, BundleError) and not first:
-                    delay = max(delay, self.retry_interval)  # refused content: look again at the usual pace
+                if exc is self._raised and not isinstance(exc, StaleRead) and not first:
+                    # refused content: look again when the rules say (the next poll, or when its verdict may change)
+                    delay = max(delay, self._wake_at - time.time())
                 if first:
                     delay = min(delay, max(remaining, 0.0))
                 await self._failed(exc, retryable=retryable, attempt=attempt, retry_in=delay)
@@ -187,14 +206,14 @@ class BundleWorker:
                 return
             if changed and self.events is not None:
                 await self._after_publish()
-            now = time.time()
-            wait = max(0.0, self.source.next_check(self.state.live, now) - now)
+            wait = max(0.0, self._wake_at - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync.wait(), wait)
             self._resync.clear()
 
     def resync(self) -> None:
-        """Check the source now instead of at the next poll (SIGHUP)."""
+        """Read the source in full now instead of at the next poll (SIGHUP)."""
+        self._resync_requested = True
         self._resync.set()
 
     def _gave_up(self, attempt: int) -> AgentError:
@@ -218,85 +237,114 @@ class BundleWorker:
         try:
             generation = await self.keeper.ensure()
             try:
-                return await self._sync(generation)
+                return await self._sync()
             except PermissionDenied:
                 if not await self.keeper.recover(generation):
                     raise
-                return await self._sync(await self.keeper.ensure())
+                await self.keeper.ensure()
+                return await self._sync()
         finally:
             self.state.busy_since = None
 
-    async def _sync(self, generation: int) -> bool:
-        st = self.state
-        source = self.source
-        if st.synced_generation != generation:
-            source.reset()
-        elif st.live is not None:
-            # the newest content seen is the refused one, if any: compare with that
-            seen = st.refused or st.live
-            if seen.revision is not None and await source.revision() == seen.revision:
-                if st.refused is not None and st.refused_error is not None:
-                    raise _again(st.refused_error)
-                await self._repair_if_damaged()
-                return False
+    async def _sync(self) -> bool:
+        """One look at the source, as the rules decide (agent/rules.py); returns True when a new generation went live.
+
+        A refusal or a stale read is raised (after it was reported), so that `run` applies the init semantics and
+        the backoff; everything else ends in the rules' `Sleep`, which says when to look again.
+        """
+        now = time.time()
+        if self._resync_requested:
+            self._resync_requested = False
+            self.source.reset()
+            event: rules.Event | None = rules.Resync(now, self._poll_at(now))
+        else:
+            event = rules.Due(now, self._poll_at(now))
+        checked: BundleInfo | None = None
+        changed = False
+        while event is not None:
+            self.core, actions = rules.decide(self.core, event)
+            event = None
+            # the rules' Sleep first: a Report raises, and `run` then waits for the time the rules asked for
+            for action in sorted(actions, key=lambda a: not isinstance(a, rules.Sleep)):
+                if isinstance(action, rules.Probe):
+                    event = rules.Revision(time.time(), await self.source.revision())
+                elif isinstance(action, rules.Fetch):
+                    event = await self._read()
+                elif isinstance(action, rules.Validate):
+                    event, checked = await self._validate(action.content)
+                elif isinstance(action, rules.Publish):
+                    assert checked is not None
+                    changed = await self._publish(_fetched(action.content), checked)
+                    event = rules.Published(time.time(), action.content, changed, checked.not_before)
+                elif isinstance(action, rules.Kept):
+                    self.state.last_error = None
+                    await self._repair_if_damaged()
+                elif isinstance(action, rules.Report):
+                    self._report(action)
+                elif isinstance(action, rules.Sleep):
+                    self._wake_at = action.until
+        return changed
+
+    def _poll_at(self, now: float) -> float:
+        """When the next regular look is due: a uniformly random phase of the interval for the first one after the
+        first publish (agents started together then do not poll in step), the source's schedule after that."""
+        if self.state.live is not None and not self._phased:
+            self._phased = True
+            return min(now + random.uniform(0.0, self.retry_interval), self.source.next_check(self.state.live, now))  # noqa: S311
+        return self.source.next_check(self.state.live, now)
+
+    async def _read(self) -> rules.Event:
+        """Read the source in full; an answer over the size cap is remembered by its revision, not read again."""
         try:
-            fetched = await source.fetch()
+            fetched = await self.source.fetch()
         except ResponseTooLarge as exc:
-            # remember it by revision (where the source has one), so it is not downloaded again at every poll
-            revision = await source.revision() if st.live is not None else None
-            if revision is not None:
-                st.refused, st.refused_error = Fetched(files={}, digest="", revision=revision), exc
-            raise
-        st.synced_generation = generation
-        self._check_not_older(fetched)
-        if st.live is not None and fetched.digest == st.live.digest:
-            st.live, st.refused, st.refused_error, st.last_error = fetched, None, None, None
-            await self._repair_if_damaged()
-            return False
-        if st.refused is not None and st.refused_error is not None and fetched.digest == st.refused.digest:
-            st.refused = fetched
-            raise _again(st.refused_error)
+            revision = await self.source.revision() if self.state.live is not None else None
+            if revision is None:
+                raise
+            unread = rules.Content(digest=f"unread@{revision}", revision=revision, readable=False)
+            return rules.Checked(time.time(), unread, error=exc)
+        return rules.Read(time.time(), _content(fetched))
+
+    async def _validate(self, content: rules.Content) -> tuple[rules.Event, BundleInfo | None]:
+        files = dict(content.files)
+        now = dt.datetime.now(dt.UTC)
         try:
             info = await asyncio.to_thread(
-                lambda: self.kind.validate(fetched.files, limits=self.limits, ca_signs_cert=self.cfg.ca_signs_cert)
+                lambda: self.kind.validate(files, now=now, limits=self.limits, ca_signs_cert=self.cfg.ca_signs_cert)
             )
         except BundleError as exc:
-            st.refused, st.refused_error, st.last_error = fetched, exc, str(exc)
-            self.metrics.error(self.cfg.name, exc.reason)
-            self._log.warning("bundle_refused", reason=str(exc), kv_version=fetched.version)
-            raise
-        self._check_not_before(fetched, info)
+            from agent.validate import next_change
+
+            change = next_change(files, now, limits=self.limits)
+            recheck = change.timestamp() if change is not None else None
+            return rules.Checked(now.timestamp(), content, error=exc, recheck_at=recheck), None
         for warning in info.warnings:  # verdict (c): the consumer loads it, but it is worth fixing
-            self._log.warning("bundle_warning", warning=warning, kv_version=fetched.version)
-        return await self._publish(fetched, info)
+            self._log.warning("bundle_warning", warning=warning, kv_version=content.version)
+        return rules.Checked(now.timestamp(), content, not_before=info.not_before), info
 
-    def _check_not_older(self, fetched: Fetched) -> None:
-        """Never go backwards: a lower version than the live one that is not newer either is a stale read (a
-        node that lags behind, or just came back with old data). A recreated secret restarts at version 1 with
-        a newer created_time, and is taken."""
-        live = self.state.live
-        if live is None or fetched.version is None or live.version is None or fetched.version >= live.version:
-            return
-        if fetched.created_at is not None and live.created_at is not None and fetched.created_at > live.created_at:
-            return
-        raise StaleRead(
-            f"Vault answered version {fetched.version} of bundle {self.cfg.name}'s secret while version"
-            f" {live.version} is live: a node that lags behind; keeping version {live.version} and reading again"
-        )
-
-    def _check_not_before(self, fetched: Fetched, info: BundleInfo) -> None:
-        """Without versions (KV v1), "older" is the certificate's notBefore: one issued before the live one is a
-        stale read, never published over it."""
-        st = self.state
-        if fetched.version is not None or st.live is None or st.info is None:
-            return
-        if info.not_before is not None and st.info.not_before is not None and info.not_before < st.info.not_before:
-            raise StaleRead(
-                f"Vault answered bundle {self.cfg.name}'s secret with a certificate issued at"
-                f" {info.not_before:%Y-%m-%dT%H:%M:%SZ}, before the live one ({st.info.not_before:%Y-%m-%dT%H:%M:%SZ}):"
-                " a node that lags behind, or an older certificate written back; keeping the live bundle (to roll"
-                " back on purpose, issue the certificate anew)"
-            )
+    def _report(self, report: rules.Report) -> None:
+        """Say a refusal or a stale read (once each), then raise it for `run`'s retry and init semantics."""
+        name = self.cfg.name
+        if report.what == "stale":
+            exc: AgentError = StaleRead(f"bundle {name}: {report.message}")
+            self.metrics.error(name, exc.reason)  # counted every time; the live bundle stays and stays ready
+            if report.first:
+                self._log.warning("stale_read", reason=str(exc))
+            raise exc
+        error = report.error
+        assert error is not None
+        self.state.last_error = str(error)
+        if report.first:
+            self.metrics.error(name, error.reason)
+            if isinstance(error, BundleError):
+                self._log.warning("bundle_refused", reason=str(error), kv_version=self.core.refused and
+                                  self.core.refused.version)
+                if self.events is not None:
+                    self.events.record("BundleRefused", f"bundle {name}: {error}", "Warning")
+            else:
+                self._log.warning("sync_failed", reason=str(error), retryable=False)
+        self._raised = _again(error)
+        raise self._raised
 
     async def _publish(self, fetched: Fetched, info: BundleInfo) -> bool:
         st, b = self.state, self.cfg
@@ -307,7 +355,7 @@ class BundleWorker:
             check(previous.files, fetched.files, multiroot=b.multiroot)
             if check is not None and previous is not None and result.changed else None
         )
-        st.live, st.info, st.refused, st.refused_error, st.last_error = fetched, info, None, None, None
+        st.live, st.info, st.last_error = fetched, info, None
         self.published.set()
         now = time.time()
         if result.changed or st.published_at is None:
@@ -349,26 +397,13 @@ class BundleWorker:
 
     # -- reporting ----------------------------------------------------------------------------------------
     async def _failed(self, exc: AgentError, *, retryable: bool, attempt: int, retry_in: float) -> None:
-        st = self.state
         if isinstance(exc, StaleRead):
-            # counted every time, logged once per stale version; the live bundle stays and stays ready
-            self.metrics.error(self.cfg.name, exc.reason)
-            if self._stale_reported != str(exc):
-                self._stale_reported = str(exc)
-                self._log.warning("stale_read", reason=str(exc), retry_in=round(retry_in, 2))
+            # reported by `_report`; behind a balancer the next read may reach another node
             await self.vault.leave_node()
             return
-        if isinstance(exc, BundleError):
-            # logged once per refused content by _sync; one Event per refused content, not one per poll
-            digest = st.refused.digest if st.refused is not None else None
-            if self.events is not None and self._refused_reported != digest:
-                self._refused_reported = digest
-                self.events.record("BundleRefused", f"bundle {self.cfg.name}: {exc}", "Warning")
-            return
-        st.last_error = str(exc)
-        if isinstance(exc, ResponseTooLarge) and self._too_large_reported == str(exc):
-            return  # the same over-size secret, not downloaded again: said once already
-        self._too_large_reported = str(exc) if isinstance(exc, ResponseTooLarge) else None
+        if isinstance(exc, BundleError) or exc is self._raised:
+            return  # reported once by `_report`
+        self.state.last_error = str(exc)
         self.metrics.error(self.cfg.name, exc.reason)
         self._log.warning(
             "sync_failed", reason=str(exc), retryable=retryable, attempt=attempt, retry_in=round(retry_in, 2)

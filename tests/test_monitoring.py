@@ -274,7 +274,7 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, str, dict[str, Any] | None
     (
         "one Vault hiccup long ago",
         [series("istio_vault_agent_errors_total", "0 1x40", reason="vault_unavailable", **B)],
-        "15m",
+        "25m",  # older than the default window (15m): a failing agent retries every poll_interval (5m) at most
         "IstioVaultAgentVaultUnreachable",
         None,
     ),

@@ -216,6 +216,18 @@ def test_a_recheck_time_in_the_past_is_ignored() -> None:
     assert st.recheck_at is None
 
 
+def test_an_answer_too_large_to_read_is_not_read_again_while_its_revision_stays() -> None:
+    """Known only by its revision (it was never read): refused again at each poll, not downloaded again."""
+    big = Content("unread@4", revision="4@x", version=None, readable=False)
+    st, actions = decide(live(v(3)), Checked(NOW, big, error=BundleError("too large")))
+    assert isinstance(actions[0], Report) and actions[0].first
+    st, _ = decide(st, Due(NOW + POLL, NOW + 2 * POLL))
+    st, actions = decide(st, Revision(NOW + POLL, "4@x"))
+    assert kinds(actions) == [Report, Sleep]
+    assert isinstance(actions[0], Report) and not actions[0].first
+    assert decide(st, Revision(NOW + POLL, "5@y"))[1] == [Fetch()]
+
+
 def test_new_content_after_a_refusal_is_validated() -> None:
     st = _refused(live(v(3)), v(4))
     st, actions = decide(st, Read(NOW + 1, v(5)))

@@ -8,7 +8,6 @@ Every answer is checked for the shape Vault sends before it is used: anything el
 from __future__ import annotations
 
 import datetime as dt
-import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ __all__ = ["KVSource", "open"]
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> KVSource:
     """The KV source of `bundle`, polled every `sidecar.poll_interval`."""
-    return KVSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return KVSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
 def _timestamp(text: object) -> float | None:
@@ -59,8 +58,8 @@ class KVSource:
         self._mount = None
 
     def next_check(self, last: Fetched | None, now: float) -> float:
-        """Every poll_interval, +-10 % jitter so a fleet of agents does not poll in step."""
-        return now + self.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+        """Every poll_interval (the worker puts the first look after start at a random phase, which spreads a fleet)."""
+        return now + self.poll_interval
 
     async def revision(self) -> str | None:
         """KV v2: `version@created_time` of the current version, from metadata (no secret bytes); None for KV v1.

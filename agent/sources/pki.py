@@ -55,7 +55,7 @@ JITTER = 0.05
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiTlsSource:
     """The PKI source of tls bundle `bundle`."""
-    return PkiTlsSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return PkiTlsSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
 # ---------------------------------------------------------------------------------------------- certificates
@@ -214,8 +214,8 @@ class RenewingSource:
         return issued.revision
 
     def next_check(self, last: Fetched | None, now: float) -> float:
-        """At renewal time, or at the next poll (+-10 %) if that comes first."""
-        poll = now + self.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+        """At renewal time, or at the next poll if that comes first."""
+        poll = now + self.poll_interval
         return poll if self._issued is None else min(self._issued.renew_at, poll)
 
     def reset(self) -> None:

@@ -59,7 +59,7 @@ _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL----
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiIntermediateSource:
     """The PKI intermediate source of istio-ca bundle `bundle`."""
-    return PkiIntermediateSource(vault, bundle, poll_interval=cfg.sidecar.poll_interval)
+    return PkiIntermediateSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
 def _own_crl(key: Any, cert: x509.Certificate) -> bytes:
