@@ -94,9 +94,9 @@ class Agent:
         return self.vault.node_state, self.vault.node_state_at
 
     def alive(self) -> bool:
-        """False once stopping, or when a worker's cycle has hung for 3 x its interval (a wedge)."""
-        # a cycle is a handful of requests, each bounded by vault.timeout: its length does not grow with the interval
-        limit = 3 * max(30.0, 3 * self.cfg.vault.timeout)
+        """False once stopping, or when a worker's cycle has run for 9 x vault.timeout (a wedge): a cycle is a handful
+        of requests, each bounded by vault.timeout, so its length does not grow with the poll interval."""
+        limit = 9 * self.cfg.vault.timeout
         now = time.monotonic()
         return not self.stop.is_set() and not any(w.stalled(now, limit) for w in self.workers)
 
