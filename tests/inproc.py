@@ -98,9 +98,10 @@ class Rig:
         return [body for _, path, body in self.proxy.bodies[self._bodies_start :] if path == self.login_path]
 
     # -- the agent's side ----------------------------------------------------------------------------------------
-    def config(self, *, poll: str = "300s", **bundle: Any) -> AgentConfig:
-        raw = agent_config(address=self.proxy.address, token_path=self.token, out=self.tmp / "out",
-                           kv=self.layout.kv, mount=self.layout.auth_mount, poll=poll, timeout="2s", **bundle)
+    def config(self, *, poll: str = "300s", out: Path | None = None, kv: str | None = None,
+               **bundle: Any) -> AgentConfig:
+        raw = agent_config(address=self.proxy.address, token_path=self.token, out=out or self.tmp / "out",
+                           kv=kv or self.layout.kv, mount=self.layout.auth_mount, poll=poll, timeout="2s", **bundle)
         return from_mapping(raw, env={})
 
     def run(self, body: Callable[[Vault, TokenKeeper], Awaitable[T]], cfg: AgentConfig | None = None) -> T:
