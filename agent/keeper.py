@@ -9,13 +9,13 @@ The Vault session asks it for the token at the moment each request is sent (`tok
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
 from agent import auth
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.supervisor import wait_event
 
 if TYPE_CHECKING:
     from agent.config import AuthConfig
@@ -114,8 +114,7 @@ class TokenKeeper:
     # -- internals ----------------------------------------------------------------------------------------
     async def _wait(self, seconds: float) -> None:
         """Sleep `seconds`, or less when the login changed."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), seconds)
+        await wait_event(self._changed, seconds)
 
     async def _login_locked(self) -> None:
         # the token in hand stays in use (and is sent) until the new login succeeds

@@ -185,7 +185,8 @@ async def _exec(action: ExecReload) -> str:
     except OSError as exc:
         raise ReloadError(f"reload.command {argv[0]} cannot be started: {exc.strerror}") from None
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), action.timeout)
+        async with asyncio.timeout(action.timeout):  # not wait_for: it can swallow a cancellation (Python 3.11)
+            _, stderr = await proc.communicate()
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
@@ -196,7 +197,8 @@ async def _exec(action: ExecReload) -> str:
         # the agent is stopping: kill the command and reap it, so no transport is left for after the loop
         _kill_group(proc.pid)
         with contextlib.suppress(TimeoutError, ProcessLookupError):
-            await asyncio.wait_for(proc.wait(), 2)
+            async with asyncio.timeout(2):
+                await proc.wait()
         raise
     if proc.returncode != 0:
         how = f"exit code {proc.returncode}" if proc.returncode and proc.returncode > 0 else "a signal"

@@ -14,7 +14,7 @@ from typing import Any
 from agent.errors import AgentError
 from agent.log import get_logger
 
-__all__ = ["TaskFailed", "supervise"]
+__all__ = ["TaskFailed", "supervise", "wait_event"]
 
 
 class TaskFailed(AgentError):
@@ -70,3 +70,18 @@ async def supervise(
                 await task
     if failure is not None:
         raise failure
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set (True) or `timeout` seconds pass (False).
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives just as the event is set, and a
+    loop around it then never stops (SIGTERM left a sidecar running). `asyncio.timeout` tells its own cancellation
+    from the caller's.
+    """
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.log import get_logger
+from agent.supervisor import wait_event
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -99,8 +100,7 @@ class FileWatcher:
         try:
             while True:
                 # with inotify, the timeout only checks that the observer still runs; polling, it is the tick
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._event.wait(), self.poll_interval)
+                await wait_event(self._event, self.poll_interval)
                 if observer is not None and not self._event.is_set():
                     if _running(observer):
                         continue

@@ -9,7 +9,6 @@ the event loop changes `BundleState`, which /readyz reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import datetime as dt
 import random
@@ -30,6 +29,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.sources import Fetched
+from agent.supervisor import wait_event
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
@@ -205,8 +205,7 @@ class BundleWorker:
             if changed and self.events is not None:
                 await self._after_publish()
             wait = max(0.0, self._wake_at - time.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resync.wait(), wait)
+            await wait_event(self._resync, wait)
             self._resync.clear()
 
     def resync(self) -> None:

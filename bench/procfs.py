@@ -7,10 +7,11 @@ utime+stime of the same tree.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TreeSample", "descendants", "sample_tree"]
+__all__ = ["TreeSample", "cpu_model", "descendants", "loadavg", "sample_tree"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -97,3 +98,16 @@ def sample_tree(pid: int) -> TreeSample:
             continue
         alive.append(p)
     return TreeSample(tuple(alive), rss, anon, pss, cpu)
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg says them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), else the machine type."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()

@@ -38,9 +38,8 @@ from typing import Any
 
 from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary
 from bench.env import Testbed
-from bench.procfs import sample_tree
+from bench.procfs import cpu_model, loadavg, sample_tree
 from bench.report import MIB, summary
-from bench.run import _cpu_model, _loadavg
 from testbed.bao import free_port
 from tests.support import agent_config, clean_env, write_config
 
@@ -712,10 +711,10 @@ def _environment() -> dict[str, Any]:
     return {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "bao_version": " ".join(version.split()[:2]),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
 
 
@@ -753,7 +752,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["fleet"] = measure_fleet(fleet, settle=args.settle, window=args.window)
             finally:
                 fleet.stop()
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["targets"] = targets(result)
     return result
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary, ours_spec
 from bench.env import FILES, Testbed
-from bench.procfs import sample_tree
+from bench.procfs import cpu_model, loadavg, sample_tree
 from bench.proxy import CountingProxy
 from bench.report import markdown, plot, summary
 from bench.watch import Watcher
@@ -71,26 +71,15 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def _environment(quick: bool) -> dict[str, Any]:
     bao_version = subprocess.run([bao_binary(), "version"], capture_output=True, text=True, check=False).stdout
     return {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "bao_version": " ".join(bao_version.split()[:2]),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "quick": quick,
     }
 
@@ -444,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     r.proc.stop()
                     r.proxy.stop()
                 watcher.stop()
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["targets"] = _targets(result)
     return result
 

@@ -188,6 +188,35 @@ class TestSupervisor:
             asyncio.run(main())
         assert cancelled == [True]
 
+    def test_a_loop_cancelled_as_its_event_fires_stops(self):
+        """SIGTERM cancels every component; a component that waits on an event in a loop (the watcher, the keeper,
+        the worker's sleep) must stop even when the event is set in the same instant. asyncio.wait_for on Python
+        3.11 swallowed that cancellation and a sidecar ran on after SIGTERM (seen in tests/test_degrade.py)."""
+        from agent.supervisor import wait_event
+
+        async def main() -> str:
+            event = asyncio.Event()
+
+            async def component() -> None:
+                while True:
+                    await wait_event(event, 100)
+                    event.clear()
+
+            task = asyncio.create_task(component())
+            await asyncio.sleep(0.01)
+            event.set()
+            task.cancel()
+            try:
+                async with asyncio.timeout(2):
+                    await task
+            except asyncio.CancelledError:
+                return "stopped"
+            except TimeoutError:
+                return "still running"
+            return "returned"
+
+        assert asyncio.run(main()) == "stopped"
+
     def test_an_agent_error_passes_through_unchanged(self):
         """A component's AgentError is the message the user sees, not wrapped in a group or a TaskFailed."""
 
