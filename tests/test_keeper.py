@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
@@ -186,7 +187,7 @@ def test_a_tiny_lease_is_renewed_at_most_once_a_second_and_said_once(make):
     assert "raise the role's token_ttl" in tiny[0]["reason"]
     # the login, then renewals (or re-logins when one came too late) from 2/3 s on, each a second after the last
     times = [t for t, _ in rig.metrics.tokens[1:]]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert 2 <= len(times) <= 3, rig.requests()
     assert min(gaps) >= MIN_RENEW_INTERVAL - 0.1, gaps
     # one renew-self a second at most; when it comes too late for a 1 s lease, a login in the same slot
