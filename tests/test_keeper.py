@@ -160,7 +160,7 @@ def test_a_renewal_cut_short_by_max_ttl_makes_a_new_login(make):
     async def body(vault: Vault, keeper: TokenKeeper) -> int:
         await keeper.ensure()
         old = keeper.token()
-        await _run_for(keeper, 2.6)
+        await _run_for(keeper, 2.8)
         assert keeper.token() != old
         await _read(vault, rig)
         return keeper.generation
