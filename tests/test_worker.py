@@ -9,6 +9,8 @@ created_time that KVSource hands to the rules, its revision probe, and KV v1 (no
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import math
 import random
@@ -244,6 +246,27 @@ def test_the_first_look_after_the_first_publish_is_at_a_random_phase(rig, ca, tm
     assert all(start <= t <= end + INTERVAL for t in wakes), [t - start for t in wakes]
     assert max(wakes) - min(wakes) > INTERVAL / 10, [round(t - start, 1) for t in wakes]
     assert INTERVAL - 1 <= regular <= INTERVAL + 1, regular
+
+
+def test_the_run_loop_polls_at_the_interval_with_metadata_only(rig, ca):
+    """worker.run() in sidecar mode with poll_interval 1 s, for 1.6 s: one login, one full read and one publish
+    (one BundlePublished Event), then a metadata read at each look, the first within the interval, no faster."""
+    out = rig.tmp / "out"
+    events = Events()
+
+    async def body(vault: Vault, keeper: TokenKeeper) -> None:
+        w = _worker(rig, vault, keeper, rig.config(poll="1s"), events)
+        task = asyncio.ensure_future(w.run(once=False))
+        await asyncio.sleep(1.6)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    rig.run(body)
+    assert rig.logins() == 1 and rig.sent(rig.data_path) == 1
+    assert 1 <= rig.sent(rig.meta_path) <= 2, rig.requests()
+    assert events.reasons() == ["BundlePublished"]
+    assert live_files(out) == ca["good"][0]
 
 
 # ---------------------------------------------------------------------------------------------- the KV source
