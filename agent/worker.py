@@ -141,8 +141,6 @@ class BundleWorker:
         self._wake_at = 0.0
         #: a resync (SIGHUP) was asked for: the next look reads in full
         self._resync_requested = False
-        #: the first look after the first publish was put at a random phase of the interval
-        self._phased = False
         #: the error `_report` raised last (reported already: `_failed` does not report it again)
         self._raised: AgentError | None = None
         #: why the consumer would not take the last publish in a reload (the root-change guard acts on it)
@@ -286,10 +284,12 @@ class BundleWorker:
 
     def _poll_at(self, now: float) -> float:
         """When the next regular look is due: a uniformly random phase of the interval for the first one after the
-        first publish (agents started together then do not poll in step), the source's schedule after that."""
-        if self.state.live is not None and not self._phased:
-            self._phased = True
-            return min(now + random.uniform(0.0, self.retry_interval), self.source.next_check(self.state.live, now))  # noqa: S311
+        first publish (agents started together then do not poll in step), the source's schedule after that.
+
+        Until the first publish every look asks with a random phase: the look that publishes first sleeps until it.
+        """
+        if self.state.live is None:
+            return min(now + random.uniform(0.0, self.retry_interval), self.source.next_check(None, now))  # noqa: S311
         return self.source.next_check(self.state.live, now)
 
     async def _read(self) -> rules.Event:

@@ -8,6 +8,7 @@ Every answer is checked for the shape Vault sends before it is used: anything el
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +31,21 @@ def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> KVSource:
     return KVSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
+#: RFC 3339 as KV v2 writes created_time: seconds, an optional fraction (nanoseconds), Z or an offset
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", re.ASCII)
+
+
 def _timestamp(text: object) -> float | None:
-    """KV v2's created_time (RFC 3339 with nanoseconds) as Unix seconds; None when absent or odd."""
-    if not isinstance(text, str) or not text:
+    """KV v2's created_time (RFC 3339 with nanoseconds) as Unix seconds; None when absent or odd (never a guess)."""
+    match = _STAMP.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
         return None
-    head, _, frac = text.rstrip("Z").partition(".")
+    head, frac, zone = match.groups()
     try:
-        when = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        when = dt.datetime.fromisoformat(head + ("+00:00" if zone in (None, "Z") else zone))
     except ValueError:
         return None
-    digits = "".join(c for c in frac if c.isdigit())[:9]
+    digits = (frac or "")[:9]
     return when.timestamp() + (int(digits) / 10 ** len(digits) if digits else 0.0)
 
 
