@@ -279,7 +279,8 @@ class BundleWorker:
                 elif isinstance(action, rules.Report):
                     self._report(action)
                 elif isinstance(action, rules.Sleep):
-                    self._wake_at = action.until
+                    # the source may know more now than when the look began (a PKI source's renewal time)
+                    self._wake_at = min(action.until, self.source.next_check(self.state.live, time.time()))
         return changed
 
     def _poll_at(self, now: float) -> float:
