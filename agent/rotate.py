@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,7 +193,9 @@ def _kube_api(context: str) -> Any:
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        return kconfig.new_client_from_config(context=context)  # type: ignore[no-untyped-call]
+        # KUBECONFIG read now: the kubernetes package reads it once, at its import
+        files = os.environ.get("KUBECONFIG") or None
+        return kconfig.new_client_from_config(config_file=files, context=context)  # type: ignore[no-untyped-call]
     except ConfigException as exc:
         raise ConfigError(f"cannot use kubeconfig context {shown(context)!r} (KUBECONFIG or ~/.kube/config):"
                           f" {shown(str(exc), 200)}") from None
@@ -290,7 +293,7 @@ def istiod_facts(context: str, *, namespace: str, deployment: str, port: int, se
             what = f"the agent's /readyz in pod {namespace}/{name}"
             status, body = _kube_json(core.connect_get_namespaced_pod_proxy_with_path, what, context,
                                       name=f"{name}:{port}", namespace=namespace, path="readyz")
-            if status not in (200, 503) or not isinstance(body, dict):
+            if status not in (200, 503) or not isinstance(body, dict) or "bundles" not in body:
                 out[name] = f"its agent's /readyz answered HTTP {status} through the pod proxy (port {port})"
             else:
                 out[name] = _readyz_problem(body, serial, roots)
@@ -397,10 +400,11 @@ def _plan(phase: str, st: ClusterState, *, stored: Stored, new_fp: str, root: Ro
         days = int(getattr(args, "days", istio_certs.INTERMEDIATE_DAYS))
         if not 1 <= days <= 36500:
             raise ConfigError("--days must be from 1 to 36500")
-        not_after = min(now + dt.timedelta(days=days), root.cert.not_valid_after_utc)
+        issued = dt.datetime.now(dt.UTC)  # the clock, whatever `now` the waits are judged at
+        not_after = min(issued + dt.timedelta(days=days), root.cert.not_valid_after_utc)
         key_type = getattr(args, "key_type", None) or _key_type(stored)
         key = istio_certs.generate_key(key_type)
-        cert = istio_certs.intermediate_cert(key, st.cluster, root.cert, root.key, not_after=not_after, now=now)
+        cert = istio_certs.intermediate_cert(key, st.cluster, root.cert, root.key, not_after=not_after, now=issued)
         from cryptography.hazmat.primitives.serialization import Encoding
 
         pem = cert.public_bytes(Encoding.PEM)
