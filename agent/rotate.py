@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--wait-at-least", type=_wait, default=86400.0, metavar="DURATION",
                        help="refuse until this long since the previous phase was written (default 24h: one workload"
                        " certificate lifetime); 0s is allowed, with a warning")
+        p.add_argument("--only", action="append", default=[], metavar="NAME",
+                       help="write only this cluster (repeatable; e.g. sign one cluster at a time), after checking"
+                       " every --cluster is ready for the phase")
         p.add_argument("--dry-run", action="store_true", help="print what each cluster would get; write nothing")
         p.add_argument("--context", action="append", type=_pair("--context"), default=[],
                        metavar="CLUSTER=KUBECONTEXT", help="check istiod in this kubeconfig context (KUBECONFIG)")
@@ -568,12 +571,16 @@ def run(
         return 0
 
     assert new_fp is not None
-    todo = _order(phase, states)
+    only = list(dict.fromkeys(args.only)) or list(states)
+    unknown = sorted(set(only) - set(states))
+    if unknown:
+        raise ConfigError(f"--only names cluster {shown(unknown[0])}, which is not one of the --cluster")
+    todo = [c for c in _order(phase, states) if c in only]
     if not todo:
-        say(f"already done: every cluster ({', '.join(states)}) is in phase {phase} for the new root"
-            f" sha256 {new_fp[:16]}; nothing written")
+        say(f"already done: {'every cluster' if len(only) == len(states) else 'cluster'} ({', '.join(only)}) is in"
+            f" phase {phase} for the new root sha256 {new_fp[:16]}; nothing written")
         return 0
-    for c in states:
+    for c in only:
         if c not in todo:
             say(f"{c}: already done ({phase}); not written again")
     _check_wait(phase, states, todo, wait=float(args.wait_at_least), now=now, warn=warn)
@@ -594,7 +601,8 @@ def run(
         version = hvac_client.kv_write(client, m, p.data, cas=p.stored.version if m.version == 2 else None)
         suffix = f" version {version}" if version is not None else ""
         say(f"{p.cluster}: wrote KV v{m.version} path {shown(m.full)}{suffix}: phase {phase}")
-    say(_next(phase))
+    behind = [c for c, st in states.items() if st.phase != phase and c not in todo]
+    say(f"next: `rotate {phase}` for {', '.join(behind)}" if behind else _next(phase))
     return 0
 
 

@@ -241,6 +241,20 @@ class TestPhasesAgainstOpenBao:
             mesh.rotate("sign", now=LATER)
         assert mesh.phases() == {east: "trust", west: "A"}
 
+    def test_only_writes_one_cluster_after_checking_all(self, mesh):
+        """--only east: every named cluster must trust B, but only east gets its intermediate under B."""
+        east, west = list(mesh.clusters)
+        with pytest.raises(ConfigError, match=f"cluster {east} is not ready"):
+            mesh.rotate("sign", "--only", east, now=LATER)
+        mesh.rotate("trust", now=NOW)
+        assert mesh.rotate("sign", "--only", east, now=LATER) == 0
+        assert mesh.out[-1] == f"next: `rotate sign` for {west}"
+        assert mesh.phases() == {east: "sign", west: "trust"}
+        assert mesh.rotate("sign", "--only", east, now=LATER) == 0
+        assert "already done" in mesh.out[-1]
+        with pytest.raises(ConfigError, match="--only names cluster nope"):
+            mesh.rotate("sign", "--only", "nope", now=LATER)
+
     def test_the_wait_is_refused_until_it_has_passed(self, mesh):
         """sign within 24h of trust is refused with the time to come back; after it, or with 0s (warned), it runs."""
         mesh.rotate("trust", now=NOW)
@@ -300,7 +314,7 @@ class TestPhasesAgainstOpenBao:
         """No --context and no --multiroot-mesh: refused, saying how to check it; with the flags: a warning that
         they were not checked."""
         ns = cli._parser("rotate").parse_args(["rotate", "trust", *mesh.args("--root-dir", str(mesh.roots["b"]))])
-        with pytest.raises(ConfigError, match="ISTIO_MULTIROOT_MESH=true.*--context"):
+        with pytest.raises(ConfigError, match=r"ISTIO_MULTIROOT_MESH=true.*--context"):
             rotate.run(ns, print, print, client=mesh.client)
         ns = cli._parser("rotate").parse_args(
             ["rotate", "trust", *mesh.args("--root-dir", str(mesh.roots["b"]), "--multiroot-mesh")])
@@ -329,9 +343,8 @@ def _istiod(kube: KubeAPI, *, multiroot: str = "true", image: str = "docker.io/i
             xds: str = "true") -> None:
     kube.put_workload("Deployment", {
         "metadata": {"name": "istiod", "namespace": "istio-system"},
-        "spec": {"selector": {"matchLabels": {"app": "istiod"}},
-                 "template": {"spec": {"containers": [{"name": "discovery", "image": image,
-                                                       "env": [{"name": "ISTIO_MULTIROOT_MESH", "value": multiroot}]}]}}},
+        "spec": {"selector": {"matchLabels": {"app": "istiod"}}, "template": {"spec": {"containers": [
+            {"name": "discovery", "image": image, "env": [{"name": "ISTIO_MULTIROOT_MESH", "value": multiroot}]}]}}},
     })
     mesh_yaml = f"defaultConfig:\n  proxyMetadata:\n    PROXY_CONFIG_XDS_AGENT: \"{xds}\"\ntrustDomain: cluster.local\n"
     kube.put_configmap("istio-system", "istio", {"mesh": mesh_yaml})
