@@ -35,10 +35,10 @@ def _certs(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
-def _doctor(env: dict[str, str], *clusters: str) -> tuple[int, dict[str, dict[str, str]]]:
+def _doctor(env: dict[str, str], *clusters: str, extra: tuple[str, ...] = ()) -> tuple[int, dict[str, dict[str, str]]]:
     """Run `doctor --output json`; (exit code, {cluster/check: status + detail})."""
     args = [a for c in clusters for a in ("--cluster", c)]
-    proc = run_cli("doctor", *args, "--output", "json", env=env)
+    proc = run_cli("doctor", *args, "--output", "json", *extra, env=env)
     assert proc.returncode in (0, 1), proc.stderr
     report = json.loads(proc.stdout)
     return proc.returncode, {f"{c['cluster']}/{c['check']}": c for c in report["checks"]}
@@ -183,13 +183,16 @@ class TestRotate:
                 return False
             return files["root-cert.pem"] == roots and inter.issuer == issuer.subject and _signed(inter, issuer)
 
-        def doctor_passes() -> str:
-            code, checks = _doctor(env, east, west)
+        def doctor_passes(*phases: str) -> str:
+            code, checks = _doctor(env, east, west, extra=("--rotation",))
             assert code == 0, checks
+            for c, phase in zip((east, west), phases, strict=True):
+                assert checks[f"{c}/rotation"]["detail"].startswith(f"phase {phase}:"), checks[f"{c}/rotation"]
             return checks[f"{east}/root"]["detail"]
 
         try:
             assert wait_until(lambda: all(published(c, a_bytes, root_a) for c in outs), timeout=20)
+            doctor_passes("A", "A")
             with KubeAPI() as kube_east, KubeAPI() as kube_west:
                 configs = []
                 for c, api in ((east, kube_east), (west, kube_west)):
@@ -211,7 +214,7 @@ class TestRotate:
                 assert "istiod 1.29.6" in out and "publish what KV holds" in out, out
                 ab = a_bytes + (tmp_path / "root-b" / "root-cert.pem").read_bytes()
                 assert wait_until(lambda: all(published(c, ab, root_a) for c in outs), timeout=20)
-                assert "same root" in doctor_passes()
+                assert "same root" in doctor_passes("trust", "trust")
                 assert "run again after" in run_cli("rotate", "sign", *new, env=env).stderr  # the 24h wait
 
                 # sign, killed after the first cluster's write (its answer held back by a proxy), then resumed
@@ -239,18 +242,18 @@ class TestRotate:
                 assert f"{east}  " in status and "phase sign" in status.split(f"{west}  ")[0], status
                 assert "phase trust" in status.split(f"{west}  ")[1], status
                 assert wait_until(lambda: published(east, ab, root_b), timeout=20)
-                assert "overlapping roots" in doctor_passes()
+                assert "overlapping roots" in doctor_passes("sign", "trust")
                 out = ok("rotate", "sign", *new, "--wait-at-least", "0s")
                 assert f"{east}: already done (sign)" in out and f"{west}: wrote" in out, out
                 assert wait_until(lambda: all(published(c, ab, root_b) for c in outs), timeout=20)
-                assert "same root" in doctor_passes()
+                assert "same root" in doctor_passes("sign", "sign")
                 assert ok("rotate", "sign", *new, "--wait-at-least", "0s").startswith("already done")
 
                 # retire: B alone, which A+B contains byte for byte
                 ok("rotate", "retire", *new, "--wait-at-least", "0s")
                 b_bytes = (tmp_path / "root-b" / "root-cert.pem").read_bytes()
                 assert wait_until(lambda: all(published(c, b_bytes, root_b) for c in outs), timeout=20)
-                assert "same root" in doctor_passes()
+                assert "same root" in doctor_passes("retire", "retire")
                 status = ok("rotate", "status", *clusters)
                 assert "every cluster is in phase retire" in status, status
             for c, out_dir in outs.items():

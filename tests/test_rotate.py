@@ -336,6 +336,27 @@ class TestPhasesAgainstOpenBao:
         assert "every cluster is in phase A" in proc.stdout
 
 
+class TestDoctorRotation:
+    def test_doctor_shows_each_clusters_phase(self, mesh):
+        """doctor's rotation view: one line per cluster with the phase `rotate status` reads; a bundle whose
+        intermediate chains to no root of root_cert is a FAIL."""
+        from agent import doctor
+
+        mesh.rotate("trust", now=NOW)
+        checks = doctor.rotation_view(mesh.client, list(mesh.clusters))
+        assert [(c.check, c.status) for c in checks] == [("rotation", "ok")] * 2
+        assert all(c.detail.startswith("phase trust:") for c in checks)
+        east = next(c for c, v in mesh.clusters.items() if v == 2)
+        data = dict(mesh.stored(east).data)
+        data["root_cert"] = (mesh.roots["b"] / "root-cert.pem").read_text()
+        mesh.admin.secrets.kv.v2.create_or_update_secret(path="istiod-service/certs", secret=data,
+                                                         mount_point=f"kubernetes-{east}-secrets")
+        broken = {c.cluster: c for c in doctor.rotation_view(mesh.client, list(mesh.clusters))}
+        assert broken[east].status == "FAIL" and "chains to no root" in broken[east].detail
+        with pytest.raises(ConfigError, match=f"cannot sign: cluster {east} is not ready"):
+            mesh.rotate("sign", now=LATER)
+
+
 # ---------------------------------------------------------------------------------------------- gates (stand-in)
 
 
