@@ -65,6 +65,12 @@ def _pair(flag: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"--agent-port takes a port from 1 to 65535, not {shown(text, 40)!r}")
+    return int(text)
+
+
 def _version(text: str) -> tuple[int, int, int]:
     found = _parse_version(text)
     if found is None:
@@ -116,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="without --context: istiod's version, which decides its reload rule (not checked)")
         p.add_argument("--istio-namespace", default="istio-system", metavar="NS", help="istiod's namespace")
         p.add_argument("--istiod", default="istiod", metavar="NAME", help="istiod's Deployment (default istiod)")
-        p.add_argument("--agent-port", type=int, default=_AGENT_PORT, metavar="PORT",
+        p.add_argument("--agent-port", type=_port, default=_AGENT_PORT, metavar="PORT",
                        help="the agent's health port in istiod's pods (default 8099)")
         if name == "sign":
             p.add_argument("--days", type=int, default=istio_certs.INTERMEDIATE_DAYS,
@@ -316,7 +322,7 @@ class _Plan:
 
     cluster: str
     stored: Stored
-    data: dict[str, str]
+    data: dict[str, Any]
     lines: list[str]
 
 
@@ -389,7 +395,7 @@ def _check_bundle(cluster: str, before: Mapping[str, bytes], files: Mapping[str,
 def _plan(phase: str, st: ClusterState, *, stored: Stored, new_fp: str, root: Root | None, args: argparse.Namespace,
           now: dt.datetime, warn: Say) -> _Plan:
     """The data `phase` writes for one cluster, validated."""
-    data = {k: str(v) for k, v in stored.data.items() if isinstance(v, str)}
+    data: dict[str, Any] = dict(stored.data)  # keys rotate does not own are written back as they were
     before = stored.files()
     current = before.get("root-cert.pem", b"")
     short = f"sha256 {new_fp[:16]}"
@@ -411,6 +417,9 @@ def _plan(phase: str, st: ClusterState, *, stored: Stored, new_fp: str, root: Ro
         from cryptography.hazmat.primitives.serialization import Encoding
 
         pem = cert.public_bytes(Encoding.PEM)
+        if data.pop("ca_crl", None) is not None:
+            warn(f"{st.cluster}: ca_crl was issued by the old intermediate and is not carried over; store a CRL of the"
+                 " new intermediate as ca_crl if istiod should load one")
         data.update(ca_key=istio_certs.key_pem(key).decode(), ca_cert=pem.decode(),
                     cert_chain=(pem + _root_pem(root)).decode())
         lines = [f"intermediate {shown(cert.subject.rfc4514_string(), 120)} ({key_type}) serial"
@@ -424,7 +433,7 @@ def _plan(phase: str, st: ClusterState, *, stored: Stored, new_fp: str, root: Ro
         lines = [f"root_cert: the new root {short} alone (its bytes as they stand in the current root_cert)",
                  "intermediate unchanged"]
     data[rotation.RECORD_KEY] = rotation.record_text(phase, new_fp, now)
-    files = {name: data[k].encode() for k, name in BUNDLE_KEYS.items() if k in data}
+    files = {name: str(data[k]).encode() for k, name in BUNDLE_KEYS.items() if isinstance(data.get(k), str)}
     if isinstance(data.get("ca_crl"), str):
         files["ca-crl.pem"] = data["ca_crl"].encode()
     _check_bundle(st.cluster, before, files, warn)
