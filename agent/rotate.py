@@ -483,7 +483,7 @@ def _check_wait(phase: str, states: Mapping[str, ClusterState], todo: Sequence[s
 
 def _human(seconds: float) -> str:
     s = int(seconds)
-    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
+    parts = [(s // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
     return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
 
