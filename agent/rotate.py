@@ -222,6 +222,13 @@ def _refused(status: int, what: str, context: str) -> ConfigError:
     return ConfigError(f"the Kubernetes API of context {shown(context)} answered HTTP {status} for {what}")
 
 
+def _dig(obj: Any, *keys: str) -> Any:
+    """obj[k1][k2]... where each level is a mapping; {} as soon as one is not (an answer of another shape)."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return {} if obj is None else obj
+
+
 def _env_value(container: Mapping[str, Any], name: str) -> str | None:
     for env in container.get("env") or []:
         if isinstance(env, dict) and env.get("name") == name:
@@ -248,6 +255,53 @@ def _readyz_problem(body: Any, serial: str, roots: list[str]) -> str:
             f" {len(roots)} root(s)) yet")
 
 
+def _xds_agent(core: Any, namespace: str, context: str) -> bool:
+    """Whether the mesh config (ConfigMap istio, key mesh) sets defaultConfig.proxyMetadata.PROXY_CONFIG_XDS_AGENT."""
+    import yaml
+
+    what = f"ConfigMap {namespace}/istio"
+    status, cm = _kube_json(core.read_namespaced_config_map, what, context, name="istio", namespace=namespace)
+    if status != 200 or not isinstance(cm, dict):
+        raise _refused(status, what, context)
+    text = _dig(cm, "data", "mesh")
+    try:
+        mesh = yaml.safe_load(text[:_MAX_KUBE_BODY]) if isinstance(text, str) else None
+    except yaml.YAMLError:
+        raise ConfigError(f"the key mesh of {what} in context {shown(context)} is not YAML") from None
+    flag = _dig(mesh, "defaultConfig", "proxyMetadata", "PROXY_CONFIG_XDS_AGENT")
+    return isinstance(flag, str | bool) and str(flag).lower() == "true"
+
+
+def _pods(core: Any, dep: dict[str, Any], *, namespace: str, deployment: str, context: str, port: int, serial: str,
+          roots: list[str]) -> dict[str, str]:
+    """Each running pod of the Deployment: why its agent's /readyz does not show KV's bundle ("" when it does)."""
+    labels = _dig(dep, "spec", "selector", "matchLabels")
+    if not isinstance(labels, dict) or not labels:
+        raise ConfigError(f"Deployment {namespace}/{deployment} in context {shown(context)} has no"
+                          " spec.selector.matchLabels to find its pods by")
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    what = f"the pods of {deployment} in {namespace}"
+    status, pods = _kube_json(core.list_namespaced_pod, what, context, namespace=namespace, label_selector=selector)
+    if status != 200 or not isinstance(pods, dict):
+        raise _refused(status, what, context)
+    out: dict[str, str] = {}
+    items = pods.get("items")
+    for pod in items if isinstance(items, list) else []:
+        name = _dig(pod, "metadata", "name")
+        if not isinstance(name, str) or not name or _dig(pod, "status", "phase") != "Running":
+            continue
+        what = f"the agent's /readyz in pod {namespace}/{name}"
+        status, body = _kube_json(core.connect_get_namespaced_pod_proxy_with_path, what, context,
+                                  name=f"{name}:{port}", namespace=namespace, path="readyz")
+        if status not in (200, 503) or not isinstance(body, dict) or "bundles" not in body:
+            out[name] = f"its agent's /readyz answered HTTP {status} through the pod proxy (port {port})"
+        else:
+            out[name] = _readyz_problem(body, serial, roots)
+    if not out:
+        out[""] = f"no running pod of Deployment {namespace}/{deployment}"
+    return out
+
+
 def istiod_facts(context: str, *, namespace: str, deployment: str, port: int, serial: str, roots: list[str]) -> Facts:
     """Read istiod's side through kubeconfig `context`: ISTIO_MULTIROOT_MESH in the Deployment, PROXY_CONFIG_XDS_AGENT
     in the mesh config, the version from the image tag, and each running istiod pod's agent's /readyz (through the
@@ -257,7 +311,6 @@ def istiod_facts(context: str, *, namespace: str, deployment: str, port: int, se
         ConfigError: the context, the Deployment or the ConfigMap cannot be used.
         KubeUnavailable: the API server could not be reached.
     """
-    import yaml
     from kubernetes import client as k8s
 
     api = _kube_api(context)
@@ -267,48 +320,16 @@ def istiod_facts(context: str, *, namespace: str, deployment: str, port: int, se
         status, dep = _kube_json(apps.read_namespaced_deployment, what, context, name=deployment, namespace=namespace)
         if status != 200 or not isinstance(dep, dict):
             raise _refused(status, what, context)
-        spec = (dep.get("spec") or {}).get("template", {}).get("spec", {}) or {}
-        containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+        listed = _dig(dep, "spec", "template", "spec", "containers")
+        containers = [c for c in (listed if isinstance(listed, list) else []) if isinstance(c, dict)]
         discovery = next((c for c in containers if c.get("name") == _DISCOVERY), containers[0] if containers else {})
         multiroot = (_env_value(discovery, "ISTIO_MULTIROOT_MESH") or "").lower() == "true"
         image = str(discovery.get("image") or "")
-        tag = image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
-        version = _parse_version(tag)
-
-        what = f"ConfigMap {namespace}/istio"
-        status, cm = _kube_json(core.read_namespaced_config_map, what, context, name="istio", namespace=namespace)
-        if status != 200 or not isinstance(cm, dict):
-            raise _refused(status, what, context)
-        try:
-            mesh = yaml.safe_load(str((cm.get("data") or {}).get("mesh") or "")) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"the key mesh of {what} in context {shown(context)} is not YAML") from None
-        metadata = ((mesh.get("defaultConfig") or {}) if isinstance(mesh, dict) else {}).get("proxyMetadata") or {}
-        xds_agent = str(metadata.get("PROXY_CONFIG_XDS_AGENT", "")).lower() == "true" if isinstance(
-            metadata, dict) else False
-
-        labels = ((dep.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        what = f"the pods of {deployment} in {namespace}"
-        status, pods = _kube_json(core.list_namespaced_pod, what, context, namespace=namespace,
-                                  label_selector=selector)
-        if status != 200 or not isinstance(pods, dict):
-            raise _refused(status, what, context)
-        out: dict[str, str] = {}
-        for pod in pods.get("items") or []:
-            name = str(((pod or {}).get("metadata") or {}).get("name") or "")
-            if not name or ((pod.get("status") or {}).get("phase")) != "Running":
-                continue
-            what = f"the agent's /readyz in pod {namespace}/{name}"
-            status, body = _kube_json(core.connect_get_namespaced_pod_proxy_with_path, what, context,
-                                      name=f"{name}:{port}", namespace=namespace, path="readyz")
-            if status not in (200, 503) or not isinstance(body, dict) or "bundles" not in body:
-                out[name] = f"its agent's /readyz answered HTTP {status} through the pod proxy (port {port})"
-            else:
-                out[name] = _readyz_problem(body, serial, roots)
-        if not out:
-            out[""] = f"no running pod of Deployment {namespace}/{deployment}"
-        return Facts(multiroot, xds_agent, version, True, out)
+        version = _parse_version(image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2])
+        xds_agent = _xds_agent(core, namespace, context)
+        pods = _pods(core, dep, namespace=namespace, deployment=deployment, context=context, port=port,
+                     serial=serial, roots=roots)
+        return Facts(multiroot, xds_agent, version, True, pods)
     finally:
         api.close()
 

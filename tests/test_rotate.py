@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent import ca, cli, rotate, rotation
-from agent.errors import ConfigError, WriteConflict
+from agent.errors import BundleError, ConfigError, WriteConflict
 from agent.operator import operator_client
 from testbed.kubeapi import KubeAPI
 from testbed.vaultsetup import ensure_secrets_engine
@@ -301,6 +301,18 @@ class TestPhasesAgainstOpenBao:
         assert set(mesh.phases().values()) == {"trust"}
         assert mesh.stored(east).data.get("note") == "someone else"  # keys rotate does not own are kept
 
+    def test_a_bundle_the_validator_refuses_stops_every_write(self, mesh):
+        """One cluster's bundle fails the agent's validator (its cert_chain is not PEM): the error names the file and
+        no cluster is written, not even the ones before it."""
+        east, west = list(mesh.clusters)
+        data = dict(mesh.stored(west).data)
+        data["cert_chain"] = "not a certificate"
+        mesh.admin.write(mesh.path(west), **data)
+        before = mesh.stored(east).data
+        with pytest.raises(BundleError, match=r"cert-chain\.pem"):
+            mesh.rotate("trust", now=NOW)
+        assert mesh.stored(east).data == before
+
     def test_dry_run_writes_nothing_and_shows_no_key(self, mesh):
         """--dry-run prints per cluster what it would get (fingerprints, subjects), never key material."""
         mesh.rotate("trust", now=NOW)
@@ -440,6 +452,22 @@ class TestGates:
             rotate.run(ns, print, print, client=mesh.client, now=NOW)
         standin.remove_pod("istio-system", "istiod-2")
         assert rotate.run(ns, print, print, client=mesh.client, now=NOW) == 0
+
+    def test_a_deployment_of_another_shape_is_not_a_crash(self, mesh, standin):
+        """A Deployment whose pod template is not an object: multiroot counts as not set (refused, one sentence)."""
+        east = next(iter(mesh.clusters))
+        _istiod(standin)
+        standin.put_workload("Deployment", {"metadata": {"name": "istiod", "namespace": "istio-system"},
+                                            "spec": {"template": "nonsense"}})
+        standin.put_configmap("istio-system", "istio", {"mesh": "- [unbalanced"})
+        ns = cli._parser("rotate").parse_args(["rotate", "trust", "--cluster", east, "--root-dir",
+                                               str(mesh.roots["b"]), "--context", f"{east}=east-ctx"])
+        with pytest.raises(ConfigError, match="is not YAML"):
+            rotate.run(ns, print, print, client=mesh.client, now=NOW)
+        standin.put_configmap("istio-system", "istio", {"mesh": "defaultConfig: 7"})
+        with pytest.raises(ConfigError, match="does not set ISTIO_MULTIROOT_MESH=true"):
+            rotate.run(ns, print, print, client=mesh.client, now=NOW)
+        assert mesh.phases()[east] == "A"
 
     def test_an_unknown_context_is_one_sentence(self, mesh, standin):
         """A context the kubeconfig lacks: ConfigError naming it."""
