@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -18,7 +19,7 @@ from agent.errors import BundleError, ConfigError, WriteConflict
 from agent.operator import operator_client
 from testbed.kubeapi import KubeAPI
 from testbed.vaultsetup import ensure_secrets_engine
-from tests.support import cli_env, error_line, run_cli
+from tests.support import cli_env, error_line, run_cli, wait_until
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -137,10 +138,21 @@ class Mesh:
         self.admin = bao.client()
         for c, version in self.clusters.items():
             ensure_secrets_engine(self.admin, f"kubernetes-{c}-secrets", kv_version=version)
+            if version == 2:  # a new KV v2 mount answers "Upgrading from non-versioned..." for a moment
+                assert wait_until(lambda c=c: self._kv2_ready(f"kubernetes-{c}-secrets"), timeout=15)
             opts = ca.IntermediateOptions(cluster=c, root_dir=str(roots["a"]), kv=self.path(c), key_type="ec-p256")
             ca.make_intermediate(opts, say=lambda _: None, warn=lambda _: None, environ=self.env)
         self.out: list[str] = []
         self.warnings: list[str] = []
+
+    def _kv2_ready(self, mount: str) -> bool:
+        try:
+            self.admin.secrets.kv.v2.read_secret_metadata(path="probe", mount_point=mount)
+        except hvac.exceptions.InvalidPath:
+            return True
+        except hvac.exceptions.VaultError:
+            return False
+        return True
 
     @staticmethod
     def path(c: str) -> str:
