@@ -337,7 +337,7 @@ def istiod_facts(context: str, *, namespace: str, deployment: str, port: int, se
 # ---------------------------------------------------------------------------------------------- the phases
 
 
-@dataclass
+@dataclass(repr=False)
 class _Plan:
     """What one cluster gets: the new data (with the record) and the lines that describe it (no secrets)."""
 
@@ -345,6 +345,9 @@ class _Plan:
     stored: Stored
     data: dict[str, Any]
     lines: list[str]
+
+    def __repr__(self) -> str:  # data holds the new intermediate's key: keep it out of reprs and tracebacks
+        return f"_Plan(cluster={self.cluster!r}, lines={self.lines!r})"
 
 
 def _root_pem(root: Root) -> bytes:
