@@ -1,5 +1,5 @@
-"""Command line: `run`, `check`, `inject`, `ca`, `setup vault`, `doctor`. The only module that prints; errors become
-one `error:` line and exit 1."""
+"""Command line: `run`, `check`, `inject`, `ca`, `rotate`, `setup vault`, `doctor`. The only module that prints;
+errors become one `error:` line and exit 1."""
 
 from __future__ import annotations
 
@@ -61,6 +61,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent import ca as ca_mod
 
         ca_mod.add_arguments(ca)
+
+    rotate = sub.add_parser("rotate", help="rotate the mesh's root across clusters in phases: status, trust, sign,"
+                            " retire (operator credentials)")
+    if command == "rotate":
+        from agent import rotate as rotate_mod
+
+        rotate_mod.add_arguments(rotate)
 
     doctor = sub.add_parser(
         "doctor", help="check each cluster's Vault/OpenBao side end to end (operator credentials)"
@@ -143,6 +150,14 @@ def _ca(args: argparse.Namespace) -> int:
     return ca.run(args, say=print, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    from agent import hardening, rotate
+
+    hardening.apply()  # it holds the new root's key: no core dump may write it to disk
+    return rotate.run(args, say=lambda line: print(line, flush=True),
+                      warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
+
+
 def _setup(args: argparse.Namespace) -> int:
     from agent import setup_vault
 
@@ -177,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     run = _Run()
-    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "setup": _setup, "doctor": _doctor}
+    handlers: dict[str, Any] = {"run": run, "check": _check, "ca": _ca, "setup": _setup, "doctor": _doctor,
+                                "rotate": _rotate}
     try:
         if args.command == "inject":
             from agent import inject

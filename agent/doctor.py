@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import hvac
     from cryptography import x509
 
-__all__ = ["FAIL", "OK", "WARN", "Check", "Trust", "add_arguments", "diagnose", "exit_code", "render", "run", "trust"]
+__all__ = ["FAIL", "OK", "WARN", "Check", "Trust", "add_arguments", "diagnose", "exit_code", "render", "rotation_view",
+           "run", "trust"]
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -502,6 +503,28 @@ def diagnose(
     return out + _roots(trusts)
 
 
+def rotation_view(client: hvac.Client, clusters: Sequence[str], now: dt.datetime | None = None) -> list[Check]:
+    """One `rotation` line per cluster: its root rotation phase as `rotate status` reads it from KV.
+
+    Raises:
+        VaultUnavailable: Vault could not be reached.
+    """
+    from agent import rotation
+
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    for name in dict.fromkeys(clusters):
+        try:
+            st = rotation.state_of(rotation.read_stored(client, name, ClusterLayout(name).kv_path), None)
+        except VaultUnavailable:
+            raise
+        except AgentError as exc:
+            out.append(Check(name, "rotation", FAIL, f"could not read the phase: {exc}"))
+            continue
+        out.append(Check(name, "rotation", FAIL if st.phase == rotation.BROKEN else OK, rotation.describe(st, now)))
+    return out
+
+
 def exit_code(checks: Sequence[Check]) -> int:
     """1 when any check failed, else 0."""
     return 1 if any(c.status == FAIL for c in checks) else 0
@@ -543,6 +566,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="warn when a certificate on the path expires within DAYS (default 30)")
     parser.add_argument("--pki", action="store_true",
                         help="PKI mode: check the PKI mount's root and the signing policy instead of a KV bundle")
+    parser.add_argument("--rotation", action="store_true",
+                        help="also print each cluster's root rotation phase, as `rotate status` reads it from KV")
     parser.add_argument("--pki-mount", default="pki", metavar="MOUNT",
                         help="with --pki: the PKI root mount every cluster's intermediate is signed at (default pki)")
 
@@ -561,4 +586,8 @@ def run(args: argparse.Namespace) -> list[Check]:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", args.pki_mount.strip("/")):
         raise ConfigError(f"--pki-mount {shown(args.pki_mount, 80)!r} is not a mount path: use e.g. pki")
     client = operator_client(namespace=args.namespace)
-    return diagnose(client, args.cluster, pki=args.pki, pki_mount=args.pki_mount.strip('/'), warn_days=args.warn_days)
+    checks = diagnose(client, args.cluster, pki=args.pki, pki_mount=args.pki_mount.strip('/'),
+                      warn_days=args.warn_days)
+    if getattr(args, "rotation", False) and not args.pki:
+        checks += rotation_view(client, args.cluster)
+    return checks

@@ -134,6 +134,8 @@ def _bundle_json(st: BundleState, r: Readiness) -> dict[str, Any]:
     if st.info is not None:
         out["expires_at"] = _stamp(st.info.expires_at)
         out["serial"] = st.info.serial
+        # the published roots (sha256 of each certificate of root-cert.pem): what `rotate` checks each istiod has
+        out["roots"] = list(st.info.root_fingerprints)
     if st.published_at is not None:
         out["published_at"] = _stamp(dt.datetime.fromtimestamp(st.published_at, dt.UTC))
     if st.last_error:

@@ -1,5 +1,6 @@
 """A small HTTPS stand-in for the kube-apiserver: mints service-account JWTs and answers TokenReviews; keeps
-Secrets with server-side apply semantics (field managers, conflicts, force) for the remote-secret tests.
+Secrets with server-side apply semantics (field managers, conflicts, force) for the remote-secret tests; serves
+the Deployments, ConfigMaps, Pods and pod proxy reads `rotate --context` looks at.
 
 It is the only thing the test bed fakes; OpenBao is always a real `bao server -dev`.
 """
@@ -168,6 +169,9 @@ class KubeAPI:
         self._handlers: list[tuple[str, re.Pattern[str], Handler]] = []
         self._workloads = _Workloads()
         self._secrets = _Secrets()
+        self._configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._proxies: dict[tuple[str, str], dict[int, str | Handler]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="kubeapi-")
         self._tmpdir = Path(self._tmp.name)
         self._ca_pem, self._ca_file, self._cert_file, self._key_file = _make_tls(self._tmpdir)
@@ -433,33 +437,136 @@ class KubeAPI:
         """Recorded TokenReview requests."""
         return self.requests_to("POST", TOKENREVIEW_PATH)
 
-    def write_kubeconfig(self, path: str | Path, token: str, *, namespace: str = "default") -> Path:
-        """Write a kubeconfig that points at this server with `token` as the bearer; returns the path."""
+    def put_workload(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace a Deployment/DaemonSet/StatefulSet as given (GET answers it; PATCHes apply to it)."""
+        meta = obj["metadata"]
+        full = merge_patch(_workload(kind, meta["namespace"], meta["name"]), copy.deepcopy(obj))
+        with self._workloads.lock:
+            self._workloads.objects[(kind, meta["namespace"], meta["name"])] = full
+        return copy.deepcopy(full)
+
+    def put_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Create or replace the ConfigMap NAMESPACE/NAME with `data`."""
+        with self._lock:
+            self._configmaps[(namespace, name)] = {
+                "apiVersion": "v1", "kind": "ConfigMap", "data": dict(data),
+                "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
+            }
+
+    def put_pod(
+        self,
+        namespace: str,
+        name: str,
+        labels: dict[str, str],
+        *,
+        phase: str = "Running",
+        proxy: dict[int, str | Handler] | None = None,
+    ) -> None:
+        """Create or replace a Pod; `proxy` maps a container port to the base URL the API server's pod proxy
+        forwards GET /api/v1/namespaces/NS/pods/NAME:PORT/proxy/PATH to, or to a handler answering it."""
+        with self._lock:
+            self._pods[(namespace, name)] = {
+                "apiVersion": "v1", "kind": "Pod", "status": {"phase": phase},
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels), "uid": str(uuid.uuid4())},
+                "spec": {"containers": [{"name": "discovery", "image": "example.invalid/pilot:latest"}]},
+            }
+            self._proxies[(namespace, name)] = dict(proxy or {})
+
+    def remove_pod(self, namespace: str, name: str) -> None:
+        """Delete a Pod (and its proxy targets)."""
+        with self._lock:
+            self._pods.pop((namespace, name), None)
+            self._proxies.pop((namespace, name), None)
+
+    def write_kubeconfig(
+        self, path: str | Path, token: str, *, namespace: str = "default", context: str = "standin"
+    ) -> Path:
+        """Write a kubeconfig that points at this server with `token` as the bearer; returns the path. `context`
+        names its cluster, user and context (so that kubeconfigs of several stand-ins can be merged)."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {
-                    "name": "standin",
+                    "name": context,
                     "cluster": {
                         "server": self.url,
                         "certificate-authority-data": base64.b64encode(self._ca_pem).decode("ascii"),
                     },
                 }
             ],
-            "users": [{"name": "standin", "user": {"token": token}}],
+            "users": [{"name": context, "user": {"token": token}}],
             "contexts": [
-                {"name": "standin", "context": {"cluster": "standin", "user": "standin", "namespace": namespace}}
+                {"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}
             ],
-            "current-context": "standin",
+            "current-context": context,
         }
         out = Path(path)
         out.write_text(yaml.safe_dump(config))
         out.chmod(0o600)
         return out
 
+    def _get_workload(self, kind: str) -> Handler:
+        def get(req: KubeRequest) -> KubeResponse:
+            ns, name = req.params["namespace"], req.params["name"]
+            with self._workloads.lock:
+                obj = self._workloads.objects.get((kind, ns, name))
+            if obj is None:
+                return _status(404, "NotFound", f'{kind.lower()}s.apps "{name}" not found')
+            return 200, copy.deepcopy(obj)
+
+        return get
+
+    def _get_configmap(self, req: KubeRequest) -> KubeResponse:
+        ns, name = req.params["namespace"], req.params["name"]
+        with self._lock:
+            obj = self._configmaps.get((ns, name))
+        if obj is None:
+            return _status(404, "NotFound", f'configmaps "{name}" not found')
+        return 200, copy.deepcopy(obj)
+
+    def _list_pods(self, req: KubeRequest) -> KubeResponse:
+        from urllib.parse import parse_qs
+
+        ns = req.params["namespace"]
+        selector = (parse_qs(req.query).get("labelSelector") or [""])[0]
+        with self._lock:
+            items = [copy.deepcopy(p) for (n, _), p in sorted(self._pods.items())
+                     if n == ns and _selected(p["metadata"]["labels"], selector)]
+        return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+
+    def _pod_proxy(self, req: KubeRequest) -> KubeResponse:
+        """GET through the pod proxy: to the pod's registered target for that port (503 when there is none, as
+        the API server answers for a pod that does not listen)."""
+        import urllib.error
+        import urllib.request
+        from urllib.parse import unquote
+
+        ns = req.params["namespace"]
+        name, _, port = unquote(req.params["name"]).partition(":")
+        with self._lock:
+            pod = self._pods.get((ns, name))
+            target = self._proxies.get((ns, name), {}).get(int(port) if port.isdigit() else 80)
+        if pod is None:
+            return _status(404, "NotFound", f'pods "{name}" not found')
+        if target is None:
+            return _status(503, "ServiceUnavailable", f"error trying to reach service: dial tcp: port {port}")
+        if callable(target):
+            return target(req)
+        url = target.rstrip("/") + "/" + req.params["path"]
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status, resp.read(1 << 22)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(1 << 22)
+        except OSError as exc:
+            return _status(503, "ServiceUnavailable", f"error trying to reach service: {exc}")
+
     def _install_defaults(self) -> None:
         self._secrets.install(self)
+        self.add_handler("GET", "/api/v1/namespaces/{namespace}/configmaps/{name}", self._get_configmap)
+        self.add_handler("GET", "/api/v1/namespaces/{namespace}/pods", self._list_pods)
+        self.add_handler("GET", "/api/v1/namespaces/{namespace}/pods/{name}/proxy/{path}", self._pod_proxy)
         self.add_handler("POST", TOKENREVIEW_PATH, self._tokenreview)
         self.add_handler("POST", "/api/v1/namespaces/{namespace}/events", _create_event)
         for plural, kind in (
@@ -472,6 +579,8 @@ class KubeAPI:
                 f"/apis/apps/v1/namespaces/{{namespace}}/{plural}/{{name}}",
                 self._workloads.patcher(kind),
             )
+            self.add_handler("GET", f"/apis/apps/v1/namespaces/{{namespace}}/{plural}/{{name}}",
+                             self._get_workload(kind))
 
     def _tokenreview(self, req: KubeRequest) -> KubeResponse:
         spec = req.body.get("spec", {}) if isinstance(req.body, dict) else {}
