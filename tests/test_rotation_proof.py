@@ -199,6 +199,11 @@ def test_real_agent_publishes_what_istiod_reloads(oracle, rotation, bao, agent_w
     agent.start().wait_event("sidecar_ready", timeout=20)
     held = live_files(out)["root-cert.pem"]
     assert held == rotation.root_a.cert_pem
+    # the lead-time alert's inputs: the workload certificate lifetime (default 24h) and ca-cert.pem's notAfter
+    metrics = agent.metrics()
+    assert metrics['istio_vault_agent_workload_cert_ttl_seconds{bundle="istiod-cacerts"}'] == 86400
+    ca_expiry = metrics['istio_vault_agent_cert_expiry_timestamp_seconds{bundle="istiod-cacerts",file="ca-cert.pem"}']
+    assert ca_expiry == rotation.inter_a["east"].cert.not_valid_after_utc.timestamp()
     for phase, files in steps[1:]:
         layout.write(client, files)
         assert wait_until(lambda f=files: _published(out) == {k: f[k] for k in ISTIO_FILES}, 10), (phase, agent.tail())

@@ -149,9 +149,14 @@ class PkiIntermediateSource(RenewingSource):
             self._log.warning("intermediate_outlives_root", root_expires=iso(chain[-1].not_valid_after_utc.timestamp()),
                               reason="Vault does not cap sign-intermediate at the root's notAfter: rotate the root"
                               " before it expires")
+        renew_at = renew_time(not_before, not_after, self.renew_before)
+        if not_after - renew_at < 2 * b.workload_ttl:
+            # istiod caps workload certificates at the intermediate's notAfter: renewing this late shortens them
+            self._log.warning("intermediate_lead_time_short", renew_at=iso(renew_at), expires=iso(not_after),
+                              reason=f"renewal leaves {round(not_after - renew_at)}s, less than twice workload_cert_ttl"
+                              f" ({round(b.workload_ttl)}s): raise ttl (or the mount's max_lease_ttl) or renew_before")
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
-                      renew_at=renew_time(not_before, not_after, self.renew_before), cas=ders(chain),
-                      renewed=renewed, extra={"own_crl": own_crl})
+                      renew_at=renew_at, cas=ders(chain), renewed=renewed, extra={"own_crl": own_crl})
 
     def _require_root(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> None:
         if chain and is_self_signed(chain[-1]):
