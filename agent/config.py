@@ -166,6 +166,9 @@ class PkiIntermediateSource(_Section, frozen=True):
     renew_before: float = 0.33
     #: also publish ca-crl.pem: the mount's CRLs for the chain and an empty one signed by the intermediate
     crl: bool = False
+    #: during a root rotation: MOUNT/PATH of a KV secret whose key root_cert holds more roots to trust
+    #: (root-cert.pem = the mount's root, then these; published bytes kept while the set only grows or stays)
+    extra_roots_kv: str | None = None
 
 
 class PkiSource(_Section, frozen=True):
@@ -759,6 +762,11 @@ def _validate_pki_intermediate(key: str, b: BundleConfig, s: PkiIntermediateSour
         raise ConfigError(f"{key}.renew_before must be a fraction of the lifetime between 0 and 1, such as 0.33")
     if s.ttl < 1:
         raise ConfigError(f"{key}.ttl must be at least 1s")
+    if s.extra_roots_kv is not None and "/" not in s.extra_roots_kv.strip("/"):
+        raise ConfigError(
+            f"{key}.extra_roots_kv must be MOUNT/PATH of a KV secret, such as secret/istio/extra-roots,"
+            f" not {shown(s.extra_roots_kv, 80)!r}"
+        )
     _check_renewal_margin(key, b, s.ttl * s.renew_before * 0.95)
 
 
