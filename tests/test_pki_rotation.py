@@ -71,6 +71,12 @@ def test_pki_mode_rotation_with_extra_trust_anchors(lab: PkiLab, rot, oracle, tm
         assert first["root-cert.pem"] == lab.layout.root_pem or root_a.subject.rfc4514_string() == "CN=Root CA,O=Istio"
         held = first["root-cert.pem"]
 
+        # hostile: not a certificate in the extra roots -> one sentence, retried; the live bundle stays
+        run(f"bao kv put {kv} root_cert=not-a-certificate")
+        failed = agent.wait_event("sync_failed", timeout=10)[0]
+        assert f"key root_cert of KV secret {kv} must hold 1 to 8 PEM root certificates" in failed["reason"]
+        assert "\n" not in failed["reason"] and current(out) == first and agent.ready()[0] == 200
+
         # trust (README, PKI mode): a second root in the mount, not yet signing; both roots as the extra anchors
         run(f'bao write -field=certificate {pki}/root/rotate/internal common_name="Root CA B" organization=Istio'
             f" key_type=ec ttl=87000h issuer_name=root-b > root-b.pem")
