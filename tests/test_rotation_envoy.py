@@ -168,3 +168,110 @@ def test_sign_before_every_cluster_trusts_b_breaks_mtls(mesh):
     assert _refused(mesh, "east-sign", "west-A") == "listener.west-A-in"
     assert _refused(mesh, "west-A", "east-sign") == "cluster.west-A--east-sign"
     assert mesh.call("west-A", "east-trust") and mesh.call("east-trust", "west-A")  # control: trust, then sign
+
+
+# ---------------------------------------------------------------------------------------------- live workloads
+
+
+class LiveMesh:
+    """Four long-lived workloads, two per cluster (`<cluster>1` renews at once after its cluster's write,
+    `<cluster>2` lags until the wait is over), each a directory published by the agent's own publisher (a
+    `..data` swap, as a kubelet-mounted volume) that the Envoys watch: a MUTUAL listener per workload and an
+    upstream per ordered pair, all following their files through every change."""
+
+    NAMES = ("east1", "east2", "west1", "west2")
+
+    def __init__(self, workdir: Path, rotation: Rotation) -> None:
+        self.workdir, self.rotation = workdir, rotation
+        self.phase = dict.fromkeys(self.NAMES, "A")
+        self.files = {c: {p: f for p, _, f in rotation.walk((c,))} for c in CLUSTERS}
+        for name in self.NAMES:
+            self._publish(name)
+        listeners = [ServerTls(f"{n}-in", workdir / n, mode="MUTUAL", cert="cert.pem", key="key.pem", ca="trust.pem")
+                     for n in self.NAMES]
+        self.servers = Envoy(workdir / "servers", listeners=listeners)
+        self.clients: Envoy | None = None
+        try:
+            self.servers.start(timeout=60)
+            upstreams = [UpstreamTls(f"{a}--{b}", self.servers.port(f"{b}-in"), workdir / a, cert="cert.pem",
+                                     key="key.pem", ca="trust.pem", match_sans=[spiffe_id(b)])
+                         for a, b in itertools.permutations(self.NAMES, 2)]
+            self.clients = Envoy(workdir / "clients", upstreams=upstreams).start(timeout=60)
+        except BaseException:
+            self.close()
+            raise
+
+    def _publish(self, name: str) -> int:
+        """Issue and publish `name`'s files for its phase; returns how many of its two secrets changed."""
+        from agent.publish import publish
+
+        wl = istiod_sign(self.files[name[:-1]][self.phase[name]], name)
+        trust = self.workdir / name / "trust.pem"
+        changed = 1 + (not trust.exists() or trust.read_bytes() != wl.trust_pem)  # the leaf is always new
+        publish(self.workdir / name, {"cert.pem": wl.chain_pem, "key.pem": wl.key_pem, "trust.pem": wl.trust_pem},
+                key_files={"key.pem"})
+        return changed
+
+    def _uses(self, name: str) -> list[tuple[Envoy, str]]:
+        assert self.clients is not None
+        return [(self.servers, f"{name}-in"),
+                *((self.clients, f"{name}--{b}") for b in self.NAMES if b != name)]
+
+    def renew(self, name: str, phase: str) -> None:
+        """Workload `name` gets a certificate and trust bundle of `phase` from its istiod; returns once every
+        listener and upstream using them has rebuilt its TLS context."""
+        before = {(id(e), n): e.ssl_context_updates(n) for e, n in self._uses(name)}
+        self.phase[name] = phase
+        changed = self._publish(name)  # one context rebuild per changed secret (certificate, trust bundle)
+        for envoy, n in self._uses(name):
+            want = before[id(envoy), n] + changed
+            assert wait_until(lambda e=envoy, n=n, w=want: e.ssl_context_updates(n) >= w, 10), (name, n, want)
+
+    def everyone_calls_everyone(self) -> list[str]:
+        """Every workload calls every other one: the pairs that failed."""
+        assert self.clients is not None
+        failed = []
+        for a, b in itertools.permutations(self.NAMES, 2):
+            result = http_get(self.clients.port(f"{a}--{b}"))
+            if not (result.ok and result.body == f"ok {b}-in"):
+                failed.append(f"{a}({self.phase[a]}) -> {b}({self.phase[b]}): {result.status} {result.error}")
+        return failed
+
+    def failures(self) -> dict[str, int]:
+        assert self.clients is not None
+        return {n: v for e in (self.servers, self.clients) for n, v in e.stats(r"\.ssl\.").items()
+                if v and n.rpartition(".")[2] in _FAILED}
+
+    def close(self) -> None:
+        for envoy in (self.clients, self.servers):
+            if envoy is not None:
+                envoy.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("order", [("east", "west"), ("west", "east")], ids=["east-first", "west-first"])
+def test_live_workloads_follow_the_rotation_without_a_failed_handshake(tmp_path, order):
+    """The same rotation with long-lived workloads whose files change under running Envoys: after each write one
+    workload of that cluster renews at once and the other only after the wait; every workload calls every other
+    one after each change, and no Envoy ever counts a failed handshake."""
+    try:
+        find_envoy()
+    except EnvoyNotFound as exc:
+        pytest.skip(str(exc))
+    mesh = LiveMesh(tmp_path, Rotation(clusters=CLUSTERS))
+    try:
+        assert mesh.everyone_calls_everyone() == []
+        changes = 0
+        for phase in PHASES[1:]:
+            for cluster in order:
+                mesh.renew(f"{cluster}1", phase)
+                changes += 1
+                assert mesh.everyone_calls_everyone() == [], (phase, cluster)
+            for cluster in order:  # the wait: the laggards renew too
+                mesh.renew(f"{cluster}2", phase)
+                changes += 1
+                assert mesh.everyone_calls_everyone() == [], (phase, cluster)
+        assert changes == 12 and set(mesh.phase.values()) == {"retire"}
+        assert mesh.failures() == {}
+    finally:
+        mesh.close()
