@@ -7,6 +7,9 @@ A workload is named by its cluster and the phase its certificate and trust bundl
 workloads alive are those of each cluster's current phase, plus those of its previous phase that have not renewed
 yet: the wait between phases (one workload certificate lifetime, counted from the last cluster's write) is what
 makes a phase's workloads all gone before the next phase is written anywhere.
+
+`test_live_...` runs the same rotation with four long-lived workloads whose files the agent's publisher swaps under
+running Envoys (file-watched SDS), so the certificates and trust bundles change in place as pilot-agent changes them.
 """
 
 from __future__ import annotations
