@@ -134,7 +134,7 @@ def test_every_step_of_the_rotation_keeps_mtls_working(mesh, order):
     assert not broken, broken
     assert calls == 91  # 4 + 3 phases x (9 + 16 + 4)
     expected = (before[0] + calls, before[1] + calls)
-    assert wait_until(lambda: mesh.handshakes() == expected, 5), (mesh.handshakes(), expected)
+    assert wait_until(lambda: mesh.handshakes() == expected, 15), (mesh.handshakes(), expected)
     assert not mesh.failures(), mesh.failures()
 
 
@@ -149,7 +149,7 @@ def _refused(mesh: Mesh, client: str, server: str) -> str:
         changed = {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
         return changed if len(changed) == 2 else {}
 
-    changed = wait_until(moved, 5)
+    changed = wait_until(moved, 15)
     refusing = [k for k, v in changed.items() if k.endswith(".ssl.fail_verify_error") and v == 1]
     others = [k for k in changed if k not in refusing]
     assert len(refusing) == 1 and all(k.endswith(".ssl.connection_error") for k in others), changed
@@ -228,7 +228,7 @@ class LiveMesh:
         changed = self._publish(name)  # one context rebuild per changed secret (certificate, trust bundle)
         for envoy, n in self._uses(name):
             want = before[id(envoy), n] + changed
-            assert wait_until(lambda e=envoy, n=n, w=want: e.ssl_context_updates(n) >= w, 10), (name, n, want)
+            assert wait_until(lambda e=envoy, n=n, w=want: e.ssl_context_updates(n) >= w, 30), (name, n, want)
 
     def everyone_calls_everyone(self) -> list[str]:
         """Every workload calls every other one: the pairs that failed."""

@@ -196,7 +196,7 @@ def test_real_agent_publishes_what_istiod_reloads(oracle, rotation, bao, agent_w
                        on_root_change="none")
     agent = AgentProc(write_config(tmp_path / "agent.yaml", cfg))
     agent_world["agents"].append(agent)
-    agent.start().wait_event("sidecar_ready", timeout=20)
+    agent.start().wait_event("sidecar_ready", timeout=30)
     held = live_files(out)["root-cert.pem"]
     assert held == rotation.root_a.cert_pem
     # the lead-time alert's inputs: the workload certificate lifetime (default 24h) and ca-cert.pem's notAfter
@@ -206,7 +206,7 @@ def test_real_agent_publishes_what_istiod_reloads(oracle, rotation, bao, agent_w
     assert ca_expiry == rotation.inter_a["east"].cert.not_valid_after_utc.timestamp()
     for phase, files in steps[1:]:
         layout.write(client, files)
-        assert wait_until(lambda f=files: _published(out) == {k: f[k] for k in ISTIO_FILES}, 10), (phase, agent.tail())
+        assert wait_until(lambda f=files: _published(out) == {k: f[k] for k in ISTIO_FILES}, 30), (phase, agent.tail())
         for rule in RULES:
             v = reload(oracle, out, held, rule=rule)
             assert v["reload"] == {"ok": True}, (phase, rule, v)
