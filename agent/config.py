@@ -23,6 +23,7 @@ __all__ = [
     "CONFIG_ENV",
     "KEY_TYPES",
     "SA_TOKEN_PATH",
+    "WORKLOAD_CERT_TTL",
     "AgentConfig",
     "AuthConfig",
     "BundleConfig",
@@ -56,6 +57,8 @@ __all__ = [
     "validate",
 ]
 
+#: istiod's DEFAULT_WORKLOAD_CERT_TTL and pilot-agent's SECRET_TTL: the lifetime of a workload certificate
+WORKLOAD_CERT_TTL = 24 * 3600.0
 #: the environment variable naming the config file when --config is not given
 CONFIG_ENV = "ISTIO_VAULT_AGENT_CONFIG"
 #: where kubelet mounts the pod's service-account token
@@ -163,6 +166,9 @@ class PkiIntermediateSource(_Section, frozen=True):
     renew_before: float = 0.33
     #: also publish ca-crl.pem: the mount's CRLs for the chain and an empty one signed by the intermediate
     crl: bool = False
+    #: during a root rotation: MOUNT/PATH of a KV secret whose key root_cert holds more roots to trust
+    #: (root-cert.pem = the mount's root, then these; published bytes kept while the set only grows or stays)
+    extra_roots_kv: str | None = None
 
 
 class PkiSource(_Section, frozen=True):
@@ -252,6 +258,9 @@ class BundleConfig(_Section, frozen=True):
     on_root_change: Literal["restart", "none"] = "restart"
     restart_process: str = "pilot-discovery"
     ready_min_remaining: Duration = Duration(3600)
+    #: istio-ca: the lifetime of the workload certificates istiod signs (pilot-agent's SECRET_TTL, 24h by default);
+    #: an intermediate needs 2 x this left, since istiod caps workload certificates at its notAfter
+    workload_cert_ttl: Duration | None = None
     #: tls: tls.crt must chain to ca.crt; false when ca.crt is the CA of client certificates (gateway MUTUAL)
     ca_signs_cert: bool = True
     #: remote-secret: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME)
@@ -276,6 +285,11 @@ class BundleConfig(_Section, frozen=True):
     def files(self) -> dict[str, str]:
         """Output file -> KV key, the kind's defaults overlaid with `source.fields`."""
         return {**self.kind.kv_fields, **self.source.fields}
+
+    @property
+    def workload_ttl(self) -> float:
+        """`workload_cert_ttl` in seconds (default 24h, istiod's and pilot-agent's)."""
+        return float(self.workload_cert_ttl) if self.workload_cert_ttl is not None else WORKLOAD_CERT_TTL
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -656,6 +670,10 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
     if b.type != "istio-ca" and b.multiroot:
         raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
+    if b.workload_cert_ttl is not None and b.type != "istio-ca":
+        raise ConfigError(f"{key}.workload_cert_ttl only applies to istio-ca bundles")
+    if b.workload_cert_ttl is not None and b.workload_cert_ttl < 1:
+        raise ConfigError(f"{key}.workload_cert_ttl must be at least 1s, such as 24h (pilot-agent's SECRET_TTL)")
     for only in ("cluster", "namespace"):
         if getattr(b, only) is not None:
             raise ConfigError(f"{key}.{only} only applies to remote-secret bundles")
@@ -701,9 +719,10 @@ def _validate_remote_secret(key: str, b: BundleConfig) -> None:
         )
     if not isinstance(b.reload, NoReload):
         raise ConfigError(f"{key}.reload does not apply to remote-secret bundles: istiod watches its Secrets")
-    if b.multiroot or not b.ca_signs_cert or b.uid is not None or b.gid is not None:
+    if b.multiroot or not b.ca_signs_cert or b.uid is not None or b.gid is not None or b.workload_cert_ttl:
         raise ConfigError(
-            f"{key} is a remote-secret bundle: multiroot, ca_signs_cert, uid and gid apply to file bundles only"
+            f"{key} is a remote-secret bundle: multiroot, ca_signs_cert, uid, gid and workload_cert_ttl apply to file"
+            " bundles only"
         )
 
 
@@ -754,6 +773,11 @@ def _validate_pki_intermediate(key: str, b: BundleConfig, s: PkiIntermediateSour
         raise ConfigError(f"{key}.renew_before must be a fraction of the lifetime between 0 and 1, such as 0.33")
     if s.ttl < 1:
         raise ConfigError(f"{key}.ttl must be at least 1s")
+    if s.extra_roots_kv is not None and "/" not in s.extra_roots_kv.strip("/"):
+        raise ConfigError(
+            f"{key}.extra_roots_kv must be MOUNT/PATH of a KV secret, such as secret/istio/extra-roots,"
+            f" not {shown(s.extra_roots_kv, 80)!r}"
+        )
     _check_renewal_margin(key, b, s.ttl * s.renew_before * 0.95)
 
 

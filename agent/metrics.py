@@ -35,6 +35,7 @@ METRIC_NAMES = (
     "istio_vault_agent_vault_request_duration_seconds",
     "istio_vault_agent_file_watch_polling",
     "istio_vault_agent_log_lines_dropped_total",
+    "istio_vault_agent_workload_cert_ttl_seconds",
 )
 
 #: upper bounds (seconds) of the Vault request latency histogram; vault.timeout defaults to 10 s
@@ -96,12 +97,17 @@ class PrometheusMetrics(Metrics):
       absent until the watcher starts.
     - ``istio_vault_agent_log_lines_dropped_total`` counter (extra): log lines dropped because stderr was not
       read fast enough (or was closed); the agent never waits for its log.
+    - ``istio_vault_agent_workload_cert_ttl_seconds{bundle}`` gauge (extra): for istio-ca bundles, the workload
+      certificate lifetime of the config (`workload_cert_ttl`, 24h by default). istiod caps a workload
+      certificate at its intermediate's notAfter (1.28.7, 1.29.3, 1.30.0 and later), so alert when
+      ``cert_expiry_timestamp_seconds{file="ca-cert.pem"} - time()`` is below twice this.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
     method is a dict update under a lock (scrapes may come from another thread).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workload_cert_ttl: Mapping[str, float] | None = None) -> None:
+        """`workload_cert_ttl`: istio-ca bundle name -> its workload certificate lifetime in seconds."""
         from prometheus_client import CollectorRegistry
 
         self._lock = threading.Lock()
@@ -119,6 +125,7 @@ class PrometheusMetrics(Metrics):
         self._token_expiry: float | None = None
         self._vault_node: str | None = None
         self._watch_polling: bool | None = None
+        self._workload_ttl = dict(workload_cert_ttl or {})
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_collector(self))
 
@@ -284,6 +291,16 @@ class PrometheusMetrics(Metrics):
                 g.add_metric([state], 1.0 if state == vault_node else 0.0)
         yield g
         yield from _degraded_families(watch_polling)
+
+        g = GaugeMetricFamily(
+            "istio_vault_agent_workload_cert_ttl_seconds",
+            "Lifetime of the workload certificates istiod signs (workload_cert_ttl), for istio-ca bundles: an"
+            " intermediate needs twice this left.",
+            labels=["bundle"],
+        )
+        for bundle, value in sorted(self._workload_ttl.items()):
+            g.add_metric([bundle], value)
+        yield g
 
 
 def _degraded_families(watch_polling: bool | None) -> Iterator[Any]:

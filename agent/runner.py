@@ -54,7 +54,8 @@ class Agent:
             from agent.kube import EventRecorder
             from agent.metrics import PrometheusMetrics
 
-            self.metrics, self.events = PrometheusMetrics(), EventRecorder(cfg.kubernetes)
+            workload_ttl = {b.name: b.workload_ttl for b in cfg.bundles if b.type == "istio-ca"}
+            self.metrics, self.events = PrometheusMetrics(workload_ttl), EventRecorder(cfg.kubernetes)
         self.vault = Vault(cfg.vault, metrics=self.metrics, max_response_bytes=cfg.limits.max_secret_size)
         self.keeper = TokenKeeper(cfg.auth, self.vault, self.metrics)
         limits = Limits(max_file_bytes=cfg.limits.max_file_size, max_certs_per_file=cfg.limits.max_certs_per_file)

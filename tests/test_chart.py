@@ -207,12 +207,15 @@ class TestAgentChart:
         """extraConfig reaches the agent config and per-bundle agent settings pass through."""
         values = {
             "extraConfig": {"log": {"level": "debug"}},
-            "istiod": {"bundle": {"multiroot": True, "on_root_change": "none"}},
+            "istiod": {"bundle": {"multiroot": True, "on_root_change": "none", "workload_cert_ttl": "12h"}},
         }
         objects, _ = render(CHART, values)
         _, cfg = agent_config_of(objects)
         assert cfg.log.level == "debug"
         assert (cfg.bundles[0].multiroot, cfg.bundles[0].on_root_change) == (True, "none")
+        assert cfg.bundles[0].workload_ttl == 12 * 3600
+        _, default = agent_config_of(render(CHART, {})[0])
+        assert default.bundles[0].workload_ttl == 24 * 3600
 
     def test_pki_sources_pass_through(self) -> None:
         """A PKI source variant replaces kv (set to null) and reaches the agent config as given."""

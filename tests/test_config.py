@@ -73,6 +73,16 @@ class TestContract:
         with pytest.raises(ConfigError, match="--config FILE or set ISTIO_VAULT_AGENT_CONFIG"):
             config.load(None, env={})
 
+    def test_workload_cert_ttl(self):
+        """An istio-ca bundle's workload certificate lifetime is 24h unless workload_cert_ttl says otherwise."""
+        base = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"}}
+        cfg = config.from_mapping(
+            {**base, "bundles": [{"name": "a", "dir": "/a", "source": {"kv": "s/a"}},
+                                 {"name": "b", "dir": "/b", "source": {"kv": "s/b"}, "workload_cert_ttl": "1h"}]},
+            env={},
+        )
+        assert [b.workload_ttl for b in cfg.bundles] == [86400, 3600]
+
     @pytest.mark.parametrize(
         ("text", "seconds"), [("30s", 30), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5), (45, 45), ("2", 2)]
     )
@@ -102,6 +112,16 @@ def test_bad_config_on_the_command_line(tmp_path):
 
 
 class TestPkiContract:
+    def test_default_intermediate_renewal_leaves_twice_the_workload_lifetime(self):
+        """PKI mode's defaults renew istiod's intermediate with at least 720h x 0.33 x 0.95 = 225.7h (9.4 days)
+        left, well above 2 x 24h: istiod never has to shorten a workload certificate to its notAfter."""
+        from agent.sources.pki import JITTER, renew_time
+
+        s = config.PkiIntermediateSource(cluster="c1")
+        earliest_left = s.ttl - renew_time(0, s.ttl, s.renew_before, rng=lambda: 0.0)
+        assert earliest_left == pytest.approx(720 * 3600 * 0.33 * (1 - JITTER))
+        assert earliest_left > 4 * 2 * config.WORKLOAD_CERT_TTL
+
     def test_issue_11_examples_load(self):
         """The two PKI source variants of issue 11's contract load with the values they name, and defaults."""
         base = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"}}

@@ -69,6 +69,12 @@ class TestImport:
 
 
 class TestExposition:
+    def test_workload_cert_ttl_per_istio_ca_bundle(self) -> None:
+        """The workload certificate lifetime of each istio-ca bundle it was given, for the lead-time alert."""
+        text = PrometheusMetrics({"istiod-cacerts": 86400.0}).render()[0].decode()
+        assert 'istio_vault_agent_workload_cert_ttl_seconds{bundle="istiod-cacerts"} 86400.0' in text
+        assert "istio_vault_agent_workload_cert_ttl_seconds{" not in PrometheusMetrics().render()[0].decode()
+
     def test_names_are_the_contract(self) -> None:
         """Every documented name appears as a HELP/TYPE line, counters with exactly one `_total`."""
         m = PrometheusMetrics()

@@ -105,7 +105,7 @@ def check_against_crd(obj: dict[str, Any]) -> None:
 
 def exported_names() -> set[str]:
     """The metric names a sidecar agent exports once every series exists, read from its real exposition."""
-    metrics = PrometheusMetrics()
+    metrics = PrometheusMetrics({"istiod-cacerts": 86400.0})
     root = pki.root_ca(days=3650)
     info = validate_bundle("istio-ca", pki.istio_ca_files(root, pki.intermediate_ca(root, days=400)))
     metrics.published("istiod-cacerts", info, dt.datetime.now(dt.UTC).timestamp())
@@ -192,6 +192,46 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, str, dict[str, Any] | None
         [series("istio_vault_agent_bundle_expiry_timestamp_seconds", f"{3 * DAY}x60", **B)],
         "30m",
         "IstioVaultAgentBundleExpiryCritical",
+        None,
+    ),
+    (
+        "istiod's intermediate ends in 36 hours, workload certificates last 24",
+        [
+            series("istio_vault_agent_cert_expiry_timestamp_seconds", f"{DAY * 3 // 2}x60", file="ca-cert.pem", **B),
+            series("istio_vault_agent_cert_expiry_timestamp_seconds", f"{30 * DAY}x60", file="root-cert.pem", **B),
+            series("istio_vault_agent_workload_cert_ttl_seconds", f"{DAY}x60", **B),
+        ],
+        "30m",
+        "IstioVaultAgentIntermediateLeadTimeShort",
+        firing("IstioVaultAgentIntermediateLeadTimeShort", "warning"),
+    ),
+    (
+        "istiod's intermediate ends in 36 hours, workload certificates last 1 hour",
+        [
+            series("istio_vault_agent_cert_expiry_timestamp_seconds", f"{DAY * 3 // 2}x60", file="ca-cert.pem", **B),
+            series("istio_vault_agent_workload_cert_ttl_seconds", "3600x60", **B),
+        ],
+        "30m",
+        "IstioVaultAgentIntermediateLeadTimeShort",
+        None,
+    ),
+    (
+        "istiod's intermediate renewed 20 minutes in: 30 days left",
+        [
+            series("istio_vault_agent_cert_expiry_timestamp_seconds", f"{DAY}x20 {30 * DAY}x40", file="ca-cert.pem",
+                   **B),
+            series("istio_vault_agent_workload_cert_ttl_seconds", f"{DAY}x60", **B),
+        ],
+        "30m",
+        "IstioVaultAgentIntermediateLeadTimeShort",
+        None,
+    ),
+    (
+        "a tls bundle ending in a day has no workload certificate lifetime",
+        [series("istio_vault_agent_cert_expiry_timestamp_seconds", f"{DAY}x60", file="ca-cert.pem",
+                bundle="gateway")],
+        "30m",
+        "IstioVaultAgentIntermediateLeadTimeShort",
         None,
     ),
     (

@@ -301,6 +301,9 @@ class TestSidecar:
         failed = [e for e in agent.events("sync_failed") if "broken for the test" in e["reason"]]
         assert failed and all(e["retryable"] for e in failed)
         assert "while signing istiod's intermediate CSR at" in failed[0]["reason"]
+        # a 20 s intermediate renews with seconds left, far below 2 x the 24 h workload certificates: said each time
+        short = _issued(agent, "intermediate_lead_time_short", "istiod")
+        assert short and "less than twice workload_cert_ttl (86400s)" in short[0]["reason"], agent.tail()
         # signing requests: one per issuance and one per failure, none on a poll with nothing due
         issued = _issued(agent, "intermediate_issued", "istiod")
         signs = [p for p, _ in lab.posts() if p.endswith("/sign-intermediate")]

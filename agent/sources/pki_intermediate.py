@@ -6,6 +6,12 @@ renew_before of its lifetime is left, and reused after a restart while it is goo
 The key goes nowhere but ca-key.pem: the request carries the CSR only. Once per poll_interval the source reads
 the issuer's chain (and, with `crl`, the CRLs), which needs no policy; a changed root or a revoked intermediate is
 renewed at once. root-cert.pem keeps its published bytes while the root stays the same.
+
+During a root rotation, `extra_roots_kv` names a KV secret whose `root_cert` holds more roots to trust (read once
+per poll_interval too): root-cert.pem is then the mount's root and those, composed like `rotate` writes KV bundles.
+The published bytes stay as they are while the set of roots does not change (the sign phase), a set that grows
+gets the new roots appended after them (the trust phase: istiod <= 1.29 needs the old bytes contiguous), and any
+other change is written afresh, the mount's root first (the retire phase).
 """
 
 from __future__ import annotations
@@ -47,12 +53,15 @@ if TYPE_CHECKING:
 
     from agent.config import AgentConfig, BundleConfig
     from agent.config import PkiIntermediateSource as Settings
+    from agent.kvstore import KVMount
     from agent.vault import Vault
 
 __all__ = ["PkiIntermediateSource", "csr_for", "generate_key", "open"]
 
 #: how many left-behind issuers and roots are remembered
 _SUPERSEDED_KEPT = 16
+#: at most this many extra trust anchors (extra_roots_kv)
+_EXTRA_ROOTS_MAX = 8
 
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
 
@@ -115,6 +124,8 @@ class PkiIntermediateSource(RenewingSource):
         self._crl_paths: dict[bytes, str] = {}
         #: issuers and roots (DER) this source has moved away from: an answer showing one again lags behind
         self._superseded: list[bytes] = []
+        #: the KV mount of extra_roots_kv, found once
+        self._extras_mount: KVMount | None = None
 
     @property
     def _where(self) -> str:
@@ -149,9 +160,14 @@ class PkiIntermediateSource(RenewingSource):
             self._log.warning("intermediate_outlives_root", root_expires=iso(chain[-1].not_valid_after_utc.timestamp()),
                               reason="Vault does not cap sign-intermediate at the root's notAfter: rotate the root"
                               " before it expires")
+        renew_at = renew_time(not_before, not_after, self.renew_before)
+        if not_after - renew_at < 2 * b.workload_ttl:
+            # istiod caps workload certificates at the intermediate's notAfter: renewing this late shortens them
+            self._log.warning("intermediate_lead_time_short", renew_at=iso(renew_at), expires=iso(not_after),
+                              reason=f"renewal leaves {round(not_after - renew_at)}s, less than twice workload_cert_ttl"
+                              f" ({round(b.workload_ttl)}s): raise ttl (or the mount's max_lease_ttl) or renew_before")
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
-                      renew_at=renew_time(not_before, not_after, self.renew_before), cas=ders(chain),
-                      renewed=renewed, extra={"own_crl": own_crl})
+                      renew_at=renew_at, cas=ders(chain), renewed=renewed, extra={"own_crl": own_crl})
 
     def _require_root(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> None:
         if chain and is_self_signed(chain[-1]):
@@ -168,19 +184,64 @@ class PkiIntermediateSource(RenewingSource):
                own_crl: bytes, held_crls: bytes = b"") -> tuple[dict[str, bytes], bool]:
         """The bundle's files, and whether a CRL of the chain revokes the intermediate (`held_crls`: the published
         ca-crl.pem, whose CRLs a lagging node's older ones do not replace)."""
-        root = chain[-1]
-        kept = self._root_pem is not None and load_certs(self._root_pem) == [root]
         files = {
             "ca-key.pem": key_pem,
             "ca-cert.pem": pem(leaf),
             "cert-chain.pem": b"".join(pem(c) for c in [leaf, *chain]),
-            "root-cert.pem": self._root_pem if kept and self._root_pem is not None else pem(root),
+            "root-cert.pem": self._compose_root(chain[-1], await self._extra_roots()),
         }
         revoked = False
         if self.settings.crl:
             crls, revoked = await self._chain_crls(leaf, chain, held_crls)
             files["ca-crl.pem"] = own_crl + crls
         return files, revoked
+
+    def _compose_root(self, root: x509.Certificate, extras: list[x509.Certificate]) -> bytes:
+        """root-cert.pem for the mount's `root` and the extra trust anchors: the published bytes while the set is
+        the same, those bytes then the new roots when it only grew, else the roots afresh (the mount's first)."""
+        wanted = [root, *(c for c in dict.fromkeys(extras) if c != root)]
+        held = self._root_pem
+        out = b"".join(pem(c) for c in wanted)
+        if held is not None and (held_certs := load_certs(held)):
+            if set(held_certs) == set(wanted):
+                out = held
+            elif set(held_certs) < set(wanted):
+                added = b"".join(pem(c) for c in wanted if c not in held_certs)
+                out = held + (b"" if held.endswith(b"\n") else b"\n") + added
+        self._root_pem = out
+        return out
+
+    async def _extra_roots(self) -> list[x509.Certificate]:
+        """The roots in key root_cert of `extra_roots_kv` (KV v1 or v2); none without it, or when the secret, its
+        current version or the key is absent or empty (no rotation under way)."""
+        kv = self.settings.extra_roots_kv
+        if kv is None:
+            return []
+        from agent import kvstore
+
+        where = kv.strip("/")
+        fix = (
+            f"check that {shown(where)} is a KV secret and that the agent's policy grants read on it, or fix"
+            f" source.pki_intermediate.extra_roots_kv of bundle {self.bundle.name}"
+        )
+        if self._extras_mount is None:
+            self._extras_mount = await kvstore.find_mount(self.vault, where, fix=fix)
+        m = self._extras_mount
+        action = f"reading the extra trust anchors at {shown(where)}"
+        body = await self.vault.request("GET", m.data_url, action=action, hint=fix, missing_ok=True)
+        data = self._field(body or {}, "data", dict, action, optional=True) or {}
+        if m.version == 2:
+            data = self._field(data, "data", dict, action, optional=True) or {}
+        text = data.get("root_cert")
+        if text is None or text == "":
+            return []
+        roots = load_certs(text) if isinstance(text, str) else []
+        if not roots or len(roots) > _EXTRA_ROOTS_MAX or not all(is_self_signed(c) for c in roots):
+            raise SecretError(
+                f"key root_cert of KV secret {shown(where)} must hold 1 to {_EXTRA_ROOTS_MAX} PEM root certificates"
+                f" (self-signed) and nothing that does not parse; {fix}"
+            )
+        return roots
 
     # -- restart reuse ---------------------------------------------------------------------------------------
     async def _reuse(self, published: dict[str, bytes], now: float) -> tuple[Issued | None, str]:
@@ -209,7 +270,7 @@ class PkiIntermediateSource(RenewingSource):
         current = await self._issuer_chain(self.mount, self.issuer_ref)
         if not chain or chain[0] != current[0]:
             return None, f"it was not signed by issuer {shown(self.issuer_ref)} of mount {shown(self.mount)}"
-        if chain[-1] != current[-1] or load_certs(published["root-cert.pem"])[:1] != [current[-1]]:
+        if chain[-1] != current[-1] or current[-1] not in load_certs(published["root-cert.pem"]):
             return None, f"the root of mount {shown(self.mount)} has changed"
         own_crl = b""
         if s.crl:
@@ -247,6 +308,14 @@ class PkiIntermediateSource(RenewingSource):
             left = [der for der in ders([held[0], held[-1]]) if der not in shown_ders]
             self._superseded = [*self._superseded, *left][-_SUPERSEDED_KEPT:]
             return None
+        if self.settings.extra_roots_kv is not None:
+            root_pem = self._compose_root(held[-1], await self._extra_roots())
+            if root_pem != issued.files["root-cert.pem"]:
+                self._log.warning("trust_anchors_changed", roots=len(load_certs(root_pem)),
+                                  reason=f"the roots of {shown(self.settings.extra_roots_kv)} changed: publishing"
+                                  " root-cert.pem with the mount's root and them")
+                issued = dataclasses.replace(issued, files={**issued.files, "root-cert.pem": root_pem},
+                                             renewed=False)
         if not self.settings.crl:
             return issued
         leaf = x509.load_pem_x509_certificate(issued.files["ca-cert.pem"])

@@ -13,6 +13,13 @@
 //
 // verdict = {"ok": bool, "step": "<upstream function that failed>", "error": "<Go error text>",
 // "after": "<error logged after a reload already took effect>"}.
+//
+// Reload path, for root rotations: `oracle -path reload -current-root FILE -rule 1.29|1.30 [-multiroot] DIR`
+// replays istiod's handleEvent on DIR while istiod holds the root bytes of FILE (what it loaded at start or at
+// its last accepted reload), and prints {"dir", "kind", "rule", "multiroot", "root_changed", "reload": verdict}.
+// A changed root-cert.pem is taken only with -multiroot (ISTIO_MULTIROOT_MESH=true) and only when one root set
+// contains the other: up to 1.29 as bytes (bytes.Contains either way), from 1.30.0 as sets of DER certificates
+// (istio/istio 046d9df, #59909). Read at tags 1.29.6 and 1.30.3, pilot/pkg/bootstrap/istio_ca.go handleEvent.
 package main
 
 import (
@@ -28,6 +35,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"math/big"
 	"os"
@@ -85,6 +93,18 @@ type result struct {
 func fail(step string, err error) verdict { return verdict{Step: step, Error: err.Error()} }
 
 func main() {
+	mode := flag.String("path", "", `"reload": replay istiod's reload of one directory (see the package comment)`)
+	currentRoot := flag.String("current-root", "", "reload: the root-cert.pem bytes istiod had loaded, in a file")
+	rule := flag.String("rule", "1.30", "reload: the root-set rule of istiod 1.29 (bytes) or 1.30 (DER sets)")
+	multiRoot := flag.Bool("multiroot", false, "reload: ISTIO_MULTIROOT_MESH=true")
+	flag.Parse()
+	if *mode == "reload" {
+		os.Exit(reloadMain(*currentRoot, *rule, *multiRoot, flag.Args()))
+	}
+	if *mode != "" {
+		fmt.Fprintln(os.Stderr, "oracle: -path takes only reload")
+		os.Exit(2)
+	}
 	var reqs []request
 	if err := json.NewDecoder(os.Stdin).Decode(&reqs); err != nil {
 		fmt.Fprintln(os.Stderr, "oracle: reading requests:", err)
@@ -319,6 +339,103 @@ func istiodReload(dir string) verdict {
 		v.After = fmt.Sprintf("Failed generating plugged-in istiod key cert: %v", err)
 	}
 	return v
+}
+
+// reloadResult is what `-path reload` prints.
+type reloadResult struct {
+	Dir         string  `json:"dir"`
+	Kind        string  `json:"kind"`
+	Rule        string  `json:"rule"`
+	MultiRoot   bool    `json:"multiroot"`
+	RootChanged bool    `json:"root_changed"`
+	Reload      verdict `json:"reload"`
+}
+
+func reloadMain(currentRoot, rule string, multiRoot bool, dirs []string) int {
+	if len(dirs) != 1 || currentRoot == "" || (rule != "1.29" && rule != "1.30") {
+		fmt.Fprintln(os.Stderr, "usage: oracle -path reload -current-root FILE -rule 1.29|1.30 [-multiroot] DIR")
+		return 2
+	}
+	current, err := os.ReadFile(currentRoot)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "oracle:", err)
+		return 2
+	}
+	changed, v := istiodReloadFrom(dirs[0], current, rule, multiRoot)
+	out := reloadResult{Dir: dirs[0], Kind: "istio-ca", Rule: rule, MultiRoot: multiRoot, RootChanged: changed, Reload: v}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", " ")
+	if err := enc.Encode(out); err != nil {
+		fmt.Fprintln(os.Stderr, "oracle:", err)
+		return 2
+	}
+	return 0
+}
+
+// istiodReloadFrom follows handleEvent when istiod holds `current` as its root (KeyCertBundle.GetRootCertPem: the
+// bytes of root-cert.pem as last read, unchanged): a changed root-cert.pem needs MultiRootMesh and nested root
+// sets, then the bundle is verified as at start (UpdateVerifiedKeyCertBundleFromFile) and istiod's own
+// certificate made anew (updateRootCertAndGenKeyCert, only logged when it fails). Returns whether the root changed.
+func istiodReloadFrom(dir string, current []byte, rule string, multiRoot bool) (bool, verdict) {
+	fb, err := detectSigningCABundleAndCRL(dir)
+	if err != nil {
+		return false, fail("handleEvent", fmt.Errorf("unable to determine signing file format %v", err))
+	}
+	newCABundle, err := os.ReadFile(fb.RootCertFile)
+	if err != nil {
+		return false, fail("handleEvent", fmt.Errorf("failed reading root-cert.pem: %v", err))
+	}
+	changed := !bytes.Equal(current, newCABundle)
+	if changed {
+		if !multiRoot {
+			return true, fail("handleEvent", errors.New("Multi root is disabled, updating new ROOT-CA not supported"))
+		}
+		var nested bool
+		if rule == "1.29" {
+			// 1.29.6: in order to support root ca rotation, or we are removing the old ca, ...
+			nested = bytes.Contains(current, newCABundle) || bytes.Contains(newCABundle, current)
+		} else {
+			nested = pemBundleHasSubsetRelation(current, newCABundle)
+		}
+		if !nested {
+			return true, fail("handleEvent", errors.New("Updating new ROOT-CA not supported"))
+		}
+	}
+	return changed, istiodReload(dir)
+}
+
+// pemBundleHasSubsetRelation (1.30.0+): one set of DER certificates contains the other; an empty set never does.
+func pemBundleHasSubsetRelation(a, b []byte) bool {
+	certsA, certsB := pemToRawCertSet(a), pemToRawCertSet(b)
+	if len(certsA) == 0 || len(certsB) == 0 {
+		return false
+	}
+	return supersetOf(certsA, certsB) || supersetOf(certsB, certsA)
+}
+
+// pemToRawCertSet: the DER bytes of every "CERTIFICATE" block (other block types are ignored).
+func pemToRawCertSet(pemData []byte) map[string]struct{} {
+	certs := map[string]struct{}{}
+	for {
+		var block *pem.Block
+		block, pemData = pem.Decode(pemData)
+		if block == nil {
+			break
+		}
+		if block.Type == "CERTIFICATE" {
+			certs[string(block.Bytes)] = struct{}{}
+		}
+	}
+	return certs
+}
+
+func supersetOf(a, b map[string]struct{}) bool {
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			return false
+		}
+	}
+	return true
 }
 
 // ---------------------------------------------------------------------------------------------------------
