@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from agent import __version__
+from agent import __version__, aio
 from agent.config import KubernetesConfig, RolloutTarget
 from agent.errors import AgentError, ConfigError, KubeUnavailable, PublishError, ReloadError
 from agent.files import FileProblem, read_regular
@@ -425,7 +425,7 @@ class Kube:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            import aiohttp
+            aiohttp = aio.load()
 
             connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8)
             self._session = aiohttp.ClientSession(
@@ -478,7 +478,7 @@ class Kube:
             KubeUnavailable: not reachable, reset, no full answer within `deadline`, 5xx or 429.
             `final`: a redirect, an answer over `limit` bytes, or a certificate that does not verify.
         """
-        import aiohttp
+        aiohttp = aio.load()
 
         access = self._access
         deadline = self.deadline if deadline is None else deadline

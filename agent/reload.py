@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+from agent import aio
 from agent.config import (
     BundleConfig,
     ExecReload,
@@ -237,7 +238,7 @@ def _safe_url(url: str) -> str:
 
 
 async def _http(action: HttpReload) -> str:
-    import aiohttp
+    aiohttp = aio.load()
 
     where = f"{action.method.upper()} {_safe_url(action.url)}"
     try:

@@ -488,9 +488,13 @@ def _check_wait(phase: str, states: Mapping[str, ClusterState], todo: Sequence[s
         warn(f"--wait-at-least 0s: not waiting after {prev}; workloads that have not picked up the {prev} phase"
              " yet (one workload certificate lifetime, 24h by default) may fail mTLS")
         return
+    # from the LAST cluster's write of the previous phase: a workload of a cluster that trusted the new root late
+    # must have had its certificate lifetime too (signing east under B right after west trusted B breaks west->east)
     latest: tuple[dt.datetime, str] | None = None
-    for c in todo:
+    for c in states:
         when = states[c].written_at(prev)
+        if when is None and c not in todo:
+            continue  # already past the previous phase: its own record moved on
         if when is None:
             raise ConfigError(f"cannot {phase}: there is no record of when {prev} was written in cluster {c} (done by"
                               f" hand, or the record key {rotation.RECORD_KEY} was removed): once at least one"

@@ -138,6 +138,9 @@ class Agent:
         return True
 
     async def _serve_health(self) -> None:
+        from agent import aio
+
+        aio.load()  # before agent.health imports aiohttp.web: without the TLS contexts aiohttp builds at import
         from agent import health
         from agent.metrics import PrometheusMetrics
 

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from agent import aio
 from agent.errors import (
     AgentError,
     AuthError,
@@ -348,7 +349,7 @@ class Vault:
 
     async def _exchange(self, method: str, url: str, *, json: Any, headers: dict[str, str], action: str) -> _Answer:
         """One HTTP exchange under one deadline, the body read at most to the byte cap."""
-        import aiohttp
+        aiohttp = aio.load()
 
         pool = await self._acquire()
         headers_at: float | None = None
@@ -453,9 +454,11 @@ class Vault:
     async def _acquire(self) -> _Pool:
         await self._check_ca()
         if self._pool is None:
-            import aiohttp
-
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=64)
+            aiohttp = aio.load()
+            if self._ssl is None and self._url.scheme == "https":
+                # the system's trust store, for this session: aiohttp's own default context is left empty (agent.aio)
+                self._ssl = await asyncio.to_thread(ssl_default)
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False, limit=64)
             session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.timeout),
@@ -554,7 +557,7 @@ class Vault:
 
     # -- naming the cause of a transport failure ------------------------------------------------------------------
     async def _transport_error(self, exc: Exception, action: str) -> AgentError:
-        import aiohttp
+        aiohttp = aio.load()
 
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             return await self._certificate_error(exc.certificate_error, action)
@@ -652,3 +655,10 @@ class Vault:
         except x509.ExtensionNotFound:
             names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         return shown(", ".join(names) or "no names", 160)
+
+
+def ssl_default() -> Any:
+    """A TLS context trusting the system's store (vault.ca_cert unset). Blocking: it reads the store."""
+    import ssl
+
+    return ssl.create_default_context()

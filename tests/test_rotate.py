@@ -278,6 +278,20 @@ class TestPhasesAgainstOpenBao:
         assert mesh.rotate("sign", "--wait-at-least", "0s", now=NOW) == 0
         assert any("--wait-at-least 0s" in w for w in mesh.warnings)
 
+    def test_the_wait_counts_from_the_last_cluster_to_trust(self, mesh):
+        """east trusted B a day before west: signing east alone (--only) must still wait 24h from WEST's trust,
+        or west's workloads, still trusting only A, refuse east's new certificates
+        (tests/test_rotation_envoy.py shows that failure with real Envoys)."""
+        east, west = list(mesh.clusters)
+        for c, when in ((east, NOW), (west, NOW + dt.timedelta(hours=24))):
+            ns = cli._parser("rotate").parse_args(["rotate", "trust", "--cluster", c, "--root-dir",
+                                                   str(mesh.roots["b"]), "--multiroot-mesh", "--xds-agent"])
+            rotate.run(ns, print, print, client=mesh.client, now=when)
+        with pytest.raises(ConfigError, match=f"cannot sign yet: trust was written in cluster {west}"):
+            mesh.rotate("sign", "--only", east, now=NOW + dt.timedelta(hours=25))
+        assert mesh.phases() == {east: "trust", west: "trust"}
+        assert mesh.rotate("sign", "--only", east, now=NOW + dt.timedelta(hours=48, minutes=1)) == 0
+
     def test_no_record_needs_an_explicit_zero_wait_on_kv_v1(self, mesh):
         """trust done by hand (no record): on KV v1 nothing says when, so sign asks for --wait-at-least 0s."""
         mesh.rotate("trust", now=NOW)

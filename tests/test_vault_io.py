@@ -483,6 +483,39 @@ class TestVaultSession:
             vault._redirect_target("https://127.0.0.1:8200/v1/x", "https://u@127.0.0.1:8200/v1/x", "reading x")
         assert vault._redirect_target("https://127.0.0.1:8200/v1/x", "/v1/y", "r") == "https://127.0.0.1:8200/v1/y"
 
+    def test_aiohttp_is_loaded_without_its_trust_store_and_the_session_brings_its_own(self):
+        """agent.aio imports aiohttp with OpenSSL's default CA paths pointed at nothing (its two import-time
+        contexts cost ~40 ms of CPU at every start, unused): the environment is restored at once, aiohttp's own
+        default context trusts nothing (a session without a context of its own fails closed), and a Vault session
+        on https:// without vault.ca_cert loads the system store for itself."""
+        import asyncio
+        import ssl
+
+        code = (
+            "import os, ssl; from agent import aio; before = dict(os.environ); aio.load();"
+            " import aiohttp.connector as c;"
+            "print(dict(os.environ) == before, c._SSL_CONTEXT_VERIFIED.cert_store_stats()['x509_ca'],"
+            " ssl.create_default_context().cert_store_stats()['x509_ca'])"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSL_CERT")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                             cwd=Path(__file__).parent.parent).stdout.split()
+        system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+        assert out == ["True", "0", str(system)], out
+
+        from agent.config import VaultConfig
+        from agent.vault import Vault
+
+        async def main() -> int:
+            vault = Vault(VaultConfig(address="https://127.0.0.1:8200"), env={})
+            pool = await vault._acquire()
+            pool.inflight -= 1
+            stats = vault._ssl.cert_store_stats()["x509_ca"] if vault._ssl else -1
+            await vault.close()
+            return int(stats)
+
+        assert asyncio.run(main()) == system
+
     @pytest.mark.parametrize("chunked", [False, True])
     def test_an_answer_over_the_cap_is_refused_while_it_streams(self, front, chunked):
         """An answer over max_secret_size is refused, by its Content-Length or while it streams in."""
