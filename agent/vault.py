@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from agent.config import VaultConfig
     from agent.metrics import Metrics
 
-__all__ = ["MAX_REDIRECTS", "Vault", "answer", "field", "health_state"]
+__all__ = ["MAX_REDIRECTS", "Vault", "answer", "field", "health_state", "ssl_default"]
 
 #: same-origin redirects followed for one request
 MAX_REDIRECTS = 3
