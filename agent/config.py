@@ -17,6 +17,7 @@ import msgspec
 from agent import kinds
 from agent.clusters import DNS_LABEL
 from agent.errors import ConfigError
+from agent.publish import ISTIOD_SWITCHES
 from agent.text import shown
 
 __all__ = [
@@ -627,6 +628,8 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.source.fields only applies to kv sources")
     allowed = b.kind.files
     for out in b.source.fields:
+        if out in ISTIOD_SWITCHES:
+            raise ConfigError(f"{key}.source.fields must not publish {out}: {ISTIOD_SWITCHES[out]}")
         if out not in allowed:
             raise ConfigError(
                 f"{key}.source.fields has {shown(out)!r}, which a {b.type} bundle does not publish;"
