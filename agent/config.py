@@ -716,7 +716,9 @@ def _check_remote_secrets_unique(cfg: AgentConfig) -> None:
     for i, b in enumerate(cfg.bundles):
         if b.kind.target != "secret" or b.cluster is None:
             continue
-        where = (b.namespace, b.cluster)
+        # the namespace the Secret lands in (agent.targets.secret.namespace_of): an explicit namespace equal to the
+        # pod's is the same Secret
+        where = (b.namespace or cfg.kubernetes.pod_namespace or "istio-system", b.cluster)
         if where in seen:
             raise ConfigError(
                 f"bundles[{i}].cluster {b.cluster!r} is also the cluster of bundle {seen[where]}:"
