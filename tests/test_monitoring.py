@@ -116,13 +116,14 @@ def exported_names() -> set[str]:
     with_crl = corpus.files(crl_ca, crl=rawcert.crl(crl_root).pem + rawcert.crl(crl_ca).pem)
     metrics.published("with-crl", validate_bundle("istio-ca", with_crl), 1.0)
     client = pki.leaf_cert(root, cn="istio-reader", days=20)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "current-context": "cluster-a",
         "clusters": [{"name": "cluster-a", "cluster": {
-            "server": "https://10.0.0.1:6443", "certificate-authority-data": base64.b64encode(root.cert_pem).decode()}}],
+            "server": "https://10.0.0.1:6443", "certificate-authority-data": b64(root.cert_pem)}}],
         "contexts": [{"name": "cluster-a", "context": {"cluster": "cluster-a", "user": "cluster-a"}}],
-        "users": [{"name": "cluster-a", "user": {"client-certificate-data": base64.b64encode(client.cert_pem).decode(),
-                                                 "client-key-data": base64.b64encode(client.key_pem).decode()}}],
+        "users": [{"name": "cluster-a", "user": {"client-certificate-data": b64(client.cert_pem),
+                                                 "client-key-data": b64(client.key_pem)}}],
     }
     remote = validate_bundle("remote-secret", {"cluster-a": yaml.safe_dump(kubeconfig).encode()})
     metrics.published("remote-cluster-a", remote, 1.0)
