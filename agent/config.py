@@ -17,6 +17,7 @@ import msgspec
 from agent import kinds
 from agent.clusters import DNS_LABEL
 from agent.errors import ConfigError
+from agent.publish import ISTIOD_SWITCHES
 from agent.text import shown
 
 __all__ = [
@@ -641,6 +642,8 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.source.fields only applies to kv sources")
     allowed = b.kind.files
     for out in b.source.fields:
+        if out in ISTIOD_SWITCHES:
+            raise ConfigError(f"{key}.source.fields must not publish {out}: {ISTIOD_SWITCHES[out]}")
         if out not in allowed:
             raise ConfigError(
                 f"{key}.source.fields has {shown(out)!r}, which a {b.type} bundle does not publish;"
@@ -732,7 +735,9 @@ def _check_remote_secrets_unique(cfg: AgentConfig) -> None:
     for i, b in enumerate(cfg.bundles):
         if b.kind.target != "secret" or b.cluster is None:
             continue
-        where = (b.namespace, b.cluster)
+        # the namespace the Secret lands in (agent.targets.secret.namespace_of): an explicit namespace equal to the
+        # pod's is the same Secret
+        where = (b.namespace or cfg.kubernetes.pod_namespace or "istio-system", b.cluster)
         if where in seen:
             raise ConfigError(
                 f"bundles[{i}].cluster {b.cluster!r} is also the cluster of bundle {seen[where]}:"

@@ -76,8 +76,9 @@ ISTIO_CA = Kind(
     # istiod 1.27+ loads ca-crl.pem when present (PILOT_ENABLE_CA_CRL)
     optional=frozenset(checks.OPTIONAL_FILES["istio-ca"]),
     key_files=frozenset({"ca-key.pem"}),
-    # istiod reads a directory holding tls.crt in the kubernetes.io/tls format instead (istio_ca.go)
-    forbidden=("tls.crt", "tls.key", "ca.crt"),
+    # istiod reads a directory holding tls.crt in the kubernetes.io/tls format instead (istio_ca.go), and one
+    # holding istio-generated as its self-signed CA's (with USE_CACERTS_FOR_SELF_SIGNED_CA=true)
+    forbidden=("tls.crt", "tls.key", "ca.crt", "istio-generated"),
     # the runbook's keys (seeds/003)
     kv_fields={"ca-key.pem": "ca_key", "ca-cert.pem": "ca_cert", "root-cert.pem": "root_cert",
                "cert-chain.pem": "cert_chain", "ca-crl.pem": "ca_crl"},

@@ -36,6 +36,11 @@ METRIC_NAMES = (
     "istio_vault_agent_file_watch_polling",
     "istio_vault_agent_log_lines_dropped_total",
     "istio_vault_agent_workload_cert_ttl_seconds",
+    # expiry and identity of what is published (issue 21)
+    "istio_vault_agent_root_expiry_timestamp_seconds",
+    "istio_vault_agent_crl_next_update_timestamp_seconds",
+    "istio_vault_agent_client_cert_expiry_timestamp_seconds",
+    "istio_vault_agent_ca_cert_info",
 )
 
 #: upper bounds (seconds) of the Vault request latency histogram; vault.timeout defaults to 10 s
@@ -101,6 +106,18 @@ class PrometheusMetrics(Metrics):
       certificate lifetime of the config (`workload_cert_ttl`, 24h by default). istiod caps a workload
       certificate at its intermediate's notAfter (1.28.7, 1.29.3, 1.30.0 and later), so alert when
       ``cert_expiry_timestamp_seconds{file="ca-cert.pem"} - time()`` is below twice this.
+    - ``istio_vault_agent_root_expiry_timestamp_seconds{bundle}`` gauge (extra): earliest notAfter of the roots in
+      root-cert.pem / ca.crt, every root Go parses and not only the one the chain ends at.
+    - ``istio_vault_agent_crl_next_update_timestamp_seconds{bundle}`` gauge (extra): earliest nextUpdate of the
+      CRLs in ca-crl.pem; absent without a CRL.
+    - ``istio_vault_agent_client_cert_expiry_timestamp_seconds{bundle,cluster}`` gauge (extra): notAfter of the
+      client certificate in a remote cluster's kubeconfig; absent for kubeconfigs with a token.
+    - ``istio_vault_agent_ca_cert_info{bundle,serial,fingerprint}`` gauge (extra): 1, labelled with the serial
+      (hex) and SHA-256 fingerprint of the live ca-cert.pem (istio-ca bundles), so that replicas serving
+      different CA certificates show.
+
+    The leaf's notAfter (ca-cert.pem, tls.crt) is ``cert_expiry_timestamp_seconds{file=...}``. All expiry and
+    identity series of a bundle are replaced at each publish.
 
     Counters are built at scrape time by one collector, so there are no `_created` series and every
     method is a dict update under a lock (scrapes may come from another thread).
@@ -126,6 +143,7 @@ class PrometheusMetrics(Metrics):
         self._vault_node: str | None = None
         self._watch_polling: bool | None = None
         self._workload_ttl = dict(workload_cert_ttl or {})
+        self._identity: dict[str, BundleInfo] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_collector(self))
 
@@ -139,6 +157,7 @@ class PrometheusMetrics(Metrics):
             self._bundle_expiry[bundle] = info.expires_at.timestamp()
             self._last_publish[bundle] = when
             self._publish_total[bundle] = self._publish_total.get(bundle, 0) + 1
+            self._identity[bundle] = info
 
     def error(self, bundle: str, reason: str) -> None:
         """Count one failure of `bundle` under `reason`."""
@@ -206,6 +225,7 @@ class PrometheusMetrics(Metrics):
             token_expiry = self._token_expiry
             vault_node = self._vault_node
             watch_polling = self._watch_polling
+            identity = dict(self._identity)
 
         g = GaugeMetricFamily(
             "istio_vault_agent_cert_expiry_timestamp_seconds",
@@ -291,16 +311,23 @@ class PrometheusMetrics(Metrics):
                 g.add_metric([state], 1.0 if state == vault_node else 0.0)
         yield g
         yield from _degraded_families(watch_polling)
+        yield from _identity_families(identity)
+        yield _workload_ttl_family(self._workload_ttl)
 
-        g = GaugeMetricFamily(
-            "istio_vault_agent_workload_cert_ttl_seconds",
-            "Lifetime of the workload certificates istiod signs (workload_cert_ttl), for istio-ca bundles: an"
-            " intermediate needs twice this left.",
-            labels=["bundle"],
-        )
-        for bundle, value in sorted(self._workload_ttl.items()):
-            g.add_metric([bundle], value)
-        yield g
+
+def _workload_ttl_family(ttls: Mapping[str, float]) -> Any:
+    """The configured workload certificate lifetime per istio-ca bundle (the lead-time alert needs 2 x it)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    g = GaugeMetricFamily(
+        "istio_vault_agent_workload_cert_ttl_seconds",
+        "Lifetime of the workload certificates istiod signs (workload_cert_ttl), for istio-ca bundles: an"
+        " intermediate needs twice this left.",
+        labels=["bundle"],
+    )
+    for bundle, value in sorted(ttls.items()):
+        g.add_metric([bundle], value)
+    return g
 
 
 def _degraded_families(watch_polling: bool | None) -> Iterator[Any]:
@@ -322,6 +349,43 @@ def _degraded_families(watch_polling: bool | None) -> Iterator[Any]:
         "Log lines dropped because stderr was not read fast enough, or was closed.",
         value=dropped_lines(),
     )
+
+
+def _identity_families(infos: Mapping[str, BundleInfo]) -> Iterator[Any]:
+    """What the live generation of each bundle is: the expiry of its roots, CRLs and client certificates, and which
+    ca-cert.pem it serves."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    roots = GaugeMetricFamily(
+        "istio_vault_agent_root_expiry_timestamp_seconds",
+        "Earliest notAfter of the roots in root-cert.pem or ca.crt, in Unix seconds.",
+        labels=["bundle"],
+    )
+    crl = GaugeMetricFamily(
+        "istio_vault_agent_crl_next_update_timestamp_seconds",
+        "Earliest nextUpdate of the CRLs in ca-crl.pem, in Unix seconds.",
+        labels=["bundle"],
+    )
+    client = GaugeMetricFamily(
+        "istio_vault_agent_client_cert_expiry_timestamp_seconds",
+        "notAfter of the client certificate in a remote cluster's kubeconfig, in Unix seconds.",
+        labels=["bundle", "cluster"],
+    )
+    ca_cert = GaugeMetricFamily(
+        "istio_vault_agent_ca_cert_info",
+        "1, labelled with the serial (hex) and SHA-256 fingerprint of the live ca-cert.pem.",
+        labels=["bundle", "serial", "fingerprint"],
+    )
+    for bundle, info in sorted(infos.items()):
+        if info.root_expires_at is not None:
+            roots.add_metric([bundle], info.root_expires_at.timestamp())
+        if info.crl_next_update is not None:
+            crl.add_metric([bundle], info.crl_next_update.timestamp())
+        for cluster, at in sorted(info.client_not_after.items()):
+            client.add_metric([bundle, cluster], at.timestamp())
+        if info.kind == "istio-ca" and info.fingerprint:
+            ca_cert.add_metric([bundle, info.serial, info.fingerprint], 1.0)
+    yield from (roots, crl, client, ca_cert)
 
 
 def _collector(metrics: PrometheusMetrics) -> Any:

@@ -22,10 +22,26 @@ from pathlib import Path
 from agent.errors import PublishError
 from agent.text import shown
 
-__all__ = ["DATA", "KEYS", "MAX_FILE_SIZE", "PublishResult", "check_dirs", "publish", "read_current", "repair_needed"]
+__all__ = [
+    "DATA",
+    "ISTIOD_SWITCHES",
+    "KEYS",
+    "MAX_FILE_SIZE",
+    "PublishResult",
+    "check_dirs",
+    "publish",
+    "read_current",
+    "repair_needed",
+]
 
 #: files written with ``key_mode`` (0600 by default) instead of ``file_mode``
 KEYS: frozenset[str] = frozenset({"ca-key.pem", "tls.key"})
+#: names istiod gives a meaning of their own in its CA directory (beyond the files of a bundle and ca-crl.pem), with
+#: what they would do: never published, whatever the bundle (pilot/pkg/bootstrap/istio_ca.go, certcontroller.go)
+ISTIOD_SWITCHES: Mapping[str, str] = {
+    "istio-generated": "istiod (with USE_CACERTS_FOR_SELF_SIGNED_CA=true) would take the directory for its own"
+    " self-signed CA's and stop using the plugged-in bundle",
+}
 #: the symlink that names the live generation; readers resolve it once per read
 DATA = "..data"
 
@@ -187,6 +203,8 @@ def _check_names(dir: Path, files: Mapping[str, bytes], forbid: Collection[str])
                 f"cannot publish {name!r} into {dir}: a file name must be a plain name without '/' "
                 "that does not start with '..'."
             )
+        if name in ISTIOD_SWITCHES:
+            raise PublishError(f"refusing to publish {name} into {dir}: {ISTIOD_SWITCHES[name]}.")
         if name in forbid:
             raise PublishError(
                 f"refusing to publish {name} into {dir}: istiod would read that directory in the "
@@ -289,6 +307,8 @@ def _check_forbidden_entries(dir: Path, forbid: Collection[str]) -> None:
         except OSError:
             target = None  # exists and is not a symlink
         # our own visible link from an earlier bundle is removed after the swap; anything else is the user's
+        if target != f"{DATA}/{name}" and name in ISTIOD_SWITCHES:
+            raise PublishError(f"{path} exists, so {ISTIOD_SWITCHES[name]}; remove {path}.")
         if target != f"{DATA}/{name}":
             raise PublishError(
                 f"{path} exists, so istiod would read {dir} in the kubernetes.io/tls format instead of "

@@ -102,6 +102,19 @@ def test_bad_config_is_one_sentence_naming_the_key(name):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("kind", ["istio-ca", "tls"])
+def test_istio_generated_is_never_a_field(kind):
+    """A KV field mapped to istio-generated (istiod's switch to its self-signed CA) is refused at load, naming it."""
+    doc = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"},
+           "bundles": [{"name": "a", "type": kind, "dir": "/o",
+                        "source": {"kv": "s/a", "fields": {"istio-generated": "marker"}}}]}
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(doc, env={})
+    message = str(info.value)
+    assert "istio-generated" in message and "USE_CACERTS_FOR_SELF_SIGNED_CA" in message, message
+    assert "\n" not in message
+
+
 def test_bad_config_on_the_command_line(tmp_path):
     """The CLI prints the config error as one `error:` line and exits 1, without a traceback."""
     proc = run_cli("run", "--config", str(FIXTURES / "bad-unknown-vault.yaml"), env=cli_env())

@@ -158,6 +158,95 @@ class TestPublished:
         assert newer.not_after["ca-cert.pem"] != istio_info.not_after["ca-cert.pem"]
 
 
+class TestIdentity:
+    """Expiry and identity of what is live, beyond the per-file expiries (issue 21)."""
+
+    def test_earliest_root_crl_next_update_and_ca_cert_identity(self) -> None:
+        """An istio-ca bundle whose root-cert.pem holds an extra root ending sooner than the chain's, and a CRL per
+        issuer: the root series shows the extra root's notAfter, the CRL series the earliest nextUpdate, and
+        ca_cert_info = 1 carries ca-cert.pem's serial and SHA-256 fingerprint."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        from testbed import corpus, rawcert
+
+        root = corpus.root(crl_sign=True)
+        ca = corpus.inter(root, crl_sign=True)
+        soon = corpus.root(cn="Old Root CA", not_after=rawcert.NOW + 90 * rawcert.DAY)
+        crl = rawcert.crl(root, next_update=rawcert.NOW + 7 * rawcert.DAY).pem + rawcert.crl(
+            ca, next_update=rawcert.NOW + 2 * rawcert.DAY).pem
+        files = corpus.files(ca, roots=[soon, root], crl=crl)
+        m = PrometheusMetrics()
+        m.published("istiod-cacerts", validate("istio-ca", files), 1.0)
+        s = samples(m)
+        b = (("bundle", "istiod-cacerts"),)
+        day = (rawcert.NOW + 90 * rawcert.DAY).timestamp()
+        assert s["istio_vault_agent_root_expiry_timestamp_seconds", b] == pytest.approx(day, abs=1)
+        assert s["istio_vault_agent_crl_next_update_timestamp_seconds", b] == pytest.approx(
+            (rawcert.NOW + 2 * rawcert.DAY).timestamp(), abs=1)
+        cert = x509.load_pem_x509_certificate(files["ca-cert.pem"])
+        info = [(dict(labels), v) for (name, labels), v in s.items() if name == "istio_vault_agent_ca_cert_info"]
+        assert info == [({"bundle": "istiod-cacerts", "serial": format(cert.serial_number, "x"),
+                          "fingerprint": cert.fingerprint(hashes.SHA256()).hex()}, 1.0)]
+
+    def test_a_rotation_replaces_the_identity(self, istio_info: BundleInfo) -> None:
+        """After a new generation, ca_cert_info shows only the new ca-cert.pem, and a bundle without a CRL has no
+        CRL series."""
+        m = PrometheusMetrics()
+        m.published("a", istio_info, 1.0)
+        root = pki.root_ca()
+        newer = validate("istio-ca", pki.istio_ca_files(root, pki.intermediate_ca(root, days=500)))
+        m.published("a", newer, 2.0)
+        s = samples(m)
+        info = [dict(labels) for (name, labels), _ in s.items() if name == "istio_vault_agent_ca_cert_info"]
+        assert info == [{"bundle": "a", "serial": newer.serial, "fingerprint": newer.fingerprint}]
+        assert newer.fingerprint != istio_info.fingerprint
+        assert not any(name == "istio_vault_agent_crl_next_update_timestamp_seconds" for name, _ in s)
+        assert s["istio_vault_agent_root_expiry_timestamp_seconds", (("bundle", "a"),)] == (
+            newer.not_after["root-cert.pem"].timestamp())
+
+    def test_tls_bundle_root_and_no_ca_cert_info(self, tls_info: BundleInfo) -> None:
+        """A tls bundle reports ca.crt's root expiry; ca_cert_info is for istio-ca bundles only."""
+        m = PrometheusMetrics()
+        m.published("gw", tls_info, 1.0)
+        s = samples(m)
+        assert s["istio_vault_agent_root_expiry_timestamp_seconds", (("bundle", "gw"),)] == (
+            tls_info.not_after["ca.crt"].timestamp())
+        assert not any(name == "istio_vault_agent_ca_cert_info" for name, _ in s)
+
+    def test_client_certificate_of_a_remote_cluster(self) -> None:
+        """A remote-secret bundle whose kubeconfig authenticates with a client certificate reports its notAfter
+        under {bundle, cluster}; one with a token reports none."""
+        import base64
+
+        import yaml
+
+        api_ca = pki.root_ca(cn="cluster-a apiserver CA")
+        client_ca = pki.root_ca(cn="client CA", days=400)
+        client = pki.leaf_cert(client_ca, cn="istio-reader", days=20)
+
+        def kubeconfig(user: dict[str, str]) -> bytes:
+            return yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "cluster-a",
+                "clusters": [{"name": "cluster-a", "cluster": {
+                    "server": "https://10.0.0.1:6443",
+                    "certificate-authority-data": base64.b64encode(api_ca.cert_pem).decode()}}],
+                "contexts": [{"name": "cluster-a", "context": {"cluster": "cluster-a", "user": "cluster-a"}}],
+                "users": [{"name": "cluster-a", "user": user}],
+            }).encode()
+
+        m = PrometheusMetrics()
+        with_cert = validate("remote-secret", {"cluster-a": kubeconfig({
+            "client-certificate-data": base64.b64encode(client.cert_pem).decode(),
+            "client-key-data": base64.b64encode(client.key_pem).decode()})})
+        m.published("remote-cluster-a", with_cert, 1.0)
+        m.published("remote-cluster-b", validate("remote-secret", {"cluster-a": kubeconfig({"token": "t0ken"})}), 1.0)
+        got = {labels: v for (name, labels), v in samples(m).items()
+               if name == "istio_vault_agent_client_cert_expiry_timestamp_seconds"}
+        assert got == {(("bundle", "remote-cluster-a"), ("cluster", "cluster-a")): client.cert.not_valid_after_utc
+                       .timestamp()}
+
+
 class TestErrors:
     def test_errors_by_bundle_and_reason(self) -> None:
         """errors_total has one series per (bundle, reason), counting each failure."""

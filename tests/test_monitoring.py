@@ -8,6 +8,7 @@ must appear in what the agent really exports.
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 import inspect
@@ -30,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from agent import errors  # noqa: E402
 from agent.metrics import PrometheusMetrics  # noqa: E402
 from agent.validate import validate as validate_bundle  # noqa: E402
-from testbed import pki  # noqa: E402
+from testbed import corpus, pki, rawcert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "istio-vault-agent"
@@ -109,6 +110,23 @@ def exported_names() -> set[str]:
     root = pki.root_ca(days=3650)
     info = validate_bundle("istio-ca", pki.istio_ca_files(root, pki.intermediate_ca(root, days=400)))
     metrics.published("istiod-cacerts", info, dt.datetime.now(dt.UTC).timestamp())
+    # a CRL and a remote cluster's client certificate, for the series only such bundles have
+    crl_root = corpus.root(crl_sign=True)
+    crl_ca = corpus.inter(crl_root, crl_sign=True)
+    with_crl = corpus.files(crl_ca, crl=rawcert.crl(crl_root).pem + rawcert.crl(crl_ca).pem)
+    metrics.published("with-crl", validate_bundle("istio-ca", with_crl), 1.0)
+    client = pki.leaf_cert(root, cn="istio-reader", days=20)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "cluster-a",
+        "clusters": [{"name": "cluster-a", "cluster": {
+            "server": "https://10.0.0.1:6443", "certificate-authority-data": b64(root.cert_pem)}}],
+        "contexts": [{"name": "cluster-a", "context": {"cluster": "cluster-a", "user": "cluster-a"}}],
+        "users": [{"name": "cluster-a", "user": {"client-certificate-data": b64(client.cert_pem),
+                                                 "client-key-data": b64(client.key_pem)}}],
+    }
+    remote = validate_bundle("remote-secret", {"cluster-a": yaml.safe_dump(kubeconfig).encode()})
+    metrics.published("remote-cluster-a", remote, 1.0)
     metrics.renewal("istiod-cacerts", renewed=False)
     metrics.error("istiod-cacerts", "vault_unavailable")
     metrics.vault_request()
@@ -232,6 +250,73 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, str, dict[str, Any] | None
                 bundle="gateway")],
         "30m",
         "IstioVaultAgentIntermediateLeadTimeShort",
+        None,
+    ),
+    (
+        "the earliest root ends in 60 days",
+        [series("istio_vault_agent_root_expiry_timestamp_seconds", f"{60 * DAY}x60", **B)],
+        "30m",
+        "IstioVaultAgentRootExpiringSoon",
+        firing("IstioVaultAgentRootExpiringSoon", "warning"),
+    ),
+    (
+        "the earliest root ends in 2 years",
+        [series("istio_vault_agent_root_expiry_timestamp_seconds", f"{730 * DAY}x60", **B)],
+        "30m",
+        "IstioVaultAgentRootExpiringSoon",
+        None,
+    ),
+    (
+        "a CRL reaches nextUpdate in 6 hours",
+        [series("istio_vault_agent_crl_next_update_timestamp_seconds", f"{DAY // 4}x60", **B)],
+        "30m",
+        "IstioVaultAgentCRLNextUpdateSoon",
+        firing("IstioVaultAgentCRLNextUpdateSoon", "warning"),
+    ),
+    (
+        "the CRLs are fresh for 6 more days",
+        [series("istio_vault_agent_crl_next_update_timestamp_seconds", f"{6 * DAY}x60", **B)],
+        "30m",
+        "IstioVaultAgentCRLNextUpdateSoon",
+        None,
+    ),
+    (
+        "cluster-a's client certificate ends in 5 days",
+        [series("istio_vault_agent_client_cert_expiry_timestamp_seconds", f"{5 * DAY}x60", cluster="cluster-a",
+                **B)],
+        "30m",
+        "IstioVaultAgentClientCertExpiringSoon",
+        firing("IstioVaultAgentClientCertExpiringSoon", "warning", cluster="cluster-a"),
+    ),
+    (
+        "cluster-a's client certificate ends in 60 days",
+        [series("istio_vault_agent_client_cert_expiry_timestamp_seconds", f"{60 * DAY}x60", cluster="cluster-a",
+                **B)],
+        "30m",
+        "IstioVaultAgentClientCertExpiringSoon",
+        None,
+    ),
+    (
+        "a new ca-cert.pem went live 10 minutes ago",
+        [series("istio_vault_agent_ca_cert_info", "1x10", serial="1a", fingerprint="aa", **B),
+         series("istio_vault_agent_ca_cert_info", "_x10 1x30", serial="2b", fingerprint="bb", **B)],
+        "20m",
+        "IstioVaultAgentCACertChanged",
+        firing("IstioVaultAgentCACertChanged", "info"),
+    ),
+    (
+        "the same ca-cert.pem for 40 minutes",
+        [series("istio_vault_agent_ca_cert_info", "1x40", serial="1a", fingerprint="aa", **B)],
+        "40m",
+        "IstioVaultAgentCACertChanged",
+        None,
+    ),
+    (
+        "the change was 2 hours ago",
+        [series("istio_vault_agent_ca_cert_info", "1x10", serial="1a", fingerprint="aa", **B),
+         series("istio_vault_agent_ca_cert_info", "_x10 1x150", serial="2b", fingerprint="bb", **B)],
+        "150m",
+        "IstioVaultAgentCACertChanged",
         None,
     ),
     (
@@ -451,6 +536,14 @@ class TestRules:
         exprs = {r["alert"]: r["expr"] for r in rules_of(render(values))}
         assert "< 1209600" in exprs["IstioVaultAgentBundleExpiringSoon"]
         assert "< 300" in exprs["IstioVaultAgentTokenRenewalFailing"]
+        values = merged(values, {"monitoring": {"prometheusRule": {
+            "rootExpiryWarningDays": 30, "crlNextUpdateWarningHours": 12, "clientCertExpiryWarningDays": 3,
+            "caCertChangeWindow": "2h"}}})
+        exprs = {r["alert"]: r["expr"] for r in rules_of(render(values))}
+        assert "< 2592000" in exprs["IstioVaultAgentRootExpiringSoon"]
+        assert "< 43200" in exprs["IstioVaultAgentCRLNextUpdateSoon"]
+        assert "< 259200" in exprs["IstioVaultAgentClientCertExpiringSoon"]
+        assert "[2h]" in exprs["IstioVaultAgentCACertChanged"]
         assert "[10m]" in exprs["IstioVaultAgentVaultUnreachable"]
         assert all('{app="custom"' in e for e in exprs.values()), exprs
 
@@ -555,6 +648,10 @@ class TestDashboard:
             "istio_vault_agent_vault_requests_total",
             "istio_vault_agent_vault_request_duration_seconds_bucket",
             "istio_vault_agent_vault_node_state",
+            "istio_vault_agent_root_expiry_timestamp_seconds",
+            "istio_vault_agent_crl_next_update_timestamp_seconds",
+            "istio_vault_agent_client_cert_expiry_timestamp_seconds",
+            "istio_vault_agent_ca_cert_info",
         ):
             assert needed in joined
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import PublishError
+from agent.kinds import ISTIO_CA
 from agent.publish import DATA, publish, read_current, repair_needed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -389,6 +390,27 @@ class TestForbid:
         publish(out, bundle(1), forbid=("tls.crt",))
         assert not os.path.lexists(out / "tls.crt")
         assert not os.path.lexists(out / "tls.key")
+        assert read_current(out) == bundle(1)
+
+
+    @pytest.mark.parametrize("forbid", [(), ("tls.crt",)])
+    def test_istio_generated_is_never_published(self, out: Path, forbid: tuple[str, ...]) -> None:
+        """A file set holding istio-generated (istiod's switch away from the plugged-in CA) is refused whatever
+        the bundle, in one sentence, and the live generation stays."""
+        publish(out, bundle(1))
+        with pytest.raises(PublishError) as info:
+            publish(out, {**bundle(2), "istio-generated": b""}, forbid=forbid)
+        message = str(info.value)
+        assert "istio-generated" in message and "USE_CACERTS_FOR_SELF_SIGNED_CA" in message, message
+        assert "\n" not in message
+        assert read_current(out) == bundle(1) and not os.path.lexists(out / "istio-generated")
+
+    def test_existing_istio_generated_file_is_refused(self, out: Path) -> None:
+        """An istio-generated file someone left in an istio-ca directory stops the publish, saying to remove it."""
+        publish(out, bundle(1), forbid=ISTIO_CA.forbidden)
+        (out / "istio-generated").write_bytes(b"")
+        with pytest.raises(PublishError, match=r"USE_CACERTS_FOR_SELF_SIGNED_CA.*remove .*istio-generated"):
+            publish(out, bundle(2), forbid=ISTIO_CA.forbidden)
         assert read_current(out) == bundle(1)
 
 

@@ -297,6 +297,23 @@ class TestRefusals:
         assert remote.writes() == 0
 
 
+    def test_a_secret_of_a_bundle_still_configured_is_refused(self, remote):
+        """A Secret the agent manages for a bundle that is still in the config (here relabelled by hand to
+        cluster-b's bundle) is not taken over: init exits 1 naming that bundle, and the Secret stays as it is."""
+        remote.store("cluster-a", remote.kubeconfig())
+        remote.store("cluster-b", remote.kubeconfig("cluster-b"))
+        theirs = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": "istio-remote-secret-cluster-a", "namespace": remote.namespace,
+                               "labels": {"istio/multiCluster": "true", MANAGED: "istio-vault-agent",
+                                          "istio-vault-agent/bundle": "remote-cluster-b"}},
+                  "data": {"cluster-a": base64.b64encode(b"theirs").decode()}}
+        remote.kube.put_secret(theirs)
+        proc = remote.init(remote.bundle("cluster-a"), remote.bundle("cluster-b"))
+        assert proc.returncode == 1
+        assert "is managed by bundle 'remote-cluster-b', not remote-cluster-a" in error_line(proc)
+        assert remote.data() == b"theirs"
+        assert remote.writes() == 0
+
     @pytest.mark.parametrize("method", ["GET", "PATCH"])
     def test_an_answer_that_is_not_a_secret_is_an_error(self, remote, method):
         """A Secret read or apply answered 200 with something that is not an object: init exits 1 with one sentence
@@ -313,6 +330,47 @@ class TestRefusals:
         assert proc.returncode == 1
         assert "with something that is not an object" in error_line(proc)
         assert remote.data() == (b"theirs" if method == "GET" else None)
+
+
+class TestRename:
+    def test_a_renamed_bundle_takes_its_secret_over(self, remote):
+        """Restarted with the cluster's bundle under a new name, the sidecar relabels the Secret to the new bundle
+        (one apply, same kubeconfig) and becomes ready, instead of refusing until init.timeout; the old name's
+        Secret is not pruned."""
+        config = remote.kubeconfig()
+        remote.store("cluster-a", config)
+        first = remote.agent(remote.bundle(prune=True))
+        assert first.stop()[0] == 0
+        renamed = {**remote.bundle(), "name": "cluster-a-primary"}
+        second = remote.agent(renamed)
+        secret = remote.secret()
+        assert secret is not None, second.tail()
+        assert secret["metadata"]["labels"]["istio-vault-agent/bundle"] == "cluster-a-primary"
+        assert secret["metadata"]["annotations"]["istio-vault-agent/prune"] == "false"
+        assert remote.data() == config
+        assert remote.writes() == 2
+        taken = second.wait_event("remote_secret_taken_over")[-1]
+        assert (taken["previous"], taken["bundle"]) == ("remote-cluster-a", "cluster-a-primary")
+        status, body = second.ready()
+        assert status == 200 and body["bundles"]["cluster-a-primary"]["ready"], body
+
+    def test_init_takes_over_too(self, remote):
+        """`run --mode init` with the renamed bundle exits 0 and leaves the Secret labelled with the new name."""
+        remote.store("cluster-a", remote.kubeconfig())
+        assert remote.init().returncode == 0
+        proc = remote.init({**remote.bundle(), "name": "cluster-a-primary"})
+        assert proc.returncode == 0, proc.stderr
+        assert remote.secret()["metadata"]["labels"]["istio-vault-agent/bundle"] == "cluster-a-primary"
+
+    def test_two_bundles_for_one_secret_are_refused_at_load(self, remote):
+        """Old and new name side by side for one cluster is a config error, also when one of them spells out the
+        pod's namespace and the other leaves it implicit."""
+        remote.store("cluster-a", remote.kubeconfig())
+        proc = remote.init(remote.bundle(), {**remote.bundle(), "name": "cluster-a-primary",
+                                             "namespace": remote.namespace})
+        assert proc.returncode == 1
+        assert "one bundle per remote cluster" in error_line(proc)
+        assert remote.secret() is None
 
 
 class TestUnavailableAPI:

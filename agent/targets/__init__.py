@@ -45,7 +45,7 @@ def open_target(bundle: BundleConfig, cfg: AgentConfig, kube: KubeLoader) -> Tar
     if bundle.kind.target == "secret":
         from agent.targets.secret import SecretTarget
 
-        return SecretTarget(bundle, cfg.kubernetes, kube)
+        return SecretTarget(bundle, cfg.kubernetes, kube, configured=[b.name for b in cfg.bundles])
     from agent.targets.files import FileTarget
 
     return FileTarget(bundle, max_file_size=cfg.limits.max_secret_size)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import PublishError
@@ -149,9 +149,13 @@ class KubeLoader:
 class SecretTarget:
     """Applies one remote-secret bundle as its Secret (a `Target`); never touches a Secret it does not manage."""
 
-    def __init__(self, bundle: BundleConfig, pod: KubernetesConfig, kube: KubeLoader) -> None:
+    def __init__(
+        self, bundle: BundleConfig, pod: KubernetesConfig, kube: KubeLoader, *, configured: Collection[str]
+    ) -> None:
         self.bundle = bundle
         self.kube = kube
+        #: the names of every bundle in the agent's config: a Secret owned by a bundle not among them is handed over
+        self.configured = frozenset(configured)
         self.namespace = namespace_of(bundle, pod)
         self.name = secret_name(bundle.cluster or "")
         self.where = f"Secret {self.namespace}/{self.name}"
@@ -165,6 +169,12 @@ class SecretTarget:
                 f" {BUNDLE_LABEL}={self.bundle.name} to hand it over"
             )
         owner = labels.get(BUNDLE_LABEL)
+        if owner != self.bundle.name and owner not in self.configured:
+            # a renamed bundle (or one moved between agents) for the same cluster: its old name is gone from the
+            # config, so nothing else claims the Secret and the apply below relabels it
+            get_logger().info("remote_secret_taken_over", object=f"{self.namespace}/{self.name}",
+                              previous=shown(owner, 63), bundle=self.bundle.name)
+            return
         if owner != self.bundle.name:
             raise PublishError(
                 f"{self.where} is managed by bundle {shown(owner, 63)!r}, not {self.bundle.name}: give each remote"

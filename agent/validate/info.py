@@ -26,6 +26,14 @@ class BundleInfo:
     warnings: tuple[str, ...] = field(default=())
     #: notBefore of ca-cert.pem / the tls.crt leaf: when the backend has no versions, what "newer" means
     not_before: dt.datetime | None = None
+    #: sha256 hex of ca-cert.pem / the tls.crt leaf (the identity an info metric shows, with `serial`)
+    fingerprint: str = ""
+    #: earliest notAfter of the roots in root-cert.pem / ca.crt (not only the one anchoring the chain); None without
+    root_expires_at: dt.datetime | None = None
+    #: earliest nextUpdate of the CRLs in ca-crl.pem; None without a CRL or when none sets nextUpdate
+    crl_next_update: dt.datetime | None = None
+    #: per remote cluster, the notAfter of its kubeconfig's client certificate (remote-secret bundles using one)
+    client_not_after: dict[str, dt.datetime] = field(default_factory=dict)
 
 
 def to_datetime(seconds: int) -> dt.datetime:

@@ -7,6 +7,7 @@ istiod's own certificate, so a bundle is judged by startup: a reload that passes
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 
 from agent.errors import BundleError
@@ -554,7 +555,16 @@ def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits) -> B
         serial=format(ca.serial, "x"),
         warnings=tuple(dict.fromkeys(warnings)),
         not_before=to_datetime(ca.not_before),
+        fingerprint=ca.fingerprint,
+        root_expires_at=to_datetime(min(c.not_after for c in roots.certs)) if roots.certs else None,
+        crl_next_update=_next_update(crls),
     )
+
+
+def _next_update(crls: list[RevocationList] | None) -> dt.datetime | None:
+    """The earliest nextUpdate of `crls`, for the metrics."""
+    times = [rl.next_update for rl in crls or () if rl.next_update is not None]
+    return to_datetime(min(times)) if times else None
 
 
 def reload_problem(previous: Mapping[str, bytes], files: Mapping[str, bytes], *, multiroot: bool) -> str | None:

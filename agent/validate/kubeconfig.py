@@ -190,10 +190,13 @@ def validate_remote_secret(files: Mapping[str, bytes], now: int, limits: Limits)
         which = min(not_after, key=lambda k: not_after[k])
         raise _refuse(cluster, f"has an expired {which} (at {to_datetime(expires):%Y-%m-%dT%H:%M:%SZ})",
                       "kubeconfig-expired")
+    client_at = not_after.get("client-certificate-data")
+    client_not_after = {} if client_at is None else {cluster: to_datetime(client_at)}
     return BundleInfo(
         kind="remote-secret",
         not_after={k: to_datetime(v) for k, v in not_after.items()},
         expires_at=to_datetime(expires),
         root_fingerprints=tuple(c.fingerprint for c in ca),
         serial=f"{serial:x}",
+        client_not_after=client_not_after,
     )

@@ -66,6 +66,8 @@ def validate_tls(files: Mapping[str, bytes], now: int, limits: Limits, *, ca_sig
         serial=format(leaf.serial, "x"),
         warnings=tuple(dict.fromkeys(warnings)),
         not_before=to_datetime(leaf.not_before),
+        fingerprint=leaf.fingerprint,
+        root_expires_at=to_datetime(min(c.not_after for c in roots.certs)) if roots.certs else None,
     )
 
 
