@@ -531,6 +531,11 @@ class Vault:
             pem = read_regular(path, limit=_CA_LIMIT, what=what)
         except FileProblem as exc:
             raise ConfigError(f"{exc}: set it to the PEM file of the CA that signed Vault's certificate") from None
+        if not pem.strip():
+            # never cadata="": ssl would load the system's trust store instead (a file caught while it is rewritten)
+            raise ConfigError(
+                f"{what} {shown(path)} is empty: set it to the PEM file of the CA that signed Vault's certificate"
+            )
         try:
             context = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
         except (ssl.SSLError, ValueError):

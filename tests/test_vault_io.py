@@ -591,6 +591,58 @@ class TestVaultSession:
         assert Vault(VaultConfig(address="http://vault.example:8200"), env=env)._proxy is None
 
 
+class TestCAFileCaughtEmpty:
+    """vault.ca_cert read while a writer has truncated it and not written it yet (`cp`, `cat >`, an editor): an
+    empty file holds no certificate; it must never become "trust the system's CAs"."""
+
+    def test_an_empty_ca_cert_at_start_is_a_config_error(self, bao, tmp_path):
+        import asyncio
+
+        from agent.errors import ConfigError
+
+        proxy = TLSProxy(bao.port, *_server_cert(pki.root_ca(cn="Vault CA")), tmp_path)
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(b"")
+
+        async def main() -> None:
+            vault = _session(proxy.address, ca_cert=str(ca_file))
+            try:
+                await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+            finally:
+                await vault.close()
+
+        try:
+            with pytest.raises(ConfigError, match=r"vault\.ca_cert .* is empty"):
+                asyncio.run(main())
+        finally:
+            proxy.close()
+
+    def test_a_ca_cert_caught_empty_while_rewritten_keeps_the_ca_in_use(self, bao, tmp_path):
+        import asyncio
+
+        ca = pki.root_ca(cn="Vault CA")
+        proxy = TLSProxy(bao.port, *_server_cert(ca), tmp_path)
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(ca.cert_pem)
+
+        async def main() -> list[object]:
+            vault = _session(proxy.address, ca_cert=str(ca_file))
+            try:
+                first = await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+                ca_file.write_bytes(b"")  # truncated by the writer, not written yet
+                second = await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+                return [first, second]
+            finally:
+                await vault.close()
+
+        try:
+            first, second = asyncio.run(main())
+        finally:
+            proxy.close()
+        assert isinstance(first, dict) and first.get("initialized") is True
+        assert isinstance(second, dict) and second.get("initialized") is True
+
+
 def _server_cert(ca: pki.CertKey, *, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1",),
                  not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> tuple[bytes, bytes]:
     leaf = pki.leaf_cert(ca, dns_names=dns, ip_addresses=ips, cn=(dns or ips)[0], not_before=not_before,
