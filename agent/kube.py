@@ -163,6 +163,8 @@ def _in_cluster(sa_dir: Path) -> _Access:
     except FileProblem as exc:
         raise refuse(str(exc)) from None
     try:
+        if not ca_pem.strip():  # cadata="" would mean the system's trust store
+            raise ValueError
         ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError):
         raise refuse(f"{sa_dir / 'ca.crt'} holds no PEM certificate") from None

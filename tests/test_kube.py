@@ -167,6 +167,16 @@ class TestLoading:
         assert time.monotonic() - start < 2
         assert "automountServiceAccountToken" in str(err.value) and "\n" not in str(err.value)
 
+    def test_an_empty_ca_crt_is_refused_not_the_system_trust_store(
+        self, kube: KubeAPI, kube_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """An empty ca.crt (kubelet caught mid-write, a broken mount) holds no CA: the load is refused, never turned
+        into a session that trusts every public CA with the pod's bearer token."""
+        sa = _in_cluster(kube, kube_env, tmp_path / "sa", "ns")
+        (sa / "ca.crt").write_bytes(b"")
+        with pytest.raises(ConfigError, match="ca.crt holds no PEM certificate"):
+            run(lambda: Kube.load(sa_dir=sa))
+
     def test_nothing_to_load(self, kube_env: pytest.MonkeyPatch) -> None:
         """No in-cluster env and no kubeconfig: `maybe` is None and `load` says what to set."""
         assert run(Kube.maybe) is None
