@@ -296,6 +296,8 @@ def _from_kubeconfig(paths: list[str]) -> _Access:
         if server.startswith("https://"):
             ca_pem = _data_or_file(cluster, "certificate-authority", cluster_origin)
             try:
+                if ca_pem is not None and not ca_pem.strip():  # named but empty: cadata="" is the system's store
+                    raise ValueError
                 access.ssl = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
             except (ssl.SSLError, ValueError):
                 raise refuse(f"the certificate authority of cluster {shown(cluster_name)!r} holds no PEM"

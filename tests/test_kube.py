@@ -177,6 +177,21 @@ class TestLoading:
         with pytest.raises(ConfigError, match="ca.crt holds no PEM certificate"):
             run(lambda: Kube.load(sa_dir=sa))
 
+    def test_an_empty_certificate_authority_file_is_refused(
+        self, kube: KubeAPI, kube_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A kubeconfig whose certificate-authority file is empty names no CA: refused, not the system's store."""
+        path = kube.write_kubeconfig(tmp_path / "kubeconfig", kube.mint_token("istio-system", "agent"))
+        doc = yaml.safe_load(path.read_text())
+        (tmp_path / "empty-ca.pem").write_bytes(b"")
+        cluster = doc["clusters"][0]["cluster"]
+        del cluster["certificate-authority-data"]
+        cluster["certificate-authority"] = str(tmp_path / "empty-ca.pem")
+        path.write_text(yaml.safe_dump(doc))
+        kube_env.setenv("KUBECONFIG", str(path))
+        with pytest.raises(ConfigError, match="holds no PEM certificate"):
+            run(Kube.load)
+
     def test_nothing_to_load(self, kube_env: pytest.MonkeyPatch) -> None:
         """No in-cluster env and no kubeconfig: `maybe` is None and `load` says what to set."""
         assert run(Kube.maybe) is None
