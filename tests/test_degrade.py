@@ -154,6 +154,34 @@ class TestPlantedGeneration:
             agent.stop()
 
 
+class TestLockedDir:
+    def test_a_bundle_dir_locked_by_another_process_does_not_hold_up_the_exit(
+        self, tmp_path, bao, sa_token_file, layout
+    ):
+        """Another process holds the flock on the bundle dir (a second agent on the same volume, a backup tool):
+        init mode still ends at init.timeout with one line naming the lock, and exits; it never waits forever in
+        a thread that SIGTERM cannot stop."""
+        out = tmp_path / "ca"
+        out.mkdir()
+        cfg = agent_config(address=bao.address, token_path=sa_token_file(), out=out, kv=layout.kv,
+                           mount=layout.auth_mount, init_timeout="3s")
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start = time.monotonic()
+            proc = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(write_config(tmp_path / "a.yaml", cfg)),
+                 "--mode", "init"], capture_output=True, text=True, timeout=30, env=cli_env(), cwd=ROOT, check=False,
+            )
+            took = time.monotonic() - start
+        finally:
+            os.close(fd)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+        assert "lock" in lines[0] and str(out) in lines[0], lines[0]
+        assert took < 10, took
+
+
 # ------------------------------------------------------------------------------------------- file watcher
 
 
