@@ -174,7 +174,7 @@ class TestLoading:
         into a session that trusts every public CA with the pod's bearer token."""
         sa = _in_cluster(kube, kube_env, tmp_path / "sa", "ns")
         (sa / "ca.crt").write_bytes(b"")
-        with pytest.raises(ConfigError, match="ca.crt holds no PEM certificate"):
+        with pytest.raises(ConfigError, match=r"ca\.crt holds no PEM certificate"):
             run(lambda: Kube.load(sa_dir=sa))
 
     def test_an_empty_certificate_authority_file_is_refused(
