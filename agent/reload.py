@@ -31,6 +31,8 @@ __all__ = ["STDERR_TAIL", "find_processes", "reload", "restart_on_root_change"]
 #: at most this many characters of a failed exec command's stderr go into the error (output may hold secrets)
 STDERR_TAIL = 200
 _PROC = Path("/proc")
+#: the largest reload.pid_file read (a pid and a newline)
+_PID_FILE_LIMIT = 4096
 
 
 async def reload(bundle: BundleConfig, *, kube: Kube | None = None) -> str:
@@ -142,7 +144,7 @@ async def _signal_matching(pattern: str, sig: signal.Signals, *, key: str) -> li
 async def _signal(action: SignalReload) -> str:
     sig = _parse_signal(action.signal)
     if action.pid_file:
-        pid = _read_pid_file(action.pid_file)
+        pid = await asyncio.to_thread(_read_pid_file, action.pid_file)
         if not _kill(pid, sig):
             raise ReloadError(f"pid {pid} from reload.pid_file {action.pid_file} is not running")
         return f"sent {sig.name} to pid {pid} from {action.pid_file}"
@@ -153,12 +155,18 @@ async def _signal(action: SignalReload) -> str:
 
 
 def _read_pid_file(path: str) -> int:
+    """The pid in `path`, read as a file the agent does not own (a regular file, bounded, never blocking). Blocks:
+    call it off the event loop."""
+    from agent.files import FileProblem, read_regular
+
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
-    except FileNotFoundError:
-        raise ReloadError(f"reload.pid_file {path} does not exist: is the process running and writing it?") from None
-    except OSError as exc:
-        raise ReloadError(f"reload.pid_file {path} cannot be read: {exc.strerror}") from None
+        text = read_regular(path, limit=_PID_FILE_LIMIT, what="reload.pid_file").decode("utf-8", "replace").strip()
+    except FileProblem as exc:
+        if exc.missing:
+            raise ReloadError(
+                f"reload.pid_file {shown(path)} does not exist: is the process running and writing it?"
+            ) from None
+        raise ReloadError(str(exc)) from None
     if not text.isdigit() or int(text) <= 0:
         raise ReloadError(f"reload.pid_file {path} does not hold a process id")
     pid = int(text)
