@@ -33,6 +33,8 @@ STDERR_TAIL = 200
 _PROC = Path("/proc")
 #: the largest reload.pid_file read (a pid and a newline)
 _PID_FILE_LIMIT = 4096
+#: bytes of an exec command's stderr kept for its error (the rest is read and dropped)
+_STDERR_KEEP = 64 * 1024
 
 
 async def reload(bundle: BundleConfig, *, kube: Kube | None = None) -> str:
@@ -193,9 +195,15 @@ async def _exec(action: ExecReload) -> str:
         raise ReloadError(f"reload.command {argv[0]} is not executable") from None
     except OSError as exc:
         raise ReloadError(f"reload.command {argv[0]} cannot be started: {exc.strerror}") from None
+    async def finish() -> bytes:
+        assert proc.stderr is not None
+        kept = await _bounded(proc.stderr, _STDERR_KEEP)
+        await proc.wait()
+        return kept
+
     try:
         async with asyncio.timeout(action.timeout):  # not wait_for: it can swallow a cancellation (Python 3.11)
-            _, stderr = await proc.communicate()
+            stderr = await finish()
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
@@ -214,6 +222,23 @@ async def _exec(action: ExecReload) -> str:
         tail = _tail(stderr)
         raise ReloadError(f"reload.command {argv[0]} failed with {how}" + (f": {tail}" if tail else ""))
     return f"ran {argv[0]}"
+
+
+async def _bounded(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """The first `keep` bytes of `stream`, read to its end (the rest is dropped, so the writer never blocks on a
+    full pipe). When some was dropped, what is kept ends at its last newline: no token or key is cut in two, which
+    would let its first characters past the redaction."""
+    kept = bytearray()
+    dropped = False
+    while chunk := await stream.read(65536):
+        room = keep - len(kept)
+        if len(chunk) > room:
+            dropped = True
+        if room > 0:
+            kept += chunk[:room]
+    if dropped:
+        del kept[kept.rfind(b"\n") + 1 :]
+    return bytes(kept)
 
 
 def _child_env() -> dict[str, str]:

@@ -338,6 +338,30 @@ class TestExecReload:
         assert len(text) < len(sys.executable) + STDERR_TAIL + 60
         assert "\n" not in text
 
+    def test_a_flood_on_stderr_is_not_kept_in_memory(self) -> None:
+        """A reload command that writes 100 MB to stderr before it fails: the agent keeps a bounded part of it (its
+        peak memory stays far below the chart's 128Mi limit), and the error is still one short line."""
+        code = (
+            "import asyncio, resource, sys\n"
+            "from agent.config import BundleConfig, ExecReload, SourceConfig\n"
+            "from agent.errors import ReloadError\n"
+            "from agent.reload import reload\n"
+            "cmd = ['/bin/sh', '-c', 'head -c 100000000 /dev/zero >&2; echo; echo reloader: bad config >&2; exit 2']\n"
+            "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
+            " reload=ExecReload(command=cmd))\n"
+            "try:\n"
+            "    asyncio.run(reload(b))\n"
+            "except ReloadError as exc:\n"
+            "    print(len(str(exc)), '\\n' in str(exc))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        length, newline, peak_kib = out.stdout.split()
+        assert int(length) < 300 and newline == "False", out.stdout
+        assert int(peak_kib) < 80 * 1024, f"peak RSS {peak_kib} KiB"
+
     def test_missing_command(self) -> None:
         """A command that does not exist is named in the error."""
         with pytest.raises(ReloadError, match=r"reload\.command /no/such/reloader does not exist"):
