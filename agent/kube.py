@@ -434,7 +434,9 @@ class Kube:
         if self._session is None:
             aiohttp = aio.load()
 
-            connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8)
+            from agent.vault import resolver
+
+            connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8, resolver=resolver())
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 # the deadline is asyncio.timeout around the whole request; no proxy from the environment, no
