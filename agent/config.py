@@ -602,6 +602,12 @@ def validate(cfg: AgentConfig) -> None:
     _check_strings(cfg, "")
     if not cfg.vault.address:
         raise ConfigError("missing required key vault.address (or set VAULT_ADDR)")
+    if "@" in re.split(r"[/?#]", cfg.vault.address.split("://", 1)[-1], maxsplit=1)[0]:
+        # never echoed: the password would be in this line; every later line naming Vault's address would carry it
+        raise ConfigError(
+            "vault.address must not hold a user name or password (user:password@): the agent authenticates with its"
+            " Vault token, and the address is shown in logs and errors"
+        )
     if not re.match(r"^https?://[^/]+", cfg.vault.address) or not _host_and_port(cfg.vault.address):
         raise ConfigError(f"vault.address must be an http:// or https:// URL, not {shown(cfg.vault.address)!r}")
     auth = cfg.auth

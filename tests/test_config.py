@@ -80,6 +80,15 @@ class TestContract:
         assert proc.returncode == 1
         assert "vault.address" in error_line(proc) and "internal error" not in proc.stderr, proc.stderr
 
+    def test_an_address_with_credentials_is_refused_without_echoing_them(self):
+        """vault.address carrying user:password would put the password in every error and log line that names Vault's
+        address (and send it as Basic auth): one config error that does not show it."""
+        raw = {"vault": {"address": "https://agent:s3cr3t-pw@vault.example:8200"}, "auth": {"mount": "k", "role": "r"},
+               "bundles": [{"name": "a", "dir": "/o", "source": {"kv": "s/a"}}]}
+        with pytest.raises(ConfigError, match=r"vault\.address") as err:
+            config.from_mapping(raw, env={})
+        assert "s3cr3t-pw" not in str(err.value)
+
     def test_config_path_from_env(self):
         """Without --config the path comes from ISTIO_VAULT_AGENT_CONFIG."""
         cfg = config.load(None, env={"ISTIO_VAULT_AGENT_CONFIG": str(FIXTURES / "good-runbook.yaml")})
