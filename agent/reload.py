@@ -195,6 +195,7 @@ async def _exec(action: ExecReload) -> str:
         raise ReloadError(f"reload.command {argv[0]} is not executable") from None
     except OSError as exc:
         raise ReloadError(f"reload.command {argv[0]} cannot be started: {exc.strerror}") from None
+
     async def finish() -> bytes:
         assert proc.stderr is not None
         kept = await _bounded(proc.stderr, _STDERR_KEEP)
