@@ -339,14 +339,14 @@ class TestExecReload:
         assert "\n" not in text
 
     def test_a_flood_on_stderr_is_not_kept_in_memory(self) -> None:
-        """A reload command that writes 100 MB to stderr before it fails: the agent keeps a bounded part of it (its
+        """A reload command that writes 50 MB to stderr before it fails: the agent keeps a bounded part of it (its
         peak memory stays far below the chart's 128Mi limit), and the error is still one short line."""
         code = (
             "import asyncio, resource, sys\n"
             "from agent.config import BundleConfig, ExecReload, SourceConfig\n"
             "from agent.errors import ReloadError\n"
             "from agent.reload import reload\n"
-            "cmd = ['/bin/sh', '-c', 'head -c 100000000 /dev/zero >&2; echo; echo reloader: bad config >&2; exit 2']\n"
+            "cmd = ['/bin/sh', '-c', 'head -c 50000000 /dev/zero >&2; echo; echo reloader: bad config >&2; exit 2']\n"
             "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
             " reload=ExecReload(command=cmd))\n"
             "try:\n"
