@@ -587,12 +587,29 @@ def _check_strings(value: object, key: str) -> None:
             _check_strings(item, f"{key}.{shown(k, 60)}")
 
 
+def _host_and_port(url: str) -> bool:
+    """Whether `url` has a host and, if it names one, a port that is a number from 0 to 65535."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port >= 0)
+    except ValueError:  # a port out of range or not a number, a broken [IPv6] host
+        return False
+
+
 def validate(cfg: AgentConfig) -> None:
     """Rules across fields that types cannot express. Raises ConfigError naming the key."""
     _check_strings(cfg, "")
     if not cfg.vault.address:
         raise ConfigError("missing required key vault.address (or set VAULT_ADDR)")
-    if not re.match(r"^https?://[^/]+", cfg.vault.address):
+    if "@" in re.split(r"[/?#]", cfg.vault.address.split("://", 1)[-1], maxsplit=1)[0]:
+        # never echoed: the password would be in this line; every later line naming Vault's address would carry it
+        raise ConfigError(
+            "vault.address must not hold a user name or password (user:password@): the agent authenticates with its"
+            " Vault token, and the address is shown in logs and errors"
+        )
+    if not re.match(r"^https?://[^/]+", cfg.vault.address) or not _host_and_port(cfg.vault.address):
         raise ConfigError(f"vault.address must be an http:// or https:// URL, not {shown(cfg.vault.address)!r}")
     auth = cfg.auth
     if auth.method in {"kubernetes", "jwt"}:

@@ -46,6 +46,9 @@ _BACKLOG = 1024
 # descriptor reserve of `_fd_budget`, since sockets closed at the cap are only released a turn later; a flood
 # accepted 1024 at a time would run out of descriptors and make asyncio stop accepting for a second.
 _ACCEPT_BATCH = 32
+#: at the cap, a connection whose last request came this many seconds ago or more may lose its slot to a new one
+#: (the endpoints answer in milliseconds: it is idle on keep-alive; its client reconnects when it asks again)
+_IDLE_RECLAIM = 0.5
 
 
 @dataclass(frozen=True)
@@ -204,8 +207,9 @@ class _Guard(asyncio.Protocol):
     headers do not arrive in time (a half-open or slowloris client), and otherwise passes everything through.
 
     At the cap, a new connection takes the slot of the oldest one that has not sent a complete request yet (an
-    idle or slow client), so that a flood of silent connections can never lock the probes out; it is closed
-    only when every slot holds a connection that has sent a request.
+    idle or slow client), else of the one whose last request is the oldest, at least `_IDLE_RECLAIM` seconds ago
+    (kept alive and silent since its answer), so that a flood of silent connections can never lock the probes
+    out; it is closed only when every slot holds a connection that has asked for something within that time.
     """
 
     def __init__(self, inner: asyncio.Protocol, site: _GuardedSite) -> None:
@@ -235,6 +239,7 @@ class _Guard(asyncio.Protocol):
     def release(self) -> None:
         """Give the slot back (at most once) and close the connection at once."""
         self.site.waiting.pop(self, None)
+        self.site.idle.pop(self, None)
         if self.holding:
             self.holding = False
             self.site.open -= 1
@@ -255,7 +260,9 @@ class _Guard(asyncio.Protocol):
         # each end of a header block is a request: the next one must come within keep-alive + header time
         seen = self.tail + data
         if b"\r\n\r\n" in seen:
-            self.site.waiting.pop(self, None)  # it asked for something: no longer a slot to reclaim
+            self.site.waiting.pop(self, None)  # it asked for something: no longer a slot to reclaim at once
+            self.site.idle.pop(self, None)  # the latest request last: the dict stays oldest first
+            self.site.idle[self] = asyncio.get_running_loop().time()
             self._arm(self.site.limits.keepalive_timeout + self.site.limits.header_timeout)
         self.tail = seen[-3:]
         self.inner.data_received(data)
@@ -273,6 +280,7 @@ class _Guard(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.site.waiting.pop(self, None)
+        self.site.idle.pop(self, None)
         if self.holding:
             self.holding = False
             self.site.open -= 1
@@ -305,12 +313,18 @@ class _GuardedSite(web.TCPSite):
         self.reclaimed = 0
         #: connections that have not sent a complete request yet, oldest first
         self.waiting: dict[_Guard, None] = {}
+        #: the others, with the loop time of their last request, the oldest request first
+        self.idle: dict[_Guard, float] = {}
 
     def reclaim(self) -> bool:
-        """Free the slot of the oldest connection that has not sent a complete request yet; False if none."""
+        """Free the slot of the oldest connection that has not sent a complete request yet, else of the one whose
+        last request is the oldest if that was `_IDLE_RECLAIM` seconds ago or more; False if none."""
         oldest = next(iter(self.waiting), None)  # dicts keep insertion order: the first is the oldest
         if oldest is None:
-            return False
+            last = next(iter(self.idle.items()), None)
+            if last is None or asyncio.get_running_loop().time() - last[1] < _IDLE_RECLAIM:
+                return False
+            oldest = last[0]
         oldest.release()
         self.reclaimed += 1
         return True

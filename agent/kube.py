@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import os
@@ -162,6 +163,8 @@ def _in_cluster(sa_dir: Path) -> _Access:
         ca_pem = read_regular(str(sa_dir / "ca.crt"), limit=_CONFIG_LIMIT, what="the service account's CA file")
     except FileProblem as exc:
         raise refuse(str(exc)) from None
+    if not ca_pem.strip():  # cadata="" would mean the system's trust store
+        raise refuse(f"{sa_dir / 'ca.crt'} holds no PEM certificate")
     try:
         ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError):
@@ -293,12 +296,16 @@ def _from_kubeconfig(paths: list[str]) -> _Access:
     try:
         if server.startswith("https://"):
             ca_pem = _data_or_file(cluster, "certificate-authority", cluster_origin)
-            try:
-                access.ssl = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
-            except (ssl.SSLError, ValueError):
+            trust: ssl.SSLContext | None = None
+            # a CA file named but empty is no CA: cadata="" would be the system's trust store
+            if ca_pem is None or ca_pem.strip():
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    trust = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
+            if trust is None:
                 raise refuse(f"the certificate authority of cluster {shown(cluster_name)!r} holds no PEM"
-                             " certificate") from None
-            _client_cert(access.ssl, user, user_origin, f"user {shown(user_name)!r}", refuse)
+                             " certificate")
+            access.ssl = trust
+            _client_cert(trust, user, user_origin, f"user {shown(user_name)!r}", refuse)
         _token(access, user, user_origin, f"user {shown(user_name)!r}")
     except FileProblem as exc:
         raise refuse(str(exc)) from None
@@ -427,7 +434,9 @@ class Kube:
         if self._session is None:
             aiohttp = aio.load()
 
-            connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8)
+            from agent.vault import resolver
+
+            connector = aiohttp.TCPConnector(ssl=self._access.ssl or False, limit=8, resolver=resolver())
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 # the deadline is asyncio.timeout around the whole request; no proxy from the environment, no

@@ -56,6 +56,9 @@ _SYSTEM_DIRS = frozenset({
 })
 # a reader racing a publisher may find the generation it resolved already removed; it then resolves again
 _READ_ATTEMPTS = 100
+#: how long a publish waits for another process's lock on DIR (a publish holds it for milliseconds); bounded, since
+#: the wait runs in a thread that neither SIGTERM nor init.timeout can stop
+_LOCK_WAIT = 1.0
 #: the largest file read back from a published generation unless the caller says otherwise (limits.max_secret_size's
 #: default): a larger one planted there is never read, and counts as damage
 MAX_FILE_SIZE = 1 << 20
@@ -289,9 +292,21 @@ def _locked(dir: Path) -> Iterator[int]:
     """Hold an exclusive flock on DIR so two publishers never clean up each other's new generation."""
     fd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        # best effort: some network filesystems refuse flock, and one publisher per DIR is the norm
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PublishError(
+                        f"{shown(str(dir))} is locked by another process (flock) for over {_LOCK_WAIT:g}s: stop the"
+                        " other agent or tool publishing into that directory"
+                    ) from None
+                time.sleep(0.02)
+                continue
+            except OSError:
+                pass  # best effort: some network filesystems refuse flock, and one publisher per DIR is the norm
+            break
         yield fd
     finally:
         os.close(fd)  # also releases the lock, as SIGKILL would

@@ -31,6 +31,10 @@ __all__ = ["STDERR_TAIL", "find_processes", "reload", "restart_on_root_change"]
 #: at most this many characters of a failed exec command's stderr go into the error (output may hold secrets)
 STDERR_TAIL = 200
 _PROC = Path("/proc")
+#: the largest reload.pid_file read (a pid and a newline)
+_PID_FILE_LIMIT = 4096
+#: bytes of an exec command's stderr kept for its error (the rest is read and dropped)
+_STDERR_KEEP = 64 * 1024
 
 
 async def reload(bundle: BundleConfig, *, kube: Kube | None = None) -> str:
@@ -142,7 +146,7 @@ async def _signal_matching(pattern: str, sig: signal.Signals, *, key: str) -> li
 async def _signal(action: SignalReload) -> str:
     sig = _parse_signal(action.signal)
     if action.pid_file:
-        pid = _read_pid_file(action.pid_file)
+        pid = await asyncio.to_thread(_read_pid_file, action.pid_file)
         if not _kill(pid, sig):
             raise ReloadError(f"pid {pid} from reload.pid_file {action.pid_file} is not running")
         return f"sent {sig.name} to pid {pid} from {action.pid_file}"
@@ -153,12 +157,18 @@ async def _signal(action: SignalReload) -> str:
 
 
 def _read_pid_file(path: str) -> int:
+    """The pid in `path`, read as a file the agent does not own (a regular file, bounded, never blocking). Blocks:
+    call it off the event loop."""
+    from agent.files import FileProblem, read_regular
+
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
-    except FileNotFoundError:
-        raise ReloadError(f"reload.pid_file {path} does not exist: is the process running and writing it?") from None
-    except OSError as exc:
-        raise ReloadError(f"reload.pid_file {path} cannot be read: {exc.strerror}") from None
+        text = read_regular(path, limit=_PID_FILE_LIMIT, what="reload.pid_file").decode("utf-8", "replace").strip()
+    except FileProblem as exc:
+        if exc.missing:
+            raise ReloadError(
+                f"reload.pid_file {shown(path)} does not exist: is the process running and writing it?"
+            ) from None
+        raise ReloadError(str(exc)) from None
     if not text.isdigit() or int(text) <= 0:
         raise ReloadError(f"reload.pid_file {path} does not hold a process id")
     pid = int(text)
@@ -185,9 +195,16 @@ async def _exec(action: ExecReload) -> str:
         raise ReloadError(f"reload.command {argv[0]} is not executable") from None
     except OSError as exc:
         raise ReloadError(f"reload.command {argv[0]} cannot be started: {exc.strerror}") from None
+
+    async def finish() -> bytes:
+        assert proc.stderr is not None
+        kept = await _bounded(proc.stderr, _STDERR_KEEP)
+        await proc.wait()
+        return kept
+
     try:
         async with asyncio.timeout(action.timeout):  # not wait_for: it can swallow a cancellation (Python 3.11)
-            _, stderr = await proc.communicate()
+            stderr = await finish()
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
@@ -206,6 +223,23 @@ async def _exec(action: ExecReload) -> str:
         tail = _tail(stderr)
         raise ReloadError(f"reload.command {argv[0]} failed with {how}" + (f": {tail}" if tail else ""))
     return f"ran {argv[0]}"
+
+
+async def _bounded(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """The first `keep` bytes of `stream`, read to its end (the rest is dropped, so the writer never blocks on a
+    full pipe). When some was dropped, what is kept ends at its last newline: no token or key is cut in two, which
+    would let its first characters past the redaction."""
+    kept = bytearray()
+    dropped = False
+    while chunk := await stream.read(65536):
+        room = keep - len(kept)
+        if len(chunk) > room:
+            dropped = True
+        if room > 0:
+            kept += chunk[:room]
+    if dropped:
+        del kept[kept.rfind(b"\n") + 1 :]
+    return bytes(kept)
 
 
 def _child_env() -> dict[str, str]:

@@ -12,8 +12,11 @@ odd answers, redirects away) are VaultUnavailable; final ones VaultError or Conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json as jsonlib
 import os
+import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
     from agent.config import VaultConfig
     from agent.metrics import Metrics
 
-__all__ = ["MAX_REDIRECTS", "Vault", "answer", "field", "health_state", "ssl_default"]
+__all__ = ["MAX_REDIRECTS", "Vault", "answer", "field", "health_state", "resolver", "ssl_default"]
 
 #: same-origin redirects followed for one request
 MAX_REDIRECTS = 3
@@ -112,6 +115,73 @@ def health_state(body: object) -> str:
     if body.get("standby") is True or body.get("performance_standby") is True:
         return "standby"
     return "active"
+
+
+#: DNS lookups running at once at most (each holds a thread until the resolver answers or gives up)
+_MAX_LOOKUPS = 8
+_lookups = 0
+_lookups_lock = threading.Lock()
+
+
+def resolver() -> aiohttp.abc.AbstractResolver:
+    """aiohttp's resolver, its lookups in threads of their own that the exit does not wait for.
+
+    A getaddrinfo cannot be cancelled. In asyncio's default executor, one the agent gave up on (init.timeout,
+    SIGTERM) held up the exit until the resolver itself gave up (its timeouts times its search domains: tens of
+    seconds), since asyncio.run joins that executor's threads.
+    """
+    resolver: aiohttp.abc.AbstractResolver = aio.load().ThreadedResolver(loop=_Lookups())
+    return resolver
+
+
+class _Lookups:
+    """The two calls aiohttp's ThreadedResolver makes of its loop, each run in a daemon thread."""
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        return await _abandonable(socket.getaddrinfo, *args, **kwargs)
+
+    async def getnameinfo(self, *args: Any) -> Any:
+        return await _abandonable(socket.getnameinfo, *args)
+
+
+async def _abandonable(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    global _lookups
+    with _lookups_lock:
+        if _lookups >= _MAX_LOOKUPS:
+            raise socket.gaierror(socket.EAI_AGAIN, "too many DNS lookups unanswered")
+        _lookups += 1
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # given up on
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        global _lookups
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        finally:
+            with _lookups_lock:
+                _lookups -= 1
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    try:
+        threading.Thread(target=work, name="dns-lookup", daemon=True).start()
+    except RuntimeError:  # no thread to be had
+        with _lookups_lock:
+            _lookups -= 1
+        raise socket.gaierror(socket.EAI_AGAIN, "no thread for a DNS lookup") from None
+    return await done
 
 
 def _origin(url: urllib.parse.SplitResult) -> tuple[str, str, int]:
@@ -458,7 +528,8 @@ class Vault:
             if self._ssl is None and self._url.scheme == "https":
                 # the system's trust store, for this session: aiohttp's own default context is left empty (agent.aio)
                 self._ssl = await asyncio.to_thread(ssl_default)
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False, limit=64)
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False, limit=64,
+                                             resolver=resolver())
             session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.timeout),
@@ -531,6 +602,11 @@ class Vault:
             pem = read_regular(path, limit=_CA_LIMIT, what=what)
         except FileProblem as exc:
             raise ConfigError(f"{exc}: set it to the PEM file of the CA that signed Vault's certificate") from None
+        if not pem.strip():
+            # never cadata="": ssl would load the system's trust store instead (a file caught while it is rewritten)
+            raise ConfigError(
+                f"{what} {shown(path)} is empty: set it to the PEM file of the CA that signed Vault's certificate"
+            )
         try:
             context = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
         except (ssl.SSLError, ValueError):

@@ -63,6 +63,32 @@ class TestContract:
         assert cfg.vault.address == "http://127.0.0.1:8200"
         assert (cfg.vault.ca_cert, cfg.vault.namespace, cfg.vault.skip_verify) == ("/ca.pem", "ns2", True)
 
+    @pytest.mark.parametrize("address", ["https://vault.example:99999", "https://vault.example:http", "http://[::1"])
+    def test_an_address_whose_port_or_host_does_not_parse_is_one_config_error(self, address, tmp_path):
+        """vault.address with a port out of range, a port that is not a number or a broken IPv6 host: one line
+        naming vault.address, not "internal error (ValueError)" from the run path."""
+        raw = {"vault": {"address": address}, "auth": {"mount": "k", "role": "r"},
+               "bundles": [{"name": "a", "dir": str(tmp_path / "out"), "source": {"kv": "s/a"}}]}
+        with pytest.raises(ConfigError, match=r"vault\.address must be an http:// or https:// URL"):
+            config.from_mapping(raw, env={})
+        path = tmp_path / "agent.yaml"
+        path.write_text(
+            f"vault: {{address: '{address}'}}\nauth: {{mount: k, role: r, token_path: {tmp_path / 'token'}}}\n"
+            f"bundles: [{{name: a, dir: {tmp_path / 'out'}, source: {{kv: s/a}}}}]\ninit: {{timeout: 1s}}\n"
+        )
+        proc = run_cli("run", "--config", str(path), "--mode", "init", env=cli_env())
+        assert proc.returncode == 1
+        assert "vault.address" in error_line(proc) and "internal error" not in proc.stderr, proc.stderr
+
+    def test_an_address_with_credentials_is_refused_without_echoing_them(self):
+        """vault.address carrying user:password would put the password in every error and log line that names Vault's
+        address (and send it as Basic auth): one config error that does not show it."""
+        raw = {"vault": {"address": "https://agent:s3cr3t-pw@vault.example:8200"}, "auth": {"mount": "k", "role": "r"},
+               "bundles": [{"name": "a", "dir": "/o", "source": {"kv": "s/a"}}]}
+        with pytest.raises(ConfigError, match=r"vault\.address") as err:
+            config.from_mapping(raw, env={})
+        assert "s3cr3t-pw" not in str(err.value)
+
     def test_config_path_from_env(self):
         """Without --config the path comes from ISTIO_VAULT_AGENT_CONFIG."""
         cfg = config.load(None, env={"ISTIO_VAULT_AGENT_CONFIG": str(FIXTURES / "good-runbook.yaml")})

@@ -154,6 +154,34 @@ class TestPlantedGeneration:
             agent.stop()
 
 
+class TestLockedDir:
+    def test_a_bundle_dir_locked_by_another_process_does_not_hold_up_the_exit(
+        self, tmp_path, bao, sa_token_file, layout
+    ):
+        """Another process holds the flock on the bundle dir (a second agent on the same volume, a backup tool):
+        init mode still ends at init.timeout with one line naming the lock, and exits; it never waits forever in
+        a thread that SIGTERM cannot stop."""
+        out = tmp_path / "ca"
+        out.mkdir()
+        cfg = agent_config(address=bao.address, token_path=sa_token_file(), out=out, kv=layout.kv,
+                           mount=layout.auth_mount, init_timeout="3s")
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start = time.monotonic()
+            proc = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(write_config(tmp_path / "a.yaml", cfg)),
+                 "--mode", "init"], capture_output=True, text=True, timeout=30, env=cli_env(), cwd=ROOT, check=False,
+            )
+            took = time.monotonic() - start
+        finally:
+            os.close(fd)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+        assert "lock" in lines[0] and str(out) in lines[0], lines[0]
+        assert took < 10, took
+
+
 # ------------------------------------------------------------------------------------------- file watcher
 
 
@@ -377,6 +405,48 @@ class TestIdleConnectionFlood:
                 if status != 200 or took > 1.0:
                     slow.append((i, status, round(took, 2)))
             assert not slow, slow
+        finally:
+            for s in held:
+                s.close()
+            agent.stop()
+
+
+class TestKeptAliveFlood:
+    def test_connections_idle_after_one_request_do_not_lock_probes_out(self, tmp_path, bao, sa_token_file, layout):
+        """1,000 connections that each send one request, get the answer, then stay open and silent (HTTP keep-alive),
+        against a sidecar whose connection cap is 896: probes from half a second later are each answered within 1 s
+        (before, the silent connections kept every slot for keep-alive + header time, 10 s, refusing every probe)."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            if hard != resource.RLIM_INFINITY and hard < 1200:
+                pytest.skip("this process may not open 1,200 files")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+        limit = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+                 " os.execv(sys.argv[1], sys.argv[1:])")
+        agent = _sidecar(_config(tmp_path, bao, sa_token_file, layout), prefix=(sys.executable, "-c", limit))
+        port = agent.port
+        held: list[socket.socket] = []
+        try:
+            for _ in range(1000):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                try:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    s.recv(4096)
+                except OSError:
+                    s.close()
+                    continue
+                held.append(s)
+            time.sleep(0.6)
+            slow = []
+            for i in range(10):
+                start = time.monotonic()
+                status = _healthz(port, timeout=1.0)
+                took = time.monotonic() - start
+                if status != 200 or took > 1.0:
+                    slow.append((i, status, round(took, 2)))
+            assert not slow, (len(held), slow)
         finally:
             for s in held:
                 s.close()

@@ -167,6 +167,31 @@ class TestLoading:
         assert time.monotonic() - start < 2
         assert "automountServiceAccountToken" in str(err.value) and "\n" not in str(err.value)
 
+    def test_an_empty_ca_crt_is_refused_not_the_system_trust_store(
+        self, kube: KubeAPI, kube_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """An empty ca.crt (kubelet caught mid-write, a broken mount) holds no CA: the load is refused, never turned
+        into a session that trusts every public CA with the pod's bearer token."""
+        sa = _in_cluster(kube, kube_env, tmp_path / "sa", "ns")
+        (sa / "ca.crt").write_bytes(b"")
+        with pytest.raises(ConfigError, match=r"ca\.crt holds no PEM certificate"):
+            run(lambda: Kube.load(sa_dir=sa))
+
+    def test_an_empty_certificate_authority_file_is_refused(
+        self, kube: KubeAPI, kube_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A kubeconfig whose certificate-authority file is empty names no CA: refused, not the system's store."""
+        path = kube.write_kubeconfig(tmp_path / "kubeconfig", kube.mint_token("istio-system", "agent"))
+        doc = yaml.safe_load(path.read_text())
+        (tmp_path / "empty-ca.pem").write_bytes(b"")
+        cluster = doc["clusters"][0]["cluster"]
+        del cluster["certificate-authority-data"]
+        cluster["certificate-authority"] = str(tmp_path / "empty-ca.pem")
+        path.write_text(yaml.safe_dump(doc))
+        kube_env.setenv("KUBECONFIG", str(path))
+        with pytest.raises(ConfigError, match="holds no PEM certificate"):
+            run(Kube.load)
+
     def test_nothing_to_load(self, kube_env: pytest.MonkeyPatch) -> None:
         """No in-cluster env and no kubeconfig: `maybe` is None and `load` says what to set."""
         assert run(Kube.maybe) is None

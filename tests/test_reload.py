@@ -233,6 +233,37 @@ class TestSignalReload:
         with pytest.raises(ReloadError, match=f"pid {gone.pid} from reload.pid_file .* is not running"):
             asyncio.run(reload(_bundle(SignalReload(pid_file=str(stale)))))
 
+    @pytest.mark.parametrize("planted", ["fifo", "dev-zero"])
+    def test_a_pid_file_that_is_not_a_regular_file_is_refused_without_blocking(
+        self, tmp_path: Path, planted: str
+    ) -> None:
+        """reload.pid_file swapped for a FIFO (nobody writes) or a link to /dev/zero: one ReloadError at once;
+        before, the open of the FIFO blocked the event loop for good (no health answer, SIGTERM unheard) and
+        /dev/zero was read until memory ran out."""
+        pid_file = tmp_path / "consumer.pid"
+        if planted == "fifo":
+            os.mkfifo(pid_file)
+        else:
+            pid_file.symlink_to("/dev/zero")
+        code = (
+            "import asyncio, sys\n"
+            "from agent.config import BundleConfig, SignalReload, SourceConfig\n"
+            "from agent.errors import ReloadError\n"
+            "from agent.reload import reload\n"
+            "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
+            " reload=SignalReload(pid_file=sys.argv[1]))\n"
+            "try:\n"
+            "    asyncio.run(reload(b))\n"
+            "except ReloadError as exc:\n"
+            "    print('refused:', exc)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(pid_file)], cwd=REPO, capture_output=True, text=True, timeout=10,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith("refused: reload.pid_file") and "not a regular file" in out.stdout, out.stdout
+
     @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the agent side as another uid")
     def test_permission_denied_names_uid(self, sleeper: tuple[subprocess.Popen[bytes], str]) -> None:
         """A process of another uid that refuses the signal gives an error about running as the same uid."""
@@ -306,6 +337,30 @@ class TestExecReload:
         assert "MIGHAgEAMBMG" not in text and "PRIVATE KEY" not in text
         assert len(text) < len(sys.executable) + STDERR_TAIL + 60
         assert "\n" not in text
+
+    def test_a_flood_on_stderr_is_not_kept_in_memory(self) -> None:
+        """A reload command that writes 50 MB to stderr before it fails: the agent keeps a bounded part of it (its
+        peak memory stays far below the chart's 128Mi limit), and the error is still one short line."""
+        code = (
+            "import asyncio, resource, sys\n"
+            "from agent.config import BundleConfig, ExecReload, SourceConfig\n"
+            "from agent.errors import ReloadError\n"
+            "from agent.reload import reload\n"
+            "cmd = ['/bin/sh', '-c', 'head -c 50000000 /dev/zero >&2; echo; echo reloader: bad config >&2; exit 2']\n"
+            "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
+            " reload=ExecReload(command=cmd))\n"
+            "try:\n"
+            "    asyncio.run(reload(b))\n"
+            "except ReloadError as exc:\n"
+            "    print(len(str(exc)), '\\n' in str(exc))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        length, newline, peak_kib = out.stdout.split()
+        assert int(length) < 300 and newline == "False", out.stdout
+        assert int(peak_kib) < 80 * 1024, f"peak RSS {peak_kib} KiB"
 
     def test_missing_command(self) -> None:
         """A command that does not exist is named in the error."""

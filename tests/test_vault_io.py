@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -246,6 +247,55 @@ class TestEndingAHang:
         line = _one_error(proc)
         assert "init.timeout (2s" in line, line
         assert took < 6, took
+
+
+def _netns_works() -> bool:
+    """Whether this test may make a user, network and mount namespace of its own (to give it a DNS of its own)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "true"],
+                           capture_output=True, check=False, timeout=10)
+    return probe.returncode == 0
+
+
+#: run inside `unshare --user --map-root-user --net --mount`: a nameserver on 127.0.0.1 that never answers, made
+#: this namespace's /etc/resolv.conf (a bind mount, seen by nothing outside), then the agent's init
+_HUNG_DNS = """
+ip link set lo up 2>/dev/null
+mount --bind "$1" /etc/resolv.conf || exit 97
+"$2" -c 'import socket, time; s = socket.socket(type=socket.SOCK_DGRAM); s.bind(("127.0.0.1", 53)); time.sleep(120)' &
+dns=$!
+sleep 0.3
+"$2" -m agent.cli run --config "$3" --mode init
+code=$?
+kill "$dns"
+exit "$code"
+"""
+
+
+class TestHungDNS:
+    @pytest.mark.skipif(not _netns_works(), reason="needs user, network and mount namespaces")
+    def test_init_timeout_bounds_a_dns_lookup_that_hangs(self, tmp_path):
+        """vault.address is a name and the DNS server never answers (the resolver waits 20 s): init still ends at
+        init.timeout, in one line; a lookup the agent gave up on does not hold up the exit."""
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\noptions timeout:20 attempts:1\n")
+        token = tmp_path / "token"
+        token.write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n")
+        cfg = agent_config(address="http://vault.example.test:8200", token_path=token, out=tmp_path / "out",
+                           kv="secret/x", mount="kubernetes", timeout="5s", init_timeout="2s")
+        config = write_config(tmp_path / "agent.yaml", cfg)
+        start = time.monotonic()
+        proc = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--net", "--mount", "sh", "-c", _HUNG_DNS, "sh", str(resolv),
+             sys.executable, str(config)],
+            capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=60, check=False,
+        )
+        took = time.monotonic() - start
+        assert proc.returncode != 97, proc.stderr
+        line = _one_error(proc)
+        assert "init.timeout (2s" in line, line
+        assert took < 6, (took, line)
 
 
 class TestTokenFile:
@@ -580,6 +630,20 @@ class TestVaultSession:
 
         assert asyncio.run(main()) < 0.5
 
+    def test_a_name_in_vault_address_is_resolved(self, front):
+        """vault.address with a host name (not an IP address): the lookup runs and the request reaches Vault."""
+        import asyncio
+
+        async def main() -> object:
+            vault = _session(f"http://localhost:{front.port}")
+            try:
+                return await vault.request("GET", "secret/a", action="reading a")
+            finally:
+                await vault.close()
+
+        assert asyncio.run(main()) == {}
+        assert front.requests
+
     def test_proxies_come_from_the_environment_and_no_proxy_is_honoured(self):
         """HTTPS_PROXY/HTTP_PROXY apply to vault.address unless NO_PROXY names its host."""
         from agent.config import VaultConfig
@@ -589,6 +653,58 @@ class TestVaultSession:
         assert Vault(VaultConfig(address="https://vault.example:8200"), env=env)._proxy == "http://proxy:3128"
         assert Vault(VaultConfig(address="https://vault.internal:8200"), env=env)._proxy is None
         assert Vault(VaultConfig(address="http://vault.example:8200"), env=env)._proxy is None
+
+
+class TestCAFileCaughtEmpty:
+    """vault.ca_cert read while a writer has truncated it and not written it yet (`cp`, `cat >`, an editor): an
+    empty file holds no certificate; it must never become "trust the system's CAs"."""
+
+    def test_an_empty_ca_cert_at_start_is_a_config_error(self, bao, tmp_path):
+        import asyncio
+
+        from agent.errors import ConfigError
+
+        proxy = TLSProxy(bao.port, *_server_cert(pki.root_ca(cn="Vault CA")), tmp_path)
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(b"")
+
+        async def main() -> None:
+            vault = _session(proxy.address, ca_cert=str(ca_file))
+            try:
+                await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+            finally:
+                await vault.close()
+
+        try:
+            with pytest.raises(ConfigError, match=r"vault\.ca_cert .* is empty"):
+                asyncio.run(main())
+        finally:
+            proxy.close()
+
+    def test_a_ca_cert_caught_empty_while_rewritten_keeps_the_ca_in_use(self, bao, tmp_path):
+        import asyncio
+
+        ca = pki.root_ca(cn="Vault CA")
+        proxy = TLSProxy(bao.port, *_server_cert(ca), tmp_path)
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(ca.cert_pem)
+
+        async def main() -> list[object]:
+            vault = _session(proxy.address, ca_cert=str(ca_file))
+            try:
+                first = await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+                ca_file.write_bytes(b"")  # truncated by the writer, not written yet
+                second = await vault.request("GET", "sys/health", auth=False, action="asking Vault for its health")
+                return [first, second]
+            finally:
+                await vault.close()
+
+        try:
+            first, second = asyncio.run(main())
+        finally:
+            proxy.close()
+        assert isinstance(first, dict) and first.get("initialized") is True
+        assert isinstance(second, dict) and second.get("initialized") is True
 
 
 def _server_cert(ca: pki.CertKey, *, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1",),
