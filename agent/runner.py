@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent import publish
+from agent import kinds, publish
+from agent.config import FileBundle
 from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
@@ -77,7 +78,7 @@ class Agent:
         ]
         # before anything is written: bundle dirs that alias, nest or point into a generation are refused
         publish.check_dirs(
-            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if b.kind.target == "files"]
+            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if isinstance(b, FileBundle)]
         )
         self.stop = asyncio.Event()
         self.health_port: int | None = None
@@ -175,7 +176,7 @@ class Agent:
         from agent.errors import AgentError
         from agent.targets.secret import prune
 
-        if not any(b.kind.target == "secret" for b in self.cfg.bundles):
+        if not any(kinds.of(b).target == "secret" for b in self.cfg.bundles):
             return
         try:
             deleted = await prune(self.kube, self.cfg.bundles, self.cfg.kubernetes)

@@ -45,7 +45,7 @@ from agent.text import shown
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from agent.config import AgentConfig, BundleConfig
+    from agent.config import AgentConfig, BundleConfig, IstioCaBundle
     from agent.config import PkiIntermediateSource as Settings
     from agent.vault import Vault
 
@@ -58,7 +58,11 @@ _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL----
 
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiIntermediateSource:
-    """The PKI intermediate source of istio-ca bundle `bundle`."""
+    """The PKI intermediate source of istio-ca bundle `bundle` (config lets `source.pki_intermediate` on istio-ca
+    bundles only)."""
+    from agent.config import IstioCaBundle
+
+    assert isinstance(bundle, IstioCaBundle)
     return PkiIntermediateSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
@@ -99,10 +103,12 @@ class PkiIntermediateSource(RenewingSource):
     refresh = True
     event = "intermediate"
 
-    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+    def __init__(self, vault: Vault, bundle: IstioCaBundle, *, poll_interval: float = 30.0) -> None:
+        from agent.config import PkiIntermediateVariant
+
         super().__init__(vault, bundle, poll_interval=poll_interval)
+        assert isinstance(bundle.source, PkiIntermediateVariant)
         settings = bundle.source.pki_intermediate
-        assert settings is not None
         self.settings: Settings = settings
         self.renew_before = settings.renew_before
         self.mount = settings.mount.strip("/")
@@ -221,7 +227,7 @@ class PkiIntermediateSource(RenewingSource):
             return None, "a CRL of its chain revokes it"
         for name in ("ca-cert.pem", "cert-chain.pem"):
             files[name] = published[name]
-        self.bundle.kind.validate(files)
+        self.kind.validate(files)
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
                       renew_at=renew_at, cas=ders(chain), extra={"own_crl": own_crl}), ""
 
