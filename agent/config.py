@@ -595,6 +595,9 @@ def _tagged(key: str, bundle: object) -> object:
     if not isinstance(bundle, dict):
         return bundle
     bundle = {"type": "istio-ca", **bundle}
+    own = _BUNDLE_TYPES.get(bundle["type"]) if isinstance(bundle["type"], str) else None
+    if own is not None:
+        bundle = {k: v for k, v in bundle.items() if not _foreign_default(own, k, v)}
     source = bundle.get("source")
     if isinstance(source, dict):
         if "variant" in source:
@@ -607,6 +610,23 @@ def _tagged(key: str, bundle: object) -> object:
             del source["fields"]
         bundle["source"] = {**source, "variant": chosen[0]}
     return bundle
+
+
+def _foreign_default(own: type[_Bundle], key: object, value: object) -> bool:
+    """True for a key of another bundle kind that holds that kind's default (`ca_signs_cert: true` on an istio-ca
+    bundle): configs written for the one flat bundle record of before set them, and they mean nothing here."""
+    if not isinstance(key, str) or key in own.__struct_fields__:
+        return False
+    for cls in _BUNDLE_TYPES.values():
+        for f in msgspec.structs.fields(cls):
+            if f.name == key and f.default is not msgspec.NODEFAULT:
+                try:
+                    decoded = msgspec.convert(value, type=f.type, dec_hook=_dec_hook, strict=True)
+                except (msgspec.ValidationError, ValueError):
+                    return False
+                if decoded == f.default:
+                    return True
+    return False
 
 
 def _variants(cls: type[_Bundle]) -> tuple[str, ...]:
@@ -626,8 +646,10 @@ def _misplaced(err: msgspec.ValidationError, bundles: object) -> str | None:
     if kind not in _BUNDLE_TYPES:
         return None
     key, article = f"bundles[{i}]", "an" if kind[0] in "aeiou" else "a"
-    if below == ".source.variant" and (v := re.fullmatch(r"Invalid value '(.*)'", text)):
-        variant, allowed = v.group(1), _variants(_BUNDLE_TYPES[kind])
+    v = re.fullmatch(r"Invalid value '(.*)'|Object contains unknown field `(.*)`", text, re.DOTALL)
+    variant = (v.group(1) or v.group(2)) if v is not None and below.startswith(".source") else None
+    if variant in _SOURCE_VARIANTS:  # the variant of another kind (a single-variant source names its key unknown)
+        allowed = _variants(_BUNDLE_TYPES[kind])
         if allowed == ("kv",):
             return f"{key}.source must be kv for {article} {kind} bundle (the KV path of the remote secret)"
         owners = [name for name, cls in _BUNDLE_TYPES.items() if variant in _variants(cls)]
