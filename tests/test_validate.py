@@ -79,7 +79,8 @@ class TestVerdicts:
         from agent import kinds
 
         assert set(v.__all__) >= {"validate", "validate_dir", "Limits", "BundleInfo", "ISTIO_CA_FILES", "TLS_FILES"}
-        assert {k.name: k.optional for k in kinds.FILE_KINDS.values()} == {"istio-ca": {"ca-crl.pem"}, "tls": {"ca.crt"}}
+        optional = {k.name: k.optional for k in kinds.FILE_KINDS.values()}
+        assert optional == {"istio-ca": {"ca-crl.pem"}, "tls": {"ca.crt"}}
         assert {k.name: k.key_files for k in kinds.KINDS.values()} == {
             "istio-ca": {"ca-key.pem"}, "tls": {"tls.key"}, "remote-secret": set()}
         assert v.Limits().max_signature_checks == 100
