@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from agent.errors import ConfigError
 from agent.text import shown
 
-__all__ = ["BUNDLE_KEYS", "DNS_LABEL", "ClusterLayout", "check_cluster_name"]
+__all__ = ["BUNDLE_KEYS", "CLUSTER_NAME", "DNS_LABEL", "ClusterLayout", "check_cluster_name"]
 
 #: KV key -> file name istiod reads from ROOT_CA_DIR (the runbook's key names)
 BUNDLE_KEYS = {
@@ -25,6 +25,8 @@ BUNDLE_KEYS = {
 #: a DNS-1123 label (a Kubernetes namespace name); a cluster name becomes part of mount, policy and role names, so
 #: it is kept to the same, which every one of them accepts
 DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+#: a remote cluster's name as istiod's remote secrets carry it (the data key, and the Secret istio-remote-secret-NAME)
+CLUSTER_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,200}[a-z0-9])?")
 
 
 def check_cluster_name(name: str) -> str:

@@ -10,14 +10,13 @@ import re
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import msgspec
 
-from agent import kinds
-from agent.clusters import DNS_LABEL
+from agent.clusters import CLUSTER_NAME, DNS_LABEL
 from agent.errors import ConfigError
-from agent.publish import ISTIOD_SWITCHES
+from agent.istiod_files import ISTIOD_SWITCHES
 from agent.text import shown
 
 __all__ = [
@@ -30,22 +29,29 @@ __all__ = [
     "BundleConfig",
     "Duration",
     "ExecReload",
+    "FileBundle",
     "HealthConfig",
     "HttpReload",
     "InitConfig",
+    "IstioCaBundle",
     "KubernetesConfig",
+    "KvVariant",
     "LimitsConfig",
     "LogConfig",
     "NoReload",
     "PkiIntermediateSource",
+    "PkiIntermediateVariant",
     "PkiSource",
+    "PkiVariant",
     "Reload",
+    "RemoteSecretBundle",
     "RolloutRestartReload",
     "RolloutTarget",
     "SidecarConfig",
     "SignalReload",
     "Size",
     "SourceConfig",
+    "TlsBundle",
     "VaultConfig",
     "env_sources",
     "from_mapping",
@@ -183,31 +189,41 @@ class PkiSource(_Section, frozen=True):
     ttl: Duration = Duration(24 * 3600)
 
 
-class SourceConfig(_Section, frozen=True):
-    """Where a bundle's data comes from: exactly one variant key is set.
+class _Source(_Section, frozen=True, tag_field="variant"):
+    """Where a bundle's data comes from: one variant, written as the one key that holds its settings.
 
-    A new source is one more variant here (a key holding its settings) plus its module `agent/sources/<key>.py`.
+    The YAML names the variant by its key (`source: {kv: ...}`); `from_mapping` turns that key into the tag
+    msgspec decodes by. A new source is one more variant here plus its opener in agent/sources/__init__.py.
     """
-
-    #: KV v1 or v2 secret, MOUNT/PATH; `fields` maps output files to its keys
-    kv: str | None = None
-    fields: dict[str, str] = {}
-    #: istio-ca: an intermediate CA signed by a PKI mount from a CSR
-    pki_intermediate: PkiIntermediateSource | None = None
-    #: tls: a certificate issued by a PKI role
-    pki: PkiSource | None = None
 
     @property
     def variant(self) -> str:
-        """The name of the variant that is set (also the module in agent/sources that reads it)."""
-        for name in _SOURCE_VARIANTS:
-            if getattr(self, name) is not None:
-                return name
-        raise ConfigError(f"a bundle source needs one of: {', '.join(_SOURCE_VARIANTS)}")
+        """The variant's name: its key in the YAML, and the key of its opener in agent.sources.OPENERS."""
+        return str(self.__struct_config__.tag)
 
 
-#: the variant keys of SourceConfig, in the order messages list them
-_SOURCE_VARIANTS = ("kv", "pki_intermediate", "pki")
+class KvVariant(_Source, frozen=True, tag="kv"):
+    """`source.kv`: a KV v1 or v2 secret, MOUNT/PATH; `fields` maps output files to its keys."""
+
+    kv: str
+    fields: dict[str, str] = {}
+
+
+class PkiIntermediateVariant(_Source, frozen=True, tag="pki_intermediate"):
+    """`source.pki_intermediate` (istio-ca bundles): an intermediate CA signed by a PKI mount from a CSR."""
+
+    pki_intermediate: PkiIntermediateSource
+
+
+class PkiVariant(_Source, frozen=True, tag="pki"):
+    """`source.pki` (tls bundles): a certificate issued by a PKI role."""
+
+    pki: PkiSource
+
+
+SourceConfig = KvVariant | PkiIntermediateVariant | PkiVariant
+#: the variant keys, in the order messages list them
+_SOURCE_VARIANTS: tuple[str, ...] = tuple(str(v.__struct_config__.tag) for v in get_args(SourceConfig))
 
 
 class SignalReload(_Section, frozen=True, tag_field="action", tag="signal"):
@@ -244,53 +260,94 @@ class NoReload(_Section, frozen=True, tag_field="action", tag="none"):
 Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReload
 
 
-class BundleConfig(_Section, frozen=True):
+class _Bundle(_Section, frozen=True, tag_field="type"):
+    """What every bundle kind has; `type` picks the kind (istio-ca when omitted), and each kind adds its own keys."""
+
     name: str
     source: SourceConfig
-    #: where the files are published (istio-ca and tls bundles; a remote-secret bundle has none)
-    dir: str = ""
-    type: Literal["istio-ca", "tls", "remote-secret"] = "istio-ca"
-    file_mode: int = 0o644
-    key_mode: int = 0o600
-    uid: int | None = None
-    gid: int | None = None
-    reload: Reload = NoReload()
-    multiroot: bool = False
-    on_root_change: Literal["restart", "none"] = "restart"
-    restart_process: str = "pilot-discovery"
+    #: seconds left on the bundle's certificates below which /readyz fails
     ready_min_remaining: Duration = Duration(3600)
-    #: istio-ca: the lifetime of the workload certificates istiod signs (pilot-agent's SECRET_TTL, 24h by default);
-    #: an intermediate needs 2 x this left, since istiod caps workload certificates at its notAfter
-    workload_cert_ttl: Duration | None = None
-    #: tls: tls.crt must chain to ca.crt; false when ca.crt is the CA of client certificates (gateway MUTUAL)
-    ca_signs_cert: bool = True
-    #: remote-secret: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME)
-    cluster: str | None = None
-    #: remote-secret: the Secret's namespace (istiod's); default the pod's namespace (POD_NAMESPACE), else istio-system
-    namespace: str | None = None
-    #: remote-secret: delete the Secret once this bundle is gone from the config (recorded on the Secret)
-    prune: bool = False
     #: how often this bundle's source is looked at; default sidecar.poll_interval
     poll_interval: Duration | None = None
 
+    #: output file -> KV key, what `source.fields` overlays (the files a kv source may map); none for a Secret
+    DEFAULT_FIELDS: ClassVar[Mapping[str, str]] = {}
+
     @property
-    def kind(self) -> kinds.Kind:
-        """What this bundle's `type` is made of and how it is validated."""
-        return kinds.get(self.type)
+    def type(self) -> str:
+        """The bundle's kind, as the config names it (agent.kinds.get(type) says what it is made of)."""
+        return str(self.__struct_config__.tag)
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Output file -> KV key: the kind's defaults overlaid with `source.fields` of a kv source."""
+        fields = self.source.fields if isinstance(self.source, KvVariant) else {}
+        return {**self.DEFAULT_FIELDS, **fields}
 
     def interval(self, sidecar: SidecarConfig) -> float:
         """Seconds between two looks at this bundle's source: its own poll_interval, else sidecar.poll_interval."""
         return float(self.poll_interval if self.poll_interval is not None else sidecar.poll_interval)
 
-    @property
-    def files(self) -> dict[str, str]:
-        """Output file -> KV key, the kind's defaults overlaid with `source.fields`."""
-        return {**self.kind.kv_fields, **self.source.fields}
+
+class _FileBundle(_Bundle, frozen=True, kw_only=True):
+    """A bundle published as files into a directory (istio-ca, tls)."""
+
+    #: where the files are published (validate() says when it is missing)
+    dir: str = ""
+    file_mode: int = 0o644
+    key_mode: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
+    reload: Reload = NoReload()
+
+
+class IstioCaBundle(_FileBundle, frozen=True, kw_only=True, tag="istio-ca"):
+    """istiod's plugged-in CA (ROOT_CA_DIR): from KV, or an intermediate a PKI mount signs."""
+
+    source: KvVariant | PkiIntermediateVariant
+    # the runbook's keys (seeds/003)
+    DEFAULT_FIELDS: ClassVar[Mapping[str, str]] = {
+        "ca-key.pem": "ca_key", "ca-cert.pem": "ca_cert", "root-cert.pem": "root_cert",
+        "cert-chain.pem": "cert_chain", "ca-crl.pem": "ca_crl",
+    }
+    multiroot: bool = False
+    on_root_change: Literal["restart", "none"] = "restart"
+    restart_process: str = "pilot-discovery"
+    #: the lifetime of the workload certificates istiod signs (pilot-agent's SECRET_TTL, 24h by default); an
+    #: intermediate needs 2 x this left, since istiod caps workload certificates at its notAfter
+    workload_cert_ttl: Duration | None = None
 
     @property
     def workload_ttl(self) -> float:
         """`workload_cert_ttl` in seconds (default 24h, istiod's and pilot-agent's)."""
         return float(self.workload_cert_ttl) if self.workload_cert_ttl is not None else WORKLOAD_CERT_TTL
+
+
+class TlsBundle(_FileBundle, frozen=True, kw_only=True, tag="tls"):
+    """A gateway's or workload's certificate, key and CA (kubernetes.io/tls names): from KV or a PKI role."""
+
+    source: KvVariant | PkiVariant
+    DEFAULT_FIELDS: ClassVar[Mapping[str, str]] = {"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"}
+    #: tls.crt must chain to ca.crt; false when ca.crt is the CA of client certificates (gateway MUTUAL)
+    ca_signs_cert: bool = True
+
+
+class RemoteSecretBundle(_Bundle, frozen=True, kw_only=True, tag="remote-secret"):
+    """A remote cluster's kubeconfig from KV, published as istiod's Secret istio-remote-secret-CLUSTER."""
+
+    source: KvVariant
+    #: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME)
+    cluster: str | None = None
+    #: the Secret's namespace (istiod's); default the pod's namespace (POD_NAMESPACE), else istio-system
+    namespace: str | None = None
+    #: delete the Secret once this bundle is gone from the config (recorded on the Secret)
+    prune: bool = False
+
+
+FileBundle = IstioCaBundle | TlsBundle
+BundleConfig = IstioCaBundle | TlsBundle | RemoteSecretBundle
+#: bundle type -> its class, in the order messages list them
+_BUNDLE_TYPES: dict[str, type[_Bundle]] = {str(c.__struct_config__.tag): c for c in get_args(BundleConfig)}
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -368,16 +425,31 @@ _TYPE_WORDS = {
 }
 
 
-_CHOICES = {
-    "method": "kubernetes, jwt, token",
-    "type": "istio-ca, tls, remote-secret",
-    "action": "signal, exec, http, rollout-restart, none",
-    "on_root_change": "restart, none",
-    "kind": "Deployment, DaemonSet, StatefulSet",
-    "level": "debug, info, warning, error",
-    "format": "json, console",
-    "key_type": ", ".join(KEY_TYPES),
-}
+def _choices(key: str) -> str:
+    """The values a Literal or tagged-union key (`type`, `action`, `level`...) accepts, from the types themselves."""
+    found: list[str] = []
+
+    def walk(t: Any, seen: set[Any]) -> None:
+        if isinstance(t, msgspec.inspect.StructType):
+            if t.cls in seen:
+                return
+            seen.add(t.cls)
+            for f in t.fields:
+                if f.name == key and isinstance(f.type, msgspec.inspect.LiteralType):
+                    found.extend(str(v) for v in f.type.values if str(v) not in found)
+                walk(f.type, seen)
+        elif isinstance(t, msgspec.inspect.UnionType):
+            for m in t.types:
+                if isinstance(m, msgspec.inspect.StructType) and m.tag_field == key and str(m.tag) not in found:
+                    found.append(str(m.tag))
+                walk(m, seen)
+        elif isinstance(t, msgspec.inspect.ListType):
+            walk(t.item_type, seen)
+        elif isinstance(t, msgspec.inspect.DictType):
+            walk(t.value_type, seen)
+
+    walk(msgspec.inspect.type_info(AgentConfig), set())
+    return ", ".join(found)
 
 
 def _friendly(err: msgspec.ValidationError) -> str:
@@ -396,7 +468,7 @@ def _friendly(err: msgspec.ValidationError) -> str:
         want = " or ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in m.group(1).split("|"))
         return f"{where or 'the config'} must be {want}, not {_TYPE_WORDS.get(m.group(2), m.group(2))}"
     if m := re.fullmatch(r"Invalid (?:enum )?value '?(.*?)'?", text):
-        choices = _CHOICES.get(re.sub(r".*\.", "", where), "")
+        choices = _choices(re.sub(r".*\.", "", where))
         use = f"; use one of {choices}" if choices else ""
         return f"{where} has an invalid value {shown(m.group(1), 60)!r}{use}"
     if m := re.fullmatch(r"Expected `(.+)` of length >= (\d+)", text):
@@ -519,12 +591,102 @@ def from_mapping(
             target[key] = value
     if "bundles" not in raw:
         raise ConfigError("missing required key bundles: list at least one bundle to publish")
+    if isinstance(raw["bundles"], list):
+        raw["bundles"] = [_tagged(f"bundles[{i}]", b) for i, b in enumerate(raw["bundles"])]
     try:
         cfg = msgspec.convert(raw, type=AgentConfig, dec_hook=_dec_hook, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_friendly(exc)) from None
+        raise ConfigError(_misplaced(exc, raw["bundles"]) or _friendly(exc)) from None
     validate(cfg)
     return cfg
+
+
+def _tagged(key: str, bundle: object) -> object:
+    """A bundle as msgspec decodes it: `type` istio-ca when omitted, and its source's variant key as a tag.
+
+    A variant set to null is no variant (the chart writes the others as null); an empty `fields` of a pki source
+    is no fields.
+    """
+    if not isinstance(bundle, dict):
+        return bundle
+    bundle = {"type": "istio-ca", **bundle}
+    own = _BUNDLE_TYPES.get(bundle["type"]) if isinstance(bundle["type"], str) else None
+    if own is not None:
+        bundle = {k: v for k, v in bundle.items() if not _foreign_default(own, k, v)}
+    source = bundle.get("source")
+    if isinstance(source, dict):
+        if "variant" in source:
+            raise ConfigError(f"unknown key {key}.source.variant: remove it or check its spelling")
+        source = {k: v for k, v in source.items() if not (k in _SOURCE_VARIANTS and v is None)}
+        chosen = [name for name in _SOURCE_VARIANTS if name in source]
+        if len(chosen) != 1:
+            raise ConfigError(f"{key}.source needs exactly one of {', '.join(_SOURCE_VARIANTS)}")
+        if chosen[0] != "kv" and source.get("fields") == {}:
+            del source["fields"]
+        bundle["source"] = {**source, "variant": chosen[0]}
+    return bundle
+
+
+def _foreign_default(own: type[_Bundle], key: object, value: object) -> bool:
+    """True for a key of another bundle kind that holds that kind's default (`ca_signs_cert: true` on an istio-ca
+    bundle): configs written for the one flat bundle record of before set them, and they mean nothing here."""
+    if not isinstance(key, str) or key in own.__struct_fields__:
+        return False
+    for cls in _BUNDLE_TYPES.values():
+        for f in msgspec.structs.fields(cls):
+            if f.name == key and f.default is not msgspec.NODEFAULT:
+                try:
+                    decoded = msgspec.convert(value, type=f.type, dec_hook=_dec_hook, strict=True)
+                except (msgspec.ValidationError, ValueError):
+                    return False
+                if decoded == f.default:
+                    return True
+    return False
+
+
+def _variants(cls: type[_Bundle]) -> tuple[str, ...]:
+    """The source variants a bundle kind takes, from the type of its `source`."""
+    (source,) = (f.type for f in msgspec.structs.fields(cls) if f.name == "source")
+    return tuple(str(v.__struct_config__.tag) for v in (get_args(source) or (source,)))
+
+
+def _misplaced(err: msgspec.ValidationError, bundles: object) -> str | None:
+    """A key or source that belongs to another bundle kind, as one sentence naming the key and the kind; None
+    for any other error."""
+    m = re.fullmatch(r"(.*) - at `\$\.bundles\[(\d+)\](\.source(?:\.variant)?)?`", str(err), re.DOTALL)
+    if m is None or not isinstance(bundles, list):
+        return None
+    text, i, below = m.group(1), int(m.group(2)), m.group(3) or ""
+    kind = str(bundles[i].get("type")) if isinstance(bundles[i], dict) else ""
+    if kind not in _BUNDLE_TYPES:
+        return None
+    key, article = f"bundles[{i}]", "an" if kind[0] in "aeiou" else "a"
+    v = re.fullmatch(r"Invalid value '(.*)'|Object contains unknown field `(.*)`", text, re.DOTALL)
+    variant = (v.group(1) or v.group(2)) if v is not None and below.startswith(".source") else None
+    if variant in _SOURCE_VARIANTS:  # the variant of another kind (a single-variant source names its key unknown)
+        allowed = _variants(_BUNDLE_TYPES[kind])
+        if allowed == ("kv",):
+            return f"{key}.source must be kv for {article} {kind} bundle (the KV path of the remote secret)"
+        owners = [name for name, cls in _BUNDLE_TYPES.items() if variant in _variants(cls)]
+        uses = " or ".join(f"source.{a}" for a in allowed if a != "kv")
+        return (
+            f"{key}.source.{variant} only applies to {' and '.join(owners)} bundles;"
+            f" {article} {kind} bundle uses {uses}"
+        )
+    u = re.fullmatch(r"Object contains unknown field `(.+)`", text, re.DOTALL)
+    if u is None:
+        return None
+    name = u.group(1)
+    if below == ".source" and name == "fields":
+        return f"{key}.source.fields only applies to kv sources"
+    owners = [n for n, cls in _BUNDLE_TYPES.items() if name in cls.__struct_fields__]
+    if below or not owners:
+        return None
+    if name == "dir":
+        return f"{key}.dir does not apply to {kind} bundles: they are published as a Secret"
+    if name == "reload":
+        return f"{key}.reload does not apply to {kind} bundles: istiod watches its Secrets"
+    return f"{key}.{name} only applies to {' and '.join(owners)} bundles"
 
 
 #: the signals a reload action may send
@@ -628,7 +790,7 @@ def validate(cfg: AgentConfig) -> None:
         if b.name in names:
             raise ConfigError(f"{key}.name {shown(b.name)!r} is used by another bundle: names must be unique")
         names.add(b.name)
-        if b.kind.target == "secret":
+        if isinstance(b, RemoteSecretBundle):
             _validate_remote_secret(key, b)
             continue
         if not b.dir:
@@ -647,25 +809,24 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"bundles[{i}].poll_interval must be at least 100ms")
 
 
-def _validate_bundle(key: str, b: BundleConfig) -> None:
-    """Rules within one bundle; `key` is its place in the file, such as bundles[0]."""
-    set_variants = [name for name in _SOURCE_VARIANTS if getattr(b.source, name) is not None]
-    if len(set_variants) != 1:
-        raise ConfigError(f"{key}.source needs exactly one of {', '.join(_SOURCE_VARIANTS)}")
-    kv = b.source.kv
-    if kv is not None and "/" not in kv.strip("/"):
-        raise ConfigError(f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {shown(kv, 80)!r}")
-    if kv is None and b.source.fields:
-        raise ConfigError(f"{key}.source.fields only applies to kv sources")
-    allowed = b.kind.files
-    for out in b.source.fields:
-        if out in ISTIOD_SWITCHES:
-            raise ConfigError(f"{key}.source.fields must not publish {out}: {ISTIOD_SWITCHES[out]}")
-        if out not in allowed:
+def _validate_bundle(key: str, b: FileBundle) -> None:
+    """Rules within one file bundle; `key` is its place in the file, such as bundles[0]."""
+    if isinstance(b.source, KvVariant):
+        kv = b.source.kv
+        if "/" not in kv.strip("/"):
             raise ConfigError(
-                f"{key}.source.fields has {shown(out)!r}, which a {b.type} bundle does not publish;"
-                f" use {', '.join(allowed)}"
+                f"{key}.source.kv must be MOUNT/PATH, such as secret/istio/cacerts, not {shown(kv, 80)!r}"
             )
+        for out in b.source.fields:
+            if out in ISTIOD_SWITCHES:
+                raise ConfigError(f"{key}.source.fields must not publish {out}: {ISTIOD_SWITCHES[out]}")
+            if out not in b.DEFAULT_FIELDS:
+                raise ConfigError(
+                    f"{key}.source.fields has {shown(out)!r}, which a {b.type} bundle does not publish;"
+                    f" use {', '.join(b.DEFAULT_FIELDS)}"
+                )
+    if isinstance(b, IstioCaBundle) and b.workload_cert_ttl is not None and b.workload_cert_ttl < 1:
+        raise ConfigError(f"{key}.workload_cert_ttl must be at least 1s, such as 24h (pilot-agent's SECRET_TTL)")
     for mode_key in ("file_mode", "key_mode"):
         mode = getattr(b, mode_key)
         if not 0 <= mode <= 0o777:
@@ -682,35 +843,18 @@ def _validate_bundle(key: str, b: BundleConfig) -> None:
         raise ConfigError(f"{key}.reload.command must not be empty for action exec")
     if isinstance(r, HttpReload) and not re.match(r"^https?://", r.url):
         raise ConfigError(f"{key}.reload.url must be an http:// or https:// URL")
-    if b.source.pki_intermediate is not None:
+    if isinstance(b.source, PkiIntermediateVariant):
         _validate_pki_intermediate(f"{key}.source.pki_intermediate", b, b.source.pki_intermediate)
-    if b.source.pki is not None:
+    if isinstance(b.source, PkiVariant):
         _validate_pki(f"{key}.source.pki", b, b.source.pki)
-    if b.type != "tls" and not b.ca_signs_cert:
-        raise ConfigError(f"{key}.ca_signs_cert only applies to tls bundles")
-    if b.type != "istio-ca" and b.multiroot:
-        raise ConfigError(f"{key}.multiroot only applies to istio-ca bundles")
-    if b.workload_cert_ttl is not None and b.type != "istio-ca":
-        raise ConfigError(f"{key}.workload_cert_ttl only applies to istio-ca bundles")
-    if b.workload_cert_ttl is not None and b.workload_cert_ttl < 1:
-        raise ConfigError(f"{key}.workload_cert_ttl must be at least 1s, such as 24h (pilot-agent's SECRET_TTL)")
-    for only in ("cluster", "namespace"):
-        if getattr(b, only) is not None:
-            raise ConfigError(f"{key}.{only} only applies to remote-secret bundles")
-    if b.prune:
-        raise ConfigError(f"{key}.prune only applies to remote-secret bundles")
 
 
 #: a label value, as the API server checks it
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
-def _validate_remote_secret(key: str, b: BundleConfig) -> None:
-    """A remote-secret bundle: a KV source, a cluster name, and none of the keys of file bundles."""
-    if b.dir:
-        raise ConfigError(f"{key}.dir does not apply to remote-secret bundles: they are published as a Secret")
-    if b.source.kv is None or b.source.pki is not None or b.source.pki_intermediate is not None:
-        raise ConfigError(f"{key}.source must be kv for a remote-secret bundle (the KV path of the remote secret)")
+def _validate_remote_secret(key: str, b: RemoteSecretBundle) -> None:
+    """A remote-secret bundle: a KV path without fields, and a cluster name."""
     if "/" not in b.source.kv.strip("/"):
         raise ConfigError(
             f"{key}.source.kv must be MOUNT/PATH, such as kv/istio/remote-secrets/cluster-a,"
@@ -723,8 +867,6 @@ def _validate_remote_secret(key: str, b: BundleConfig) -> None:
             f"missing required key {key}.cluster: the remote cluster's name, the key of its kubeconfig in KV"
             " (istioctl create-remote-secret --name)"
         )
-    from agent.validate.kubeconfig import CLUSTER_NAME
-
     if not CLUSTER_NAME.fullmatch(b.cluster):
         raise ConfigError(
             f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
@@ -737,20 +879,13 @@ def _validate_remote_secret(key: str, b: BundleConfig) -> None:
             f"{key}.name of a remote-secret bundle labels its Secret: at most 63 letters, digits, '-', '_' or '.',"
             f" starting and ending with a letter or digit, not {shown(b.name)!r}"
         )
-    if not isinstance(b.reload, NoReload):
-        raise ConfigError(f"{key}.reload does not apply to remote-secret bundles: istiod watches its Secrets")
-    if b.multiroot or not b.ca_signs_cert or b.uid is not None or b.gid is not None or b.workload_cert_ttl:
-        raise ConfigError(
-            f"{key} is a remote-secret bundle: multiroot, ca_signs_cert, uid, gid and workload_cert_ttl apply to file"
-            " bundles only"
-        )
 
 
 def _check_remote_secrets_unique(cfg: AgentConfig) -> None:
     """Two bundles must never write the same Secret."""
     seen: dict[tuple[str | None, str], str] = {}
     for i, b in enumerate(cfg.bundles):
-        if b.kind.target != "secret" or b.cluster is None:
+        if not isinstance(b, RemoteSecretBundle) or b.cluster is None:
             continue
         # the namespace the Secret lands in (agent.targets.secret.namespace_of): an explicit namespace equal to the
         # pod's is the same Secret
@@ -772,7 +907,7 @@ def _check_mount(key: str, mount: str) -> None:
         raise ConfigError(f"{key}.mount must be the path of a PKI mount such as pki, not {shown(mount, 80)!r}")
 
 
-def _check_renewal_margin(key: str, b: BundleConfig, left: float) -> None:
+def _check_renewal_margin(key: str, b: FileBundle, left: float) -> None:
     """/readyz fails inside ready_min_remaining: renewal must come before that, or the bundle is never ready."""
     if left <= b.ready_min_remaining:
         raise ConfigError(
@@ -781,9 +916,7 @@ def _check_renewal_margin(key: str, b: BundleConfig, left: float) -> None:
         )
 
 
-def _validate_pki_intermediate(key: str, b: BundleConfig, s: PkiIntermediateSource) -> None:
-    if b.type != "istio-ca":
-        raise ConfigError(f"{key} only applies to istio-ca bundles; a tls bundle uses source.pki")
+def _validate_pki_intermediate(key: str, b: FileBundle, s: PkiIntermediateSource) -> None:
     _check_mount(key, s.mount)
     if not _SIGN_PATH.fullmatch(s.path.strip("/")):
         raise ConfigError(
@@ -803,11 +936,9 @@ def _validate_pki_intermediate(key: str, b: BundleConfig, s: PkiIntermediateSour
     _check_renewal_margin(key, b, s.ttl * s.renew_before * 0.95)
 
 
-def _validate_pki(key: str, b: BundleConfig, s: PkiSource) -> None:
+def _validate_pki(key: str, b: FileBundle, s: PkiSource) -> None:
     import ipaddress
 
-    if b.type != "tls":
-        raise ConfigError(f"{key} only applies to tls bundles; an istio-ca bundle uses source.pki_intermediate")
     _check_mount(key, s.mount)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.role):
         raise ConfigError(f"{key}.role must be the name of a role of the PKI mount, not {shown(s.role, 80)!r}")

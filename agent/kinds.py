@@ -1,7 +1,9 @@
 """The bundle kinds the agent publishes (istio-ca, tls, remote-secret): the one place that knows each kind's files,
 where it is published and how it is checked.
 
-Config, sources, publishing and the `check` command ask a `Kind` instead of testing the kind's name.
+Config describes a bundle; sources, targets, the worker and the `check` command ask its `Kind` (`of(bundle)`)
+instead of testing the kind's name. Each kind's files and validator are in its module of agent.validate (istio_ca.py,
+tls.py, kubeconfig.py); which files hold private keys is publish.KEYS.
 """
 
 from __future__ import annotations
@@ -10,16 +12,24 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import validate as checks
 from agent.errors import ConfigError
+from agent.publish import KEYS
+from agent.validate.istio_ca import ISTIO_CA_FILES, OPTIONAL_ISTIO_CA_FILES
+from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
 
-__all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_SECRET", "TLS", "Kind", "get"]
+if TYPE_CHECKING:
+    from agent.config import BundleConfig
+
+__all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_SECRET", "TLS", "Kind", "get", "of"]
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What a bundle kind is made of, where its data comes from in KV, and how it is validated."""
+    """What a bundle kind is made of, where it is published and how it is validated (the KV keys that feed its
+    files by default are config: `DEFAULT_FIELDS` of its bundle class in agent.config)."""
 
     #: the `type` of a bundle in the config
     name: str
@@ -27,17 +37,18 @@ class Kind:
     files: tuple[str, ...]
     #: files a bundle may lack; all others are required
     optional: frozenset[str]
-    #: files holding private keys (published with key_mode, never labelled in metrics)
-    key_files: frozenset[str]
     #: names that must never exist in the bundle's directory (they would change how the consumer reads it)
     forbidden: tuple[str, ...]
-    #: output file -> KV key, the default mapping
-    kv_fields: Mapping[str, str]
     #: why the consumer would abandon a reload from the previous files to new ones (istiod's root-change rules),
     #: or None when it takes them; None for kinds whose consumer reloads anything valid
     reload_problem: Callable[..., str | None] | None = None
     #: where a bundle of this kind goes: "files" (a directory, agent.publish) or "secret" (a Kubernetes Secret)
     target: str = "files"
+
+    @property
+    def key_files(self) -> frozenset[str]:
+        """The files holding private keys (published with key_mode, never labelled in metrics)."""
+        return KEYS & frozenset(self.files)
 
     def validate(
         self,
@@ -72,26 +83,20 @@ class Kind:
 
 ISTIO_CA = Kind(
     name="istio-ca",
-    files=checks.KINDS["istio-ca"],
+    files=(*ISTIO_CA_FILES, *OPTIONAL_ISTIO_CA_FILES),
     # istiod 1.27+ loads ca-crl.pem when present (PILOT_ENABLE_CA_CRL)
-    optional=frozenset(checks.OPTIONAL_FILES["istio-ca"]),
-    key_files=frozenset({"ca-key.pem"}),
+    optional=frozenset(OPTIONAL_ISTIO_CA_FILES),
     # istiod reads a directory holding tls.crt in the kubernetes.io/tls format instead (istio_ca.go), and one
     # holding istio-generated as its self-signed CA's (with USE_CACERTS_FOR_SELF_SIGNED_CA=true)
     forbidden=("tls.crt", "tls.key", "ca.crt", "istio-generated"),
-    # the runbook's keys (seeds/003)
-    kv_fields={"ca-key.pem": "ca_key", "ca-cert.pem": "ca_cert", "root-cert.pem": "root_cert",
-               "cert-chain.pem": "cert_chain", "ca-crl.pem": "ca_crl"},
     reload_problem=checks.reload_problem,
 )
 
 TLS = Kind(
     name="tls",
-    files=checks.KINDS["tls"],
-    optional=frozenset(checks.OPTIONAL_FILES["tls"]),
-    key_files=frozenset({"tls.key"}),
+    files=TLS_FILES,
+    optional=frozenset(OPTIONAL_TLS_FILES),
     forbidden=(),
-    kv_fields={"tls.key": "tls.key", "tls.crt": "tls.crt", "ca.crt": "ca.crt"},
 )
 
 REMOTE_SECRET = Kind(
@@ -99,10 +104,7 @@ REMOTE_SECRET = Kind(
     # one data key, the cluster's name (the `cluster` of the bundle): not known here
     files=(),
     optional=frozenset(),
-    # the kubeconfig holds the remote cluster's credentials
-    key_files=frozenset(),
     forbidden=(),
-    kv_fields={},
     target="secret",
 )
 
@@ -122,3 +124,9 @@ def get(name: str) -> Kind:
         return KINDS[name]
     except KeyError:
         raise ConfigError(f"unknown bundle type {name!r}; use one of: {', '.join(KINDS)}") from None
+
+
+def of(bundle: BundleConfig) -> Kind:
+    """The kind of a configured bundle (its `type`)."""
+    return get(bundle.type)
+

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import PublishError
+from agent.istiod_files import ISTIOD_SWITCHES
 from agent.text import shown
 
 __all__ = [
@@ -36,12 +37,6 @@ __all__ = [
 
 #: files written with ``key_mode`` (0600 by default) instead of ``file_mode``
 KEYS: frozenset[str] = frozenset({"ca-key.pem", "tls.key"})
-#: names istiod gives a meaning of their own in its CA directory (beyond the files of a bundle and ca-crl.pem), with
-#: what they would do: never published, whatever the bundle (pilot/pkg/bootstrap/istio_ca.go, certcontroller.go)
-ISTIOD_SWITCHES: Mapping[str, str] = {
-    "istio-generated": "istiod (with USE_CACERTS_FOR_SELF_SIGNED_CA=true) would take the directory for its own"
-    " self-signed CA's and stop using the plugged-in bundle",
-}
 #: the symlink that names the live generation; readers resolve it once per read
 DATA = "..data"
 

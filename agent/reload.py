@@ -13,9 +13,10 @@ from pathlib import Path
 
 from agent import aio
 from agent.config import (
-    BundleConfig,
     ExecReload,
+    FileBundle,
     HttpReload,
+    IstioCaBundle,
     NoReload,
     RolloutRestartReload,
     SignalReload,
@@ -37,7 +38,7 @@ _PID_FILE_LIMIT = 4096
 _STDERR_KEEP = 64 * 1024
 
 
-async def reload(bundle: BundleConfig, *, kube: Kube | None = None) -> str:
+async def reload(bundle: FileBundle, *, kube: Kube | None = None) -> str:
     """Run `bundle.reload` after a publish and return a short description of what it did, for logs.
 
     signal: sends the signal to every process whose command line (arguments joined by spaces) contains
@@ -64,7 +65,7 @@ async def reload(bundle: BundleConfig, *, kube: Kube | None = None) -> str:
     raise ReloadError(f"bundle {bundle.name}: unknown reload action {type(action).__name__}")  # pragma: no cover
 
 
-async def restart_on_root_change(bundle: BundleConfig) -> str:
+async def restart_on_root_change(bundle: IstioCaBundle) -> str:
     """SIGTERM the consumer after root-cert.pem changed, so Kubernetes restarts its container with the new root.
 
     The processes matched are those of `reload.process` when the reload is a signal action with a process

@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent import publish
+from agent import kinds, publish
+from agent.config import FileBundle, IstioCaBundle
 from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
@@ -54,7 +55,7 @@ class Agent:
             from agent.kube import EventRecorder
             from agent.metrics import PrometheusMetrics
 
-            workload_ttl = {b.name: b.workload_ttl for b in cfg.bundles if b.type == "istio-ca"}
+            workload_ttl = {b.name: b.workload_ttl for b in cfg.bundles if isinstance(b, IstioCaBundle)}
             self.metrics, self.events = PrometheusMetrics(workload_ttl), EventRecorder(cfg.kubernetes)
         self.vault = Vault(cfg.vault, metrics=self.metrics, max_response_bytes=cfg.limits.max_secret_size)
         self.keeper = TokenKeeper(cfg.auth, self.vault, self.metrics)
@@ -78,7 +79,7 @@ class Agent:
         ]
         # before anything is written: bundle dirs that alias, nest or point into a generation are refused
         publish.check_dirs(
-            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if b.kind.target == "files"]
+            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if isinstance(b, FileBundle)]
         )
         self.stop = asyncio.Event()
         self.health_port: int | None = None
@@ -179,7 +180,7 @@ class Agent:
         from agent.errors import AgentError
         from agent.targets.secret import prune
 
-        if not any(b.kind.target == "secret" for b in self.cfg.bundles):
+        if not any(kinds.of(b).target == "secret" for b in self.cfg.bundles):
             return
         try:
             deleted = await prune(self.kube, self.cfg.bundles, self.cfg.kubernetes)

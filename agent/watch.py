@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent.config import FileBundle
 from agent.log import get_logger
 from agent.supervisor import wait_event
 
@@ -67,7 +68,8 @@ class FileWatcher:
 
         try:
             for worker in self.workers:
-                # the first pass published every bundle, so each dir exists
+                # the runner watches file bundles only; the first pass published every bundle, so each dir exists
+                assert isinstance(worker.cfg, FileBundle)
                 observer.schedule(Handler(), worker.cfg.dir, recursive=True)
             observer.daemon = True
             observer.start()

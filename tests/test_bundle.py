@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.errors import BundleError, ConfigError
-from agent.validate import ISTIO_CA_FILES, KEY_FILES, TLS_FILES, BundleInfo, validate, validate_dir
+from agent.publish import KEYS as KEY_FILES
+from agent.validate import ISTIO_CA_FILES, TLS_FILES, BundleInfo, validate, validate_dir
 from testbed import pki
 from testbed.pki import CertKey, intermediate_ca, istio_ca_files, leaf_cert, pem_certs, pem_key, root_ca, tls_files
 

@@ -537,6 +537,10 @@ class TestTraps:
             assert "--no-pin-uid" in notes
         _, cfg = agent_config_of(render(CHART)[0])
         assert cfg.bundles[0].key_mode == 0o600
+        # a remote-secret bundle is a Secret: no key_mode, which its kind would refuse
+        remote = {"name": "east", "type": "remote-secret", "cluster": "east", "source": {"kv": "kv/remote/east"}}
+        _, cfg = agent_config_of(render(CHART, {"openshift": True, "extraBundles": [remote]})[0])
+        assert [b.type for b in cfg.bundles] == ["istio-ca", "remote-secret"]
 
         overlay = load_values("openshift-values.yaml")
         (agent,) = overlay["initContainers"]

@@ -182,3 +182,83 @@ class TestPkiContract:
         s = minimal.bundles[0].source.pki_intermediate
         assert s is not None
         assert (s.mount, s.path, s.key_type, s.renew_before) == ("pki", "root/sign-intermediate", "ec-p256", 0.33)
+
+
+_BASE = {"vault": {"address": "http://v"}, "auth": {"mount": "k", "role": "r"}}
+_REMOTE = {"name": "east", "type": "remote-secret", "cluster": "east", "source": {"kv": "kv/remote/east"}}
+
+
+def _bundle(**bundle: object) -> config.AgentConfig:
+    return config.from_mapping({**_BASE, "bundles": [bundle]}, env={})
+
+
+class TestKindsAsUnions:
+    """Each bundle kind has only its own keys (issue 19): a key of another kind is one sentence naming both."""
+
+    def test_readme_reference_loads(self):
+        """The configuration reference of the README, one bundle naming every key, loads as it is written."""
+        import yaml
+
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        block = next(b for b in readme.split("```yaml\n")[1:] if "bundles:\n  - name: istiod-cacerts" in b)
+        cfg = config.from_mapping(yaml.safe_load(block.split("```")[0]), env={})
+        b = cfg.bundles[0]
+        assert isinstance(b, config.IstioCaBundle) and b.dir == "/var/run/secrets/istio-ca" and not b.multiroot
+
+    @pytest.mark.parametrize(("bundle", "needle"), [
+        ({"name": "a", "dir": "/a", "type": "tls", "cluster": "c", "source": {"kv": "a/b"}},
+         "bundles[0].cluster only applies to remote-secret bundles"),
+        ({"name": "a", "dir": "/a", "ca_signs_cert": False, "source": {"kv": "a/b"}},
+         "bundles[0].ca_signs_cert only applies to tls bundles"),
+        ({"name": "a", "dir": "/a", "type": "tls", "on_root_change": "none", "source": {"kv": "a/b"}},
+         "bundles[0].on_root_change only applies to istio-ca bundles"),
+        ({**_REMOTE, "uid": 1000}, "bundles[0].uid only applies to istio-ca and tls bundles"),
+        ({**_REMOTE, "reload": {"action": "signal", "process": "x"}},
+         "bundles[0].reload does not apply to remote-secret bundles"),
+        ({**_REMOTE, "source": {"pki": {"mount": "p", "role": "r", "common_name": "c"}}},
+         "bundles[0].source must be kv for a remote-secret bundle"),
+        ({"name": "a", "dir": "/a", "type": "tls",
+          "source": {"pki": {"mount": "p", "role": "r", "common_name": "c"}, "fields": {"tls.crt": "x"}}},
+         "bundles[0].source.fields only applies to kv sources"),
+        ({"name": "a", "dir": "/a", "source": {"kv": "a/b", "variant": "kv"}},
+         "unknown key bundles[0].source.variant"),
+        ({"name": "a", "dir": "/a", "type": "nope", "source": {"kv": "a/b"}},
+         "bundles[0].type has an invalid value 'nope'; use one of istio-ca, tls, remote-secret"),
+    ])
+    def test_key_of_another_kind_is_one_sentence(self, bundle, needle):
+        """A key, source or value that another kind takes names the key and the kinds that take it."""
+        with pytest.raises(ConfigError) as info:
+            _bundle(**bundle)
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+    def test_keys_of_other_kinds_at_their_default_are_accepted(self):
+        """Configs written for the flat record (`ca_signs_cert: true` on istio-ca, nulls from the chart) still load."""
+        ca = _bundle(name="a", dir="/a", ca_signs_cert=True, cluster=None, prune=False,
+                     source={"kv": "a/b", "pki": None, "pki_intermediate": None}).bundles[0]
+        assert isinstance(ca, config.IstioCaBundle) and ca.type == "istio-ca" and ca.source.variant == "kv"
+        gw = _bundle(name="g", dir="/g", type="tls", multiroot=False, on_root_change="restart",
+                     source={"pki": {"mount": "p", "role": "r", "common_name": "c"}, "fields": {}}).bundles[0]
+        assert isinstance(gw, config.TlsBundle) and gw.source.variant == "pki"
+        remote = _bundle(**_REMOTE, dir="", reload={"action": "none"}, uid=None, file_mode=0o644).bundles[0]
+        assert isinstance(remote, config.RemoteSecretBundle) and remote.cluster == "east"
+
+    def test_config_imports_no_kind_or_validator(self):
+        """Loading the config never imports the bundle kinds, the validator or the publisher."""
+        import subprocess
+        import sys
+
+        code = ("import sys, agent.config; print(sorted(m for m in sys.modules if m.startswith(('agent.validate',"
+                " 'agent.kinds', 'agent.publish'))))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                             text=True, check=True, timeout=60)
+        assert out.stdout.strip() == "[]"
+
+    def test_registries_agree(self):
+        """Every source variant has an opener, and a kind's default KV fields name exactly the files it publishes."""
+        from agent import kinds, sources
+
+        assert set(sources.OPENERS) == {"kv", "pki", "pki_intermediate"}
+        for cls in (config.IstioCaBundle, config.TlsBundle):
+            kind = kinds.get(str(cls.__struct_config__.tag))
+            assert set(cls.DEFAULT_FIELDS) == set(kind.files)
+        assert kinds.get("remote-secret").target == "secret" and not config.RemoteSecretBundle.DEFAULT_FIELDS

@@ -95,7 +95,11 @@ def _struct_at(t: mi.Type, node: dict[str, Any]) -> mi.StructType | None:
         return t
     if isinstance(t, mi.UnionType):
         for m in t.types:
-            if isinstance(m, mi.StructType) and m.tag is not None and node.get(m.tag_field) == m.tag:
+            if not isinstance(m, mi.StructType) or m.tag is None:
+                continue
+            # a bundle's type defaults to istio-ca; a source's variant is the key that holds its settings
+            tag = node.get(m.tag_field, "istio-ca" if m.tag_field == "type" else None)
+            if tag == m.tag or (m.tag_field == "variant" and m.tag in node):
                 return m
     return None
 
@@ -110,9 +114,10 @@ def _walk(t: mi.StructType, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, 
             yield fpath, bad, _dotted(fpath)
         value = node.get(f.name)
         ftype = f.type
-        if isinstance(ftype, mi.ListType) and isinstance(ftype.item_type, mi.StructType):
+        if isinstance(ftype, mi.ListType) and isinstance(ftype.item_type, mi.StructType | mi.UnionType):
             for i in range(len(value or [])):
-                yield from _walk(ftype.item_type, (*fpath, i))
+                if (item := _struct_at(ftype.item_type, value[i])) is not None:
+                    yield from _walk(item, (*fpath, i))
         elif isinstance(value, dict) and (sub := _struct_at(ftype, value)) is not None:
             yield from _walk(sub, fpath)
 

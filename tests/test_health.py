@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config, health
 from agent.auth import Login
-from agent.config import BundleConfig, SourceConfig, parse_duration, parse_listen
+from agent.config import IstioCaBundle, KvVariant, TlsBundle, parse_duration, parse_listen
 from agent.errors import ConfigError
 from agent.metrics import PrometheusMetrics
 from agent.sources import Fetched, digest
@@ -66,11 +66,10 @@ def bundle_state(
     last_error: str | None = None,
 ) -> BundleState:
     """A BundleState as the runner leaves it: published (good + info) or not yet."""
-    cfg = BundleConfig(
+    cfg = {"istio-ca": IstioCaBundle, "tls": TlsBundle}[kind](
         name=name,
         dir=str(tmp_path / name),
-        source=SourceConfig(kv=f"secret/{name}"),
-        type=kind,  # type: ignore[arg-type]
+        source=KvVariant(kv=f"secret/{name}"),
         ready_min_remaining=parse_duration(ready_min_remaining),
     )
     st = BundleState(cfg)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from agent.config import BundleConfig, KubernetesConfig, RolloutRestartReload, RolloutTarget, SourceConfig
+from agent.config import IstioCaBundle, KubernetesConfig, KvVariant, RolloutRestartReload, RolloutTarget
 from agent.errors import ConfigError, KubeUnavailable, PublishError, ReloadError
 from agent.kube import RESTARTED_AT, Kube, emit_event
 from agent.reload import reload
@@ -286,10 +286,10 @@ class TestRolloutRestart:
 
     def test_reload_action_uses_kube(self, kube: KubeAPI, kubeconfig: Path, unique: str) -> None:
         """`reload` with action rollout-restart patches the target through the given session, or its own."""
-        bundle = BundleConfig(
+        bundle = IstioCaBundle(
             name="gw",
             dir="/unused",
-            source=SourceConfig(kv="secret/gw"),
+            source=KvVariant(kv="secret/gw"),
             reload=RolloutRestartReload(
                 target=RolloutTarget(kind="StatefulSet", name=f"db-{unique}", namespace="apps")
             ),
@@ -327,10 +327,10 @@ class TestRolloutRestart:
 
     def test_without_kubernetes_access_reload_says_so(self, kube_env: pytest.MonkeyPatch) -> None:
         """With no in-cluster config and no kubeconfig, rollout-restart fails naming what to set."""
-        bundle = BundleConfig(
+        bundle = IstioCaBundle(
             name="gw",
             dir="/unused",
-            source=SourceConfig(kv="secret/gw"),
+            source=KvVariant(kv="secret/gw"),
             reload=RolloutRestartReload(target=RolloutTarget(kind="Deployment", name="x", namespace="y")),
         )
         with pytest.raises(ReloadError, match="KUBECONFIG"):

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from agent.config import BundleConfig, Duration, ExecReload, HttpReload, NoReload, Reload, SignalReload, SourceConfig
+from agent.config import Duration, ExecReload, HttpReload, IstioCaBundle, KvVariant, NoReload, Reload, SignalReload
 from agent.errors import ReloadError
 from agent.publish import publish
 from agent.reload import STDERR_TAIL, find_processes, reload, restart_on_root_change
@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
-def _bundle(action: Reload, **kwargs: object) -> BundleConfig:
-    return BundleConfig(
-        name="web", dir="/unused", type="tls", source=SourceConfig(kv="secret/web"), reload=action, **kwargs  # type: ignore[arg-type]
+def _bundle(action: Reload, **kwargs: object) -> IstioCaBundle:
+    return IstioCaBundle(
+        name="web", dir="/unused", source=KvVariant(kv="secret/web"), reload=action, **kwargs  # type: ignore[arg-type]
     )
 
 
@@ -204,10 +204,10 @@ class TestSignalReload:
         marker = f"self-{secrets.token_hex(4)}"
         code = (
             "import asyncio, sys\n"
-            "from agent.config import BundleConfig, SourceConfig, SignalReload\n"
+            "from agent.config import IstioCaBundle, KvVariant, SignalReload\n"
             "from agent.errors import ReloadError\n"
             "from agent.reload import reload\n"
-            "b = BundleConfig(name='x', dir='/x', source=SourceConfig(kv='a/b'),"
+            "b = IstioCaBundle(name='x', dir='/x', source=KvVariant(kv='a/b'),"
             " reload=SignalReload(signal='SIGTERM', process=sys.argv[1]))\n"
             "try:\n    asyncio.run(reload(b))\nexcept ReloadError as e:\n    print('refused:', e)\n"
         )
@@ -247,10 +247,10 @@ class TestSignalReload:
             pid_file.symlink_to("/dev/zero")
         code = (
             "import asyncio, sys\n"
-            "from agent.config import BundleConfig, SignalReload, SourceConfig\n"
+            "from agent.config import KvVariant, SignalReload, TlsBundle\n"
             "from agent.errors import ReloadError\n"
             "from agent.reload import reload\n"
-            "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
+            "b = TlsBundle(name='web', dir='/unused', source=KvVariant(kv='secret/web'),"
             " reload=SignalReload(pid_file=sys.argv[1]))\n"
             "try:\n"
             "    asyncio.run(reload(b))\n"
@@ -271,10 +271,10 @@ class TestSignalReload:
         code = (
             # import everything as root: uid 65534 may not be able to read the interpreter's files
             "import asyncio, concurrent.futures.thread, os, sys\n"
-            "from agent.config import BundleConfig, SourceConfig, SignalReload\n"
+            "from agent.config import IstioCaBundle, KvVariant, SignalReload\n"
             "from agent.errors import ReloadError\n"
             "from agent.reload import reload\n"
-            "b = BundleConfig(name='x', dir='/x', source=SourceConfig(kv='a/b'),"
+            "b = IstioCaBundle(name='x', dir='/x', source=KvVariant(kv='a/b'),"
             " reload=SignalReload(process=sys.argv[1]))\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "try:\n    asyncio.run(reload(b))\nexcept ReloadError as e:\n    print('refused:', e)\n"
@@ -343,11 +343,11 @@ class TestExecReload:
         peak memory stays far below the chart's 128Mi limit), and the error is still one short line."""
         code = (
             "import asyncio, resource, sys\n"
-            "from agent.config import BundleConfig, ExecReload, SourceConfig\n"
+            "from agent.config import ExecReload, KvVariant, TlsBundle\n"
             "from agent.errors import ReloadError\n"
             "from agent.reload import reload\n"
             "cmd = ['/bin/sh', '-c', 'head -c 50000000 /dev/zero >&2; echo; echo reloader: bad config >&2; exit 2']\n"
-            "b = BundleConfig(name='web', dir='/unused', type='tls', source=SourceConfig(kv='secret/web'),"
+            "b = TlsBundle(name='web', dir='/unused', source=KvVariant(kv='secret/web'),"
             " reload=ExecReload(command=cmd))\n"
             "try:\n"
             "    asyncio.run(reload(b))\n"

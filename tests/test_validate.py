@@ -76,9 +76,13 @@ class TestVerdicts:
 
     def test_public_api(self) -> None:
         """The names the orchestration imports, and the optional files per kind."""
-        assert set(v.__all__) >= {"validate", "validate_dir", "Limits", "BundleInfo", "ISTIO_CA_FILES", "TLS_FILES",
-                                  "KEY_FILES", "OPTIONAL_FILES"}
-        assert v.OPTIONAL_FILES == {"istio-ca": ("ca-crl.pem",), "tls": ("ca.crt",)}
+        from agent import kinds
+
+        assert set(v.__all__) >= {"validate", "validate_dir", "Limits", "BundleInfo", "ISTIO_CA_FILES", "TLS_FILES"}
+        optional = {k.name: k.optional for k in kinds.FILE_KINDS.values()}
+        assert optional == {"istio-ca": {"ca-crl.pem"}, "tls": {"ca.crt"}}
+        assert {k.name: k.key_files for k in kinds.KINDS.values()} == {
+            "istio-ca": {"ca-key.pem"}, "tls": {"tls.key"}, "remote-secret": set()}
         assert v.Limits().max_signature_checks == 100
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent import kvstore
+from agent import kinds, kvstore
 from agent.errors import SecretError
 from agent.kvstore import KVMount
 from agent.sources.base import Fetched, digest
@@ -53,9 +53,15 @@ class KVSource:
     """Reads one bundle's KV secret through the agent's Vault session (a `Source`)."""
 
     def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+        from agent.config import KvVariant, RemoteSecretBundle
+
+        assert isinstance(bundle.source, KvVariant)
         self.vault = vault
         self.bundle = bundle
-        self.kv_path = (bundle.source.kv or "").strip("/")
+        self.kind = kinds.of(bundle)
+        #: the remote cluster whose kubeconfig this is (remote-secret bundles), else None
+        self.cluster = (bundle.cluster or "") if isinstance(bundle, RemoteSecretBundle) else None
+        self.kv_path = bundle.source.kv.strip("/")
         self.poll_interval = poll_interval
         self._mount: KVMount | None = None
 
@@ -139,13 +145,13 @@ class KVSource:
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
-        if self.bundle.kind.target == "secret":
-            return self._remote_secret(data)
+        if self.cluster is not None:
+            return self._remote_secret(data, self.cluster)
         files: dict[str, bytes] = {}
         for out, key in self.bundle.files.items():
             chosen = key if key in data else out if out in data else None
             if chosen is None:
-                if out in self.bundle.kind.optional:
+                if out in self.kind.optional:
                     continue
                 raise SecretError(
                     f"KV secret {shown(self.kv_path)} has no key {shown(key)!r} (or {out!r}) for {out}: add it, or"
@@ -165,11 +171,10 @@ class KVSource:
             files[out] = raw if raw.endswith(b"\n") else raw + b"\n"
         return files
 
-    def _remote_secret(self, data: Mapping[str, Any]) -> dict[str, bytes]:
+    def _remote_secret(self, data: Mapping[str, Any], cluster: str) -> dict[str, bytes]:
         """{cluster: kubeconfig}: the `data` map of istioctl's remote secret, its value base64 or plain text."""
         from agent.validate.kubeconfig import decode_value
 
-        cluster = self.bundle.cluster or ""
         value = data.get(cluster)
         if not isinstance(value, str) or not value.strip():
             raise SecretError(

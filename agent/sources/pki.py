@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent import publish
+from agent import kinds, publish
 from agent.errors import AgentError, BundleError, VaultUnavailable
 from agent.log import get_logger
 from agent.sources.base import Fetched, digest
@@ -26,7 +26,7 @@ from agent.vault import field as vault_field
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from agent.config import AgentConfig, BundleConfig, PkiSource
+    from agent.config import AgentConfig, BundleConfig, FileBundle, PkiSource, TlsBundle
     from agent.vault import Vault
 
 __all__ = [
@@ -54,7 +54,10 @@ JITTER = 0.05
 
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiTlsSource:
-    """The PKI source of tls bundle `bundle`."""
+    """The PKI source of tls bundle `bundle` (config lets `source.pki` on tls bundles only)."""
+    from agent.config import TlsBundle
+
+    assert isinstance(bundle, TlsBundle)
     return PkiTlsSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
@@ -194,9 +197,10 @@ class RenewingSource:
     #: the prefix of this source's log events (`certificate_issued`, `..._reused`, `..._not_reused`)
     event: str = "certificate"
 
-    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+    def __init__(self, vault: Vault, bundle: FileBundle, *, poll_interval: float = 30.0) -> None:
         self.vault = vault
         self.bundle = bundle
+        self.kind = kinds.of(bundle)
         self.poll_interval = poll_interval
         self._issued: Issued | None = None
         self._looked = False
@@ -371,11 +375,14 @@ class PkiTlsSource(RenewingSource):
 
     renew_before = 1 / 3
 
-    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+    def __init__(self, vault: Vault, bundle: TlsBundle, *, poll_interval: float = 30.0) -> None:
+        from agent.config import PkiVariant
+
         super().__init__(vault, bundle, poll_interval=poll_interval)
+        assert isinstance(bundle.source, PkiVariant)
         settings = bundle.source.pki
-        assert settings is not None
         self.settings: PkiSource = settings
+        self.ca_signs_cert = bundle.ca_signs_cert
         self.mount = settings.mount.strip("/")
 
     @property
@@ -445,7 +452,7 @@ class PkiTlsSource(RenewingSource):
         current = await self._issuer_chain(self.mount, entry[0])
         if current[0] != chain[0] or current[-1] != chain[-1]:
             return None, f"the chain of its issuing CA in mount {shown(self.mount)} has changed"
-        self.bundle.kind.validate(published, ca_signs_cert=self.bundle.ca_signs_cert)
+        self.kind.validate(published, ca_signs_cert=self.ca_signs_cert)
         files = {name: published[name] for name in ("tls.key", "tls.crt", "ca.crt")}
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
                       renew_at=renew_at, cas=ders(chain)), ""

@@ -51,7 +51,7 @@ from agent.text import shown
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from agent.config import AgentConfig, BundleConfig
+    from agent.config import AgentConfig, BundleConfig, IstioCaBundle
     from agent.config import PkiIntermediateSource as Settings
     from agent.kvstore import KVMount
     from agent.vault import Vault
@@ -67,7 +67,11 @@ _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL----
 
 
 def open(bundle: BundleConfig, vault: Vault, cfg: AgentConfig) -> PkiIntermediateSource:
-    """The PKI intermediate source of istio-ca bundle `bundle`."""
+    """The PKI intermediate source of istio-ca bundle `bundle` (config lets `source.pki_intermediate` on istio-ca
+    bundles only)."""
+    from agent.config import IstioCaBundle
+
+    assert isinstance(bundle, IstioCaBundle)
     return PkiIntermediateSource(vault, bundle, poll_interval=bundle.interval(cfg.sidecar))
 
 
@@ -108,11 +112,15 @@ class PkiIntermediateSource(RenewingSource):
     refresh = True
     event = "intermediate"
 
-    def __init__(self, vault: Vault, bundle: BundleConfig, *, poll_interval: float = 30.0) -> None:
+    def __init__(self, vault: Vault, bundle: IstioCaBundle, *, poll_interval: float = 30.0) -> None:
+        from agent.config import PkiIntermediateVariant
+
         super().__init__(vault, bundle, poll_interval=poll_interval)
+        assert isinstance(bundle.source, PkiIntermediateVariant)
         settings = bundle.source.pki_intermediate
-        assert settings is not None
         self.settings: Settings = settings
+        #: istiod caps workload certificates at the intermediate's notAfter: renewal must leave twice this
+        self.workload_ttl = bundle.workload_ttl
         self.renew_before = settings.renew_before
         self.mount = settings.mount.strip("/")
         self.path = settings.path.strip("/")
@@ -161,11 +169,12 @@ class PkiIntermediateSource(RenewingSource):
                               reason="Vault does not cap sign-intermediate at the root's notAfter: rotate the root"
                               " before it expires")
         renew_at = renew_time(not_before, not_after, self.renew_before)
-        if not_after - renew_at < 2 * b.workload_ttl:
+        if not_after - renew_at < 2 * self.workload_ttl:
             # istiod caps workload certificates at the intermediate's notAfter: renewing this late shortens them
             self._log.warning("intermediate_lead_time_short", renew_at=iso(renew_at), expires=iso(not_after),
                               reason=f"renewal leaves {round(not_after - renew_at)}s, less than twice workload_cert_ttl"
-                              f" ({round(b.workload_ttl)}s): raise ttl (or the mount's max_lease_ttl) or renew_before")
+                              f" ({round(self.workload_ttl)}s): raise ttl (or the mount's max_lease_ttl) or"
+                              " renew_before")
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
                       renew_at=renew_at, cas=ders(chain), renewed=renewed, extra={"own_crl": own_crl})
 
@@ -282,7 +291,7 @@ class PkiIntermediateSource(RenewingSource):
             return None, "a CRL of its chain revokes it"
         for name in ("ca-cert.pem", "cert-chain.pem"):
             files[name] = published[name]
-        self.bundle.kind.validate(files)
+        self.kind.validate(files)
         return Issued(files=files, serial=leaf.serial_number, not_before=not_before, not_after=not_after,
                       renew_at=renew_at, cas=ders(chain), extra={"own_crl": own_crl}), ""
 

@@ -42,7 +42,9 @@ class Target(Protocol):
 
 def open_target(bundle: BundleConfig, cfg: AgentConfig, kube: KubeLoader) -> Target:
     """The Target of `bundle`: its directory, or its Secret through `kube` (loaded on first use)."""
-    if bundle.kind.target == "secret":
+    from agent.config import RemoteSecretBundle
+
+    if isinstance(bundle, RemoteSecretBundle):
         from agent.targets.secret import SecretTarget
 
         return SecretTarget(bundle, cfg.kubernetes, kube, configured=[b.name for b in cfg.bundles])

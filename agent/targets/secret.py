@@ -16,7 +16,7 @@ from agent.targets import Published
 from agent.text import shown
 
 if TYPE_CHECKING:
-    from agent.config import BundleConfig, KubernetesConfig
+    from agent.config import BundleConfig, KubernetesConfig, RemoteSecretBundle
     from agent.kube import Kube
 
 __all__ = [
@@ -53,12 +53,12 @@ def secret_name(cluster: str) -> str:
     return f"istio-remote-secret-{cluster}"
 
 
-def namespace_of(bundle: BundleConfig, pod: KubernetesConfig) -> str:
+def namespace_of(bundle: RemoteSecretBundle, pod: KubernetesConfig) -> str:
     """The bundle's `namespace`, else the agent pod's (istiod's), else istio-system."""
     return bundle.namespace or pod.pod_namespace or DEFAULT_NAMESPACE
 
 
-def manifest(bundle: BundleConfig, namespace: str, files: Mapping[str, bytes]) -> dict[str, Any]:
+def manifest(bundle: RemoteSecretBundle, namespace: str, files: Mapping[str, bytes]) -> dict[str, Any]:
     """The apply configuration of the bundle's Secret: only the fields the agent owns."""
     cluster = bundle.cluster or ""
     return {
@@ -150,7 +150,7 @@ class SecretTarget:
     """Applies one remote-secret bundle as its Secret (a `Target`); never touches a Secret it does not manage."""
 
     def __init__(
-        self, bundle: BundleConfig, pod: KubernetesConfig, kube: KubeLoader, *, configured: Collection[str]
+        self, bundle: RemoteSecretBundle, pod: KubernetesConfig, kube: KubeLoader, *, configured: Collection[str]
     ) -> None:
         self.bundle = bundle
         self.kube = kube
@@ -226,7 +226,9 @@ async def prune(loader: KubeLoader, bundles: Sequence[BundleConfig], pod: Kubern
     Raises:
         PublishError / KubeUnavailable: listing or deleting failed (RBAC; API unreachable).
     """
-    remote = [b for b in bundles if b.kind.target == "secret"]
+    from agent.config import RemoteSecretBundle
+
+    remote = [b for b in bundles if isinstance(b, RemoteSecretBundle)]
     claimed = {(namespace_of(b, pod), secret_name(b.cluster or "")) for b in remote}
     async with loader.using() as kube:
         return await _sweep(kube, claimed)

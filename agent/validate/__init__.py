@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from agent.errors import BundleError, ConfigError
@@ -20,9 +20,6 @@ from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
 
 __all__ = [
     "ISTIO_CA_FILES",
-    "KEY_FILES",
-    "KINDS",
-    "OPTIONAL_FILES",
     "TLS_FILES",
     "BundleInfo",
     "Limits",
@@ -32,14 +29,14 @@ __all__ = [
     "validate_dir",
 ]
 
-KEY_FILES = frozenset({"ca-key.pem", "tls.key"})
-#: bundle kind -> the files it is made of (optional ones included)
-KINDS: Mapping[str, tuple[str, ...]] = {
-    "istio-ca": (*ISTIO_CA_FILES, *OPTIONAL_ISTIO_CA_FILES),
-    "tls": TLS_FILES,
+#: the kinds `validate` checks; what each is made of is in its module (istio_ca.py, tls.py, kubeconfig.py), and
+#: agent.kinds is the registry the rest of the agent asks
+_VALIDATED = ("istio-ca", "tls", "remote-secret")
+#: the kinds `validate_dir` reads from a directory: kind -> (every file, the optional ones), from each kind's module
+_DIR_FILES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "istio-ca": ((*ISTIO_CA_FILES, *OPTIONAL_ISTIO_CA_FILES), OPTIONAL_ISTIO_CA_FILES),
+    "tls": (TLS_FILES, OPTIONAL_TLS_FILES),
 }
-#: bundle kind -> the files that may be absent
-OPTIONAL_FILES: Mapping[str, tuple[str, ...]] = {"istio-ca": OPTIONAL_ISTIO_CA_FILES, "tls": OPTIONAL_TLS_FILES}
 
 
 def _epoch(now: dt.datetime | None) -> int:
@@ -81,7 +78,7 @@ def validate(
         from agent.validate.kubeconfig import validate_remote_secret
 
         return validate_remote_secret(files, when, lim)
-    raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join((*KINDS, 'remote-secret'))}.")
+    raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(_VALIDATED)}.")
 
 
 def _read(path: Path, name: str, limit: int) -> bytes | None:
@@ -128,25 +125,29 @@ def validate_dir(
         BundleError: a required file is missing, unreadable or not a regular file, or the bundle is refused.
         ConfigError: `kind` is not a known bundle kind.
     """
-    if kind not in KINDS:
-        raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(KINDS)}.")
+    if kind not in _DIR_FILES:
+        raise ConfigError(f"unknown bundle kind {kind!r}; use one of: {', '.join(_DIR_FILES)}.")
+    names, optional = _DIR_FILES[kind]
     lim = limits or Limits()
     directory = Path(path)
     files: dict[str, bytes] = {}
-    for name in KINDS[kind]:
+    for name in names:
         data = _read(directory, name, lim.max_file_bytes)
         if data is None:
-            if name in OPTIONAL_FILES[kind]:
+            if name in optional:
                 continue
             raise BundleError(f"{name} is missing from {directory}.")
         files[name] = data
     return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert)
 
 
-def next_change(files: Mapping[str, bytes], now: dt.datetime, *, limits: Limits | None = None) -> dt.datetime | None:
+def next_change(
+    files: Mapping[str, bytes], now: dt.datetime, *, limits: Limits | None = None, key_files: Collection[str] = ()
+) -> dt.datetime | None:
     """The first moment after `now` at which a verdict on `files` may change with the clock alone: the earliest
     notBefore, notAfter, CRL thisUpdate or nextUpdate still ahead, over every certificate and CRL in them; None
-    when there is none. Unparsable blocks are skipped (they refuse the bundle whatever the time)."""
+    when there is none. Unparsable blocks are skipped (they refuse the bundle whatever the time); `key_files`
+    (the kind's private keys) are not even decoded."""
     from agent.validate.certs import parse_certificate
     from agent.validate.crl import parse_crl
     from agent.validate.info import to_datetime
@@ -156,7 +157,7 @@ def next_change(files: Mapping[str, bytes], now: dt.datetime, *, limits: Limits 
     epoch = _epoch(now)
     ahead: list[int] = []
     for name, data in files.items():
-        if name in KEY_FILES or len(data) > limits.max_file_bytes:
+        if name in key_files or len(data) > limits.max_file_bytes:
             continue
         for block in decode_all(data, limit=limits.max_certs_per_file):
             try:

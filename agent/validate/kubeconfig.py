@@ -12,15 +12,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from agent.clusters import CLUSTER_NAME
 from agent.errors import BundleError
 from agent.text import shown
 from agent.validate.info import BundleInfo, to_datetime
 from agent.validate.limits import LimitExceeded, Limits
 
-__all__ = ["CLUSTER_NAME", "decode_value", "validate_remote_secret"]
-
-#: what a cluster name must look like: it names the Secret (istio-remote-secret-<cluster>) and its data key
-CLUSTER_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,200}[a-z0-9])?")
+__all__ = ["decode_value", "validate_remote_secret"]
 
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
 

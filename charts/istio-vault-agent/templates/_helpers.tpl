@@ -87,8 +87,9 @@ values key to set.
 {{- end }}
 {{- if .Values.openshift }}
 {{- range $bundles }}
-{{- if not (hasKey . "key_mode") }}
-{{- /* 0640 (416 decimal): the reader runs with another uid and gets the key through the pod's fsGroup */}}
+{{- if not (or (hasKey . "key_mode") (eq (toString .type) "remote-secret")) }}
+{{- /* 0640 (416 decimal): the reader runs with another uid and gets the key through the pod's fsGroup; a
+remote-secret bundle (a Secret, no files) has no key_mode */}}
 {{- $_ := set . "key_mode" 416 }}
 {{- end }}
 {{- end }}
