@@ -100,7 +100,7 @@ def _blame_a_refused_token(client: hvac.Client, variable: str) -> Callable[..., 
                 f"Vault at {shown(client.url)} does not accept the token in {variable}: it is invalid, expired or"
                 f" revoked (it may not even look itself up); set {variable} to a valid operator token"
             ) from None
-        except Exception:  # noqa: BLE001, S110 - cannot tell: the first answer's own error is reported
+        except Exception:  # noqa: BLE001 - cannot tell: the first answer's own error is reported
             return
 
     return hook

@@ -241,7 +241,8 @@ class TestBrokenPieces:
         assert failed(out)[(f"c{unique}", "bundle")] == (
             f"no KV mount kubernetes-c{unique}-secrets: run `istio-vault-agent setup vault --cluster c{unique}"
             " --kubernetes-host URL --kubernetes-ca-cert FILE` first (it creates the mount), then `istio-vault-agent"
-            f" ca intermediate --cluster c{unique} --root-dir DIR --kv kubernetes-c{unique}-secrets/istiod-service/certs`"
+            f" ca intermediate --cluster c{unique} --root-dir DIR --kv"
+            f" kubernetes-c{unique}-secrets/istiod-service/certs`"
         )
 
     def test_no_credentials(self, mesh, bao):

@@ -310,7 +310,7 @@ class TestCheck:
         # a half-wired gateway still fails plain --check with the fix
         code, _, err = invoke(half_wired(gateway, "istio-ingressgateway", "volumes"), "--check")
         assert code == 1
-        assert err.startswith("error: Deployment istio-ingress/istio-ingressgateway has only part of the agent's wiring")
+        assert err.startswith("error: Deployment istio-ingress/istio-ingressgateway has only part of the agent's")
 
     @pytest.mark.parametrize(("drop", "gap"), [
         ("agent", "it has no istio-vault-agent initContainer"),

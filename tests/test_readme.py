@@ -3,6 +3,7 @@ the README's install commands give each agent what it needs to log in (Vault's C
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -136,7 +137,7 @@ def helm_commands(text: str) -> Iterator[tuple[str, list[str]]]:
 def settings(words: list[str]) -> dict[str, str]:
     """The `--set`/`--set-file` values and the namespace of one helm command."""
     found: dict[str, str] = {}
-    for flag, value in zip(words, words[1:], strict=False):
+    for flag, value in itertools.pairwise(words):
         if flag in {"--set", "--set-file", "--set-string"}:
             for item in value.split(","):
                 key, _, val = item.partition("=")
