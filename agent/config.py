@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
@@ -461,7 +461,8 @@ def _friendly(err: msgspec.ValidationError) -> str:
         where = path.rstrip("`").lstrip(".")
     prefix = f"{where}." if where else ""
     if m := re.fullmatch(r"Object contains unknown field `(.+)`", text, re.DOTALL):
-        return f"unknown key {prefix}{_key(m.group(1))}: remove it or check its spelling"
+        hint = "" if where else _did_you_mean(m.group(1), AgentConfig.__struct_fields__)
+        return f"unknown key {prefix}{_key(m.group(1))}{hint}: remove it or check its spelling"
     if m := re.fullmatch(r"Object missing required field `(.+)`", text, re.DOTALL):
         return f"missing required key {prefix}{m.group(1)}"
     if m := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
@@ -475,6 +476,14 @@ def _friendly(err: msgspec.ValidationError) -> str:
         return f"{where} must not be empty"
     text = " ".join(text.split())
     return f"{where}: {text}" if where else text
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """` (did you mean 'bundles'?)` when `name` is a likely typo of one of `known`, else nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name[:60], known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _key(name: str) -> str:
@@ -590,6 +599,13 @@ def from_mapping(
         if isinstance(target, dict):
             target[key] = value
     if "bundles" not in raw:
+        unknown = [str(k) for k in raw if k not in AgentConfig.__struct_fields__]
+        if unknown:
+            # a typo of the one required key would otherwise read as if nothing had been written
+            raise ConfigError(
+                f"unknown key {_key(unknown[0])!r}{_did_you_mean(unknown[0], AgentConfig.__struct_fields__)}: the "
+                "config lists no bundles to publish (key bundles)"
+            )
         raise ConfigError("missing required key bundles: list at least one bundle to publish")
     if isinstance(raw["bundles"], list):
         raw["bundles"] = [_tagged(f"bundles[{i}]", b) for i, b in enumerate(raw["bundles"])]

@@ -389,7 +389,10 @@ def _bundle(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
     version = v.kv_version(lay.kv_mount)
     hint = (f"run `istio-vault-agent ca intermediate --cluster {lay.cluster} --root-dir DIR --kv {lay.kv_path}`")
     if version is None:
-        c.add("bundle", FAIL, f"no KV mount {lay.kv_mount}: {hint}")
+        # `ca intermediate --kv` cannot write into a mount that does not exist: setup vault makes it
+        c.add("bundle", FAIL, f"no KV mount {lay.kv_mount}: run `istio-vault-agent setup vault --cluster {lay.cluster}"
+                              f" --kubernetes-host URL --kubernetes-ca-cert FILE` first (it creates the mount), then "
+                              f"{hint.removeprefix('run ')}")
         return
     data = hvac_client.kv_read(v.client, _kv(lay, version),
                                hint=f"the operator's token must be able to read {lay.kv_path}")

@@ -306,8 +306,11 @@ def _half_wired(doc: dict[str, Any], gaps: list[str], opts: InjectOptions) -> Co
     return ConfigError(f"{where} has only part of the agent's wiring ({'; '.join(gaps)}): {advice}")
 
 
-def _check(doc: dict[str, Any], opts: InjectOptions, *, selected: bool) -> None:
-    """Raise ConfigError for a Deployment that is half-wired (or, when `selected`, not wired at all)."""
+def _check(doc: dict[str, Any], opts: InjectOptions, *, selected: bool) -> bool:
+    """Raise ConfigError for a Deployment that is half-wired (or, when `selected`, not wired at all).
+
+    Returns whether the Deployment carries the agent's wiring (then, having passed, all of it).
+    """
     touched, gaps = _wiring_gaps(doc, opts)
     if gaps and (touched or selected):
         if not touched:
@@ -316,6 +319,7 @@ def _check(doc: dict[str, Any], opts: InjectOptions, *, selected: bool) -> None:
                 "(chart 1.24+ for istiod, 1.27+ for gateways) or run inject without --check to add them"
             )
         raise _half_wired(doc, gaps, opts)
+    return touched
 
 
 def _split(text: str) -> list[str]:
@@ -377,7 +381,10 @@ def _process(doc: Any, opts: InjectOptions) -> tuple[Any, int]:
         return new, 1
     if isinstance(doc, dict) and doc.get("kind") == "Deployment":
         # not ours to change, but a Deployment left half-wired by values would start without its CA or bundles
-        _check(doc, opts, selected=False)
+        wired = _check(doc, opts, selected=False)
+        if wired and opts.check and not opts.names and not opts.selector:
+            # `--check` alone checks whatever carries the agent: a gateway (any name) as well as istiod
+            return doc, 1
     return doc, 0
 
 
@@ -385,6 +392,9 @@ def _no_match(opts: InjectOptions) -> str:
     parts = [f"--name {n}" for n in opts.names] + [f"--selector {k}={v}" for k, v in opts.selector.items()]
     if parts:
         return f"no Deployment matched {' '.join(parts)}"
+    if opts.check:
+        return ("no Deployment named istiod or istiod-* and none with the agent's wiring in the input: add the example "
+                "values, or select the Deployment to check with --name or --selector")
     return "no Deployment named istiod or istiod-* in the input; select one with --name or --selector"
 
 
@@ -474,8 +484,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="change nothing: fail when a selected Deployment, or any Deployment with part of the agent's wiring, "
-        "lacks the agent container, its volumes or the reader's mount (a post-renderer for the example values)",
+        help="change nothing: fail when a selected Deployment (default: istiod, istiod-* and every Deployment with "
+        "part of the agent's wiring, gateways included) lacks the agent container, its volumes or the reader's mount "
+        "(a post-renderer for the example values)",
     )
     parser.add_argument(
         "--root-ca-dir-env",

@@ -8,10 +8,10 @@ and VAULT_SKIP_VERIFY deliberately, here and nowhere else. The token is never lo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError
+from agent.errors import AuthError, ConfigError
 from agent.text import shown
 
 if TYPE_CHECKING:
@@ -72,4 +72,39 @@ def operator_client(
     )
     client = make_client(cfg, max_response_bytes=4 << 20)
     client.token = token or ""
+    if not login:
+        variable = next(f"{p}TOKEN" for p in ("VAULT_", "BAO_") if environ.get(f"{p}TOKEN"))
+        client.adapter.session.hooks["response"].append(_blame_a_refused_token(client, variable))
     return client
+
+
+_LOOKUP_SELF = "/v1/auth/token/lookup-self"
+
+
+def _blame_a_refused_token(client: hvac.Client, variable: str) -> Callable[..., None]:
+    """A response hook: on a 403, ask Vault whether it takes the token at all; AuthError saying so when it does not.
+
+    Vault answers 403 alike for a token it does not know (mistyped, expired, revoked) and for a path the token's
+    policy does not cover, so each command would otherwise blame the policy or the mount. lookup-self is allowed to
+    every valid token (the default policy; the agent's token keeper asks the same).
+    """
+    import hvac.exceptions as hx
+
+    operator = client.token
+
+    def hook(response: Any, *_args: Any, **_kwargs: Any) -> None:
+        if response.status_code != 403 or response.request.path_url.split("?")[0].endswith(_LOOKUP_SELF):
+            return
+        if client.token != operator:  # a command acting with a token of its own (doctor's capability probe)
+            return
+        try:
+            client.adapter.get(_LOOKUP_SELF)
+        except (hx.Forbidden, hx.Unauthorized):
+            raise AuthError(
+                f"Vault at {shown(client.url)} does not accept the token in {variable}: it is invalid, expired or"
+                f" revoked (it may not even look itself up); set {variable} to a valid operator token"
+            ) from None
+        except Exception:  # noqa: BLE001 - cannot tell: the first answer's own error is reported
+            return
+
+    return hook

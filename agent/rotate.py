@@ -198,19 +198,54 @@ def _kube_json(call: Callable[..., Any], what: str, context: str, **kwargs: Any)
 
 
 def _kube_api(context: str) -> Any:
+    import shutil
+    import tempfile
+
+    from kubernetes import client as k8s
     from kubernetes import config as kconfig
     from kubernetes.config.config_exception import ConfigException
 
+    # The kubernetes package writes *-data fields to files it removes only at a clean exit: load them into a private
+    # directory, keep the CA in memory and remove what it wrote, so a killed `rotate` leaves nothing in /tmp.
+    scratch = tempfile.mkdtemp(prefix="istio-vault-agent-kube-")
+    keep = False
     try:
+        cfg = k8s.Configuration()
         # KUBECONFIG read now: the kubernetes package reads it once, at its import
         files = os.environ.get("KUBECONFIG") or None
-        return kconfig.new_client_from_config(config_file=files, context=context)  # type: ignore[no-untyped-call]
+        kconfig.load_kube_config(config_file=files, context=context,  # type: ignore[no-untyped-call]
+                                 client_configuration=cfg, temp_file_path=scratch)
+        if cfg.ssl_ca_cert and str(cfg.ssl_ca_cert).startswith(scratch + os.sep):
+            cfg.ca_cert_data = Path(cfg.ssl_ca_cert).read_text(encoding="ascii")
+            cfg.ssl_ca_cert = None
+        # a client certificate and key are read again at each new connection: they stay until the process exits
+        keep = any(str(f or "").startswith(scratch + os.sep) for f in (cfg.cert_file, cfg.key_file))
+        return k8s.ApiClient(cfg)
     except ConfigException as exc:
         raise ConfigError(f"cannot use kubeconfig context {shown(context)!r} (KUBECONFIG or ~/.kube/config):"
                           f" {shown(str(exc), 200)}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the kubeconfig for context {shown(context)!r}: {exc.strerror or exc}")\
-            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the kubeconfig for context {shown(context)!r}:"
+                          f" {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        _forget_temp_files(scratch)
+        if keep:
+            import atexit
+
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _forget_temp_files(scratch: str) -> None:
+    """Drop the kubernetes package's cache entries for files under `scratch` (it hands a cached path out again for
+    the same content, which would name a file removed with `scratch`)."""
+    from kubernetes.config import kube_config
+
+    cache = getattr(kube_config, "_temp_files", None)
+    if isinstance(cache, dict):
+        for key in [k for k, v in cache.items() if str(v).startswith(scratch + os.sep)]:
+            del cache[key]
 
 
 def _refused(status: int, what: str, context: str) -> ConfigError:

@@ -6,6 +6,7 @@ Each agent under measurement gets its own proxy; `count` is the number of reques
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -16,6 +17,18 @@ __all__ = ["CountingProxy"]
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"}
 )
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Quiet when a client goes away mid-request (an agent stopped at the end of a measurement resets its
+    connections): no traceback from the handler thread in the output."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class CountingProxy:
@@ -99,8 +112,7 @@ class CountingProxy:
                 if self.upstream is not None:
                     self.upstream.close()
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
+        server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="counting-proxy", daemon=True)
         self._thread.start()

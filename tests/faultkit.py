@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,22 @@ _SHAPES = {
 }
 _CLIENT_TOKEN = re.compile(rb'"client_token"\s*:\s*"([^"]+)"')
 _TOKEN_HEADER = re.compile(rb"(?im)^x-vault-token:\s*(\S+)\r?$")
+
+
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server for the test doubles that stays quiet when a client goes away mid-request.
+
+    The agent resets connections it gave up on (deadlines, shutdown); socketserver would print each
+    ConnectionResetError or BrokenPipeError with a traceback from the handler thread into the test run's output.
+    Anything else is still reported.
+    """
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # resets, broken pipes, timeouts: the client went away
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- leak guard
@@ -293,7 +310,7 @@ class HTTPProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         threading.Thread(target=self._server.serve_forever, daemon=True, name="http-proxy").start()
@@ -336,7 +353,7 @@ class Recorder:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _record
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         threading.Thread(target=self._server.serve_forever, daemon=True, name="recorder").start()

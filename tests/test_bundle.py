@@ -6,6 +6,7 @@ import datetime as dt
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from agent.publish import KEYS as KEY_FILES
 from agent.validate import ISTIO_CA_FILES, TLS_FILES, BundleInfo, validate, validate_dir
 from testbed import pki
 from testbed.pki import CertKey, intermediate_ca, istio_ca_files, leaf_cert, pem_certs, pem_key, root_ca, tls_files
+from tests.support import cli_env, error_line
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -406,6 +408,42 @@ class TestTls:
         pki.write_files(tmp_path, {k: v for k, v in tls_files(leaf, root).items() if k != "ca.crt"})
         assert validate_dir(tmp_path, "tls").kind == "tls"
         assert set(TLS_FILES) - {p.name for p in tmp_path.iterdir()} == {"ca.crt"}
+
+
+class TestCheckCommand:
+    """`istio-vault-agent check DIR` names what is wrong with DIR itself before any file in it."""
+
+    def test_a_directory_that_does_not_exist_is_named_as_such(self, tmp_path: Path) -> None:
+        """`check nonexist` says the directory does not exist (not that ca-key.pem is missing from it)."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "check", "nonexist"], cwd=tmp_path, env=cli_env(),
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 1
+        assert error_line(proc) == "error: the directory nonexist does not exist."
+
+    def test_a_file_is_not_a_directory(self, tmp_path: Path) -> None:
+        """A file given as the directory is named as not a directory."""
+        (tmp_path / "tls.crt").write_text("x")
+        with pytest.raises(BundleError, match=r"tls\.crt is not a directory: give the directory a bundle is"):
+            validate_dir(tmp_path / "tls.crt", "istio-ca")
+
+    def test_a_tls_directory_checked_as_istio_ca_gets_the_type_hint(
+        self, tmp_path: Path, leaf: CertKey, root: CertKey, good: dict[str, bytes]
+    ) -> None:
+        """A gateway's tls directory checked with the default type says it holds a tls bundle and how to check it;
+        an istio-ca directory checked as tls gets the reverse hint."""
+        pki.write_files(tmp_path / "tls", tls_files(leaf, root))
+        with pytest.raises(BundleError) as caught:
+            validate_dir(tmp_path / "tls", "istio-ca")
+        assert str(caught.value) == (
+            f"ca-key.pem is missing from {tmp_path / 'tls'}, which holds a tls bundle (tls.key, tls.crt): "
+            "check it with --type tls."
+        )
+        pki.write_files(tmp_path / "ca", good)
+        with pytest.raises(BundleError, match=r"tls\.key is missing from .*, which holds an istio-ca bundle .*: "
+                                              r"check it with --type istio-ca\.$"):
+            validate_dir(tmp_path / "ca", "tls")
 
 
 def test_tls_with_an_unrelated_client_ca_when_ca_signs_cert_is_false():

@@ -529,6 +529,17 @@ class TestIntermediateKV:
                        env=cli_env(VAULT_ADDR=bao.address))
         assert proc.returncode == 1 and "set VAULT_TOKEN" in error_line(proc)
 
+    def test_a_token_vault_does_not_accept_is_named(self, bao, root_dir, tmp_path):
+        """A mistyped or expired VAULT_TOKEN is one error line saying Vault does not accept the token (not that the
+        KV mount is missing or the policy short), nothing is written, and the token is not shown."""
+        proc = run_cli("ca", "intermediate", "--cluster", "c1", "--root-dir", str(root_dir), "--kv", "kv/x",
+                       "--out", str(tmp_path / "o"), env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN="s.n0t-a-t0ken"))
+        assert proc.returncode == 1 and error_line(proc) == (
+            f"error: Vault at {bao.address} does not accept the token in VAULT_TOKEN: it is invalid, expired or"
+            " revoked (it may not even look itself up); set VAULT_TOKEN to a valid operator token"
+        )
+        assert "n0t-a-t0ken" not in proc.stderr and not (tmp_path / "o").exists()
+
     def test_unknown_mount_and_namespace_say_what_to_check(self, bao, vault_admin, unique, root_dir, tmp_path):
         """An unknown KV mount (Vault answers 403) and an unknown VAULT_NAMESPACE (404) are one error line each
         saying what to check; a non-KV path inside a real namespace still says it is not KV."""

@@ -233,6 +233,18 @@ class TestBrokenPieces:
         assert f"kubernetes-c{unique}" in detail and f"setup vault --cluster c{unique}" in detail
         assert (f"c{unique}", "bundle") in failed(out)
 
+    def test_missing_kv_mount_says_setup_vault_comes_first(self, doctor, unique):
+        """A cluster without its KV mount is told to run `setup vault` first (it creates the mount), and only then
+        `ca intermediate --kv`, which cannot write into a mount that does not exist."""
+        code, out = doctor("doctor", "--cluster", f"c{unique}")
+        assert code == 1
+        assert failed(out)[(f"c{unique}", "bundle")] == (
+            f"no KV mount kubernetes-c{unique}-secrets: run `istio-vault-agent setup vault --cluster c{unique}"
+            " --kubernetes-host URL --kubernetes-ca-cert FILE` first (it creates the mount), then `istio-vault-agent"
+            f" ca intermediate --cluster c{unique} --root-dir DIR --kv"
+            f" kubernetes-c{unique}-secrets/istiod-service/certs`"
+        )
+
     def test_no_credentials(self, mesh, bao):
         """Without VAULT_TOKEN doctor prints one error line saying what to set, exit 1."""
         proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address))
@@ -257,9 +269,20 @@ class TestBrokenPieces:
         is not shown."""
         proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN="s.n0t-a-t0ken"))
         assert proc.returncode == 1 and proc.stdout == ""
-        line = error_line(proc)
-        assert line.startswith("error: the operator token may not list the auth methods") and "VAULT_TOKEN" in line
+        assert error_line(proc) == (
+            f"error: Vault at {bao.address} does not accept the token in VAULT_TOKEN: it is invalid, expired or"
+            " revoked (it may not even look itself up); set VAULT_TOKEN to a valid operator token"
+        )
         assert "n0t-a-t0ken" not in proc.stderr
+
+    def test_a_valid_token_without_read_on_sys_auth_is_told_about_its_policy(self, mesh, bao, vault_admin):
+        """A valid token whose policy does not cover sys/auth is not called invalid: the line names the policy."""
+        token = vault_admin.auth.token.create(policies=["default"], ttl="5m")["auth"]["client_token"]
+        proc = run_cli(*mesh.args, env=cli_env(VAULT_ADDR=bao.address, VAULT_TOKEN=token))
+        assert proc.returncode == 1 and proc.stdout == ""
+        line = error_line(proc)
+        assert line.startswith("error: the operator token may not list the auth methods (sys/auth)"), line
+        assert token not in proc.stderr
 
     def test_unknown_namespace(self, mesh, bao, unique):
         """A --namespace (or VAULT_NAMESPACE) Vault does not have is one error line saying so, not FAIL lines."""

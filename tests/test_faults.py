@@ -488,3 +488,26 @@ class TestTokens:
         assert proc.returncode == 1
         assert "login refused" in error_line(proc)
 
+
+
+class TestQuietDoubles:
+    def test_a_client_that_resets_mid_request_prints_no_traceback(self, capfd: pytest.CaptureFixture[str]) -> None:
+        """The HTTP test doubles (faultkit's proxy and recorder) say nothing when a client resets its connection
+        mid-request, as the agent does with a request it gave up on: the run's output stays free of tracebacks."""
+        import socket
+        import struct
+
+        from tests.faultkit import Recorder
+
+        recorder = Recorder()
+        try:
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", recorder.port), timeout=5) as sock:
+                    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial")
+                    time.sleep(0.05)  # the handler is now reading the body
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            time.sleep(0.3)
+        finally:
+            recorder.close()
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "ConnectionResetError" not in err, err

@@ -296,6 +296,22 @@ class TestCheck:
         gateway = inject_ok(GATEWAY, "--name", "istio-ingressgateway", "--container", "istio-proxy")
         assert inject_ok(gateway, "--check", "--name", "istio-ingressgateway", "--container", "istio-proxy") == gateway
 
+    def test_check_alone_checks_a_wired_gateway(self) -> None:
+        """Plain `inject --check`, as the README's gateway step runs it, passes a gateway rendered with the agent (no
+        --name needed) and fails, naming both ways out, when the input has no istiod and nothing wired."""
+        gateway = inject_ok(GATEWAY, "--name", "istio-ingressgateway", "--container", "istio-proxy")
+        assert inject_ok(gateway, "--check") == gateway
+        code, out, err = invoke(GATEWAY, "--check")
+        assert (code, out) == (1, "")
+        assert err == (
+            "error: no Deployment named istiod or istiod-* and none with the agent's wiring in the input: add the "
+            "example values, or select the Deployment to check with --name or --selector\n"
+        )
+        # a half-wired gateway still fails plain --check with the fix
+        code, _, err = invoke(half_wired(gateway, "istio-ingressgateway", "volumes"), "--check")
+        assert code == 1
+        assert err.startswith("error: Deployment istio-ingress/istio-ingressgateway has only part of the agent's")
+
     @pytest.mark.parametrize(("drop", "gap"), [
         ("agent", "it has no istio-vault-agent initContainer"),
         ("volumes", "it lacks volumes istio-vault-agent-ca, istio-vault-agent-token, istio-vault-agent-config"),

@@ -443,6 +443,22 @@ class TestGates:
         assert proxied and "readyz" in proxied[0].path
         del west
 
+    def test_the_kubeconfig_leaves_no_temp_files(self, standin, tmp_path, monkeypatch):
+        """The context's certificate-authority-data is kept in memory: reading istiod's side leaves no file in the
+        temp dir (the kubernetes package would leave its CA file behind a killed `rotate`), and a second context
+        with the same CA in the same process still verifies the API server."""
+        import tempfile
+
+        scratch = tmp_path / "tmp"
+        scratch.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        _istiod(standin)
+        for _ in range(2):
+            facts = rotate.istiod_facts("east-ctx", namespace="istio-system", deployment="istiod", port=8099,
+                                        serial="00", roots=[])
+            assert facts.version == (1, 29, 6)
+            assert list(scratch.iterdir()) == []
+
     @pytest.mark.parametrize(
         ("change", "message"),
         [

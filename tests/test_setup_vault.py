@@ -325,6 +325,17 @@ class TestErrors:
         no_token = _setup(bao, kube, files, f"c{unique}", env=cli_env(BAO_ADDR=bao.address))
         assert no_token.returncode == 1 and "VAULT_TOKEN" in error_line(no_token)
 
+    def test_a_token_vault_does_not_accept_is_named(self, bao, kube, files, unique):
+        """A mistyped or expired token is one error line saying the token is not accepted (not that it lacks
+        permissions on the auth methods), naming the variable it came from and never the token."""
+        proc = _setup(bao, kube, files, f"c{unique}", env=cli_env(BAO_ADDR=bao.address, BAO_TOKEN="s.n0t-a-t0ken"))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert error_line(proc) == (
+            f"error: Vault at {bao.address} does not accept the token in BAO_TOKEN: it is invalid, expired or revoked"
+            " (it may not even look itself up); set BAO_TOKEN to a valid operator token"
+        )
+        assert "n0t-a-t0ken" not in proc.stderr
+
     def test_unreadable_ca_file(self, tmp_path, bao, kube, files, unique):
         """A CA file that does not exist, or holds no certificate, is one error line naming the flag."""
         missing = run_cli("setup", "vault", "--cluster", f"c{unique}", "--kubernetes-host", kube.url,

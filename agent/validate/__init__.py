@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from agent.errors import BundleError, ConfigError
+from agent.text import shown
 from agent.validate.info import BundleInfo
 from agent.validate.istio_ca import ISTIO_CA_FILES, OPTIONAL_ISTIO_CA_FILES, reload_problem
 from agent.validate.limits import Limits
@@ -111,6 +112,28 @@ def _read(path: Path, name: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
+def _check_directory(directory: Path) -> None:
+    """BundleError when `directory` does not exist or is no directory: what to fix, not a missing file."""
+    try:
+        mode = directory.stat().st_mode
+    except FileNotFoundError:
+        raise BundleError(f"the directory {shown(directory)} does not exist.") from None
+    except OSError as exc:
+        raise BundleError(f"the directory {shown(directory)} cannot be read: {exc.strerror or exc}.") from None
+    if not stat.S_ISDIR(mode):
+        raise BundleError(f"{shown(directory)} is not a directory: give the directory a bundle is published into.")
+
+
+def _other_kind_hint(directory: Path, kind: str) -> str:
+    """`, which holds a tls bundle: check it with --type tls` when every required file of another kind is there."""
+    for other, names in KINDS.items():
+        required = [n for n in names if n not in OPTIONAL_FILES[other]]
+        if other != kind and all((directory / n).is_file() for n in required):
+            article = "an" if other[0] in "aeiou" else "a"
+            return f", which holds {article} {other} bundle ({', '.join(required)}): check it with --type {other}"
+    return ""
+
+
 def validate_dir(
     path: str | Path,
     kind: str,
@@ -130,13 +153,14 @@ def validate_dir(
     names, optional = _DIR_FILES[kind]
     lim = limits or Limits()
     directory = Path(path)
+    _check_directory(directory)
     files: dict[str, bytes] = {}
     for name in names:
         data = _read(directory, name, lim.max_file_bytes)
         if data is None:
             if name in optional:
                 continue
-            raise BundleError(f"{name} is missing from {directory}.")
+            raise BundleError(f"{name} is missing from {shown(directory)}{_other_kind_hint(directory, kind)}.")
         files[name] = data
     return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert)
 
