@@ -126,8 +126,8 @@ def _check_directory(directory: Path) -> None:
 
 def _other_kind_hint(directory: Path, kind: str) -> str:
     """`, which holds a tls bundle: check it with --type tls` when every required file of another kind is there."""
-    for other, names in KINDS.items():
-        required = [n for n in names if n not in OPTIONAL_FILES[other]]
+    for other, (names, optional) in _DIR_FILES.items():
+        required = [n for n in names if n not in optional]
         if other != kind and all((directory / n).is_file() for n in required):
             article = "an" if other[0] in "aeiou" else "a"
             return f", which holds {article} {other} bundle ({', '.join(required)}): check it with --type {other}"
