@@ -148,7 +148,6 @@ def test_every_refusal_names_a_file(oracle: Path, cases: list[dict[str, object]]
 
 def test_documented_b_is_the_readme_table() -> None:
     """DOCUMENTED_B is exactly the checks of README's verdict (b) table (What it checks)."""
-
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("Verdict (b), refused although istiod loads the bundle"):]
     section = section[:section.index("\n\n", section.index("| check |"))]
