@@ -354,8 +354,9 @@ class TestToken:
         assert len(agent.events("vault_login")) == 1, "a login per token-file rotation"
         assert len(world.kube.tokenreviews()) == reviews
         client = world.client
+        login_path = f"auth/{world.layout.auth_mount}/login"
         for accessor in client.auth.token.list_accessors()["data"]["keys"]:
-            if client.auth.token.lookup_accessor(accessor)["data"].get("path") == f"auth/{world.layout.auth_mount}/login":
+            if client.auth.token.lookup_accessor(accessor)["data"].get("path") == login_path:
                 client.auth.token.revoke_accessor(accessor)
         again = world.rotate()
         assert world.published(again, timeout=5), agent.stderr[-3000:]
