@@ -148,8 +148,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: `clean_env` with this checkout on PYTHONPATH."""
-    return clean_env(PYTHONPATH=str(ROOT), **extra)
+    """The environment for a CLI subprocess: `clean_env` with this checkout on PYTHONPATH.
+
+    Under scripts/coverage (COVERAGE_PROCESS_START set) the run's PYTHONPATH stays behind the checkout, so the
+    agent subprocesses load its sitecustomize and are measured too."""
+    path = str(ROOT)
+    if os.environ.get("COVERAGE_PROCESS_START") and os.environ.get("PYTHONPATH"):
+        path += os.pathsep + os.environ["PYTHONPATH"]
+    return clean_env(PYTHONPATH=path, **extra)
 
 
 def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

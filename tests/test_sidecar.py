@@ -384,7 +384,7 @@ class TestTamper:
 class TestQuiet:
     def test_nothing_rewritten_when_nothing_changed(self, world):
         """Polls without a KV change rewrite nothing: same generation, same inodes and mtimes, one publish."""
-        agent = world.agent("300ms")
+        agent = world.agent("100ms")
 
         def snapshot() -> tuple[str, list[tuple[int, int]]]:
             stats = [os.stat(world.out / name) for name in ISTIO_FILES]
@@ -392,7 +392,7 @@ class TestQuiet:
 
         first = snapshot()
         requests = agent.metric("istio_vault_agent_vault_requests_total")
-        time.sleep(5)
+        time.sleep(2)  # twenty polls
         assert snapshot() == first
         assert agent.metric(PUBLISH_TOTAL) == 1
         assert agent.metric("istio_vault_agent_vault_requests_total") >= requests + 10, "the agent did not poll"
@@ -404,12 +404,12 @@ class TestReload:
         """The exec reload runs after each publish and not when a poll finds nothing new."""
         marker = tmp_path / "reloads"
         command = ["/bin/sh", "-c", f"echo reloaded >> {marker}"]
-        agent = world.agent("300ms", reload={"action": "exec", "command": command})
+        agent = world.agent("100ms", reload={"action": "exec", "command": command})
         count = lambda: len(marker.read_text().splitlines()) if marker.exists() else 0  # noqa: E731
         assert wait_until(lambda: count() == 1, 2), agent.stderr[-3000:]
         world.rotate()
         assert wait_until(lambda: count() == 2, 2), agent.stderr[-3000:]
-        time.sleep(2)
+        time.sleep(1)  # ten polls that find nothing new
         assert count() == 2
 
     def test_sigterm_during_a_reload_command(self, world, tmp_path):
