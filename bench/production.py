@@ -257,14 +257,15 @@ def with_interpreters(checkouts: Sequence[Checkout], python: str | None, base_py
 
 
 def production_config(
-    *, address: str, token_path: Path, kv: str, out: Path, health_port: int
+    *, address: str, token_path: Path, kv: str, out: Path, health_port: int, poll_interval: str | None = None
 ) -> dict[str, Any]:
-    """The agent config the chart renders for mode istiod with default values (health on a loopback port)."""
+    """The agent config the chart renders for mode istiod with default values (health on a loopback port);
+    `poll_interval` replaces CHART_DEFAULTS' sidecar.poll_interval when given."""
     cfg = agent_config(
         address=address, token_path=token_path, out=out, kv=kv, init_timeout=CHART_DEFAULTS["init_timeout"]
     )
     cfg["health"] = {"listen": f"127.0.0.1:{health_port}"}
-    cfg["sidecar"] = {"poll_interval": CHART_DEFAULTS["poll_interval"]}
+    cfg["sidecar"] = {"poll_interval": poll_interval or CHART_DEFAULTS["poll_interval"]}
     return cfg
 
 
@@ -295,16 +296,19 @@ def ours_production_spec(
     kubeconfig: Path,
     mode: str,
     python: str | None = None,
+    poll_interval: str | None = None,
 ) -> AgentSpec:
     """istio-vault-agent from `checkout` with the chart's config and a pod's environment; pod name = label.
 
-    It runs with `python`, by default the checkout's interpreter (`Checkout.python`).
+    It runs with `python`, by default the checkout's interpreter (`Checkout.python`); `poll_interval` as in
+    `production_config`.
     """
     base = workdir / label
     base.mkdir(parents=True, exist_ok=True)
     out = base / "out"
     port = free_port()
-    cfg = production_config(address=address, token_path=token_path, kv=kv, out=out, health_port=port)
+    cfg = production_config(address=address, token_path=token_path, kv=kv, out=out, health_port=port,
+                            poll_interval=poll_interval)
     path = write_config(base / "agent.yaml", cfg)
     argv = [python or checkout.python, "-m", "agent.cli", "run", "--config", str(path), "--mode", mode]
     env = downward_env(checkout, kubeconfig=kubeconfig, pod_name=label, node_name="bench-node")
