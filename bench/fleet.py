@@ -10,8 +10,9 @@ Each tool's requests go through its own loopback counting proxy (bench/proxy.py,
 request's time), so both are counted alike. Over one run:
 
 - Vault requests per minute per agent by kind (login, token renew/lookup, KV metadata, KV data, sys/*) in a
-  steady window that begins `--settle` seconds after every agent has published and lasts `--window` seconds
-  (default: the interval plus 60 s, so it holds at least one poll of each of ours), nothing written to Vault;
+  steady window that begins `--settle` seconds after every agent has published and lasts `--window` seconds,
+  nothing written to Vault. The default is one interval: every agent of either tool then looks exactly once in
+  it (ours at its own phase, bao agent on its timer), so the rates compare without a window's rounding;
 - the start storm: requests per agent until all had published, and requests per second over the run and over
   the window, busiest second against the mean;
 - logins per kubelet token rotation: each agent has its own projected service-account token directory; during
@@ -399,7 +400,7 @@ def _sleep_until(when: float) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one timeline, read top to bottom
     """One fleet run; returns the result dict."""
     settings = Settings(args.interval, chart_poll_interval())
-    window = args.window if args.window is not None else settings.period + 60
+    window = args.window if args.window is not None else settings.period
     rotation_timeout = args.rotation_timeout if args.rotation_timeout is not None else settings.period + 60
     checkout = with_interpreters(checkouts_from_args(args.checkout, None), args.python, args.image_python)[0]
     _prepare(checkout)
@@ -523,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one time
                 "tokenreviews_after_token_rotation": reviews_after[tool],
                 "spread_run": spread([t for t, _ in events], start=t0, end=t_end),
                 "spread_window": spread([t for t, _ in events if w0 <= t < w1], start=w0, end=w1),
+                "requests": [[round(t - t0, 3), k] for t, k in events],
                 "rotation": summary(latencies) | {"seen": len(latencies)},
                 "mixed": dict(reader.counts.get(tool, {})),
                 "anon": summary([memory[a.spec.label].rss_anon_bytes for a in mine]),
@@ -585,6 +587,12 @@ def targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _busiest(s: Mapping[str, float]) -> str:
+    """`busiest / mean = ratio (at +N s)`, the second counted from the start of its span."""
+    return (f"{s.get('busiest', 0):.0f} / {_num(s.get('mean'))} = {_num(s.get('ratio'), 1)}"
+            f" (at +{s.get('busiest_at', 0):.0f} s)")
+
+
 def _dur(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -644,9 +652,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     for key, title in (("spread_run", "whole run"), ("spread_window", "window")):
         o, b = _get(result, "ours", key) or {}, _get(result, "bao", key) or {}
         lines.append(
-            f"| requests/s, busiest second / mean ({title}) | {o.get('busiest', 0)} / {_num(o.get('mean'))} ="
-            f" {_num(o.get('ratio'), 1)} | {b.get('busiest', 0)} / {_num(b.get('mean'))} ="
-            f" {_num(b.get('ratio'), 1)} | |"
+            f"| requests/s, busiest second / mean ({title}) | {_busiest(o)} | {_busiest(b)} | |"
         )
     row(f"logins after rotating all {n} token files (proxy)", _get(result, "ours", "logins_after_token_rotation"),
         _get(result, "bao", "logins_after_token_rotation"), lambda v: f"{v:.0f}", ratio=False)
@@ -699,7 +705,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", help="set ours' poll_interval and bao agent's static_secret_render_interval to"
                    " this (e.g. 30s); default: each tool's own default (the chart's 5m; bao agent's 5m)")
     p.add_argument("--window", type=float,
-                   help="seconds of steady window (default: the longer refresh interval + 60 s)")
+                   help="seconds of steady window (default: the refresh interval, 300 s at the defaults)")
     p.add_argument("--settle", type=float, default=5.0, help="seconds from the last first publish to the window")
     p.add_argument("--rotation-timeout", type=float,
                    help="seconds to wait for every agent to hold the new bundle (default: the longer interval + 60 s)")
