@@ -294,14 +294,23 @@ class _Watched:
 
 @dataclass
 class MixedReader:
-    """Reads the four files of every output directory, one after another as a consumer would, over and over
-    in one daemon thread (a pause of `interval` seconds between sweeps); counts each read's classification per
-    tool. Reading starts with `start()` and only counts directories whose first bundle is complete."""
+    """Reads the four files of every output directory over and over in one daemon thread (a pause of `interval`
+    seconds between sweeps) and counts each read's classification per tool, two ways:
+
+    - `counts`: as a consumer that wants one bundle reads them: where the directory has a `..data` link (ours,
+      like kubelet's volumes) it is resolved once and the four files are read from that generation, the
+      publisher's contract; a generation removed between the two is a retry, not a verdict. A directory without
+      one (bao agent's four templates) is read through its four visible paths.
+    - `visible`: through the four visible paths one after another, as istiod reads them; a swap between two of
+      the reads shows up here for either tool.
+    """
 
     bundles: Sequence[Mapping[str, bytes]]
     interval: float = 0.02
     dirs: dict[str, _Watched] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    visible: dict[str, dict[str, int]] = field(default_factory=dict)
+    retries: int = 0
     examples: list[str] = field(default_factory=list)
     sweeps: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -310,21 +319,40 @@ class MixedReader:
     def add(self, label: str, tool: str, out: Path) -> None:
         """Read `out` (the agent `label` of `tool`) from now on."""
         self.dirs[label] = _Watched(tool, out)
-        self.counts.setdefault(tool, {"ok": 0, "mixed": 0, "partial": 0, "missing": 0})
+        for table in (self.counts, self.visible):
+            table.setdefault(tool, {"ok": 0, "mixed": 0, "partial": 0, "missing": 0})
 
-    def read_once(self, label: str) -> str:
-        """Read `label`'s four files once and count the result; returns it."""
-        w = self.dirs[label]
+    @staticmethod
+    def _read(directory: Path) -> dict[str, bytes | None]:
         observed: dict[str, bytes | None] = {}
         for name in NAMES:
             try:
-                observed[name] = (w.out / name).read_bytes()
+                observed[name] = (directory / name).read_bytes()
             except OSError:
                 observed[name] = None
-        verdict = classify(observed, self.bundles)
-        self.counts[w.tool][verdict] += 1
+        return observed
+
+    def _count(self, table: dict[str, dict[str, int]], how: str, label: str, verdict: str) -> None:
+        table[self.dirs[label].tool][verdict] += 1
         if verdict != "ok" and len(self.examples) < 20:
-            self.examples.append(f"{label}: {verdict}")
+            self.examples.append(f"{label} ({how}): {verdict}")
+
+    def read_once(self, label: str) -> str:
+        """Read `label`'s four files once each way and count the results; returns the consumer read's verdict."""
+        w = self.dirs[label]
+        visible = classify(self._read(w.out), self.bundles)
+        self._count(self.visible, "visible paths", label, visible)
+        try:
+            generation = w.out / os.readlink(w.out / "..data")
+        except OSError:  # no ..data: the visible paths are all a consumer has
+            self._count(self.counts, "visible paths", label, visible)
+            return visible
+        observed = self._read(generation)
+        if any(v is None for v in observed.values()) and not generation.exists():
+            self.retries += 1  # cleaned up after a newer swap: read again next sweep
+            return "retry"
+        verdict = classify(observed, self.bundles)
+        self._count(self.counts, "..data once", label, verdict)
         return verdict
 
     def start(self) -> MixedReader:
@@ -527,6 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one time
                 "requests": [[round(t - t0, 3), k] for t, k in events],
                 "rotation": summary(latencies) | {"seen": len(latencies)},
                 "mixed": dict(reader.counts.get(tool, {})),
+                "mixed_visible_paths": dict(reader.visible.get(tool, {})),
                 "anon": summary([memory[a.spec.label].rss_anon_bytes for a in mine]),
                 "rss": summary([memory[a.spec.label].rss_bytes for a in mine]),
             }
@@ -541,6 +570,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one time
             "tokens_rotated_at": t_tok - w0,
             "watch_resolution_ms": args.watch_interval * 1000,
             "reader_sweeps": reader.sweeps,
+            "reader_retries": reader.retries,
             "mixed_examples": reader.examples,
         }
         result["tools"] = tools
@@ -672,7 +702,11 @@ def markdown(result: Mapping[str, Any]) -> str:
 
     row("logins during the rotation phase", _get(result, "ours", "logins_after_bundle_rotation"),
         _get(result, "bao", "logins_after_bundle_rotation"), lambda v: f"{v:.0f}", ratio=False)
-    lines.append(f"| mixed observations | {mixed(mo)} | {mixed(mb)} | |")
+    lines.append(f"| mixed observations, as a consumer reads (ours: `..data` resolved once) | {mixed(mo)} |"
+                 f" {mixed(mb)} | |")
+    vo, vb = _get(result, "ours", "mixed_visible_paths") or {}, _get(result, "bao", "mixed_visible_paths") or {}
+    lines.append(f"| mixed observations, four visible paths one after another (as istiod reads) | {mixed(vo)} |"
+                 f" {mixed(vb)} | |")
     row("anonymous memory (RssAnon), mean", _get(result, "ours", "anon", "mean"), _get(result, "bao", "anon", "mean"),
         lambda v: "n/a" if v is None else f"{v / MIB:.1f} MiB")
     row("RSS, mean", _get(result, "ours", "rss", "mean"), _get(result, "bao", "rss", "mean"),

@@ -418,6 +418,33 @@ class TestFleetMode:
         assert classify({**a, "ca-key.pem": b"half"}, [a, b]) == "partial"
         assert classify({**a, "ca-cert.pem": None}, [a, b]) == "missing"
 
+    def test_reader_resolves_data_once_where_there_is_one(self, tmp_path: Path) -> None:
+        """A `..data` directory is read from the generation it names (one bundle even while the visible links
+        would straddle a swap); a directory of plain files through its visible paths; a generation removed
+        under the reader is a retry."""
+        from bench.fleet import MixedReader
+
+        a = {n: f"{n} A".encode() for n in NAMES}
+        b = {n: f"{n} B".encode() for n in NAMES}
+        ours, bao = tmp_path / "ours", tmp_path / "bao"
+        (ours / "..gen1").mkdir(parents=True)
+        for n in NAMES:
+            (ours / "..gen1" / n).write_bytes(a[n])
+            (ours / n).symlink_to(f"..data/{n}")
+        (ours / "..data").symlink_to("..gen1")
+        bao.mkdir()
+        for n in NAMES:
+            (bao / n).write_bytes(a[n])
+        (bao / "ca-key.pem").write_bytes(b["ca-key.pem"])  # one template re-rendered, the others not yet
+        reader = MixedReader([a, b])
+        reader.add("ours-0", "ours", ours)
+        reader.add("bao-0", "bao", bao)
+        assert reader.read_once("ours-0") == "ok" and reader.read_once("bao-0") == "mixed"
+        assert reader.counts["bao"]["mixed"] == reader.visible["bao"]["mixed"] == 1
+        (ours / "..data").unlink()
+        (ours / "..data").symlink_to("..gone")
+        assert reader.read_once("ours-0") == "retry" and reader.retries == 1
+
     def test_token_rotation_swaps_data_like_kubelet(self, tmp_path: Path) -> None:
         """The visible token path is a symlink through ..data; a rotation swaps ..data to a new timestamped
         directory and removes the old one, so a reader sees the old or the new token, never none."""
@@ -464,7 +491,8 @@ class TestFleetMode:
         assert "| logins after rotating all 20 token files (proxy) | 0 | 0 |  |" in text
         assert "| rotation to all N, p99 | 290.0 s | 300.0 s | 0.97 |" in text
         assert "| anonymous memory (RssAnon), mean | 30.0 MiB | 12.0 MiB | 2.50 |" in text
-        assert "| mixed observations | 0 mixed, 0 partial of 1000 reads (0 with a file missing) |" in text
+        assert ("| mixed observations, as a consumer reads (ours: `..data` resolved once) | 0 mixed, 0 partial of"
+                " 1000 reads (0 with a file missing) |") in text
         assert "`python -m bench --fleet`" in text and "5m (the chart's default)" in text
         bad = _fleet_result(rate=0.3, logins=20, p99=310.0, mixed=1)
         assert [t["met"] for t in bad["targets"]] == [False, False, False, False]
@@ -505,4 +533,4 @@ def test_fleet_command(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     assert ours["mixed"]["mixed"] == ours["mixed"]["partial"] == 0 and ours["mixed"]["ok"] > 0
     assert ours["anon"]["mean"] > bao["anon"]["mean"] > MIB
     assert len(result["targets"]) == 4
-    assert "| mixed observations |" in (tmp_path / "fleet-2s-n2.md").read_text()
+    assert "| mixed observations, as a consumer reads" in (tmp_path / "fleet-2s-n2.md").read_text()
