@@ -11,8 +11,9 @@ request's time), so both are counted alike. Over one run:
 
 - Vault requests per minute per agent by kind (login, token renew/lookup, KV metadata, KV data, sys/*) in a
   steady window that begins `--settle` seconds after every agent has published and lasts `--window` seconds,
-  nothing written to Vault. The default is one interval: every agent of either tool then looks exactly once in
-  it (ours at its own phase, bao agent on its timer), so the rates compare without a window's rounding;
+  nothing written to Vault. The default is one interval: each of ours then looks exactly once in it, and bao
+  agent, which re-reads at 85 to 95 % of its interval, once or twice (once when its timer started with the
+  storm, as here); a longer window averages more looks;
 - the start storm: requests per agent until all had published, and requests per second over the run and over
   the window, busiest second against the mean;
 - logins per kubelet token rotation: each agent has its own projected service-account token directory; during
