@@ -1,4 +1,5 @@
-"""`python -m bench [--quick]`: see bench/run.py and docs/performance.md; `--production`: bench/production.py."""
+"""`python -m bench [--quick]`: see bench/run.py and docs/performance.md; `--production`: bench/production.py;
+`--fleet`: bench/fleet.py."""
 
 import sys
 

@@ -455,12 +455,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m bench`; returns the exit code (`--production ...`: bench/production.py)."""
+    """Entry point of `python -m bench`; returns the exit code (`--production ...`: bench/production.py;
+    `--fleet ...`: bench/fleet.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--production" in argv:
         from bench.production import main as production
 
         return production([a for a in argv if a != "--production"])
+    if "--fleet" in argv:
+        from bench.fleet import main as fleet
+
+        return fleet([a for a in argv if a != "--fleet"])
     args = _parser().parse_args(argv)
     defaults = {"init_runs": (20, 5), "idle_seconds": (60.0, 10.0), "rotations": (20, 5), "slow_rotations": (10, 2),
                 "min_window": (60.0, 10.0)}

@@ -16,6 +16,18 @@ from typing import Any
 
 import pytest
 
+from bench.fleet import (
+    NAMES,
+    Settings,
+    chart_poll_interval,
+    classify,
+    kubelet_write,
+    path_kind,
+    rates,
+    spread,
+)
+from bench.fleet import markdown as fleet_markdown
+from bench.fleet import targets as fleet_targets
 from bench.production import (
     Checkout,
     ImageVenv,
@@ -328,3 +340,197 @@ def test_quick_benchmark_command(tmp_path: Path, request: pytest.FixtureRequest)
     result = json.loads((tmp_path / "results.json").read_text())
     assert len(result["targets"]) == 4
     assert all(t["met"] in (True, False) for t in result["targets"])
+
+
+# ------------------------------------------------------------------------------------------------- fleet
+
+
+def _fleet_tool(*, rate: float, logins: int, p99: float, seen: int, mixed: int, anon_mib: float) -> dict[str, Any]:
+    rates = dict.fromkeys(("login", "token", "kv-metadata", "kv-data", "sys", "other"), 0.0)
+    rates["kv-metadata" if anon_mib > 20 else "kv-data"] = rate
+    rates["all"] = rate
+    return {
+        "instances": 20, "rates": rates, "rates_rotation": rates, "paths_whole_run": {"GET /v1/x": 3},
+        "start_requests_per_agent": 3.0, "first_publish": {"p50": 2.0, "max": 9.0},
+        "logins_after_token_rotation": logins, "logins_after_bundle_rotation": 0, "logins_in_window_before_it": 0,
+        "tokenreviews_after_token_rotation": logins,
+        "spread_run": {"busiest": 30, "mean": 0.5, "ratio": 60.0}, "spread_window": {"busiest": 2, "mean": 0.1,
+                                                                                      "ratio": 20.0},
+        "rotation": {"p50": p99 / 2, "p99": p99, "max": p99, "seen": seen, "n": seen},
+        "mixed": {"ok": 1000 - mixed, "mixed": mixed, "partial": 0, "missing": 0},
+        "anon": {"mean": anon_mib * MIB}, "rss": {"mean": 2 * anon_mib * MIB},
+    }
+
+
+def _fleet_result(**ours: Any) -> dict[str, Any]:
+    settings = Settings(None, "5m")
+    result: dict[str, Any] = {
+        "environment": {"started": "2026-12-07 09:00 UTC", "cpus": 2, "cpu_model": "x", "bao_version": "OpenBao v2",
+                        "loadavg_start": "3.0 3.0 3.0", "loadavg_end": "4.0 3.0 3.0", "duration_seconds": 700},
+        "command": "python -m bench --fleet", "instances": 20,
+        "settings": {"interval": None, "describe": settings.describe()},
+        "checkout": {"describe": "/c (abc)", "interpreter": "/v/bin/python (image venv)"},
+        "timeline": {"spawn_seconds": 0.1, "all_published_after": 20.0, "window_start_after": 25.0,
+                     "window_seconds": 360.0, "tokens_rotated_at": 10.0, "bundle_written_at": 360.0,
+                     "rotation_timeout": 360.0, "rotation_phase_seconds": 300.0, "watch_resolution_ms": 100.0,
+                     "reader_sweeps": 10, "mixed_examples": []},
+        "tools": {
+            "ours": _fleet_tool(**{"rate": 0.2, "logins": 0, "p99": 290.0, "seen": 20, "mixed": 0, "anon_mib": 30.0,
+                                   **ours}),
+            "bao": _fleet_tool(rate=0.25, logins=0, p99=300.0, seen=20, mixed=3, anon_mib=12.0),
+        },
+    }
+    result["targets"] = fleet_targets(result)
+    return result
+
+
+class TestFleetMode:
+    def test_requests_are_sorted_by_kind(self) -> None:
+        """Logins, token renewals, KV v2 metadata and data reads, the runbook's KV v1 reads and sys/* each
+        land in their own row."""
+        assert path_kind("/v1/auth/kubernetes-cluster1/login") == "login"
+        assert path_kind("/v1/auth/token/renew-self") == path_kind("/v1/auth/token/lookup-self") == "token"
+        assert path_kind("/v1/bench-kv2/metadata/bench/fleet/certs") == "kv-metadata"
+        assert path_kind("/v1/bench-kv2/data/bench/fleet/certs?version=2") == "kv-data"
+        assert path_kind("/v1/kubernetes-cluster1-secrets/istiod-service/certs") == "kv-data"
+        assert path_kind("/v1/sys/internal/ui/mounts/bench-kv2/x") == path_kind("/v1/sys/health") == "sys"
+        assert path_kind("/v1/identity/entity") == path_kind("/metrics") == "other"
+
+    def test_rates_are_per_minute_per_agent_and_the_busiest_second_is_against_the_mean(self) -> None:
+        """20 requests from 10 agents in a 60 s window are 2/min/agent; a burst of 10 in one second of a 10 s
+        window whose mean is 1.2/s is 8.3 times the mean."""
+        events = [(100.0 + i * 3, "kv-metadata") for i in range(20)] + [(99.0, "login"), (160.0, "login")]
+        r = rates(events, start=100.0, end=160.0, agents=10)
+        assert r["kv-metadata"] == pytest.approx(2.0) and r["login"] == 0 and r["all"] == pytest.approx(2.0)
+        times = [5.0 + i / 20 for i in range(10)] + [1.5, 8.5]
+        s = spread(times, start=0.0, end=10.0)
+        assert s["busiest"] == 10 and s["busiest_at"] == 5 and s["mean"] == pytest.approx(1.2)
+        assert s["ratio"] == pytest.approx(10 / 1.2)
+
+    def test_a_read_of_files_from_two_bundles_is_mixed(self) -> None:
+        """root-cert.pem is the same in both bundles; a key of one with a chain of the other is mixed, bytes
+        of no bundle are partial, an absent file is missing."""
+        a = {n: f"{n} A".encode() for n in NAMES}
+        b = {n: f"{n} B".encode() for n in NAMES}
+        a["root-cert.pem"] = b["root-cert.pem"] = b"root"
+        assert classify(a, [a, b]) == classify(b, [a, b]) == "ok"
+        assert classify({**a, "cert-chain.pem": b["cert-chain.pem"]}, [a, b]) == "mixed"
+        assert classify({**a, "ca-key.pem": b"half"}, [a, b]) == "partial"
+        assert classify({**a, "ca-cert.pem": None}, [a, b]) == "missing"
+
+    def test_reader_resolves_data_once_where_there_is_one(self, tmp_path: Path) -> None:
+        """A `..data` directory is read from the generation it names (one bundle even while the visible links
+        would straddle a swap); a directory of plain files through its visible paths; a generation removed
+        under the reader is a retry."""
+        from bench.fleet import MixedReader
+
+        a = {n: f"{n} A".encode() for n in NAMES}
+        b = {n: f"{n} B".encode() for n in NAMES}
+        ours, bao = tmp_path / "ours", tmp_path / "bao"
+        (ours / "..gen1").mkdir(parents=True)
+        for n in NAMES:
+            (ours / "..gen1" / n).write_bytes(a[n])
+            (ours / n).symlink_to(f"..data/{n}")
+        (ours / "..data").symlink_to("..gen1")
+        bao.mkdir()
+        for n in NAMES:
+            (bao / n).write_bytes(a[n])
+        (bao / "ca-key.pem").write_bytes(b["ca-key.pem"])  # one template re-rendered, the others not yet
+        reader = MixedReader([a, b])
+        reader.add("ours-0", "ours", ours)
+        reader.add("bao-0", "bao", bao)
+        assert reader.read_once("ours-0") == "ok" and reader.read_once("bao-0") == "mixed"
+        assert reader.counts["bao"]["mixed"] == reader.visible["bao"]["mixed"] == 1
+        (ours / "..data").unlink()
+        (ours / "..data").symlink_to("..gone")
+        assert reader.read_once("ours-0") == "retry" and reader.retries == 1
+
+    def test_token_rotation_swaps_data_like_kubelet(self, tmp_path: Path) -> None:
+        """The visible token path is a symlink through ..data; a rotation swaps ..data to a new timestamped
+        directory and removes the old one, so a reader sees the old or the new token, never none."""
+        path = kubelet_write(tmp_path / "sa", "first")
+        assert path == tmp_path / "sa" / "token" and path.read_text() == "first" and path.is_symlink()
+        old = os.readlink(tmp_path / "sa" / "..data")
+        time.sleep(0.01)
+        assert kubelet_write(tmp_path / "sa", "second") == path and path.read_text() == "second"
+        assert os.readlink(tmp_path / "sa" / "..data") != old and not (tmp_path / "sa" / old).exists()
+        assert sorted(p.name for p in (tmp_path / "sa").iterdir()) == sorted(
+            ["token", "..data", os.readlink(tmp_path / "sa" / "..data")])
+
+    def test_defaults_are_the_charts_and_bao_agents_own(self, tmp_path: Path) -> None:
+        """The headline run gives our agent the chart's pollInterval (5m) and bao agent no template_config;
+        `--interval 30s` sets both, and the report says which."""
+        from agent.config import load
+        from bench.agents import bao_agent_hcl
+
+        assert chart_poll_interval() == "5m"
+        d = Settings(None, chart_poll_interval())
+        assert d.ours_poll == "5m" and d.bao_render is None and d.period == 300
+        assert "the chart's default" in d.describe()["ours"] and "at its default (5m)" in d.describe()["bao"]
+        v = Settings("30s", "5m")
+        assert v.ours_poll == v.bao_render == "30s" and v.period == 30
+        assert "set for this variant" in v.describe()["ours"] and "set for this variant" in v.describe()["bao"]
+        spec = ours_production_spec(
+            "fleet-ours-0", tmp_path, Checkout("ours", ROOT), address="http://127.0.0.1:8200",
+            token_path=tmp_path / "token", kv="bench-kv2/bench/fleet/certs", kubeconfig=tmp_path / "kubeconfig",
+            mode="sidecar", poll_interval=d.ours_poll,
+        )
+        assert load(spec.config_path, env=spec.env).sidecar.poll_interval == 300
+        common = {"address": "http://x", "token_path": tmp_path / "t", "kv": "bench-kv2/bench/fleet/certs",
+                  "out": tmp_path / "o", "sink": tmp_path / "s", "exit_after_auth": False}
+        assert "template_config" not in bao_agent_hcl(**common, render_interval=d.bao_render)  # type: ignore[arg-type]
+        assert 'static_secret_render_interval = "30s"' in bao_agent_hcl(**common, render_interval=v.bao_render)  # type: ignore[arg-type]
+
+    def test_report_judges_every_target_honestly(self) -> None:
+        """The table has both tools side by side; a login on token rotation, a mixed read of ours, more requests
+        or a slower p99 than bao agent's each turn their target to **no**."""
+        good = _fleet_result()
+        assert [t["met"] for t in good["targets"]] == [True, True, True, True]
+        text = fleet_markdown(good)
+        assert "| **Vault requests/min/agent, steady window** | 0.200 | 0.250 | 0.80 |" in text
+        assert "| logins after rotating all 20 token files (proxy) | 0 | 0 |  |" in text
+        assert "| rotation to all N, p99 | 290.0 s | 300.0 s | 0.97 |" in text
+        assert "| anonymous memory (RssAnon), mean | 30.0 MiB | 12.0 MiB | 2.50 |" in text
+        assert ("| mixed observations, as a consumer reads (ours: `..data` resolved once) | 0 mixed, 0 partial of"
+                " 1000 reads (0 with a file missing) |") in text
+        assert "`python -m bench --fleet`" in text and "5m (the chart's default)" in text
+        bad = _fleet_result(rate=0.3, logins=20, p99=310.0, mixed=1)
+        assert [t["met"] for t in bad["targets"]] == [False, False, False, False]
+        assert fleet_markdown(bad).count("| **no** |") == 4
+        # an agent that never picked the rotation up fails the p99 target, whatever the others' latency
+        assert not _fleet_result(seen=19, p99=1.0)["targets"][1]["met"]
+
+    def test_fleet_flag_reaches_its_own_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`python -m bench --fleet --help` shows the fleet mode's options."""
+        from bench.run import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(["--fleet", "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "python -m bench --fleet" in out and "--interval" in out and "--instances" in out
+
+
+@pytest.mark.slow
+def test_fleet_command(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`python -m bench --fleet -n 2 --interval 2s` measures both tools end to end (about 30 s): every agent
+    publishes, picks the new bundle up, and ours logs in once each and never again on a token rotation."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("takes about 30 seconds; run with -m slow")
+    _need_bao()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--fleet", "-n", "2", "--interval", "2s", "--window", "5", "--settle", "0",
+         "--token-at", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=ROOT, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "fleet-2s-n2.json").read_text())
+    ours, bao = result["tools"]["ours"], result["tools"]["bao"]
+    assert ours["rotation"]["seen"] == bao["rotation"]["seen"] == 2
+    assert ours["logins_after_token_rotation"] == 0
+    assert ours["paths_whole_run"]["POST /v1/auth/kubernetes-cluster1/login"] == 2
+    assert ours["rates"]["kv-metadata"] > 0 and bao["rates"]["kv-data"] > 0
+    assert ours["mixed"]["mixed"] == ours["mixed"]["partial"] == 0 and ours["mixed"]["ok"] > 0
+    assert ours["anon"]["mean"] > bao["anon"]["mean"] > MIB
+    assert len(result["targets"]) == 4
+    assert "| mixed observations, as a consumer reads" in (tmp_path / "fleet-2s-n2.md").read_text()
