@@ -51,7 +51,7 @@ import yaml
 
 from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec
 from bench.env import FILES, KV2_MOUNT, Testbed
-from bench.procfs import sample_tree
+from bench.procfs import loadavg, sample_tree
 from bench.production import (
     BASE_PYTHON,
     NAMESPACE,
@@ -65,7 +65,6 @@ from bench.production import (
 )
 from bench.proxy import CountingProxy
 from bench.report import MIB, summary
-from bench.run import _loadavg
 from bench.watch import Watcher
 from testbed.kubeapi import TOKENREVIEW_PATH
 
@@ -575,7 +574,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one time
             "mixed_examples": reader.examples,
         }
         result["tools"] = tools
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["targets"] = targets(result)
     return result
 

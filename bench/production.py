@@ -694,7 +694,8 @@ METHOD = [
     " which answers TokenReviews and records Events). Every agent reads the same KV v1 secret (RSA 4096 bundle).",
     "- istio-vault-agent: `python -m agent.cli run --mode sidecar` from the checkout (PYTHONPATH and working"
     " directory, byte-compiled first as pip does), with the config the chart renders for istiod (init.timeout"
-    " 120s, sidecar.poll_interval 30s as the README recommends for istiod, health server with /metrics) and the pod's environment: POD_NAME,"
+    " 120s, sidecar.poll_interval 30s as the README recommends for istiod, health server with /metrics) and the"
+    " pod's environment: POD_NAME,"
     " POD_NAMESPACE (the chart's examples), POD_UID and NODE_NAME (read when present), and KUBECONFIG pointing"
     " at the stand-in in place of the in-cluster service account. Each pod's BundlePublished Event is checked in"
     " the stand-in's records before the window starts, so the Kubernetes client is loaded in every instance.",
