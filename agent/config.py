@@ -333,11 +333,22 @@ class TlsBundle(_FileBundle, frozen=True, kw_only=True, tag="tls"):
 
 
 class RemoteSecretBundle(_Bundle, frozen=True, kw_only=True, tag="remote-secret"):
-    """A remote cluster's kubeconfig from KV, published as istiod's Secret istio-remote-secret-CLUSTER."""
+    """A remote cluster's kubeconfig from KV, published as istiod's Secret istio-remote-secret-CLUSTER, or (target
+    files) the kubeconfigs of a set of remote clusters as `<cluster>.yaml` files istiod 1.30+ reads from a directory
+    (PILOT_MULTICLUSTER_KUBECONFIG_PATH)."""
 
     source: KvVariant
-    #: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME)
+    #: the remote cluster's name, the KV key holding its kubeconfig (Secret istio-remote-secret-NAME); with target
+    #: files it may be omitted: every key of the KV secret is then one remote cluster of the set
     cluster: str | None = None
+    #: "secret" (Secret istio-remote-secret-CLUSTER) or "files" (the set, one generation in `dir`; istiod 1.30+)
+    target: Literal["secret", "files"] = "secret"
+    #: target files: the directory istiod reads as PILOT_MULTICLUSTER_KUBECONFIG_PATH
+    dir: str = ""
+    #: target files: the mode of each kubeconfig (a credential, like a private key: 0600, or 0640 with a shared gid)
+    key_mode: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
     #: the Secret's namespace (istiod's); default the pod's namespace (POD_NAMESPACE), else istio-system
     namespace: str | None = None
     #: delete the Secret once this bundle is gone from the config (recorded on the Secret)
@@ -701,7 +712,7 @@ def _misplaced(err: msgspec.ValidationError, bundles: object) -> str | None:
     if name == "dir":
         return f"{key}.dir does not apply to {kind} bundles: they are published as a Secret"
     if name == "reload":
-        return f"{key}.reload does not apply to {kind} bundles: istiod watches its Secrets"
+        return f"{key}.reload does not apply to {kind} bundles: istiod watches its Secrets and kubeconfig files"
     return f"{key}.{name} only applies to {' and '.join(owners)} bundles"
 
 
@@ -799,6 +810,7 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("bundles must list at least one bundle to publish")
     names: set[str] = set()
     dirs: set[str] = set()
+    remote_files: str | None = None  # the name of the remote-secret bundle with target files
     for i, b in enumerate(cfg.bundles):
         key = f"bundles[{i}]"
         if not b.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", b.name):
@@ -808,14 +820,23 @@ def validate(cfg: AgentConfig) -> None:
         names.add(b.name)
         if isinstance(b, RemoteSecretBundle):
             _validate_remote_secret(key, b)
-            continue
-        if not b.dir:
+            if b.target != "files":
+                continue
+            if remote_files is not None:
+                raise ConfigError(
+                    f"{key}.target files is also the target of bundle {remote_files}: istiod reads one kubeconfig"
+                    " directory, so one remote-secret bundle publishes the whole set (omit cluster to take every key"
+                    " of its KV secret)"
+                )
+            remote_files = b.name
+        elif not b.dir:
             raise ConfigError(f"missing required key {key}.dir: the directory the {b.type} bundle is published into")
         norm = os.path.normpath(b.dir)
         if norm in dirs:
             raise ConfigError(f"{key}.dir must be a directory of its own, not {shown(b.dir)!r}")
         dirs.add(norm)
-        _validate_bundle(key, b)
+        if not isinstance(b, RemoteSecretBundle):
+            _validate_bundle(key, b)
     _check_remote_secrets_unique(cfg)
     parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
@@ -878,30 +899,56 @@ def _validate_remote_secret(key: str, b: RemoteSecretBundle) -> None:
         )
     if b.source.fields:
         raise ConfigError(f"{key}.source.fields does not apply to remote-secret bundles; set cluster instead")
-    if not b.cluster:
-        raise ConfigError(
-            f"missing required key {key}.cluster: the remote cluster's name, the key of its kubeconfig in KV"
-            " (istioctl create-remote-secret --name)"
-        )
-    if not CLUSTER_NAME.fullmatch(b.cluster):
-        raise ConfigError(
-            f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
-            f" istio-remote-secret-CLUSTER), not {shown(b.cluster, 80)!r}"
-        )
+    if b.target == "files":
+        _validate_remote_files(key, b)
+    else:
+        for name in ("dir", "uid", "gid"):
+            if getattr(b, name) not in ("", None):
+                raise ConfigError(
+                    f"{key}.{name} only applies with target: files; a remote-secret bundle publishes a Secret by"
+                    " default"
+                )
+        if b.key_mode != 0o600:
+            raise ConfigError(f"{key}.key_mode only applies with target: files; a Secret has no file mode")
+    if b.cluster is not None or b.target != "files":  # with target files and no cluster: every key of the secret
+        if not b.cluster:
+            raise ConfigError(
+                f"missing required key {key}.cluster: the remote cluster's name, the key of its kubeconfig in KV"
+                " (istioctl create-remote-secret --name)"
+            )
+        if not CLUSTER_NAME.fullmatch(b.cluster):
+            raise ConfigError(
+                f"{key}.cluster must be lower-case letters, digits, '-' or '.' (it names the Secret"
+                f" istio-remote-secret-CLUSTER, or the file CLUSTER.yaml), not {shown(b.cluster, 80)!r}"
+            )
     if b.namespace is not None and not DNS_LABEL.fullmatch(b.namespace):
         raise ConfigError(f"{key}.namespace must be a Kubernetes namespace name, not {shown(b.namespace, 80)!r}")
-    if not _LABEL_VALUE.fullmatch(b.name):
+    if b.target == "secret" and not _LABEL_VALUE.fullmatch(b.name):
         raise ConfigError(
             f"{key}.name of a remote-secret bundle labels its Secret: at most 63 letters, digits, '-', '_' or '.',"
             f" starting and ending with a letter or digit, not {shown(b.name)!r}"
         )
 
 
+def _validate_remote_files(key: str, b: RemoteSecretBundle) -> None:
+    """target files: a directory for the set and a file mode istiod can read."""
+    if not b.dir:
+        raise ConfigError(
+            f"missing required key {key}.dir: the directory istiod reads remote kubeconfigs from"
+            " (PILOT_MULTICLUSTER_KUBECONFIG_PATH)"
+        )
+    if b.namespace is not None or b.prune:
+        which = "namespace" if b.namespace is not None else "prune"
+        raise ConfigError(f"{key}.{which} only applies to target: secret; with target: files the set is the directory")
+    if not 0 <= b.key_mode <= 0o777:
+        raise ConfigError(f"{key}.key_mode must be a file mode such as 0600 (octal in YAML), not {b.key_mode}")
+
+
 def _check_remote_secrets_unique(cfg: AgentConfig) -> None:
     """Two bundles must never write the same Secret."""
     seen: dict[tuple[str | None, str], str] = {}
     for i, b in enumerate(cfg.bundles):
-        if not isinstance(b, RemoteSecretBundle) or b.cluster is None:
+        if not isinstance(b, RemoteSecretBundle) or b.cluster is None or b.target == "files":
             continue
         # the namespace the Secret lands in (agent.targets.secret.namespace_of): an explicit namespace equal to the
         # pod's is the same Secret

@@ -18,12 +18,13 @@ from agent import validate as checks
 from agent.errors import ConfigError
 from agent.publish import KEYS
 from agent.validate.istio_ca import ISTIO_CA_FILES, OPTIONAL_ISTIO_CA_FILES
+from agent.validate.kubeconfig import validate_remote_files
 from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
 
-__all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_SECRET", "TLS", "Kind", "get", "of"]
+__all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_FILES", "REMOTE_SECRET", "TLS", "Kind", "get", "of"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Kind:
     reload_problem: Callable[..., str | None] | None = None
     #: where a bundle of this kind goes: "files" (a directory, agent.publish) or "secret" (a Kubernetes Secret)
     target: str = "files"
+    #: remote-secret bundles with target files: the set's validator (agent.validate.kubeconfig.validate_remote_files)
+    #: instead of the kind's own
+    set_validator: Callable[[Mapping[str, bytes], int, checks.Limits], checks.BundleInfo] | None = None
 
     @property
     def key_files(self) -> frozenset[str]:
@@ -63,6 +67,9 @@ class Kind:
         Raises:
             BundleError: one sentence naming the file and the failed check.
         """
+        if self.set_validator is not None:
+            when = dt.datetime.now(dt.UTC) if now is None else now
+            return self.set_validator(files, int(when.timestamp()), limits or checks.Limits())
         return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
 
     def validate_dir(
@@ -108,6 +115,16 @@ REMOTE_SECRET = Kind(
     target="secret",
 )
 
+#: a remote-secret bundle with target files: the kubeconfigs of a set of remote clusters as `<cluster>.yaml` files in
+#: one generation of its directory (istiod 1.30+'s PILOT_MULTICLUSTER_KUBECONFIG_PATH), checked as a set
+REMOTE_FILES = Kind(
+    name="remote-secret",
+    files=(),
+    optional=frozenset(),
+    forbidden=(),
+    set_validator=validate_remote_files,
+)
+
 #: every kind, by its config name
 KINDS: Mapping[str, Kind] = {k.name: k for k in (ISTIO_CA, TLS, REMOTE_SECRET)}
 #: the kinds published as files into a directory (what `check DIR` validates)
@@ -127,6 +144,8 @@ def get(name: str) -> Kind:
 
 
 def of(bundle: BundleConfig) -> Kind:
-    """The kind of a configured bundle (its `type`)."""
+    """The kind of a configured bundle (its `type`; a remote-secret bundle with target files is REMOTE_FILES)."""
+    if getattr(bundle, "target", None) == "files":
+        return REMOTE_FILES
     return get(bundle.type)
 

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "PublishResult",
     "check_dirs",
+    "internal",
     "publish",
     "read_current",
     "repair_needed",
@@ -237,6 +238,12 @@ def _make_dirs(dir: Path) -> None:
             # the pod's shared group (a 0640 key readable by a reader with another uid, as on OpenShift)
             inherited = os.stat(path).st_mode & stat.S_ISGID
             os.chmod(path, 0o755 | inherited)  # noqa: S103 - istiod often runs as another user and must read it
+
+
+def internal(name: str) -> bool:
+    """Whether `name`, an entry of a published directory, is the publisher's own: ``..data``, a generation
+    ``..<timestamp>``, or a temporary link of a publish."""
+    return name in (DATA, _DATA_TMP) or name.startswith(_LINK_TMP_PREFIX) or bool(_GENERATION.match(name))
 
 
 def check_dirs(dirs: Sequence[tuple[str, str]]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent import kinds, publish
-from agent.config import FileBundle, IstioCaBundle
+from agent.config import IstioCaBundle
 from agent.keeper import TokenKeeper
 from agent.log import get_logger
 from agent.sources import open_source
@@ -79,7 +79,7 @@ class Agent:
         ]
         # before anything is written: bundle dirs that alias, nest or point into a generation are refused
         publish.check_dirs(
-            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if isinstance(b, FileBundle)]
+            [(f"bundles[{i}].dir", b.dir) for i, b in enumerate(cfg.bundles) if kinds.of(b).target == "files"]
         )
         self.stop = asyncio.Event()
         self.health_port: int | None = None

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent.config import FileBundle
+from agent.config import FileBundle, RemoteSecretBundle
 from agent.log import get_logger
 from agent.supervisor import wait_event
 
@@ -69,7 +69,7 @@ class FileWatcher:
         try:
             for worker in self.workers:
                 # the runner watches file bundles only; the first pass published every bundle, so each dir exists
-                assert isinstance(worker.cfg, FileBundle)
+                assert isinstance(worker.cfg, FileBundle | RemoteSecretBundle)
                 observer.schedule(Handler(), worker.cfg.dir, recursive=True)
             observer.daemon = True
             observer.start()

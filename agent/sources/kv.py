@@ -59,7 +59,8 @@ class KVSource:
         self.vault = vault
         self.bundle = bundle
         self.kind = kinds.of(bundle)
-        #: the remote cluster whose kubeconfig this is (remote-secret bundles), else None
+        #: the remote cluster whose kubeconfig this is (remote-secret bundles), else None; "" for the set of a bundle
+        #: with target files and no cluster (every key of the secret is a cluster)
         self.cluster = (bundle.cluster or "") if isinstance(bundle, RemoteSecretBundle) else None
         self.kv_path = bundle.source.kv.strip("/")
         self.poll_interval = poll_interval
@@ -145,6 +146,13 @@ class KVSource:
 
     def _map(self, data: Mapping[str, Any]) -> dict[str, bytes]:
         """Output file -> bytes: the configured key, else a key named like the file (`ca-key.pem`)."""
+        if self.cluster == "":
+            if not data:
+                raise SecretError(
+                    f"KV secret {shown(self.kv_path)} holds no key: store one key per remote cluster, the `data` of"
+                    f" `istioctl create-remote-secret --name=CLUSTER` (bundle {self.bundle.name})"
+                )
+            return {k: v for key in data for k, v in self._remote_secret(data, key).items()}
         if self.cluster is not None:
             return self._remote_secret(data, self.cluster)
         files: dict[str, bytes] = {}

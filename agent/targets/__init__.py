@@ -1,4 +1,5 @@
-"""Where a worker publishes a bundle: files in a directory (files.py) or a Kubernetes Secret (secret.py).
+"""Where a worker publishes a bundle: files in a directory (files.py), a Kubernetes Secret (secret.py), or a set of
+remote kubeconfigs in a directory (kubeconfigs.py).
 
 The kind of the bundle decides (`Kind.target`); the worker only sees the `Target` interface.
 """
@@ -44,6 +45,10 @@ def open_target(bundle: BundleConfig, cfg: AgentConfig, kube: KubeLoader) -> Tar
     """The Target of `bundle`: its directory, or its Secret through `kube` (loaded on first use)."""
     from agent.config import RemoteSecretBundle
 
+    if isinstance(bundle, RemoteSecretBundle) and bundle.target == "files":
+        from agent.targets.kubeconfigs import KubeconfigFilesTarget
+
+        return KubeconfigFilesTarget(bundle, max_file_size=cfg.limits.max_secret_size)
     if isinstance(bundle, RemoteSecretBundle):
         from agent.targets.secret import SecretTarget
 

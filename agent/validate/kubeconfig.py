@@ -10,6 +10,7 @@ import binascii
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from agent.clusters import CLUSTER_NAME
@@ -18,7 +19,7 @@ from agent.text import shown
 from agent.validate.info import BundleInfo, to_datetime
 from agent.validate.limits import LimitExceeded, Limits
 
-__all__ = ["decode_value", "validate_remote_secret"]
+__all__ = ["decode_value", "validate_remote_files", "validate_remote_secret"]
 
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
@@ -116,11 +117,98 @@ def validate_remote_secret(files: Mapping[str, bytes], now: int, limits: Limits)
     Raises:
         BundleError: one sentence naming the cluster and what to fix; never the kubeconfig's content.
     """
-    import yaml
-
     if len(files) != 1:
         raise BundleError(f"a remote secret holds one cluster's kubeconfig, not {len(files)}", check="kubeconfig-count")
     ((cluster, data),) = files.items()
+    checked = _check(cluster, data, now, limits)
+    return _info([checked])
+
+
+def validate_remote_files(files: Mapping[str, bytes], now: int, limits: Limits) -> BundleInfo:
+    """Check the set of a remote-secret bundle with target files: {cluster name: kubeconfig}, each published as
+    `<cluster>.yaml` into the directory istiod 1.30+ reads (PILOT_MULTICLUSTER_KUBECONFIG_PATH).
+
+    Each kubeconfig passes `validate_remote_secret`'s checks. istiod's file reader takes the cluster ID from the
+    kubeconfig itself, not from the file name (pkg/kube/multicluster/kubeconfig_files.go, clusterIDFromKubeconfig:
+    the current context's cluster, else the first context by name with a cluster, else the first cluster name), so
+    that ID must be the file's cluster and no two files may share one (getClusterEntry then reports a conflict and
+    keeps the cluster as it was). One bad file refuses the whole set: istiod's reader stops at the first file that
+    fails to parse (krt/files FolderWatch.readOnce) and keeps its old state, or at start reads nothing at all.
+
+    Raises:
+        BundleError: one sentence naming the cluster (file) and what to fix; never the kubeconfig's content.
+    """
+    if not files:
+        raise BundleError("a remote kubeconfig set holds at least one cluster's kubeconfig", check="kubeconfig-count")
+    checked = [_check(cluster, data, now, limits) for cluster, data in sorted(files.items())]
+    owners: dict[str, str] = {}
+    for c in checked:
+        if c.cluster_id in owners:
+            raise BundleError(
+                f"the remote kubeconfigs for clusters {shown(owners[c.cluster_id], 60)} and {shown(c.cluster, 60)} both"
+                f" name cluster {shown(c.cluster_id, 60)} in their current context: istiod takes the cluster ID from"
+                " there and refuses both (one kubeconfig per remote cluster)",
+                check="kubeconfig-duplicate",
+            )
+        owners[c.cluster_id] = c.cluster
+    for c in checked:
+        if not c.current:
+            raise _refuse(
+                c.cluster, "has no current-context naming its one context: istiod takes the cluster ID and the"
+                " credentials from the current context; set current-context as istioctl create-remote-secret does",
+                "kubeconfig-context",
+            )
+        if c.cluster_id != c.cluster:
+            raise _refuse(
+                c.cluster,
+                f"names cluster {shown(c.cluster_id, 60)} in its current context, and istiod takes the cluster ID from"
+                f" there, not from the file name: store it under key {shown(c.cluster_id, 60)} or fix its"
+                " current-context and contexts[0].context.cluster",
+                "kubeconfig-cluster-id",
+            )
+    return _info(checked)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What one kubeconfig that passed the checks holds."""
+
+    cluster: str
+    #: the cluster ID istiod's file reader derives from it
+    cluster_id: str
+    not_after: dict[str, int]
+    ca: list[Any]
+    serial: int
+    #: current-context names the kubeconfig's one context (what istiod's client is built from)
+    current: bool
+
+
+def _cluster_id(cfg: Mapping[str, Any]) -> str:
+    """The cluster ID istiod's file reader gives a kubeconfig (clusterIDFromKubeconfig in
+    pkg/kube/multicluster/kubeconfig_files.go): the cluster of the current context; else the cluster of the first
+    context, by name, that has one; else the first cluster name; "" when there is none."""
+    contexts: dict[str, str] = {}
+    for item in cfg.get("contexts") or []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            ctx = item.get("context")
+            contexts[item["name"]] = str(ctx.get("cluster") or "") if isinstance(ctx, dict) else ""
+    current = cfg.get("current-context")
+    if isinstance(current, str) and contexts.get(current):
+        return contexts[current]
+    for name in sorted(contexts):
+        if contexts[name]:
+            return contexts[name]
+    names = sorted(
+        item["name"] for item in cfg.get("clusters") or []
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]
+    )
+    return names[0] if names else ""
+
+
+def _check(cluster: str, data: bytes, now: int, limits: Limits) -> _Checked:
+    """One cluster's kubeconfig through every check (see `validate_remote_secret`)."""
+    import yaml
+
     if not CLUSTER_NAME.fullmatch(cluster):
         raise BundleError(
             f"remote secret key {shown(cluster, 60)!r} is not a cluster name (lower-case letters, digits, '-', '.')",
@@ -188,13 +276,26 @@ def validate_remote_secret(files: Mapping[str, bytes], now: int, limits: Limits)
         which = min(not_after, key=lambda k: not_after[k])
         raise _refuse(cluster, f"has an expired {which} (at {to_datetime(expires):%Y-%m-%dT%H:%M:%SZ})",
                       "kubeconfig-expired")
-    client_at = not_after.get("client-certificate-data")
-    client_not_after = {} if client_at is None else {cluster: to_datetime(client_at)}
+    context = cfg["contexts"][0].get("name")
+    return _Checked(cluster, _cluster_id(cfg), not_after, ca, serial, cfg.get("current-context") == context)
+
+
+def _info(checked: list[_Checked]) -> BundleInfo:
+    """The BundleInfo of one or more checked kubeconfigs: the earliest expiry over all of them."""
+    not_after: dict[str, int] = {}
+    for c in checked:
+        prefix = "" if len(checked) == 1 else f"{c.cluster}: "
+        not_after.update({prefix + k: v for k, v in c.not_after.items()})
+    expires = min(not_after.values())
+    client_not_after = {
+        c.cluster: to_datetime(c.not_after["client-certificate-data"])
+        for c in checked if "client-certificate-data" in c.not_after
+    }
     return BundleInfo(
         kind="remote-secret",
         not_after={k: to_datetime(v) for k, v in not_after.items()},
         expires_at=to_datetime(expires),
-        root_fingerprints=tuple(c.fingerprint for c in ca),
-        serial=f"{serial:x}",
+        root_fingerprints=tuple(ca.fingerprint for c in checked for ca in c.ca),
+        serial=f"{checked[0].serial:x}",
         client_not_after=client_not_after,
     )

@@ -101,8 +101,11 @@ func main() {
 	if *mode == "reload" {
 		os.Exit(reloadMain(*currentRoot, *rule, *multiRoot, flag.Args()))
 	}
+	if *mode == "kubeconfig-dir" {
+		os.Exit(kubeconfigDirMain(flag.Args()))
+	}
 	if *mode != "" {
-		fmt.Fprintln(os.Stderr, "oracle: -path takes only reload")
+		fmt.Fprintln(os.Stderr, "oracle: -path takes only reload or kubeconfig-dir")
 		os.Exit(2)
 	}
 	var reqs []request
