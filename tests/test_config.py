@@ -212,7 +212,7 @@ class TestKindsAsUnions:
          "bundles[0].ca_signs_cert only applies to tls bundles"),
         ({"name": "a", "dir": "/a", "type": "tls", "on_root_change": "none", "source": {"kv": "a/b"}},
          "bundles[0].on_root_change only applies to istio-ca bundles"),
-        ({**_REMOTE, "uid": 1000}, "bundles[0].uid only applies to istio-ca and tls bundles"),
+        ({**_REMOTE, "uid": 1000}, "bundles[0].uid only applies with target: files"),
         ({**_REMOTE, "reload": {"action": "signal", "process": "x"}},
          "bundles[0].reload does not apply to remote-secret bundles"),
         ({**_REMOTE, "source": {"pki": {"mount": "p", "role": "r", "common_name": "c"}}},

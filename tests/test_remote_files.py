@@ -315,7 +315,8 @@ class TestEndToEnd:
             assert path.read_bytes() == good[path.stem]
             assert stat.S_IMODE(path.stat().st_mode) == 0o640
         before = snapshot(mesh.directory)
-        mesh.put({**good, "cluster-c": remote.kubeconfig("cluster-c", cluster_extra={"insecure-skip-tls-verify": True})})
+        insecure = remote.kubeconfig("cluster-c", cluster_extra={"insecure-skip-tls-verify": True})
+        mesh.put({**good, "cluster-c": insecure})
         refused = agent.wait_event("bundle_refused")[-1]
         assert "cluster-c sets insecure-skip-tls-verify" in refused["reason"]
         assert snapshot(mesh.directory) == before
