@@ -319,7 +319,47 @@ def _check(doc: dict[str, Any], opts: InjectOptions, *, selected: bool) -> bool:
                 "(chart 1.24+ for istiod, 1.27+ for gateways) or run inject without --check to add them"
             )
         raise _half_wired(doc, gaps, opts)
+    if touched or selected:
+        _check_remote_files(doc)
     return touched
+
+
+#: istiod's switch to remote kubeconfigs read from files (pilot/pkg/features/pilot.go, istio/istio#58927, 1.30.0)
+KUBECONFIG_PATH_ENV = "PILOT_MULTICLUSTER_KUBECONFIG_PATH"
+#: the volume the example values share between the agent and discovery for them
+REMOTE_VOLUME = "istio-vault-agent-remote-kubeconfigs"
+# the version in an image tag: pilot:1.29.2, pilot:1.30.0-distroless (a tag such as master or latest says none)
+_TAG_VERSION = re.compile(r":(\d+)\.(\d+)(?:[.\-][^/@]*)?(?:@.*)?$")
+
+
+def _check_remote_files(doc: dict[str, Any]) -> None:
+    """A container that sets PILOT_MULTICLUSTER_KUBECONFIG_PATH must be istiod 1.30+ (older ones ignore it and
+    would never see a remote cluster) and mount the agent's kubeconfig volume at that path.
+
+    Raises:
+        ConfigError: one sentence naming the Deployment, the container and what to change.
+    """
+    pod = _mapping(_mapping(doc.get("spec")).get("template")).get("spec")
+    for c in _named(_mapping(pod).get("containers")):
+        path = next((str(e.get("value", "")) for e in _named(c.get("env")) if e.get("name") == KUBECONFIG_PATH_ENV),
+                    None)
+        if path is None:
+            continue
+        where, name = _describe(doc), shown(c.get("name"), 60)
+        image = str(c.get("image", ""))
+        version = _TAG_VERSION.search(image)
+        if version is not None and (int(version.group(1)), int(version.group(2))) < (1, 30):
+            raise ConfigError(
+                f"{where} sets {KUBECONFIG_PATH_ENV} on its {name} container, which runs {shown(image, 120)}: istiod"
+                " reads remote kubeconfigs from files only from 1.30, so upgrade istiod or publish the remote"
+                " clusters as Secrets (target: secret)"
+            )
+        mounts = {str(m.get("mountPath", "")).rstrip("/"): m.get("name") for m in _named(c.get("volumeMounts"))}
+        if mounts.get(path.rstrip("/")) != REMOTE_VOLUME:
+            raise ConfigError(
+                f"{where} sets {KUBECONFIG_PATH_ENV}={shown(path, 80)} on its {name} container without mounting volume"
+                f" {REMOTE_VOLUME} there: add the volume and mounts of examples/istiod-remote-files-values.yaml"
+            )
 
 
 def _split(text: str) -> list[str]:

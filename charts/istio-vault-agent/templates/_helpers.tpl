@@ -97,7 +97,15 @@ remote-secret bundle (a Secret, no files) has no key_mode */}}
 {{- range (.Values.remoteSecrets).bundles }}
 {{- $b := deepCopy . }}
 {{- $_ := set $b "type" "remote-secret" }}
-{{- if not $b.namespace }}
+{{- if eq (toString $b.target) "files" }}
+{{- /* target files (istiod 1.30+): the set goes into the kubeconfig directory istiod reads, not a Secret */}}
+{{- if not $b.dir }}
+{{- $_ := set $b "dir" $.Values.remoteSecrets.filesDir }}
+{{- end }}
+{{- if and $.Values.openshift (not (hasKey $b "key_mode")) }}
+{{- $_ := set $b "key_mode" 416 }}
+{{- end }}
+{{- else if not $b.namespace }}
 {{- $_ := set $b "namespace" $.Release.Namespace }}
 {{- end }}
 {{- $bundles = append $bundles $b }}
@@ -119,7 +127,7 @@ remote-secret bundle (a Secret, no files) has no key_mode */}}
 {{- fail (printf "%s needs exactly one of source.kv (<kv mount>/<path>), source.pki_intermediate or source.pki (set the others to null)" $where) }}
 {{- end }}
 {{- if eq (toString $b.type) "remote-secret" }}
-{{- if not $b.cluster }}
+{{- if and (not $b.cluster) (ne (toString $b.target) "files") }}
 {{- fail (printf "%s needs cluster (the remote cluster's name, the key of its kubeconfig in KV)" $where) }}
 {{- end }}
 {{- else if not $b.dir }}
