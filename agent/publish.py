@@ -473,7 +473,10 @@ def _write_generation(dir: Path, dir_fd: int, spec: _Spec, order: list[str]) -> 
 
 
 def _write_file(path: Path, data: bytes, mode: int, spec: _Spec) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    # written under a name no reader takes, then renamed: a reader that walks into the generation before the swap
+    # (istiod's kubeconfig directory reader does, and parses every .yaml file it finds) sees the file whole or not
+    tmp = path.with_name(f".{path.name}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
@@ -490,6 +493,7 @@ def _write_file(path: Path, data: bytes, mode: int, spec: _Spec) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.rename(tmp, path)
 
 
 def _remove_ours(path: Path) -> None:

@@ -338,3 +338,58 @@ class TestEndToEnd:
         proc = remote.init(mesh.bundle())
         assert proc.returncode == 1
         assert "cluster-c names cluster cluster-b in its current context" in proc.stderr
+
+
+class TestRacingReader:
+    def test_a_reader_racing_publishes_only_ever_sees_whole_files_of_either_set(self, oracle, tmp_path, ca_pem):
+        """istiod's reader walking the directory while the agent swaps between two sets, thousands of times: every
+        file it reads is a whole kubeconfig of the old or the new set (never a partial or empty one), and every
+        cluster in both sets is always there; when the publishing stops, it reads exactly the last set."""
+        import threading
+
+        directory = tmp_path / "d"
+        target = KubeconfigFilesTarget(files_bundle(directory))
+        big = {"user": {"token": "t" * 100_000}}  # large files widen the window a partial write would show in
+        sets = [
+            {"cluster-b": kubeconfig("cluster-b", ca_pem, **big), "cluster-c": kubeconfig("cluster-c", ca_pem, **big)},
+            {"cluster-b": kubeconfig("cluster-b", ca_pem, token="b2"), "cluster-d": kubeconfig("cluster-d", ca_pem,
+                                                                                              **big)},
+        ]
+        import hashlib
+
+        whole = {hashlib.sha256(d).hexdigest(): c for s in sets for c, d in s.items()}
+        asyncio.run(target.publish(sets[0]))
+        stop = threading.Event()
+        published = [0]
+
+        def publisher() -> None:
+            async def loop() -> None:
+                while not stop.is_set():
+                    await target.publish(sets[published[0] % 2])
+                    published[0] += 1
+
+            asyncio.run(loop())
+
+        thread = threading.Thread(target=publisher)
+        thread.start()
+        try:
+            proc = subprocess.run([str(oracle), "-path", "kubeconfig-dir", str(directory), "1500"],
+                                  capture_output=True, text=True, timeout=120, check=True)
+        finally:
+            stop.set()
+            thread.join()
+        reads = json.loads(proc.stdout)
+        assert published[0] > 20
+        failed = 0
+        for read in reads:
+            if read.get("error"):
+                failed += 1  # a generation removed under the walk: istiod keeps what it had
+                continue
+            for f in read["files"]:
+                assert f["size"] > 0, f"an empty file was visible: {f}"
+                assert whole.get(f["sha256"]) == Path(f["path"]).stem, f"a partial or foreign file was read: {f}"
+            assert "cluster-b" in {Path(f["path"]).stem for f in read["files"]}
+        assert failed < len(reads)
+        last = sets[(published[0] - 1) % 2]
+        final = istiod_reads(oracle, directory)
+        assert sorted(Path(f["path"]).stem for f in final["files"]) == sorted(last)
