@@ -119,7 +119,9 @@ class TestSetChecks:
         """Two kubeconfigs whose current context names their own cluster: accepted, the expiry is over both."""
         info = kinds.REMOTE_FILES.validate(good_set)
         assert info.kind == "remote-secret"
-        assert {k.split(":")[0] for k in info.not_after} == {"cluster-b", "cluster-c"}
+        assert set(info.not_after) == {"cluster-b.yaml/certificate-authority-data",
+                                       "cluster-c.yaml/certificate-authority-data"}
+        assert info.expires_at == min(info.not_after.values())
 
     @pytest.mark.parametrize("which", sorted(BAD))
     def test_one_bad_file_refuses_the_whole_set(self, good_set, ca_pem, which):
@@ -324,6 +326,20 @@ class TestEndToEnd:
         assert status == 200, body
         assert "insecure-skip-tls-verify" in body["bundles"]["remote-clusters"]["last_error"]
         assert remote.kube.requests_to("PATCH", f"/api/v1/namespaces/{remote.namespace}/secrets") == []
+
+    def test_a_deleted_file_is_restored_and_a_planted_one_is_named(self, remote, mesh):
+        """Someone deletes a published kubeconfig: the agent restores it. Someone drops a .yaml file istiod would
+        also read into the directory: the agent says so in one sentence and leaves the file alone."""
+        good = {c: remote.kubeconfig(c) for c in ("cluster-b", "cluster-c")}
+        mesh.put(good)
+        agent = remote.agent(mesh.bundle())
+        (mesh.directory / "cluster-b.yaml").unlink()
+        agent.wait_event("bundle_repaired")
+        assert (mesh.directory / "cluster-b.yaml").read_bytes() == good["cluster-b"]
+        (mesh.directory / "stray.yaml").write_text("kind: Config\n")
+        failed = agent.wait_event("repair_failed")[-1]
+        assert "stray.yaml is a file the agent did not publish, and istiod would read it" in failed["reason"]
+        assert (mesh.directory / "stray.yaml").read_text() == "kind: Config\n"
 
     def test_init_refuses_a_set_with_a_misnamed_cluster(self, remote, mesh):
         """A kubeconfig of cluster-b stored under key cluster-c: init exits 1 with the one sentence, nothing is

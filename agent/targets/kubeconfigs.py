@@ -88,6 +88,8 @@ class KubeconfigFilesTarget:
                                key_mode=b.key_mode, uid=b.uid, gid=b.gid, limit=self.max_file_size)
 
     def _damaged(self, files: Mapping[str, bytes]) -> bool:
+        if foreign_entry(Path(self.bundle.dir)) is not None:
+            return True  # the publish that follows says what istiod would also read, and refuses
         names, b = self._files(files), self.bundle
         return publish.repair_needed(Path(b.dir), names, key_files=frozenset(names), file_mode=b.key_mode,
                                      key_mode=b.key_mode, uid=b.uid, gid=b.gid, limit=self.max_file_size)
@@ -102,7 +104,8 @@ class KubeconfigFilesTarget:
         return Published(result.changed, result.generation)
 
     async def damaged(self, files: Mapping[str, bytes]) -> bool:
-        """See `agent.publish.repair_needed` (read in a thread).
+        """See `agent.publish.repair_needed` (read in a thread); also True when the directory holds an entry istiod
+        would read besides the set (the publish then refuses, naming it).
 
         Raises:
             PublishError: the directory cannot be read.

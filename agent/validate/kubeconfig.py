@@ -166,7 +166,7 @@ def validate_remote_files(files: Mapping[str, bytes], now: int, limits: Limits) 
                 " current-context and contexts[0].context.cluster",
                 "kubeconfig-cluster-id",
             )
-    return _info(checked)
+    return _info(checked, per_file=True)
 
 
 @dataclass(frozen=True)
@@ -280,11 +280,12 @@ def _check(cluster: str, data: bytes, now: int, limits: Limits) -> _Checked:
     return _Checked(cluster, _cluster_id(cfg), not_after, ca, serial, cfg.get("current-context") == context)
 
 
-def _info(checked: list[_Checked]) -> BundleInfo:
-    """The BundleInfo of one or more checked kubeconfigs: the earliest expiry over all of them."""
+def _info(checked: list[_Checked], *, per_file: bool = False) -> BundleInfo:
+    """The BundleInfo of one or more checked kubeconfigs: the earliest expiry over all of them; with `per_file` each
+    expiry is named `<cluster>.yaml/<field>` (the file published for the cluster, then the field)."""
     not_after: dict[str, int] = {}
     for c in checked:
-        prefix = "" if len(checked) == 1 else f"{c.cluster}: "
+        prefix = f"{c.cluster}.yaml/" if per_file else ""
         not_after.update({prefix + k: v for k, v in c.not_after.items()})
     expires = min(not_after.values())
     client_not_after = {
