@@ -147,7 +147,7 @@ def validate_remote_files(files: Mapping[str, bytes], now: int, limits: Limits) 
             raise BundleError(
                 f"the remote kubeconfigs for clusters {shown(owners[c.cluster_id], 60)} and {shown(c.cluster, 60)} both"
                 f" name cluster {shown(c.cluster_id, 60)} in their current context: istiod takes the cluster ID from"
-                " there and refuses both (one kubeconfig per remote cluster)",
+                " there and, finding two files for one cluster, takes neither (one kubeconfig per remote cluster)",
                 check="kubeconfig-duplicate",
             )
         owners[c.cluster_id] = c.cluster
