@@ -341,6 +341,23 @@ class TestEndToEnd:
         assert "stray.yaml is a file the agent did not publish, and istiod would read it" in failed["reason"]
         assert (mesh.directory / "stray.yaml").read_text() == "kind: Config\n"
 
+    def test_moving_a_cluster_to_files_prunes_its_secret(self, remote, mesh):
+        """cluster-a moves from a Secret-form bundle (prune: true) to the files bundle: its Secret is pruned, since a
+        files bundle claims no Secret, and the Secret of a cluster still in Secret form stays."""
+        from tests.support import wait_until
+
+        for cluster in ("cluster-a", "cluster-c"):
+            remote.store(cluster, remote.kubeconfig(cluster))
+        first = remote.agent(remote.bundle("cluster-a", prune=True), remote.bundle("cluster-c"))
+        assert wait_until(lambda: remote.event_reasons().count("BundlePublished") == 2, 5)
+        assert first.stop()[0] == 0
+        files = mesh.bundle(cluster="cluster-a", source={"kv": f"{remote.kv_mount}/istio/remote-secrets/cluster-a"})
+        second = remote.agent(files, remote.bundle("cluster-c"))
+        second.wait_event("remote_secret_pruned")
+        assert wait_until(lambda: remote.secret("cluster-a") is None, 3)
+        assert remote.secret("cluster-c") is not None
+        assert (mesh.directory / "cluster-a.yaml").exists()
+
     def test_init_refuses_a_set_with_a_misnamed_cluster(self, remote, mesh):
         """A kubeconfig of cluster-b stored under key cluster-c: init exits 1 with the one sentence, nothing is
         published."""

@@ -228,7 +228,8 @@ async def prune(loader: KubeLoader, bundles: Sequence[BundleConfig], pod: Kubern
     """
     from agent.config import RemoteSecretBundle
 
-    remote = [b for b in bundles if isinstance(b, RemoteSecretBundle)]
+    # a bundle with target files claims no Secret: the Secret of its cluster, left from the Secret form, is pruned
+    remote = [b for b in bundles if isinstance(b, RemoteSecretBundle) and b.target == "secret"]
     claimed = {(namespace_of(b, pod), secret_name(b.cluster or "")) for b in remote}
     async with loader.using() as kube:
         return await _sweep(kube, claimed)
