@@ -164,7 +164,8 @@ class TestAgentChart:
         _, istiod = agent_config_of(render(CHART)[0])
         _, gateway = agent_config_of(render(CHART, {"mode": "gateway"})[0])
         assert [b.source.kv for b in istiod.bundles] == [layout.kv_path]
-        assert [b.source.kv for b in gateway.bundles] == [layout.gateway_kv_path("istio-ingress", "istio-ingressgateway")]
+        gateway_path = layout.gateway_kv_path("istio-ingress", "istio-ingressgateway")
+        assert [b.source.kv for b in gateway.bundles] == [gateway_path]
         assert istiod.auth.mount == gateway.auth.mount == layout.auth_mount
 
     def test_vault_settings_reach_the_config(self) -> None:
