@@ -323,7 +323,7 @@ def documented_installs() -> Iterator[tuple[str, dict[str, Any]]]:
                     re.finditer(r"cat\s*>\s*(\S+)\s*<<-?\s*'?(\w+)'?\n(.*?)\n\2\n", text, re.DOTALL)}
         lines = text.splitlines()
         for number, line in enumerate(lines, 1):
-            if not re.match(r"\s*helm (install|upgrade)\b.*\scharts/istio-vault-agent(\s|$)", line):
+            if not re.match(r"\s*(\$\s+)?helm (install|upgrade)\b.*\scharts/istio-vault-agent(\s|$)", line):
                 continue
             command = line
             index = number
@@ -347,6 +347,40 @@ def command_values(command: str, files: dict[str, str]) -> dict[str, Any]:
         elif flag == "--set-file":  # the documented files are CA certificates
             merge(values, helm.parse_set_literal(arg.split("=", 1)[0] + "=" + PEM))
     return values
+
+
+#: inputs of each pinned action, from its action.yml at that commit: actionlint checks the inputs of actions it knows
+#: by tag only, so for commit pins the test does (when bumping a pin, copy the new commit's input names here)
+ACTION_INPUTS = {
+    "actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1": {
+        "repository", "ref", "token", "ssh-key", "ssh-known-hosts", "ssh-strict", "ssh-user", "persist-credentials",
+        "path", "clean", "filter", "sparse-checkout", "sparse-checkout-cone-mode", "fetch-depth", "fetch-tags",
+        "show-progress", "lfs", "submodules", "set-safe-directory", "github-server-url", "allow-unsafe-pr-checkout"},
+    "actions/setup-python@5fda3b95a4ea91299a34e894583c3862153e4b97": {
+        "python-version", "python-version-file", "cache", "architecture", "check-latest", "token",
+        "cache-dependency-path", "update-environment", "allow-prereleases", "freethreaded", "pip-version"},
+    "actions/upload-artifact@bbbca2ddaa5d8feaa63e36b76fdaad77386f024f": {
+        "name", "path", "if-no-files-found", "retention-days", "compression-level", "overwrite",
+        "include-hidden-files", "archive"},
+    "actions/download-artifact@3e5f45b2cfb9172054b4087a40e8e0b5a5461e7c": {
+        "name", "artifact-ids", "path", "pattern", "merge-multiple", "github-token", "repository", "run-id",
+        "skip-decompress", "digest-mismatch"},
+    "pypa/gh-action-pypi-publish@81e9d935c883d0b210363ab89cf05f3894778450": {
+        "user", "password", "repository-url", "repository_url", "packages-dir", "packages_dir", "verify-metadata",
+        "verify_metadata", "skip-existing", "skip_existing", "verbose", "print-hash", "print_hash"},
+    "docker/setup-qemu-action@96fe6ef7f33517b61c61be40b68a1882f3264fb8": {"image", "platforms", "reset", "cache-image"},
+    "docker/setup-buildx-action@37fe631027851001ddb9b187196cc803df7f5f0e": {
+        "version", "driver", "driver-opts", "buildkitd-flags", "buildkitd-config", "buildkitd-config-inline", "use",
+        "name", "endpoint", "platforms", "append", "keep-state", "cache-binary", "cleanup"},
+    "docker/login-action@4907a6ddec9925e35a0a9e82d7399ccc52663121": {
+        "registry", "username", "password", "ecr", "scope", "logout", "registry-auth"},
+    "docker/build-push-action@53b7df96c91f9c12dcc8a07bcb9ccacbed38856a": {
+        "add-hosts", "allow", "annotations", "attests", "build-args", "build-contexts", "builder", "cache-from",
+        "cache-to", "call", "cgroup-parent", "context", "file", "labels", "load", "network", "no-cache",
+        "no-cache-filters", "outputs", "platforms", "provenance", "pull", "push", "sbom", "secrets", "secret-envs",
+        "secret-files", "shm-size", "ssh", "tags", "target", "ulimit", "github-token"},
+    "sigstore/cosign-installer@6f9f17788090df1f26f669e9d70d6ae9567deba6": {"cosign-release", "install-dir", "use-sudo"},
+}
 
 
 def actionlint() -> list[str]:
@@ -413,3 +447,13 @@ class TestWorkflows:
             for ref, comment in uses:
                 assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), f"{path.name}: {ref} is not pinned"
                 assert re.fullmatch(r"\s*# v\d+(\.\d+)*", comment), f"{path.name}: {ref} has no version comment"
+
+    def test_every_input_is_one_the_pinned_action_has(self) -> None:
+        """Each `with:` key names an input of the action at its pinned commit (a typo there is silently ignored by
+        GitHub, and actionlint does not know commit-pinned actions' inputs)."""
+        for path in sorted(WORKFLOWS.glob("*.yml")):
+            for name, job in yaml.safe_load(path.read_text())["jobs"].items():
+                for step in [s for s in job["steps"] if "uses" in s]:
+                    assert step["uses"] in ACTION_INPUTS, f"{path.name} {name}: record the inputs of {step['uses']}"
+                    unknown = set(step.get("with", {})) - ACTION_INPUTS[step["uses"]]
+                    assert not unknown, f"{path.name} {name}: {step['uses']} has no input {', '.join(sorted(unknown))}"
