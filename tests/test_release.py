@@ -338,7 +338,7 @@ def command_values(command: str, files: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     words = shlex.split(command)
     for flag, arg in zip(words, [*words[1:], ""], strict=True):
-        if flag in ("-f", "--values"):
+        if flag in ("-f", "--values") and arg in files:  # a file the page writes (a heredoc); others are the user's
             merge(values, yaml.safe_load(files[arg]) or {})
         elif flag == "--set":
             merge(values, helm.parse_set_string(arg))
