@@ -5,7 +5,6 @@ in docs/troubleshooting.md."""
 from __future__ import annotations
 
 import ast
-import re
 import shutil
 import subprocess
 import sys
@@ -197,8 +196,8 @@ def _shape(node: ast.AST | None, mod: _Module, func: ast.AST, depth: int = 0) ->
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(_shape(v, mod, func, depth) if isinstance(v, ast.Constant) else
-                       _shape(v.value, mod, func, depth) for v in node.values if isinstance(v, ast.Constant | ast.FormattedValue))
+        return "".join(_shape(v if isinstance(v, ast.Constant) else v.value, mod, func, depth)
+                       for v in node.values if isinstance(v, ast.Constant | ast.FormattedValue))
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _shape(node.left, mod, func, depth) + _shape(node.right, mod, func, depth)
     if isinstance(node, ast.Name):
@@ -210,18 +209,28 @@ def _shape(node: ast.AST | None, mod: _Module, func: ast.AST, depth: int = 0) ->
     return "…"
 
 
-def _helpers(modules: list[_Module]) -> dict[str, int]:
+class _Helpers(dict[str, dict[Path, int]]):
+    """name -> {module: position of `what`}; a call finds the helper of its own module first."""
+
+    def at(self, mod: _Module, name: str | None) -> int | None:
+        found = self.get(name or "", {})
+        if mod.path in found:
+            return found[mod.path]
+        return next(iter(found.values())) if len(set(found.values())) == 1 else None
+
+
+def _helpers(modules: list[_Module]) -> _Helpers:
     """Functions whose user error is their parameter `what` with a head or tail added (validate's refuse and
     refuse_b: `f"{what} (check {check})"`), directly or through another such function: name -> the position of
     `what` among the call's arguments."""
-    helpers: dict[str, int] = {}
+    helpers = _Helpers()
     changed = True
     while changed:
         changed = False
         for mod in modules:
             for func in mod.functions.values():
                 params = [a.arg for a in func.args.args]
-                if "what" not in params or func.name in helpers:
+                if "what" not in params or mod.path in helpers.get(func.name, {}):
                     continue
                 for node in ast.walk(func):
                     if not isinstance(node, ast.Call):
@@ -231,9 +240,9 @@ def _helpers(modules: list[_Module]) -> dict[str, int]:
                         shape = _shape(node.args[0], mod, func)
                         if not (shape.startswith("\0") or shape.rstrip(").").endswith("\0")):
                             continue
-                    elif name not in helpers or _shape(_argument(node, helpers[name]), mod, func) != "\0":
+                    elif (index := helpers.at(mod, name)) is None or _shape(_argument(node, index), mod, func) != "\0":
                         continue
-                    helpers[func.name] = params.index("what") - (params[:1] == ["self"])
+                    helpers.setdefault(func.name, {})[mod.path] = params.index("what") - (params[:1] == ["self"])
                     changed = True
                     break
     return helpers
@@ -272,13 +281,14 @@ def _sites() -> tuple[list[tuple[str, str]], list[str]]:
             func = mod.enclosing(node)
             if name in USER_ERRORS and node.args:
                 arg: ast.AST | None = node.args[0]
-            elif name in helpers:
-                arg = _argument(node, helpers[str(name)])
+            elif (index := helpers.at(mod, name)) is not None:
+                arg = _argument(node, index)
             else:
                 continue
             if isinstance(arg, ast.Call) and _name(arg.func) == "str":
                 continue  # passes on another user error's message, listed where that one is raised
-            if func is not None and func.name in helpers and isinstance(arg, ast.Name) and arg.id == "what":
+            if func is not None and helpers.at(mod, func.name) is not None and isinstance(arg, ast.Name) and (
+                    arg.id == "what"):
                 continue  # a helper passing `what` on: its callers' messages are the sites
             texts = mod.resolve(arg, func) if arg is not None else None
             if texts is None:
