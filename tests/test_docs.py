@@ -164,16 +164,30 @@ class _Module:
                 found.extend(self.resolve(node.value, func) or [])
         return found
 
-    def resolve(self, node: ast.AST, func: ast.FunctionDef | ast.AsyncFunctionDef | None) -> list[str] | None:
+    def resolve(self, node: ast.AST, func: ast.FunctionDef | ast.AsyncFunctionDef | None,
+                depth: int = 0) -> list[str] | None:
         """Templates `node` can evaluate to; None when it cannot be read."""
+        if depth > 4:
+            return None
+        if isinstance(node, ast.JoinedStr) and func is not None:
+            # a value named in the f-string and assigned once in the function (`head = f"TLS ..."`) is spelled out
+            parts = []
+            for v in node.values:
+                inner = (self.resolve(v.value, func, depth + 1)
+                         if isinstance(v, ast.FormattedValue) and isinstance(v.value, ast.Name) else None)
+                if inner and len(inner) == 1:
+                    parts.append(inner[0])
+                else:
+                    parts.append(v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else "…")
+            return ["".join(parts)]
         if (text := _template(node)) is not None:
             return [text]
         if isinstance(node, ast.IfExp):
-            a, b = self.resolve(node.body, func), self.resolve(node.orelse, func)
+            a, b = self.resolve(node.body, func, depth + 1), self.resolve(node.orelse, func, depth + 1)
             return None if a is None or b is None else a + b
         if isinstance(node, ast.BoolOp):
-            parts = [self.resolve(v, func) for v in node.values]
-            return None if any(p is None for p in parts) else [t for p in parts for t in p or []]
+            parts_ = [self.resolve(v, func, depth + 1) for v in node.values]
+            return None if any(p is None for p in parts_) else [t for p in parts_ for t in p or []]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in self.functions:
             return self.returned(self.functions[node.func.id]) or None
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _METHODS:
@@ -182,7 +196,7 @@ class _Module:
         if isinstance(node, ast.Name) and func is not None:
             values = [a.value for a in ast.walk(func) if isinstance(a, ast.Assign)
                       and any(isinstance(t, ast.Name) and t.id == node.id for t in a.targets)]
-            found = [self.resolve(v, func) for v in values]
+            found = [self.resolve(v, func, depth + 1) for v in values]
             if values and all(f is not None for f in found):
                 return [t for f in found for t in f or []]
         return None
