@@ -5,6 +5,7 @@ in docs/troubleshooting.md."""
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -382,3 +383,67 @@ if __name__ == "__main__":
         for text in texts:
             fence = "``" if "`" in text else "`"
             print(f"- {fence}{text}{fence}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands the README and the docs show exist, with the flags they pass.
+
+
+def _shown_commands() -> Iterator[tuple[str, list[str]]]:
+    """(where, words after `istio-vault-agent`) of every command line in the code blocks of README.md and docs/,
+    continuation lines joined and comments dropped."""
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        for tok in MarkdownIt("commonmark").parse(text):
+            if tok.type != "fence" or tok.info.strip() not in {"console", "sh", "bash", "shell"}:
+                continue
+            lines = tok.content.splitlines()
+            i = 0
+            while i < len(lines):
+                line = lines[i]
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                i += 1
+                line = re.sub(r"\s#\s.*$", "", line.removeprefix("$ "))
+                for part in re.split(r"\|\s*|&&\s*", line):
+                    words = part.split()
+                    if words[:1] == ["istio-vault-agent"] and len(words) > 1:
+                        yield f"{path.relative_to(ROOT)}: {part.strip()[:80]}", words[1:]
+
+
+def _options(words: list[str]) -> tuple[list[str], set[str]] | None:
+    """The sub-command path `words` names, and the options its parser takes (None: no such command)."""
+    from agent import cli
+
+    parser = cli._parser(words[0])
+    path: list[str] = []
+    for word in words:
+        actions = parser._subparsers._group_actions if parser._subparsers else []
+        if not actions:
+            break
+        choices = actions[0].choices or {}
+        if word not in choices:
+            return None if not path or actions[0].required else (path, set(parser._option_string_actions))
+        parser = choices[word]
+        path.append(word)
+    return path, set(parser._option_string_actions)
+
+
+def test_every_shown_command_and_flag_exists() -> None:
+    """Each `istio-vault-agent ...` line in README.md's and docs/' code blocks names a real sub-command, and every
+    `--flag` it passes is one that sub-command takes (checked against the CLI's own parser)."""
+    shown = list(_shown_commands())
+    assert len(shown) > 30
+    wrong = []
+    for where, words in shown:
+        found = _options(words)
+        if found is None:
+            wrong.append(f"{where}: no such command")
+            continue
+        path, options = found
+        for word in words[len(path):]:
+            flag = word.strip("[]").split("=")[0]
+            if flag.startswith("--") and "$" not in flag and flag not in options:
+                wrong.append(f"{where}: {' '.join(path)} has no {flag}")
+    assert wrong == []
