@@ -35,9 +35,10 @@ def _tool(name: str) -> str:
 class TestSite:
     def test_mkdocs_builds_strictly(self, tmp_path: Path) -> None:
         """`mkdocs build --strict` passes: every page is in the nav, every link and #anchor leads somewhere
-        (mkdocs.yml's validation settings make each of these a warning, and --strict a failure)."""
+        (mkdocs.yml's validation settings make each of these a warning, and --strict a failure; not --quiet, which
+        hides the warnings from --strict too)."""
         proc = subprocess.run(
-            [_tool("mkdocs"), "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")],
+            [_tool("mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")],
             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
             env={"PATH": str(BIN), "NO_MKDOCS_2_WARNING": "1", "HOME": str(tmp_path)},
         )
