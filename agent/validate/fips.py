@@ -82,9 +82,9 @@ def fips_checks(p: Parsed, chains: list[list[Certificate]], key: PrivateKey) -> 
     # verified chains whose every certificate it allows (crypto/tls common.go fipsAllowedChains)
     refused = [next((c for c in chain if _tls_refused(c)), None) for chain in chains]
     if refused and all(refused):
-        c = refused[0]
-        assert c is not None
-        raise refuse_b(f"istiod would load it, but {p.where(c)} has a key Go's FIPS 140-only TLS does not allow "
+        tls_refused = refused[0]
+        assert tls_refused is not None
+        raise refuse_b(f"istiod would load it, but {p.where(tls_refused)} has a key Go's FIPS 140-only TLS does not allow "
                        "(RSA under 2048 bits, or an elliptic curve other than P-256, P-384 and P-521), so every "
                        "pilot-agent refuses istiod's serving chain (\"tls: no FIPS compatible certificate chains "
                        "found\") and no workload gets config or certificates", FIPS_CHECK)
