@@ -540,7 +540,7 @@ def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits, mesh
     if mesh is not None and fips_applies(mesh):
         from agent.validate.fips import fips_checks
 
-        fips_checks(p, chains, key)
+        fips_checks(p, chains, key, crls)
     env = _workload_checks(p, ca, roots, crls)
     _serving_problem(p, chains)
     path = [x.raw for x in env.path()[0][1:]]
