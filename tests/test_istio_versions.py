@@ -420,6 +420,40 @@ class TestCheckCommand:
         assert proc.returncode == 2 and "MAJOR.MINOR[.PATCH]" in proc.stderr
 
 
+class TestChart:
+    @staticmethod
+    def _istio(values: dict[str, Any]) -> Any:
+        pytest.importorskip("helm_python", reason="helm-python-sdk (the [test] extra) renders the chart")
+        import yaml
+
+        from tests.test_chart import CHART, find, render
+
+        objects, _ = render(CHART, values)
+        return yaml.safe_load(find(objects, "ConfigMap")["data"]["config.yaml"]).get("istio")
+
+    def test_values_reach_the_config(self) -> None:
+        """istio.version, ambient and compliancePolicy become the agent's istio: section, which it loads."""
+        istio = self._istio({"istio": {"version": "1.29.6", "ambient": True, "compliancePolicy": "fips-140-3"},
+                             "global": {"tag": "1.30.3"}})  # an explicit version wins over the tag
+        assert istio == {"version": "1.29.6", "ambient": True, "compliance_policy": "fips-140-3"}
+        cfg = agent_config.from_mapping({**_BASE, "istio": istio}, env={})
+        assert cfg.istio.mesh == Mesh(Version(1, 29, 6), ambient=True, compliance_policy="fips-140-3")
+
+    def test_version_defaults_from_a_release_tag(self) -> None:
+        """Without istio.version the chart takes global.tag when it is a release (a variant suffix dropped);
+        a tag like latest, or no tag, leaves the version unknown and the section out (today's config)."""
+        assert self._istio({"global": {"tag": "1.30.3-distroless"}}) == {"version": "1.30.3"}
+        assert self._istio({"global": {"tag": "latest"}}) is None
+
+    @pytest.mark.parametrize(("version", "message"), [
+        (1.3, "istio.version must be quoted"), ("1.x", "istio.version must be an Istio version such as 1.29"),
+    ])
+    def test_bad_versions_fail_the_render(self, version: object, message: str) -> None:
+        """A number or a non-version fails `helm template` with the key to fix."""
+        with pytest.raises(Exception, match=message):
+            self._istio({"istio": {"version": version}})
+
+
 # ------------------------------------------------------------------------------------------------- the agent
 
 
