@@ -143,8 +143,7 @@ def plan(mesh: Mesh) -> tuple[Decision, ...]:
     out: list[Decision] = []
     # ztunnel: ambient only, and only with a version
     if not mesh.ambient:
-        out += [Decision(THREE_LEVEL, on=False, why="not ambient (istio.ambient: false)"),
-                Decision(ZTUNNEL_ROOTS, on=False, why="not ambient (istio.ambient: false)")]
+        out += [Decision(c, on=False, why="not ambient") for c in (THREE_LEVEL, ZTUNNEL_ROOTS)]
     elif v is None:
         out += [Decision(c, on=False, why="Istio version unknown", needs_version=True)
                 for c in (THREE_LEVEL, ZTUNNEL_ROOTS)]
@@ -167,11 +166,11 @@ def plan(mesh: Mesh) -> tuple[Decision, ...]:
         out.append(Decision(FIPS_CHECK, on=True, why="istiod and pilot-agent run with GODEBUG=fips140=only"))
     if v is None:
         out.append(Decision(RELOAD_RULE, on=False, needs_version=True,
-                            why="Istio version unknown: the 1.30 rule (DER sets), not 1.29's byte rule"))
+                            why="Istio version unknown, so 1.30's rule: sets of DER certificates"))
     else:
-        rule = reload_rule(v)
-        out.append(Decision(RELOAD_RULE, on=True, why=f"istiod {v} compares " + (
-            "root-cert.pem's bytes (one file inside the other)" if rule == "bytes" else "sets of DER certificates")))
+        how = ("root-cert.pem byte for byte, one file inside the other" if reload_rule(v) == "bytes"
+               else "sets of DER certificates")
+        out.append(Decision(RELOAD_RULE, on=True, why=f"istiod {v} compares {how}"))
     return tuple(out)
 
 

@@ -102,9 +102,13 @@ def ztunnel_checks(p: Parsed, ca: Certificate, path: list[Certificate], v: Versi
         raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate", ZTUNNEL_ROOTS)
     anchor = path[-1]
     if not any(_same(c, anchor) for _, c in trusted):
-        raise refuse_b(f"{lead}: ca-cert.pem chains to {p.where(anchor)}, which ztunnel {v} does not trust ("
-                       + ("it trusts only " + ", ".join(p.where(c) for _, c in trusted) if trusted
-                          else "it trusts no root of root-cert.pem") + ")", ZTUNNEL_ROOTS)
+        mode = ztunnel_roots(v)
+        fix = ("or upgrade to 1.24.6, 1.25.3 or 1.26" if mode == "all" else
+               f"put that root {mode} in root-cert.pem, or upgrade to 1.24.6, 1.25.3 or 1.26, which trust every root")
+        only = (f"it trusts only {', '.join(p.where(c) for _, c in trusted)}" if trusted
+                else "it trusts no root of root-cert.pem")
+        raise refuse_b(f"{lead}: ca-cert.pem chains to {p.where(anchor)}, which ztunnel {v} does not trust: {only}; "
+                       f"{fix}", ZTUNNEL_ROOTS)
     if dropped:
         more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
         warnings.append(f"ztunnel does not trust {dropped[0]}{more}: ambient workloads here refuse peers whose "
