@@ -196,12 +196,14 @@ class TestZtunnelRoots:
 
     def test_every_root_must_parse_not_just_the_first(self) -> None:
         """From 1.24.6/1.25.3/1.26 ztunnel parses every PEM item of root-cert.pem: a CRL block after the roots
-        leaves ambient workloads without certificates; 1.24.3, reading only the first root, is not hurt."""
+        leaves ambient workloads without certificates, as on 1.24.4, which takes the last block for the root;
+        1.24.3, reading only the first root, is not hurt."""
         r = c.root()
         files = c.files(c.inter(r))
         crl = rc.crl(r, [])
         files["root-cert.pem"] += crl.pem
         assert _verdict(files, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
+        assert _verdict(files, _ambient("1.24.4")) == f"b:{ZTUNNEL_ROOTS}"  # the last block is its root
         assert _verdict(files, _ambient("1.24.3")) == "ok"
         assert _verdict(files, None) == "ok"
 

@@ -49,15 +49,15 @@ def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[s
     items = [(i, b) for i, b in enumerate(blocks) if b.label in _RUSTLS_ITEMS]
     mode = ztunnel_roots(v)
     if mode != "all":
-        # one PEM item read (rustls_pemfile::read_one): the first of the file, or of the last element istiod sent
-        certs = [(i, b) for i, b in items if b.label == b"CERTIFICATE"]
-        pick = items[:1] if mode == "first" else certs[-1:]
+        # one PEM item read (rustls_pemfile::read_one): the first of the file, or of the last element istiod sent,
+        # which 1.24.4 and 1.25.1 cut at every PEM block of root-cert.pem (util.PemCertBytestoString)
+        pick = items[:1] if mode == "first" else list(enumerate(blocks))[-1:]
         if not pick:
             return [], [], f"{name} holds no certificate ztunnel {v} can read"
         i, b = pick[0]
         if b.label != b"CERTIFICATE":
             return [], [], (f"{p.nth(name, i, len(blocks))} is a {shown(b.type)} block, and ztunnel {v} reads the "
-                            f"first PEM item of {name} as its root")
+                            f"{mode} PEM block of {name} as its root")
         c = p.cert(b.der)
         if not isinstance(c, Certificate):
             return [], [], f"{p.nth(name, i, len(blocks))}, the root ztunnel {v} reads, is not a certificate it parses"
