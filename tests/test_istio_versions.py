@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent import config as agent_config
 from agent.errors import BundleError, ConfigError
@@ -223,16 +223,24 @@ class TestZtunnelRoots:
 # ------------------------------------------------------------------------------------------------- FIPS 140-3
 
 
+def _odd_size_key() -> rsa.RSAPrivateKey:
+    """A 2049-bit RSA key, from a 1025-bit and a 1024-bit prime of keys OpenSSL made (fast)."""
+    while True:
+        p = rsa.generate_private_key(65537, 2050).private_numbers().p
+        q = rsa.generate_private_key(65537, 2048).private_numbers().q
+        if (p * q).bit_length() == 2049:
+            return rc.rsa_key_from_primes(p, q)
+
+
 def _fips_cases() -> dict[str, dict[str, bytes]]:
     """Bundles each refused by one rule of Go's FIPS 140-only mode, and two it takes."""
-    odd = rc.rsa_key_from_primes(rc._prime(1025, 65537), rc._prime(1024, 65537))
     unequal = rc.rsa_key_from_primes(rc._prime(1000, 65537), rc._prime(1048, 65537))
     return {
-        "fips-rsa1536-ca-key": c.files(c.inter(c.root(), key=rc.rsa_small_key(1536))),
-        "fips-rsa1536-root": c.files(c.inter(c.root(key=rc.rsa_small_key(1536)))),
-        "fips-e3-root": c.files(c.inter(c.root(key=rc.rsa_small_key(2048, e=3)))),
-        "fips-e3-ca-key": c.files(c.inter(c.root(), key=rc.rsa_small_key(2048, e=3))),
-        "fips-odd-size-root": c.files(c.inter(c.root(key=odd))),
+        "fips-rsa1536-ca-key": c.files(c.inter(c.root(), key=rsa.generate_private_key(65537, 1536))),
+        "fips-rsa1536-root": c.files(c.inter(c.root(key=rsa.generate_private_key(65537, 1536)))),
+        "fips-e3-root": c.files(c.inter(c.root(key=rsa.generate_private_key(3, 2048)))),
+        "fips-e3-ca-key": c.files(c.inter(c.root(), key=rsa.generate_private_key(3, 2048))),
+        "fips-odd-size-root": c.files(c.inter(c.root(key=_odd_size_key()))),
         "fips-unequal-primes-ca-key": c.files(c.inter(c.root(), key=unequal)),
         "fips-p224-ca": c.files(c.inter(c.root(), key=ec.generate_private_key(ec.SECP224R1()))),
         "fips-ok-rsa2048": c.files(c.inter(c.root(key=c.rsa_key(2048)), key=c.rsa_key(2048))),
@@ -415,6 +423,13 @@ class TestCheckCommand:
         assert f"check {THREE_LEVEL}: off" in new.stdout and f"check {ZTUNNEL_ROOTS}: on" in new.stdout
         plain = run_cli("check", str(d))
         assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and plain.stdout.startswith("ok: ")
+
+    def test_flags_on_a_tls_bundle_say_they_change_nothing(self, tmp_path: Path) -> None:
+        """The version-aware checks are istio-ca checks: a tls bundle gets a note and today's verdict."""
+        (case,) = c.build({"tls-ok"})
+        proc = run_cli("check", str(_write(tmp_path / "tls", case.files)), "--type", "tls", "--ambient")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("note: --istio-version, --ambient and --compliance-policy change no check")
 
     def test_bad_version_is_a_usage_error(self, tmp_path: Path) -> None:
         """A version that does not parse: exit 2 with the expected form."""
