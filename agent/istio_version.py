@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from agent.text import shown
+
 __all__ = [
     "CHECKS",
     "COMPLIANCE_POLICIES",
@@ -74,8 +76,8 @@ def parse_version(text: str) -> Version:
     """
     m = _VERSION.fullmatch(text.strip().removeprefix("v"))
     if m is None or int(m[1]) != 1:
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise ValueError(f"expected an Istio version such as 1.29 or 1.29.6 (MAJOR.MINOR[.PATCH]), not {shown!r}")
+        raise ValueError("expected an Istio version such as 1.29 or 1.29.6 (MAJOR.MINOR[.PATCH]), "
+                         f"not {shown(text, 40)!r}")
     return Version(int(m[1]), int(m[2]), int(m[3] or 0), exact=m[3] is not None)
 
 
