@@ -16,6 +16,7 @@ import msgspec
 
 from agent.clusters import CLUSTER_NAME, DNS_LABEL
 from agent.errors import ConfigError
+from agent.istio_version import COMPLIANCE_POLICIES, Mesh, parse_version
 from agent.istiod_files import ISTIOD_SWITCHES
 from agent.text import shown
 
@@ -34,6 +35,7 @@ __all__ = [
     "HttpReload",
     "InitConfig",
     "IstioCaBundle",
+    "IstioConfig",
     "KubernetesConfig",
     "KvVariant",
     "LimitsConfig",
@@ -468,6 +470,24 @@ class KubernetesConfig(_Section, frozen=True):
     node_name: str | None = None
 
 
+class IstioConfig(_Section, frozen=True):
+    """The mesh the agent feeds: what turns on the version-aware checks (docs/istio-versions.md)."""
+
+    #: istiod's (and ztunnel's) version, MAJOR.MINOR[.PATCH]; unset: unknown, the version-aware checks are skipped.
+    #: A string: YAML reads an unquoted 1.30 as the number 1.3
+    version: str | float | None = None
+    #: ambient data plane: ztunnel takes its certificates from istiod as well
+    ambient: bool = False
+    #: istiod's COMPLIANCE_POLICY; fips-140-3 adds the limits of Go's FIPS 140-only mode
+    compliance_policy: str = ""
+
+    @property
+    def mesh(self) -> Mesh:
+        """The section as agent.istio_version reads it (validate() has checked the version)."""
+        v = parse_version(self.version) if isinstance(self.version, str) else None
+        return Mesh(version=v, ambient=self.ambient, compliance_policy=self.compliance_policy)
+
+
 class AgentConfig(_Section, frozen=True):
     """The whole config file."""
 
@@ -489,6 +509,7 @@ class AgentConfig(_Section, frozen=True):
     kubernetes: KubernetesConfig = KubernetesConfig()
     #: bounds on what the agent reads
     limits: LimitsConfig = LimitsConfig()
+    istio: IstioConfig = IstioConfig()
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -902,12 +923,27 @@ def validate(cfg: AgentConfig) -> None:
         dirs.add(norm)
         _validate_bundle(key, b)
     _check_remote_secrets_unique(cfg)
+    _validate_istio(cfg.istio)
     parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
     for i, b in enumerate(cfg.bundles):
         if b.poll_interval is not None and b.poll_interval < 0.1:
             raise ConfigError(f"bundles[{i}].poll_interval must be at least 100ms")
+
+
+def _validate_istio(istio: IstioConfig) -> None:
+    if isinstance(istio.version, float | int):
+        raise ConfigError(f"istio.version must be quoted, such as \"1.30.3\": YAML reads the unquoted {istio.version!r}"
+                          " as a number, in which 1.30 is 1.3")
+    if istio.version is not None:
+        try:
+            parse_version(istio.version)
+        except ValueError as exc:
+            raise ConfigError(f"istio.version: {exc}") from None
+    if istio.compliance_policy not in COMPLIANCE_POLICIES:
+        raise ConfigError(f"istio.compliance_policy must be one of {', '.join(p for p in COMPLIANCE_POLICIES if p)}"
+                          f" (or empty), as istiod's COMPLIANCE_POLICY, not {shown(istio.compliance_policy)!r}")
 
 
 def _validate_bundle(key: str, b: FileBundle) -> None:

@@ -74,6 +74,7 @@ class Agent:
                 retry_interval=b.interval(cfg.sidecar),
                 limits=limits,
                 events=self.events,
+                mesh=cfg.istio.mesh,
             )
             for b in cfg.bundles
         ]
