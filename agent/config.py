@@ -509,6 +509,7 @@ class AgentConfig(_Section, frozen=True):
     kubernetes: KubernetesConfig = KubernetesConfig()
     #: bounds on what the agent reads
     limits: LimitsConfig = LimitsConfig()
+    #: the Istio version, data plane and compliance policy the bundles are checked for (docs/istio-versions.md)
     istio: IstioConfig = IstioConfig()
 
 
