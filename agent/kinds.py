@@ -23,6 +23,7 @@ from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
+    from agent.istio_version import Mesh
 
 __all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_FILES", "REMOTE_SECRET", "TLS", "Kind", "get", "of"]
 
@@ -61,8 +62,10 @@ class Kind:
         now: dt.datetime | None = None,
         limits: checks.Limits | None = None,
         ca_signs_cert: bool = True,
+        mesh: Mesh | None = None,
     ) -> checks.BundleInfo:
-        """Check `files` the way this kind's consumer will (see `agent.validate.validate`).
+        """Check `files` the way this kind's consumer will (see `agent.validate.validate`; `mesh`: the checks of
+        the mesh's Istio version, ambient and compliance policy).
 
         Raises:
             BundleError: one sentence naming the file and the failed check.
@@ -70,7 +73,7 @@ class Kind:
         if self.set_validator is not None:
             when = dt.datetime.now(dt.UTC) if now is None else now
             return self.set_validator(files, int(when.timestamp()), limits or checks.Limits())
-        return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
+        return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert, mesh=mesh)
 
     def validate_dir(
         self,
@@ -79,13 +82,14 @@ class Kind:
         now: dt.datetime | None = None,
         limits: checks.Limits | None = None,
         ca_signs_cert: bool = True,
+        mesh: Mesh | None = None,
     ) -> checks.BundleInfo:
         """Read a published directory of this kind and validate it.
 
         Raises:
             BundleError: a required file is missing or unreadable, or the bundle is invalid.
         """
-        return checks.validate_dir(path, self.name, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
+        return checks.validate_dir(path, self.name, now=now, limits=limits, ca_signs_cert=ca_signs_cert, mesh=mesh)
 
 
 ISTIO_CA = Kind(
