@@ -406,7 +406,9 @@ class RemoteSecretBundle(_Bundle, frozen=True, kw_only=True, tag="remote-secret"
     dir: str = ""
     #: target files: the mode of each kubeconfig (a credential, like a private key: 0600, or 0640 with a shared gid)
     key_mode: int = 0o600
+    #: target files: the owner of the kubeconfig files (chown: root or CAP_CHOWN); default the agent's uid
     uid: int | None = None
+    #: target files: their group, shared by a reader with another uid (with key_mode 0640); default the agent's gid
     gid: int | None = None
     #: the Secret's namespace (istiod's); default the pod's namespace (POD_NAMESPACE), else istio-system
     namespace: str | None = None
