@@ -492,8 +492,8 @@ def _kv_demo(session: Session, *, sidecar: bool) -> int:
     print(f"    ca-cert.pem serial {seeded:x} -> {on_disk:x}: published {took:.1f} s after the write", flush=True)
     session.show_metrics(("istio_vault_agent_publish_total", "istio_vault_agent_cert"))
     return session.keep_running(
-        proc, f"The agent keeps running in sidecar mode (health: http://127.0.0.1:{session.health}/readyz; a new"
-              " version written to kubernetes-cluster1-secrets/istiod-service/certs is published within 2 s).")
+        proc, f"The agent keeps running in sidecar mode (health: http://127.0.0.1:{session.health}/readyz), reading"
+              " kubernetes-cluster1-secrets/istiod-service/certs every 2 s (poll_interval).")
 
 
 def _pki_demo(session: Session, *, sidecar: bool) -> int:
@@ -528,7 +528,8 @@ def _pki_demo(session: Session, *, sidecar: bool) -> int:
     if published.get("istiod-cacerts") != cert_serial((istiod / "ca-cert.pem").read_bytes()):
         raise DemoFailed("the ca-cert.pem on disk is not the one the agent says it published")
     session.show_readyz()
-    show_dir(session, istiod)
+    show_dir(session, istiod, f" (ca-cert.pem serial {published['istiod-cacerts']:x}, signed from the agent's CSR by"
+                              " the pki mount in this run)")
     _verify_istio_ca(session, istiod)
     _say(f"The gateway certificate in {shown(gateway)}")
     if shutil.which("openssl"):
@@ -554,8 +555,8 @@ def _pki_demo(session: Session, *, sidecar: bool) -> int:
                           "istio_vault_agent_errors"))
     if sidecar:
         return session.keep_running(
-            proc, f"The agent keeps running in sidecar mode, renewing the gateway certificate every"
-                  f" ~2/3 of {ttl} (health: http://127.0.0.1:{session.health}/readyz).")
+            proc, f"The agent keeps running in sidecar mode, renewing the gateway certificate (ttl {ttl}) whenever"
+                  f" a third of its validity is left (health: http://127.0.0.1:{session.health}/readyz).")
     _say("Stopping the agent (SIGTERM)")
     return _stop(proc)
 

@@ -139,8 +139,8 @@ def gateway_demo(session: Session, *, sidecar: bool) -> int:
         port = envoy.port("ingress")
         return session.keep_running(
             proc, f"The agent and Envoy keep running: `openssl s_client -connect 127.0.0.1:{port} -servername"
-                  f" localhost -CAfile {shown(out / 'ca.crt')}` is served the current certificate; a new version"
-                  f" written to {KV_MOUNT}/{SECRET} is served within 1 s.")
+                  f" localhost -CAfile {shown(out / 'ca.crt')}` is served the current certificate; the agent reads"
+                  f" {KV_MOUNT}/{SECRET} every 1 s (poll_interval).")
     return code
 
 
