@@ -5,7 +5,7 @@
 # with readOnlyRootFilesystem: true.
 #
 # Reproducible: the base image is pinned by digest and every Python package by hash
-# (requirements.lock, requirements-build.lock). Without a Docker engine (README "Container image"):
+# (requirements.lock, requirements-build.lock). Without a Docker engine (docs/install.md, "1. Build the image"):
 #   buildah bud --isolation chroot -t istio-vault-agent:0.1.0 .
 
 # python:3.12.11-slim-bookworm. The digest was taken from public Dockerfiles that pin this tag; it could

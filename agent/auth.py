@@ -24,13 +24,17 @@ __all__ = [
     "TOKEN_FILE_LIMIT",
     "Login",
     "credential_digest",
+    "from_login",
+    "from_lookup",
     "login",
     "login_hint",
     "lookup_self",
+    "may_be_standby",
     "mount_of",
     "read_token_file",
     "renew",
     "seconds",
+    "standby_refusal",
 ]
 
 #: the largest token file read (a projected service-account token is about 1 KiB)
@@ -137,14 +141,7 @@ async def login(vault: Vault, cfg: AuthConfig, *, settled: bool = False) -> Logi
             "GET", "auth/token/lookup-self", token=token, action=action, login=True,
             hint=f"put a valid Vault token in {shown(cfg.token_path)}",
         )
-        data = field(body or {}, "data", dict, address=address, action=action)
-        return Login(
-            token=token,
-            accessor=str(data.get("accessor") or ""),
-            ttl=seconds(data, "ttl", address, action),
-            renewable=data.get("renewable") is True,
-            obtained_at=time.time(),
-        )
+        return from_lookup(token, body, address=address, action=action)
 
     jwt = await asyncio.to_thread(read_token_file, cfg.token_path, "service account token", settled=settled)
     digest = credential_digest(jwt)
@@ -159,10 +156,27 @@ async def login(vault: Vault, cfg: AuthConfig, *, settled: bool = False) -> Logi
         await _not_ready(vault, str(exc), action)
         hint = login_hint(cfg, str(exc))
         raise AuthError(f"{exc}; {hint}") from exc
+    return from_login(body, digest, address=address, action=action, method=cfg.method)
+
+
+def from_lookup(token: str, body: Any, *, address: str, action: str) -> Login:
+    """The Login of a token method: `token` and what auth/token/lookup-self answered about it."""
+    data = field(body or {}, "data", dict, address=address, action=action)
+    return Login(
+        token=token,
+        accessor=str(data.get("accessor") or ""),
+        ttl=seconds(data, "ttl", address, action),
+        renewable=data.get("renewable") is True,
+        obtained_at=time.time(),
+    )
+
+
+def from_login(body: Any, digest: str, *, address: str, action: str, method: str) -> Login:
+    """The Login in a login answer (`digest`: of the token file it used); AuthError when it carries no token."""
     auth = field(body or {}, "auth", dict, address=address, action=action, optional=True)
     client_token = (auth or {}).get("client_token")
     if not client_token or not isinstance(client_token, str):
-        raise AuthError(f"{action} returned no token: check that auth.mount is a {cfg.method} auth method")
+        raise AuthError(f"{action} returned no token: check that auth.mount is a {method} auth method")
     return Login(
         token=client_token,
         accessor=str(auth.get("accessor") or ""),
@@ -173,17 +187,27 @@ async def login(vault: Vault, cfg: AuthConfig, *, settled: bool = False) -> Logi
     )
 
 
-async def _not_ready(vault: Vault, message: str, action: str) -> None:
+def may_be_standby(message: str) -> bool:
     """A bare "permission denied" on a login is also what a standby answers before it has caught up with the
-    auth mount (about 30 s after it was configured), or a node that is not active: then it is worth a retry."""
-    if not message.rstrip().endswith("permission denied"):
-        return
-    state = await vault.node_status()
-    if state != "active":
-        raise VaultUnavailable(
-            f"login refused while {action}: permission denied by a node that reports itself {state}; a standby"
-            " refuses logins until it has caught up with the auth mount"
-        )
+    auth mount (about 30 s after it was configured), or a node that is not active: then the node's state says
+    whether it is worth a retry (`standby_refusal`)."""
+    return message.rstrip().endswith("permission denied")
+
+
+def standby_refusal(action: str, state: str) -> VaultUnavailable | None:
+    """The retryable error for a login refused by a node in `state`; None when the node is active (a real refusal)."""
+    if state == "active":
+        return None
+    return VaultUnavailable(
+        f"login refused while {action}: permission denied by a node that reports itself {state}; a standby"
+        " refuses logins until it has caught up with the auth mount"
+    )
+
+
+async def _not_ready(vault: Vault, message: str, action: str) -> None:
+    """Raise `standby_refusal` when a login's "permission denied" came from a node that is not active."""
+    if may_be_standby(message) and (error := standby_refusal(action, await vault.node_status())) is not None:
+        raise error
 
 
 async def renew(vault: Vault, current: Login) -> Login:

@@ -46,6 +46,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         help="tls: tls.crt must chain to ca.crt (default); --no-ca-signs-cert for a gateway in MUTUAL mode,"
         " where ca.crt is the CA of client certificates",
     )
+    check.add_argument("--istio-version", type=_istio_version, metavar="MAJOR.MINOR[.PATCH]",
+                       help="istio-ca: istiod's version, which turns on the checks that depend on it (config"
+                       " istio.version; docs/istio-versions.md)")
+    check.add_argument("--ambient", action=argparse.BooleanOptionalAction, default=None,
+                       help="istio-ca: the mesh runs ambient, so ztunnel's rules apply too (config istio.ambient)")
+    check.add_argument("--compliance-policy", choices=("fips-140-2", "fips-140-3", "pqc"), default=None,
+                       help="istio-ca: istiod's COMPLIANCE_POLICY; fips-140-3 adds Go's FIPS 140-only limits")
 
     inject = sub.add_parser(
         "inject", help="Helm post-renderer: add the agent to istiod/gateway Deployments read on stdin"
@@ -133,10 +140,29 @@ class _Run:
         return code
 
 
+def _istio_version(text: str) -> object:
+    from agent.istio_version import parse_version
+
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _check(args: argparse.Namespace) -> int:
     from agent import kinds
+    from agent.istio_version import Mesh, plan
 
-    info = kinds.get(args.kind).validate_dir(args.dir, ca_signs_cert=args.ca_signs_cert)
+    mesh = None
+    if args.istio_version is not None or args.ambient is not None or args.compliance_policy is not None:
+        mesh = Mesh(args.istio_version, bool(args.ambient), args.compliance_policy or "")
+        if args.kind != "istio-ca":
+            print(f"note: --istio-version, --ambient and --compliance-policy change no check of a {args.kind} bundle")
+        else:
+            # what the flags changed, before the verdict, so that a refusal shows them too
+            for d in plan(mesh):
+                print(f"check {d.check}: {'on' if d.on else 'off'} ({d.why})")
+    info = kinds.get(args.kind).validate_dir(args.dir, ca_signs_cert=args.ca_signs_cert, mesh=mesh)
     for warning in info.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.dir} is a valid {args.kind} bundle; it expires {info.expires_at.isoformat()}")

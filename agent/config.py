@@ -16,6 +16,7 @@ import msgspec
 
 from agent.clusters import CLUSTER_NAME, DNS_LABEL
 from agent.errors import ConfigError
+from agent.istio_version import COMPLIANCE_POLICIES, Mesh, parse_version
 from agent.istiod_files import ISTIOD_SWITCHES
 from agent.text import shown
 
@@ -34,6 +35,7 @@ __all__ = [
     "HttpReload",
     "InitConfig",
     "IstioCaBundle",
+    "IstioConfig",
     "KubernetesConfig",
     "KvVariant",
     "LimitsConfig",
@@ -134,19 +136,32 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class VaultConfig(_Section, frozen=True):
+    """Where Vault or OpenBao is, and how the agent trusts it."""
+
+    #: Vault's URL, such as `https://openbao.example:8200` (required; the token and the JWT go to this origin only)
     address: str = ""
+    #: PEM file of the CA that signed Vault's server certificate (reloaded when it changes); null: the system CAs
     ca_cert: str | None = None
+    #: the Vault Enterprise / OpenBao namespace to work in
     namespace: str | None = None
+    #: the name to send (SNI) and check in Vault's certificate when the address is an IP or an alias
     tls_server_name: str | None = None
+    #: do not verify Vault's certificate: development only
     skip_verify: bool = False
     #: the wall-clock bound of one request to Vault: connect, headers and body together
     timeout: Duration = Duration(10)
 
 
 class AuthConfig(_Section, frozen=True):
+    """How the agent logs in to Vault."""
+
+    #: kubernetes: the kubernetes auth method; jwt: the same token file at a jwt mount; token: a Vault token file (dev)
     method: Literal["kubernetes", "jwt", "token"] = "kubernetes"
+    #: the auth method's mount path, such as kubernetes-cluster1 (`auth/kubernetes-cluster1` works too)
     mount: str | None = None
+    #: the role to log in as (kubernetes, jwt)
     role: str | None = None
+    #: the token file, read afresh at every login: the projected service-account token (or a Vault token for token)
     token_path: str = SA_TOKEN_PATH
 
 
@@ -164,8 +179,9 @@ class PkiIntermediateSource(_Section, frozen=True):
     cluster: str
     #: the PKI mount that signs (its default issuer with root/sign-intermediate)
     mount: str = "pki"
-    #: the signing endpoint under the mount: root/sign-intermediate or issuer/<ref>/sign-intermediate
+    #: the signing endpoint under the mount: `root/sign-intermediate` or `issuer/<ref>/sign-intermediate`
     path: str = "root/sign-intermediate"
+    #: the intermediate's key, generated in the agent and sent nowhere
     key_type: Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"] = "ec-p256"
     #: the lifetime asked for (Vault may grant less)
     ttl: Duration = Duration(720 * 3600)
@@ -181,11 +197,17 @@ class PkiIntermediateSource(_Section, frozen=True):
 class PkiSource(_Section, frozen=True):
     """`source.pki` (tls bundles): a certificate and key from `<mount>/issue/<role>`, renewed at 2/3 of its life."""
 
+    #: the PKI mount that issues
     mount: str
+    #: the PKI role to issue with (`<mount>/issue/<role>`)
     role: str
+    #: the certificate's common name
     common_name: str
+    #: more DNS names (or emails) for the certificate
     alt_names: list[str] = []
+    #: IP addresses for the certificate
     ip_sans: list[str] = []
+    #: the lifetime asked for (the role may grant less)
     ttl: Duration = Duration(24 * 3600)
 
 
@@ -205,19 +227,23 @@ class _Source(_Section, frozen=True, tag_field="variant"):
 class KvVariant(_Source, frozen=True, tag="kv"):
     """`source.kv`: a KV v1 or v2 secret, MOUNT/PATH; `fields` maps output files to its keys."""
 
+    #: MOUNT/PATH of the KV secret; KV v1 or v2 is detected
     kv: str
+    #: output file -> KV key, over the bundle type's defaults (the runbook's keys for istio-ca)
     fields: dict[str, str] = {}
 
 
 class PkiIntermediateVariant(_Source, frozen=True, tag="pki_intermediate"):
     """`source.pki_intermediate` (istio-ca bundles): an intermediate CA signed by a PKI mount from a CSR."""
 
+    #: istiod's intermediate, signed from a CSR (PKI mode)
     pki_intermediate: PkiIntermediateSource
 
 
 class PkiVariant(_Source, frozen=True, tag="pki"):
     """`source.pki` (tls bundles): a certificate issued by a PKI role."""
 
+    #: a gateway's certificate from a PKI role (PKI mode)
     pki: PkiSource
 
 
@@ -227,29 +253,51 @@ _SOURCE_VARIANTS: tuple[str, ...] = tuple(str(v.__struct_config__.tag) for v in 
 
 
 class SignalReload(_Section, frozen=True, tag_field="action", tag="signal"):
+    """Send a signal to the consumer's process."""
+
+    #: the signal to send, such as SIGHUP
     signal: str = "SIGHUP"
+    #: a pattern matched against the command lines of the pod's processes (needs shareProcessNamespace: true)
     process: str | None = None
+    #: a file holding the process id (instead of process)
     pid_file: str | None = None
 
 
 class ExecReload(_Section, frozen=True, tag_field="action", tag="exec"):
+    """Run a command."""
+
+    #: the command and its arguments (no shell unless you name one)
     command: list[str]
+    #: the command is killed after this long
     timeout: Duration = Duration(10)
 
 
 class HttpReload(_Section, frozen=True, tag_field="action", tag="http"):
+    """Send an HTTP request."""
+
+    #: the http:// or https:// URL to call
     url: str
+    #: the HTTP method
     method: str = "POST"
+    #: the request fails after this long
     timeout: Duration = Duration(10)
 
 
 class RolloutTarget(_Section, frozen=True):
+    """The workload a rollout-restart reload restarts."""
+
+    #: the workload's kind
     kind: Literal["Deployment", "DaemonSet", "StatefulSet"]
+    #: the workload's name
     name: str
+    #: its namespace; default the pod's (POD_NAMESPACE)
     namespace: str | None = None
 
 
 class RolloutRestartReload(_Section, frozen=True, tag_field="action", tag="rollout-restart"):
+    """Restart a workload through the Kubernetes API, as `kubectl rollout restart` does (sidecar mode)."""
+
+    #: the workload to restart
     target: RolloutTarget
 
 
@@ -263,7 +311,9 @@ Reload = SignalReload | ExecReload | HttpReload | RolloutRestartReload | NoReloa
 class _Bundle(_Section, frozen=True, tag_field="type"):
     """What every bundle kind has; `type` picks the kind (istio-ca when omitted), and each kind adds its own keys."""
 
+    #: the bundle's name: in logs, metrics, Events and /readyz; unique
     name: str
+    #: where the bundle's data comes from
     source: SourceConfig
     #: seconds left on the bundle's certificates below which /readyz fails
     ready_min_remaining: Duration = Duration(3600)
@@ -292,12 +342,17 @@ class _Bundle(_Section, frozen=True, tag_field="type"):
 class _FileBundle(_Bundle, frozen=True, kw_only=True):
     """A bundle published as files into a directory (istio-ca, tls)."""
 
-    #: where the files are published (validate() says when it is missing)
+    #: the directory the files are published into (required)
     dir: str = ""
+    #: the mode of the published files other than the key (octal)
     file_mode: int = 0o644
+    #: the mode of the key file, ca-key.pem or tls.key (octal)
     key_mode: int = 0o600
+    #: chown the published files to this uid (needs root or CAP_CHOWN)
     uid: int | None = None
+    #: chown the published files to this gid
     gid: int | None = None
+    #: what to do after each publish (sidecar mode); none: istiod >= 1.19 and pilot-agent watch the files
     reload: Reload = NoReload()
 
 
@@ -310,8 +365,12 @@ class IstioCaBundle(_FileBundle, frozen=True, kw_only=True, tag="istio-ca"):
         "ca-key.pem": "ca_key", "ca-cert.pem": "ca_cert", "root-cert.pem": "root_cert",
         "cert-chain.pem": "cert_chain", "ca-crl.pem": "ca_crl",
     }
+    #: istiod runs with ISTIO_MULTIROOT_MESH=true, so it takes a root change where one root set holds the other
     multiroot: bool = False
+    #: a root change istiod would not take: restart SIGTERMs restart_process (needs shareProcessNamespace), none
+    #: leaves istiod alone
     on_root_change: Literal["restart", "none"] = "restart"
+    #: the process `restart` SIGTERMs when reload.process is not set
     restart_process: str = "pilot-discovery"
     #: the lifetime of the workload certificates istiod signs (pilot-agent's SECRET_TTL, 24h by default); an
     #: intermediate needs 2 x this left, since istiod caps workload certificates at its notAfter
@@ -362,21 +421,34 @@ class LimitsConfig(_Section, frozen=True):
 
 
 class InitConfig(_Section, frozen=True):
+    """The first pass, in both modes."""
+
+    #: every bundle must be published within this long, else exit 1 with the last error
     timeout: Duration = Duration(120)
 
 
 class HealthConfig(_Section, frozen=True):
+    """The health server of sidecar mode: /healthz, /readyz, /metrics."""
+
+    #: HOST:PORT to listen on; [::] takes IPv4 too (one dual-stack socket)
     listen: str = "[::]:8099"
 
 
 class SidecarConfig(_Section, frozen=True):
-    #: 5 minutes, as bao agent and vault-k8s re-read static secrets; the first look after start comes at a random
-    #: phase of it, so agents started together do not poll in step. SIGHUP looks at once.
+    """Sidecar mode: keeping the bundles current."""
+
+    #: how often each source is looked at: 5 minutes, as bao agent and vault-k8s re-read static secrets; the first
+    #: look after start comes at a random phase of it, so agents started together do not poll in step. SIGHUP looks
+    #: at once.
     poll_interval: Duration = Duration(300)
 
 
 class LogConfig(_Section, frozen=True):
+    """The agent's log on stderr."""
+
+    #: the lowest level written
     level: Literal["debug", "info", "warning", "error"] = "info"
+    #: json lines, or console for people
     format: Literal["json", "console"] = "json"
     #: where a fatal `error:` line is also written, so `kubectl describe pod` shows it (skipped when not writable)
     termination_message_path: str = "/dev/termination-log"
@@ -388,22 +460,57 @@ class KubernetesConfig(_Section, frozen=True):
     Read once at start; Events are recorded on this pod when name and namespace are known.
     """
 
+    #: the pod's name (Events are recorded on it)
     pod_name: str | None = None
+    #: the pod's namespace (and the default namespace of remote secrets and rollout-restart targets)
     pod_namespace: str | None = None
+    #: the pod's UID (Events name the pod by it)
     pod_uid: str | None = None
+    #: the node's name (Events say where they come from)
     node_name: str | None = None
 
 
+class IstioConfig(_Section, frozen=True):
+    """The mesh the agent feeds: what turns on the version-aware checks (docs/istio-versions.md)."""
+
+    #: istiod's (and ztunnel's) version, MAJOR.MINOR[.PATCH]; unset: unknown, the version-aware checks are skipped.
+    #: A string: YAML reads an unquoted 1.30 as the number 1.3
+    version: str | float | None = None
+    #: ambient data plane: ztunnel takes its certificates from istiod as well
+    ambient: bool = False
+    #: istiod's COMPLIANCE_POLICY; fips-140-3 adds the limits of Go's FIPS 140-only mode
+    compliance_policy: str = ""
+
+    @property
+    def mesh(self) -> Mesh:
+        """The section as agent.istio_version reads it (validate() has checked the version)."""
+        v = parse_version(self.version) if isinstance(self.version, str) else None
+        return Mesh(version=v, ambient=self.ambient, compliance_policy=self.compliance_policy)
+
+
 class AgentConfig(_Section, frozen=True):
+    """The whole config file."""
+
+    #: what to publish: at least one bundle
     bundles: list[BundleConfig]
+    #: where Vault is, and how to trust it
     vault: VaultConfig = VaultConfig()
+    #: how to log in
     auth: AuthConfig = AuthConfig()
+    #: the first pass
     init: InitConfig = InitConfig()
+    #: the health server (sidecar mode)
     health: HealthConfig = HealthConfig()
+    #: keeping the bundles current (sidecar mode)
     sidecar: SidecarConfig = SidecarConfig()
+    #: the agent's log
     log: LogConfig = LogConfig()
+    #: the pod the agent runs in
     kubernetes: KubernetesConfig = KubernetesConfig()
+    #: bounds on what the agent reads
     limits: LimitsConfig = LimitsConfig()
+    #: the Istio version, data plane and compliance policy the bundles are checked for (docs/istio-versions.md)
+    istio: IstioConfig = IstioConfig()
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -817,12 +924,27 @@ def validate(cfg: AgentConfig) -> None:
         dirs.add(norm)
         _validate_bundle(key, b)
     _check_remote_secrets_unique(cfg)
+    _validate_istio(cfg.istio)
     parse_listen(cfg.health.listen)
     if cfg.sidecar.poll_interval < 0.1:
         raise ConfigError("sidecar.poll_interval must be at least 100ms")
     for i, b in enumerate(cfg.bundles):
         if b.poll_interval is not None and b.poll_interval < 0.1:
             raise ConfigError(f"bundles[{i}].poll_interval must be at least 100ms")
+
+
+def _validate_istio(istio: IstioConfig) -> None:
+    if isinstance(istio.version, float | int):
+        raise ConfigError(f"istio.version must be quoted, such as \"1.30.3\": YAML reads the unquoted {istio.version!r}"
+                          " as a number, in which 1.30 is 1.3")
+    if istio.version is not None:
+        try:
+            parse_version(istio.version)
+        except ValueError as exc:
+            raise ConfigError(f"istio.version: {exc}") from None
+    if istio.compliance_policy not in COMPLIANCE_POLICIES:
+        raise ConfigError(f"istio.compliance_policy must be one of {', '.join(p for p in COMPLIANCE_POLICIES if p)}"
+                          f" (or empty), as istiod's COMPLIANCE_POLICY, not {shown(istio.compliance_policy)!r}")
 
 
 def _validate_bundle(key: str, b: FileBundle) -> None:

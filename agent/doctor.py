@@ -17,6 +17,7 @@ from agent.clusters import BUNDLE_KEYS, ClusterLayout, check_cluster_name
 from agent.errors import AgentError, BundleError, ConfigError, PermissionDenied, VaultUnavailable
 from agent.kvstore import KVMount
 from agent.operator import ENV_HELP
+from agent.rotation import certs, fingerprint, issued_by
 from agent.text import shown
 
 if TYPE_CHECKING:
@@ -61,57 +62,28 @@ class Trust:
     names: dict[str, str] = field(default_factory=dict)
 
 
-def _certs(data: bytes) -> list[x509.Certificate]:
-    """Every CERTIFICATE block cryptography can parse, in file order (others skipped, like Go's cert pools)."""
-    import re
-
-    from cryptography import x509
-
-    out = []
-    for m in re.finditer(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", data, re.DOTALL):
-        try:
-            out.append(x509.load_pem_x509_certificate(m.group()))
-        except ValueError:
-            continue
-    return out
-
-
-def _fingerprint(cert: x509.Certificate) -> str:
-    from cryptography.hazmat.primitives import hashes
-
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def _label(cert: x509.Certificate) -> str:
     return shown(cert.subject.rfc4514_string() or "empty subject", 120)
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except Exception:  # noqa: BLE001 - name mismatch, bad signature, unsupported key: not its issuer
-        return False
-    return True
-
-
 def trust(files: dict[str, bytes]) -> Trust:
     """Follow ca-cert.pem's first certificate through cert-chain.pem up to a root in root-cert.pem."""
-    roots = _certs(files.get("root-cert.pem", b""))
-    chain = _certs(files.get("cert-chain.pem", b""))
-    names = {_fingerprint(r): f"{_label(r)} (sha256 {_fingerprint(r)[:16]})" for r in roots}
-    current = next(iter(_certs(files.get("ca-cert.pem", b""))), None)
+    roots = certs(files.get("root-cert.pem", b""))
+    chain = certs(files.get("cert-chain.pem", b""))
+    names = {fingerprint(r): f"{_label(r)} (sha256 {fingerprint(r)[:16]})" for r in roots}
+    current = next(iter(certs(files.get("ca-cert.pem", b""))), None)
     if current is None:
         return Trust((), None, frozenset(names), names)
     path = [("ca-cert.pem " + _label(current), current.not_valid_after_utc)]
     anchor = None
     for _ in range(8):  # Go's verifier gives up long before this on any real chain
-        root = next((r for r in roots if _issued_by(current, r)), None)
+        root = next((r for r in roots if issued_by(current, r)), None)
         if root is not None:
-            anchor = _fingerprint(root)
-            if _fingerprint(current) != anchor:  # ca-cert.pem may itself be the root
+            anchor = fingerprint(root)
+            if fingerprint(current) != anchor:  # ca-cert.pem may itself be the root
                 path.append(("root " + _label(root), root.not_valid_after_utc))
             break
-        parent = next((c for c in chain if c != current and _issued_by(current, c)), None)
+        parent = next((c for c in chain if c != current and issued_by(current, c)), None)
         if parent is None:
             break
         path.append(("cert-chain.pem " + _label(parent), parent.not_valid_after_utc))
@@ -431,13 +403,13 @@ def _pki(v: _Vault, c: _Cluster, warn_days: int, now: dt.datetime) -> None:
         return
     issuer = v.read(f"{lay.pki_mount}/issuer/default/json")
     pem = str((issuer or {}).get("certificate") or "").encode()
-    certs = _certs(pem)
-    if not certs:
+    found = certs(pem)
+    if not found:
         c.add("pki-root", FAIL, f"the PKI mount {lay.pki_mount} has no default issuer: generate or import the root")
         return
-    root = certs[0]
+    root = found[0]
     # the intermediates are made by each agent from its CSR: what Vault holds is the root they all chain to
-    fp = _fingerprint(root)
+    fp = fingerprint(root)
     c.trust = Trust(((f"{lay.pki_mount}'s root {_label(root)}", root.not_valid_after_utc),), fp, frozenset({fp}),
                     {fp: f"{_label(root)} (sha256 {fp[:16]})"})
     c.add("pki-root", OK, f"{lay.pki_mount}'s default issuer is {_label(root)}")

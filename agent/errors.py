@@ -102,7 +102,7 @@ class StaleRead(VaultUnavailable):
 
 class BundleError(AgentError):
     """A bundle the agent refuses. `istiod_loads` marks verdict (b): istiod (or pilot-agent) would load it, but
-    workloads or clients would break; `check` names the check (README "What it checks" lists them)."""
+    workloads or clients would break; `check` names the check (docs/checks.md lists them)."""
 
     reason = "invalid_bundle"
 

@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.auth import Login, credential_digest, login_hint, mount_of, read_token_file, seconds
+from agent.auth import (
+    Login,
+    credential_digest,
+    from_login,
+    from_lookup,
+    login_hint,
+    may_be_standby,
+    mount_of,
+    read_token_file,
+    standby_refusal,
+)
 from agent.errors import (
     AgentError,
     AuthError,
@@ -231,15 +241,8 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
             login=True,
             hint=f"put a valid Vault token in {shown(cfg.token_path)}",
         )
-        data = field(answer(response, address=address, action=action), "data", dict,
-                     address=address, action=action)
-        return Login(
-            token=client.token,
-            accessor=str(data.get("accessor") or ""),
-            ttl=seconds(data, "ttl", address, action),
-            renewable=data.get("renewable") is True,
-            obtained_at=time.time(),
-        )
+        return from_lookup(client.token, answer(response, address=address, action=action), address=address,
+                           action=action)
 
     jwt = read_token_file(cfg.token_path, "service account token")
     digest = credential_digest(jwt)
@@ -258,33 +261,17 @@ def login(client: hvac.Client, cfg: AuthConfig) -> Login:
         _not_ready(client, str(exc), action)
         hint = login_hint(cfg, str(exc))
         raise AuthError(f"{exc}; {hint}") from exc
-    auth = field(answer(response, address=address, action=action), "auth", dict,
-                 address=address, action=action, optional=True)
-    token = (auth or {}).get("client_token")
-    if not token or not isinstance(token, str):
-        raise AuthError(f"{action} returned no token: check that auth.mount is a {cfg.method} auth method")
-    client.token = token
-    return Login(
-        token=token,
-        accessor=str(auth.get("accessor") or ""),
-        ttl=seconds(auth, "lease_duration", address, action),
-        renewable=auth.get("renewable") is True,
-        obtained_at=time.time(),
-        credential_digest=digest,
-    )
+    done = from_login(answer(response, address=address, action=action), digest, address=address, action=action,
+                      method=cfg.method)
+    client.token = done.token
+    return done
 
 
 def _not_ready(client: hvac.Client, message: str, action: str) -> None:
     """A bare "permission denied" on a login is also what a standby answers before it has caught up with the
     auth mount (about 30 s after it was configured), or a node that is not active: then it is worth a retry."""
-    if not message.rstrip().endswith("permission denied"):
-        return
-    state = node_state(client)
-    if state != "active":
-        raise VaultUnavailable(
-            f"login refused while {action}: permission denied by a node that reports itself {state}; a standby"
-            " refuses logins until it has caught up with the auth mount"
-        )
+    if may_be_standby(message) and (error := standby_refusal(action, node_state(client))) is not None:
+        raise error
 
 
 def kv_mount(client: hvac.Client, kv_path: str, *, fix: str) -> KVMount:

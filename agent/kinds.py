@@ -22,6 +22,7 @@ from agent.validate.tls import OPTIONAL_TLS_FILES, TLS_FILES
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
+    from agent.istio_version import Mesh
 
 __all__ = ["FILE_KINDS", "ISTIO_CA", "KINDS", "REMOTE_SECRET", "TLS", "Kind", "get", "of"]
 
@@ -57,13 +58,15 @@ class Kind:
         now: dt.datetime | None = None,
         limits: checks.Limits | None = None,
         ca_signs_cert: bool = True,
+        mesh: Mesh | None = None,
     ) -> checks.BundleInfo:
-        """Check `files` the way this kind's consumer will (see `agent.validate.validate`).
+        """Check `files` the way this kind's consumer will (see `agent.validate.validate`; `mesh`: the checks of
+        the mesh's Istio version, ambient and compliance policy).
 
         Raises:
             BundleError: one sentence naming the file and the failed check.
         """
-        return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
+        return checks.validate(self.name, files, now=now, limits=limits, ca_signs_cert=ca_signs_cert, mesh=mesh)
 
     def validate_dir(
         self,
@@ -72,13 +75,14 @@ class Kind:
         now: dt.datetime | None = None,
         limits: checks.Limits | None = None,
         ca_signs_cert: bool = True,
+        mesh: Mesh | None = None,
     ) -> checks.BundleInfo:
         """Read a published directory of this kind and validate it.
 
         Raises:
             BundleError: a required file is missing or unreadable, or the bundle is invalid.
         """
-        return checks.validate_dir(path, self.name, now=now, limits=limits, ca_signs_cert=ca_signs_cert)
+        return checks.validate_dir(path, self.name, now=now, limits=limits, ca_signs_cert=ca_signs_cert, mesh=mesh)
 
 
 ISTIO_CA = Kind(

@@ -1,4 +1,4 @@
-"""The agent's Kubernetes API session (aiohttp): in-cluster or kubeconfig access, `kubectl rollout restart`, the
+"""The agent's Kubernetes API session (aiohttp), on the access agent.kube_access loads: `kubectl rollout restart`, the
 Secret calls remote secrets need (get, server-side apply, list by label, delete) and best-effort Events.
 
 Every request has one wall-clock deadline (connect, headers and body alike), a cap on the bytes it reads, follows
@@ -9,32 +9,25 @@ and PyYAML are imported on first use, so `import agent.kube` (init mode loads it
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
 import datetime as dt
 import json
 import os
-import re
-import shutil
-import ssl
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from agent import __version__, aio
+from agent import __version__, aio, kube_access
 from agent.config import KubernetesConfig, RolloutTarget
 from agent.errors import AgentError, ConfigError, KubeUnavailable, PublishError, ReloadError
-from agent.files import FileProblem, read_regular
+from agent.files import FileProblem
 from agent.log import get_logger, redact
 from agent.text import escape, shown
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from agent.kube_access import Access
 
 __all__ = [
     "ANSWER_LIMIT",
@@ -68,10 +61,6 @@ ANSWER_LIMIT = 4 * 1024 * 1024
 #: bytes read of a Secret list (only the agent's own Secrets, selected by label)
 LIST_LIMIT = 16 * 1024 * 1024
 _EVENT_ANSWER_LIMIT = 64 * 1024
-#: the service-account token (a JWT) and other small files kubelet mounts
-_TOKEN_LIMIT = 64 * 1024
-#: a kubeconfig (and each CA or client certificate file it names)
-_CONFIG_LIMIT = 4 * 1024 * 1024
 
 _PLURALS = {"Deployment": "deployments", "DaemonSet": "daemonsets", "StatefulSet": "statefulsets"}
 _STRATEGIC_MERGE = "application/strategic-merge-patch+json"
@@ -80,276 +69,12 @@ _MAX_MESSAGE = 1024
 #: how long closing the EventRecorder waits for Events in flight (SIGTERM must still exit within a second)
 _CLOSE_GRACE = 0.5
 #: what a bearer token may hold: visible ASCII (a JWT is base64url and dots), so it cannot split a header
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 _unavailable_logged = False
 
 
 def _now_rfc3339() -> str:
     # kubectl formats with Go's time.RFC3339 (seconds, 'Z' in UTC)
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _kubeconfig_paths() -> list[str] | None:
-    """KUBECONFIG (may list several files, as kubectl allows), else ~/.kube/config when it exists."""
-    env = os.environ.get("KUBECONFIG", "")
-    if env.strip(os.pathsep):
-        return [p for p in env.split(os.pathsep) if p]
-    default = Path("~/.kube/config").expanduser()
-    return [str(default)] if default.is_file() else None
-
-
-# ------------------------------------------------------------------------------------------ access (config)
-
-
-@dataclass
-class _Access:
-    """Where the API server is and how the agent proves who it is; built once, off the event loop."""
-
-    server: str
-    ssl: ssl.SSLContext | None
-    origin: str
-    namespace: str | None = None
-    token: str | None = None
-    #: a file the token is read from again whenever it changes (kubelet rotates projected tokens)
-    token_file: str | None = None
-    token_stamp: tuple[int, int, int] | None = None
-    tls_server_name: str | None = None
-
-
-def _token_text(raw: bytes, what: str) -> str:
-    token = raw.decode("ascii", "replace").strip()
-    if not token:
-        raise FileProblem(f"{what} is empty")
-    if not _TOKEN_CHARS.fullmatch(token):
-        raise FileProblem(f"{what} holds something that is not a bearer token")
-    return token
-
-
-def _stamp(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _read_token_file(path: str) -> tuple[tuple[int, int, int], str]:
-    """The token file's (inode, mtime, size) and its token. Blocks.
-
-    Raises:
-        FileProblem: missing, not a regular file, over 64 KiB, empty or not a token.
-    """
-    try:
-        stamp = _stamp(path)
-    except OSError:
-        stamp = (0, 0, 0)
-    what = f"the token file {shown(path)}"
-    return stamp, _token_text(read_regular(path, limit=_TOKEN_LIMIT, what="the token file"), what)
-
-
-def _in_cluster(sa_dir: Path) -> _Access:
-    """The pod's service account: KUBERNETES_SERVICE_HOST/PORT, token, CA and namespace from `sa_dir`. Blocks."""
-
-    def refuse(reason: str) -> ConfigError:
-        return ConfigError(
-            f"in-cluster Kubernetes config cannot be loaded from {sa_dir}: {reason};"
-            " mount a service-account token (automountServiceAccountToken: true)"
-        )
-
-    host = os.environ.get("KUBERNETES_SERVICE_HOST", "").strip()
-    port = os.environ.get("KUBERNETES_SERVICE_PORT", "").strip()
-    if not host or not port.isdigit():
-        raise refuse("KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must both be set")
-    token_file = str(sa_dir / "token")
-    try:
-        stamp, token = _read_token_file(token_file)
-        ca_pem = read_regular(str(sa_dir / "ca.crt"), limit=_CONFIG_LIMIT, what="the service account's CA file")
-    except FileProblem as exc:
-        raise refuse(str(exc)) from None
-    if not ca_pem.strip():  # cadata="" would mean the system's trust store
-        raise refuse(f"{sa_dir / 'ca.crt'} holds no PEM certificate")
-    try:
-        ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
-    except (ssl.SSLError, ValueError):
-        raise refuse(f"{sa_dir / 'ca.crt'} holds no PEM certificate") from None
-    try:
-        namespace: str | None = read_regular(
-            str(sa_dir / "namespace"), limit=1024, what="the namespace file"
-        ).decode("utf-8", "replace").strip() or None
-    except FileProblem:
-        namespace = None
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 service address
-    return _Access(server=f"https://{host}:{int(port)}", ssl=ctx, origin="in-cluster", namespace=namespace,
-                   token=token, token_file=token_file, token_stamp=stamp)
-
-
-def _named(entries: object, kind: str, path: str) -> dict[str, tuple[dict[str, Any], str]]:
-    """`name -> (the entry's inner map, the file it came from)` of a kubeconfig's clusters, users or contexts."""
-    inner = {"clusters": "cluster", "users": "user", "contexts": "context"}[kind]
-    out: dict[str, tuple[dict[str, Any], str]] = {}
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            value = entry.get(inner)
-            out.setdefault(entry["name"], (value if isinstance(value, dict) else {}, path))
-    return out
-
-
-def _data_or_file(entry: dict[str, Any], key: str, origin: str) -> bytes | None:
-    """The bytes of `<key>-data` (base64) or of the file `<key>` (relative to the kubeconfig that names it)."""
-    data = entry.get(f"{key}-data")
-    if data:
-        try:
-            return base64.b64decode(str(data), validate=False)
-        except (binascii.Error, ValueError):
-            raise FileProblem(f"{key}-data is not base64") from None
-    name = entry.get(key)
-    if not name:
-        return None
-    file = Path(str(name)).expanduser()
-    if not file.is_absolute():
-        file = Path(origin).parent / file
-    return read_regular(str(file), limit=_CONFIG_LIMIT, what=key)
-
-
-def _load_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """`ctx.load_cert_chain` wants files: write them to a private directory and remove it at once. Blocks."""
-    tmp = tempfile.mkdtemp(prefix="istio-vault-agent-kube-")  # mode 0700
-    try:
-        paths = []
-        for name, data in (("client.crt", cert_pem), ("client.key", key_pem)):
-            path = os.path.join(tmp, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            paths.append(path)
-        ctx.load_cert_chain(paths[0], paths[1])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-_Entries = dict[str, tuple[dict[str, Any], str]]
-
-
-def _merge(paths: list[str], refuse: Callable[[str], ConfigError]) -> tuple[dict[str, _Entries], str | None]:
-    """The clusters, users and contexts of the kubeconfig files `paths` and the current context, merged as kubectl
-    does (the first file to set a name or the current context wins; missing files are skipped). Blocks."""
-    import yaml
-
-    merged: dict[str, _Entries] = {"clusters": {}, "users": {}, "contexts": {}}
-    current: str | None = None
-    found = False
-    for path in paths:
-        try:
-            raw = read_regular(path, limit=_CONFIG_LIMIT, what="kubeconfig")
-        except FileProblem as exc:
-            if exc.missing and len(paths) > 1:
-                continue
-            raise refuse(str(exc)) from None
-        try:
-            doc = yaml.safe_load(raw) or {}
-        except yaml.YAMLError:
-            raise refuse(f"{shown(path)} is not valid YAML") from None
-        if not isinstance(doc, dict):
-            raise refuse(f"{shown(path)} is not a kubeconfig (not a map)")
-        found = True
-        for kind, into in merged.items():
-            for entry_name, value in _named(doc.get(kind), kind, path).items():
-                into.setdefault(entry_name, value)
-        if current is None and isinstance(doc.get("current-context"), str) and doc["current-context"]:
-            current = doc["current-context"]
-    if not found:
-        raise refuse("no configuration found")
-    return merged, current
-
-
-def _from_kubeconfig(paths: list[str]) -> _Access:
-    """The current context of the kubeconfig files `paths`: server, CA, credentials, namespace. Blocks."""
-    where = os.pathsep.join(paths)
-
-    def refuse(reason: str) -> ConfigError:
-        return ConfigError(f"kubeconfig {shown(where)} cannot be loaded: {reason}")
-
-    merged, current = _merge(paths, refuse)
-    if current is None or current not in merged["contexts"]:
-        raise refuse("no current-context is set" if current is None else f"context {shown(current)!r} does not exist")
-    context = merged["contexts"][current][0]
-    cluster_name, user_name = str(context.get("cluster") or ""), str(context.get("user") or "")
-    if cluster_name not in merged["clusters"]:
-        raise refuse(f"cluster {shown(cluster_name)!r} of context {shown(current)!r} does not exist")
-    cluster, cluster_origin = merged["clusters"][cluster_name]
-    server = str(cluster.get("server") or "").rstrip("/")
-    if not server.startswith(("https://", "http://")):
-        raise refuse(f"cluster {shown(cluster_name)!r} has no https:// server URL")
-    if cluster.get("insecure-skip-tls-verify"):
-        raise refuse(
-            f"cluster {shown(cluster_name)!r} sets insecure-skip-tls-verify, and the agent sends its credentials only"
-            " to a verified API server: give certificate-authority or certificate-authority-data"
-        )
-    user, user_origin = merged["users"].get(user_name, ({}, ""))
-    if user.get("exec") or user.get("auth-provider"):
-        plugin = "an exec credential plugin" if user.get("exec") else "an auth-provider plugin"
-        raise refuse(
-            f"user {shown(user_name)!r} uses {plugin}, which the agent does not run: give it a token, tokenFile or"
-            " client certificate"
-        )
-    server_name, namespace = cluster.get("tls-server-name"), context.get("namespace")
-    access = _Access(server=server, ssl=None, origin=where, namespace=str(namespace) if namespace else None,
-                     tls_server_name=str(server_name) if server_name else None)
-    try:
-        if server.startswith("https://"):
-            ca_pem = _data_or_file(cluster, "certificate-authority", cluster_origin)
-            trust: ssl.SSLContext | None = None
-            # a CA file named but empty is no CA: cadata="" would be the system's trust store
-            if ca_pem is None or ca_pem.strip():
-                with contextlib.suppress(ssl.SSLError, ValueError):
-                    trust = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
-            if trust is None:
-                raise refuse(f"the certificate authority of cluster {shown(cluster_name)!r} holds no PEM"
-                             " certificate")
-            access.ssl = trust
-            _client_cert(trust, user, user_origin, f"user {shown(user_name)!r}", refuse)
-        _token(access, user, user_origin, f"user {shown(user_name)!r}")
-    except FileProblem as exc:
-        raise refuse(str(exc)) from None
-    return access
-
-
-def _client_cert(
-    ctx: ssl.SSLContext, user: dict[str, Any], origin: str, who: str, refuse: Callable[[str], ConfigError]
-) -> None:
-    """Load the user's client certificate and key into `ctx`, when it has them. Blocks."""
-    cert_pem = _data_or_file(user, "client-certificate", origin)
-    key_pem = _data_or_file(user, "client-key", origin)
-    if (cert_pem is None) != (key_pem is None):
-        raise refuse(f"{who} needs both client-certificate and client-key")
-    if cert_pem is not None and key_pem is not None:
-        try:
-            _load_client_cert(ctx, cert_pem, key_pem)
-        except (ssl.SSLError, ValueError):
-            raise refuse(f"the client certificate and key of {who} do not load as a PEM certificate and its"
-                         " key") from None
-
-
-def _token(access: _Access, user: dict[str, Any], origin: str, who: str) -> None:
-    """The user's token, or its tokenFile (read again whenever it changes). Blocks."""
-    token = user.get("token")
-    if token:
-        access.token = _token_text(str(token).encode(), f"the token of {who}")
-    elif user.get("tokenFile"):
-        token_file = Path(str(user["tokenFile"])).expanduser()
-        if not token_file.is_absolute():
-            token_file = Path(origin).parent / token_file
-        access.token_file = str(token_file)
-        access.token_stamp, access.token = _read_token_file(access.token_file)
-
-
-def _load_access(sa_dir: Path) -> _Access:
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return _in_cluster(sa_dir)
-    paths = _kubeconfig_paths()
-    if paths is None:
-        raise ConfigError(
-            "no Kubernetes API access: run in a pod with a service account, or set KUBECONFIG to a kubeconfig file"
-        )
-    return _from_kubeconfig(paths)
 
 
 # ------------------------------------------------------------------------------------------------ the client
@@ -380,7 +105,7 @@ class Kube:
     deadline: float = SECRET_DEADLINE
     event_deadline: float = EVENT_DEADLINE
 
-    def __init__(self, access: _Access, *, pod: KubernetesConfig | None = None) -> None:
+    def __init__(self, access: Access, *, pod: KubernetesConfig | None = None) -> None:
         """Wrap loaded access; callers want `Kube.load()` or `Kube.maybe()`."""
         self._access = access
         self.namespace = access.namespace
@@ -393,7 +118,7 @@ class Kube:
     @classmethod
     def available(cls) -> bool:
         """True when in-cluster config (KUBERNETES_SERVICE_HOST) or a kubeconfig file is there to load."""
-        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or _kubeconfig_paths() is not None
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kube_access.kubeconfig_paths() is not None
 
     @classmethod
     async def load(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube:
@@ -402,7 +127,7 @@ class Kube:
         Raises:
             ConfigError: neither is available, or the one found cannot be loaded.
         """
-        return cls(await asyncio.to_thread(_load_access, sa_dir), pod=pod)
+        return cls(await asyncio.to_thread(kube_access.load_access, sa_dir), pod=pod)
 
     @classmethod
     async def maybe(cls, *, sa_dir: Path = SA_DIR, pod: KubernetesConfig | None = None) -> Kube | None:
@@ -456,9 +181,9 @@ class Kube:
             return access.token
         path = access.token_file
         try:
-            stamp = await asyncio.to_thread(_stamp, path)
+            stamp = await asyncio.to_thread(kube_access.stamp, path)
             if stamp != access.token_stamp:
-                access.token_stamp, access.token = await asyncio.to_thread(_read_token_file, path)
+                access.token_stamp, access.token = await asyncio.to_thread(kube_access.read_token_file, path)
                 self._token_warned = False
         except OSError as exc:  # kubelet may be rewriting it: keep the token in hand, say so once
             if not self._token_warned:

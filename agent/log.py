@@ -143,6 +143,11 @@ class _Writer:
             os.close(old)
         return self
 
+    def writes_to(self, stream: Any) -> bool:
+        """`open` was called with this very stream."""
+        with self._cond:
+            return self.opened and self._stream is stream
+
     def put(self, line: str) -> None:
         """Queue one line (without its newline); dropped and counted when the queue is full."""
         with self._cond:
@@ -252,8 +257,9 @@ class _QueueLoggerFactory:
 
 def emit_line(line: str) -> bool:
     """Queue one line of plain text (the `error:` line) behind the log lines, on the same stderr; False (and nothing
-    queued) before `configure`."""
-    if not _WRITER.opened:
+    queued) before `configure`, or when sys.stderr is no longer the stream it was configured with (the caller
+    then prints the line itself, where stderr is now)."""
+    if not _WRITER.writes_to(sys.stderr):
         return False
     _WRITER.put(line)
     return True

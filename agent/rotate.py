@@ -572,7 +572,7 @@ def _gates(args: argparse.Namespace, clusters: Sequence[str], states: Mapping[st
                    f"pass --context {c}=KUBECONTEXT to check istiod, or --multiroot-mesh once it runs with"
                    " ISTIO_MULTIROOT_MESH=true")
             raise ConfigError(f"cannot {args.rotate_command}: {where}: istiod keeps its old CA on a root change"
-                              f" without ISTIO_MULTIROOT_MESH=true; {how} (README, root rotation step 0);"
+                              f" without ISTIO_MULTIROOT_MESH=true; {how} (docs/root-rotation.md, step 0);"
                               " nothing was written")
         if not facts.xds_agent:
             how = ("the mesh config (ConfigMap istio, key mesh) does not set it" if facts.checked else

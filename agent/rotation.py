@@ -35,8 +35,10 @@ __all__ = [
     "append_root",
     "block_bytes",
     "cert_set",
+    "certs",
     "describe",
     "fingerprint",
+    "issued_by",
     "parse_record",
     "phase_of",
     "read_stored",
@@ -59,7 +61,7 @@ _BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----(?
 # ---------------------------------------------------------------------------------------------- certificates
 
 
-def _certs(data: bytes) -> list[x509.Certificate]:
+def certs(data: bytes) -> list[x509.Certificate]:
     """Every CERTIFICATE block cryptography parses, in file order (others skipped, like Go's cert pools)."""
     from cryptography import x509
 
@@ -79,7 +81,8 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer` signed `cert` directly (names and signature)."""
     try:
         cert.verify_directly_issued_by(issuer)
     except Exception:  # noqa: BLE001 - name mismatch, bad signature, unsupported key: not its issuer
@@ -91,10 +94,10 @@ def _anchor(ca: x509.Certificate, chain: list[x509.Certificate], roots: list[x50
     """The fingerprint of the root `ca` chains to through `chain`, None when it reaches none."""
     current = ca
     for _ in range(8):
-        root = next((r for r in roots if _issued_by(current, r)), None)
+        root = next((r for r in roots if issued_by(current, r)), None)
         if root is not None:
             return fingerprint(root)
-        parent = next((c for c in chain if c != current and _issued_by(current, c)), None)
+        parent = next((c for c in chain if c != current and issued_by(current, c)), None)
         if parent is None:
             return None
         current = parent
@@ -249,9 +252,9 @@ class ClusterState:
 def state_of(stored: Stored, new_root: str | None) -> ClusterState:
     """The phase of `stored` against `new_root` (a fingerprint; None: inferred from the record or root_cert)."""
     files = stored.files()
-    roots = _certs(files.get("root-cert.pem", b""))
-    chain = _certs(files.get("cert-chain.pem", b""))
-    ca = next(iter(_certs(files.get("ca-cert.pem", b""))), None)
+    roots = certs(files.get("root-cert.pem", b""))
+    chain = certs(files.get("cert-chain.pem", b""))
+    ca = next(iter(certs(files.get("ca-cert.pem", b""))), None)
     record = parse_record(stored.data.get(RECORD_KEY))
     fps = [fingerprint(r) for r in roots]
     if new_root is None and record is not None and record.root in fps:

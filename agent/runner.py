@@ -34,7 +34,7 @@ __all__ = ["EXIT_STOPPED", "Agent", "run"]
 #: exit code when SIGTERM/SIGINT ends init mode before every bundle was published (128 + SIGTERM)
 EXIT_STOPPED = 143
 #: how long shutdown waits for Kubernetes calls in flight (each is bounded by its own request timeout, far longer);
-#: short, and spent alongside the Events' grace, so that SIGTERM still exits within a second (README)
+#: short, and spent alongside the Events' grace, so that SIGTERM still exits within a second (docs/concepts.md)
 _DRAIN_SECONDS = 0.5
 
 
@@ -74,6 +74,7 @@ class Agent:
                 retry_interval=b.interval(cfg.sidecar),
                 limits=limits,
                 events=self.events,
+                mesh=cfg.istio.mesh,
             )
             for b in cfg.bundles
         ]

@@ -33,6 +33,7 @@ from agent.supervisor import wait_event
 
 if TYPE_CHECKING:
     from agent.config import BundleConfig
+    from agent.istio_version import Mesh
     from agent.keeper import TokenKeeper
     from agent.kube import EventRecorder
     from agent.metrics import Metrics
@@ -113,6 +114,7 @@ class BundleWorker:
         retry_interval: float,
         limits: Limits | None = None,
         events: EventRecorder | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         from agent import kinds
         from agent.config import TlsBundle
@@ -132,6 +134,8 @@ class BundleWorker:
         #: the steady-state interval: backoff after the first publish caps at max(this, 5 s)
         self.retry_interval = retry_interval
         self.limits = limits
+        #: the mesh (config `istio:`): its Istio version, ambient and compliance policy add checks to istio-ca bundles
+        self.mesh = mesh
         #: sidecar mode: record Events and run reload actions after a publish (None in init mode)
         self.events = events
         #: set once the bundle was first published
@@ -150,6 +154,21 @@ class BundleWorker:
         self._raised: AgentError | None = None
         #: why the consumer would not take the last publish in a reload (the root-change guard acts on it)
         self._reload_problem: str | None = None
+        #: the "istio_checks_skipped" line was logged (once per bundle, not per poll)
+        self._skipped_said = False
+
+    def _say_skipped_checks(self) -> None:
+        """One log line per istio-ca bundle, once, naming the version-aware checks an unknown Istio version skips
+        (docs/istio-versions.md); the verdicts stay what they were without them."""
+        from agent.istio_version import Mesh, skipped
+
+        if self.kind.name != "istio-ca" or self._skipped_said:
+            return
+        self._skipped_said = True
+        names = skipped(self.mesh or Mesh())
+        if names:
+            self._log.info("istio_checks_skipped", checks=list(names),
+                           reason="istio.version is not set; set it (and istio.ambient) to turn them on")
 
     # -- the loop -----------------------------------------------------------------------------------------
     async def run(self, *, once: bool) -> None:
@@ -159,6 +178,7 @@ class BundleWorker:
             AgentError: before the first publish, a final failure in init mode (`once`), or any failure that
                 is still there after init.timeout.
         """
+        self._say_skipped_checks()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.init_timeout
         delays: Iterator[float] | None = None
@@ -315,7 +335,8 @@ class BundleWorker:
         now = dt.datetime.now(dt.UTC)
         try:
             info = await asyncio.to_thread(
-                lambda: self.kind.validate(files, now=now, limits=self.limits, ca_signs_cert=self._ca_signs_cert)
+                lambda: self.kind.validate(files, now=now, limits=self.limits, ca_signs_cert=self._ca_signs_cert,
+                                           mesh=self.mesh)
             )
         except BundleError as exc:
             from agent.validate import next_change
@@ -359,7 +380,8 @@ class BundleWorker:
             result = await self.target.publish(fetched.files)
         previous, check = st.live, self.kind.reload_problem
         self._reload_problem = (
-            check(previous.files, fetched.files, multiroot=isinstance(b, IstioCaBundle) and b.multiroot)
+            check(previous.files, fetched.files, multiroot=isinstance(b, IstioCaBundle) and b.multiroot,
+                  version=self.mesh.version if self.mesh is not None else None)
             if check is not None and previous is not None and result.changed else None
         )
         st.live, st.info, st.last_error = fetched, info, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,19 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=timeout)
         self._log.close()
+
+
+def init_once(spec: AgentSpec, expected: dict[str, bytes], *, timeout: float = 60) -> tuple[float, float, int]:
+    """One init run into an empty directory, checked against the KV secret: (wall seconds, CPU seconds, peak RSS
+    bytes)."""
+    shutil.rmtree(spec.out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = AgentProcess(spec)
+    code, cpu, maxrss = proc.wait_rusage(timeout=timeout)
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"{spec.label} init exited {code}:\n{proc.log_tail()}")
+    for name, data in expected.items():
+        if (spec.out / name).read_bytes() != data:
+            raise RuntimeError(f"{spec.label} init wrote a {name} that differs from the KV secret")
+    return wall, cpu, maxrss

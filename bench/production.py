@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary
+from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary, init_once
 from bench.env import Testbed
 from bench.procfs import cpu_model, loadavg, sample_tree
 from bench.report import MIB, summary
@@ -339,20 +339,6 @@ def _prepare(checkout: Checkout) -> None:
 # ------------------------------------------------------------------------------------------------- init
 
 
-def _init_once(spec: AgentSpec, expected: dict[str, bytes]) -> tuple[float, float, int]:
-    shutil.rmtree(spec.out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = AgentProcess(spec)
-    code, cpu, maxrss = proc.wait_rusage(timeout=120)
-    wall = time.perf_counter() - t0
-    if code != 0:
-        raise RuntimeError(f"{spec.label} init exited {code}:\n{proc.log_tail()}")
-    for name, data in expected.items():
-        if (spec.out / name).read_bytes() != data:
-            raise RuntimeError(f"{spec.label} init wrote a {name} that differs from the KV secret")
-    return wall, cpu, maxrss
-
-
 def measure_init(
     tb: Testbed, workdir: Path, checkouts: Sequence[Checkout], runs: int, *, kubeconfig: Path
 ) -> dict[str, Any]:
@@ -366,12 +352,12 @@ def measure_init(
     }
     specs["bao"] = bao_agent_spec("init-bao", workdir, mode="init", **common)  # type: ignore[arg-type]
     for spec in specs.values():  # warm the page cache, uncounted
-        _init_once(spec, tb.bundles[0])
+        init_once(spec, tb.bundles[0], timeout=120)
     labels = list(specs)
     samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "maxrss": []} for k in labels}
     for i in range(runs):
         for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
-            wall, cpu, maxrss = _init_once(specs[label], tb.bundles[0])
+            wall, cpu, maxrss = init_once(specs[label], tb.bundles[0], timeout=120)
             samples[label]["wall"].append(wall)
             samples[label]["cpu"].append(cpu)
             samples[label]["maxrss"].append(maxrss)

@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary, ours_spec
+from bench.agents import ROOT, AgentProcess, AgentSpec, bao_agent_spec, bao_binary, init_once, ours_spec
 from bench.env import FILES, Testbed
 from bench.procfs import cpu_model, loadavg, sample_tree
 from bench.proxy import CountingProxy
@@ -87,21 +86,6 @@ def _environment(quick: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- init
 
 
-def _init_once(spec: AgentSpec, expected: dict[str, bytes]) -> tuple[float, float, int]:
-    """One init run into an empty directory: (wall seconds, CPU seconds, peak RSS bytes)."""
-    shutil.rmtree(spec.out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = AgentProcess(spec)
-    code, cpu, maxrss = proc.wait_rusage(timeout=60)
-    wall = time.perf_counter() - t0
-    if code != 0:
-        raise RuntimeError(f"{spec.label} init exited {code}:\n{proc.log_tail()}")
-    for name, data in expected.items():
-        if (spec.out / name).read_bytes() != data:
-            raise RuntimeError(f"{spec.label} init wrote a {name} that differs from the KV secret")
-    return wall, cpu, maxrss
-
-
 def measure_init(tb: Testbed, workdir: Path, runs: int) -> dict[str, Any]:
     """`runs` init runs of each tool, alternating (which goes first alternates too), after one warm-up each."""
     expected = tb.bundles[0]
@@ -111,12 +95,12 @@ def measure_init(tb: Testbed, workdir: Path, runs: int) -> dict[str, Any]:
         "bao": bao_agent_spec("init-bao", workdir, address=tb.bao.address, **common),  # type: ignore[arg-type]
     }
     for spec in specs.values():  # warm the page cache for both, uncounted
-        _init_once(spec, expected)
+        init_once(spec, expected)
     samples: dict[str, dict[str, list[float]]] = {t: {"wall": [], "cpu": [], "maxrss": []} for t in specs}
     for i in range(runs):
         order = ("ours", "bao") if i % 2 == 0 else ("bao", "ours")
         for tool in order:
-            wall, cpu, maxrss = _init_once(specs[tool], expected)
+            wall, cpu, maxrss = init_once(specs[tool], expected)
             samples[tool]["wall"].append(wall)
             samples[tool]["cpu"].append(cpu)
             samples[tool]["maxrss"].append(maxrss)
@@ -129,7 +113,7 @@ def measure_init(tb: Testbed, workdir: Path, runs: int) -> dict[str, Any]:
         try:
             make = ours_spec if tool == "ours" else bao_agent_spec
             spec = make(f"init-{tool}-counted", workdir, address=proxy.address, **common)  # type: ignore[arg-type]
-            _init_once(spec, expected)
+            init_once(spec, expected)
             result[tool]["vault_requests"] = proxy.count
             result[tool]["vault_request_paths"] = dict(sorted(proxy.paths.items()))
         finally:

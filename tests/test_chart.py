@@ -154,6 +154,20 @@ class TestAgentChart:
         assert "Added cacerts files watcher at /var/run/secrets/istio-ca" in notes
         assert "audience=vault" in notes
 
+    def test_default_sources_are_what_setup_vault_grants(self) -> None:
+        """The chart's default KV paths, in either mode, are the ones `setup vault --cluster cluster1` (with
+        `--gateway istio-ingress/istio-ingressgateway` for a gateway) gives the pod's role read access to: a user
+        who keeps the defaults does not meet a permission denied."""
+        from agent.clusters import ClusterLayout
+
+        layout = ClusterLayout("cluster1")
+        _, istiod = agent_config_of(render(CHART)[0])
+        _, gateway = agent_config_of(render(CHART, {"mode": "gateway"})[0])
+        assert [b.source.kv for b in istiod.bundles] == [layout.kv_path]
+        gateway_path = layout.gateway_kv_path("istio-ingress", "istio-ingressgateway")
+        assert [b.source.kv for b in gateway.bundles] == [gateway_path]
+        assert istiod.auth.mount == gateway.auth.mount == layout.auth_mount
+
     def test_vault_settings_reach_the_config(self) -> None:
         """Address, CA PEM, namespace, server name and auth values land under the contract's keys."""
         values = {

@@ -28,6 +28,20 @@ class TestLog:
         event = json.loads(buf.getvalue().strip().splitlines()[-1])
         assert event["event"] == "python_warning" and "negative serial" in event["message"]
 
+    def test_error_line_goes_to_the_stderr_of_the_moment(self):
+        """The `error:` line of a command run in a process whose log was set up on another stream (a caller that
+        swapped sys.stderr, as tests and embedding tools do) is printed on the stderr of the moment, not lost in
+        the old stream."""
+        import contextlib
+
+        from agent import cli
+
+        old, now = io.StringIO(), io.StringIO()
+        log.configure(stream=old)
+        with contextlib.redirect_stderr(now):
+            assert cli.main(["check", "/nonexistent-dir-for-this-test"]) == 1
+        assert now.getvalue().startswith("error: ") and "error: " not in old.getvalue()
+
     def test_guard_redacts_keys_and_tokens(self):
         """A private key or a Vault token passed to a log call by mistake is redacted, not written."""
         buf = io.StringIO()

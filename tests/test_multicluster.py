@@ -1,7 +1,7 @@
-"""The bootstrap commands together, as the README's Multi-cluster guide runs them against a real OpenBao: `ca root`,
+"""The bootstrap commands together, as docs/multi-cluster.md runs them against a real OpenBao: `ca root`,
 `setup vault` and `ca intermediate --kv` for two clusters, each cluster's agent publishing its own intermediate,
 `doctor` passing, step 3 of the hand-run root rotation (an intermediate under B stored with the combined A+B
-roots), and the README's root rotation with `rotate` end to end (status, trust, sign killed between two clusters'
+roots), and docs/root-rotation.md's rotation with `rotate` end to end (status, trust, sign killed between two clusters'
 writes and resumed, retire) with both agents running and istiod's side read through the Kubernetes API stand-in.
 """
 
@@ -125,8 +125,8 @@ class TestGuide:
 
 
 def _istiod_side(api: KubeAPI, agent: AgentProc) -> None:
-    """istiod in one cluster as README step 0 leaves it: ISTIO_MULTIROOT_MESH=true, PROXY_CONFIG_XDS_AGENT in the
-    mesh config, and one pod whose agent (port 8099 through the pod proxy) is `agent`."""
+    """istiod in one cluster as docs/root-rotation.md step 0 leaves it: ISTIO_MULTIROOT_MESH=true,
+    PROXY_CONFIG_XDS_AGENT in the mesh config, and one pod whose agent (port 8099 through the pod proxy) is `agent`."""
     api.put_workload("Deployment", {
         "metadata": {"name": "istiod", "namespace": "istio-system"},
         "spec": {"selector": {"matchLabels": {"app": "istiod"}}, "template": {"spec": {"containers": [
@@ -140,7 +140,7 @@ def _istiod_side(api: KubeAPI, agent: AgentProc) -> None:
 
 class TestRotate:
     def test_readme_rotation_with_rotate(self, tmp_path, bao, kube, unique, sa_token_file):
-        """The README's rotation section with `rotate`, two clusters, both agents running: after trust both publish
+        """docs/root-rotation.md with `rotate`, two clusters, both agents running: after trust both publish
         A+B (A's bytes first) with their A intermediates; a `rotate sign` SIGKILLed after the first cluster's write
         leaves one cluster under B, and running it again finishes the other; after sign both publish B's
         intermediates with A+B, after retire B alone; doctor passes at every step."""

@@ -1,4 +1,4 @@
-"""A root rotation in PKI mode against a real OpenBao (issue 20, item 3): the README's `bao` commands, run as
+"""A root rotation in PKI mode against a real OpenBao (issue 20, item 3): docs/pki.md's `bao` commands, run as
 written, and an agent whose `pki_intermediate` bundle carries extra trust anchors from KV (`extra_roots_kv`).
 
 Each phase the agent publishes is replayed through the Go oracle's reload path (istiod 1.29 and 1.30, with the
@@ -25,7 +25,7 @@ from tests.test_rotation_proof import RULES, reload
 
 
 def _bao(lab_env: dict[str, str], workdir: Path, command: str) -> str:
-    """One README command line (`bao ...`, with shell redirections) in `workdir`; returns its stdout."""
+    """One docs/pki.md command line (`bao ...`, with shell redirections) in `workdir`; returns its stdout."""
     proc = subprocess.run(command, shell=True, env=lab_env, cwd=workdir, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
@@ -78,7 +78,7 @@ def test_pki_mode_rotation_with_extra_trust_anchors(lab: PkiLab, rot, oracle, tm
         failed = next(e for e in agent.events("sync_failed") if said in e["reason"])
         assert "\n" not in failed["reason"] and current(out) == first and agent.ready()[0] == 200
 
-        # trust (README, PKI mode): a second root in the mount, not yet signing; both roots as the extra anchors
+        # trust (docs/pki.md): a second root in the mount, not yet signing; both roots as the extra anchors
         run(f'bao write -field=certificate {pki}/root/rotate/internal common_name="Root CA B" organization=Istio'
             f" key_type=ec ttl=87000h issuer_name=root-b > root-b.pem")
         run(f"bao read -field=certificate {pki}/issuer/root > root-a.pem")

@@ -148,7 +148,9 @@ def settings(words: list[str]) -> dict[str, str]:
 
 
 def install_docs() -> list[tuple[str, str]]:
+    """README.md, the pages of docs/ and the example values' headers: everywhere an install command is shown."""
     docs = [("README.md", text_of(ROOT / "README.md"))]
+    docs += [(f"docs/{p.name}", text_of(p)) for p in sorted((ROOT / "docs").glob("*.md"))]
     docs += [(f"examples/{p.name}", text_of(p)) for p in sorted(EXAMPLES.glob("*.yaml"))]
     return docs
 
@@ -158,9 +160,10 @@ INSTALL_DOCS = install_docs()
 
 class TestInstallCommands:
     def test_commands_are_found(self) -> None:
-        """The README and the gateway example each show the chart's install command (so the checks below bite)."""
+        """The README, the install page and the gateway example each show the chart's install command (so the
+        checks below bite)."""
         where = {name for name, text in INSTALL_DOCS for _ in helm_commands(text)}
-        assert {"README.md", "examples/gateway-values.yaml"} <= where
+        assert {"README.md", "docs/install.md", "examples/gateway-values.yaml"} <= where
 
     @pytest.mark.parametrize(("name", "text"), INSTALL_DOCS, ids=[name for name, _ in INSTALL_DOCS])
     def test_an_https_vault_comes_with_its_ca(self, name: str, text: str) -> None:

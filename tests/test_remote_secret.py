@@ -455,8 +455,8 @@ class TestPrune:
 class TestShutdown:
     @pytest.mark.parametrize("call", ["secret GET", "Event POST"])
     def test_sigterm_with_a_hung_kubernetes_call_exits_0_within_a_second(self, remote, call):
-        """SIGTERM while a Secret read or an Event hangs in the Kubernetes API: exit 0 within a second (README), and
-        no SIGABRT when the abandoned call returns while the agent exits."""
+        """SIGTERM while a Secret read or an Event hangs in the Kubernetes API: exit 0 within a second
+        (docs/concepts.md), and no SIGABRT when the abandoned call returns while the agent exits."""
         remote.store("cluster-a", remote.kubeconfig())
         agent = remote.agent()
         entered, release = threading.Event(), threading.Event()

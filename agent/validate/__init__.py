@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from agent.errors import BundleError, ConfigError
+from agent.istio_version import Mesh
 from agent.text import shown
 from agent.validate.info import BundleInfo
 from agent.validate.istio_ca import ISTIO_CA_FILES, OPTIONAL_ISTIO_CA_FILES, reload_problem
@@ -54,11 +55,13 @@ def validate(
     now: dt.datetime | None = None,
     limits: Limits | None = None,
     ca_signs_cert: bool = True,
+    mesh: Mesh | None = None,
 ) -> BundleInfo:
     """Check a bundle the way its consumer will, and describe it.
 
     istio-ca: istiod's startup with a plugged-in ROOT_CA_DIR (which includes every reload check), then what
-    breaks for workloads (verdict b), then warnings (verdict c). tls: pilot-agent's file certificates; with
+    breaks for workloads (verdict b), then warnings (verdict c); `mesh` adds the checks of its Istio version,
+    ztunnel and compliance policy (agent.istio_version.plan says which). tls: pilot-agent's file certificates; with
     `ca_signs_cert` false ca.crt is the CA of client certificates (gateway MUTUAL mode) and need not sign tls.crt.
     remote-secret: {cluster name: kubeconfig} as istiod's multicluster controller loads it (kubeconfig.py).
 
@@ -72,7 +75,7 @@ def validate(
     lim = limits or Limits()
     when = _epoch(now)
     if kind == "istio-ca":
-        return validate_istio_ca(files, when, lim)
+        return validate_istio_ca(files, when, lim, mesh)
     if kind == "tls":
         return validate_tls(files, when, lim, ca_signs_cert=ca_signs_cert)
     if kind == "remote-secret":
@@ -141,6 +144,7 @@ def validate_dir(
     now: dt.datetime | None = None,
     limits: Limits | None = None,
     ca_signs_cert: bool = True,
+    mesh: Mesh | None = None,
 ) -> BundleInfo:
     """Read a published bundle from `path` and validate it (see `validate`).
 
@@ -162,7 +166,7 @@ def validate_dir(
                 continue
             raise BundleError(f"{name} is missing from {shown(directory)}{_other_kind_hint(directory, kind)}.")
         files[name] = data
-    return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert)
+    return validate(kind, files, now=now, limits=lim, ca_signs_cert=ca_signs_cert, mesh=mesh)
 
 
 def next_change(

@@ -11,6 +11,7 @@ import datetime as dt
 from collections.abc import Mapping
 
 from agent.errors import BundleError
+from agent.istio_version import Mesh, Version, fips_applies, reload_rule
 from agent.text import shown
 from agent.validate import boring
 from agent.validate.certs import EKU, KU, Certificate, CertificateError
@@ -518,8 +519,9 @@ def _warnings(p: Parsed, ca: Certificate, key: PrivateKey, chain: list[Certifica
 # --------------------------------------------------------------------------------------------- entry points
 
 
-def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits) -> BundleInfo:
-    """The istio-ca verdict. Raises BundleError (verdict a, or b with istiod_loads=True)."""
+def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits, mesh: Mesh | None = None) -> BundleInfo:
+    """The istio-ca verdict; `mesh` adds the checks of its Istio version, data plane and compliance policy
+    (agent/istio_version.py). Raises BundleError (verdict a, or b with istiod_loads=True)."""
     _completeness(files)
     p = Parsed(files, limits, now, ("ca-cert.pem", "root-cert.pem", "cert-chain.pem", "ca-key.pem", "ca-crl.pem"))
     sigs = SignatureCache()
@@ -535,11 +537,19 @@ def validate_istio_ca(files: Mapping[str, bytes], now: int, limits: Limits) -> B
     _is_ca(ca)
     _min_ttl(p)
     _gen_key_cert(p, ca, key)
+    if mesh is not None and fips_applies(mesh):
+        from agent.validate.fips import fips_checks
+
+        fips_checks(p, chains, key, crls)
     env = _workload_checks(p, ca, roots, crls)
     _serving_problem(p, chains)
     path = [x.raw for x in env.path()[0][1:]]
     chain = next((c for c in chains if [x.raw for x in c] == path), chains[0])
     warnings = _warnings(p, ca, key, chain, env)
+    if mesh is not None and mesh.ambient and mesh.version is not None:
+        from agent.validate.ztunnel import ztunnel_checks
+
+        warnings += ztunnel_checks(p, ca, chain, mesh.version)
     chain_raws = {b.der for b in p.blocks("cert-chain.pem")}
     in_chain = [c.not_after for c in chain if c.raw in chain_raws] or [ca.not_after]
     not_after = {
@@ -567,22 +577,31 @@ def _next_update(crls: list[RevocationList] | None) -> dt.datetime | None:
     return to_datetime(min(times)) if times else None
 
 
-def reload_problem(previous: Mapping[str, bytes], files: Mapping[str, bytes], *, multiroot: bool) -> str | None:
+def reload_problem(previous: Mapping[str, bytes], files: Mapping[str, bytes], *, multiroot: bool,
+                   version: Version | None = None) -> str | None:
     """What istiod's reload handler (istio_ca.go handleEvent) does with a new bundle after `previous`: None when it
     loads it, else why it abandons the reload (the startup checks, see validate, apply as well).
 
     Without ISTIO_MULTIROOT_MESH a changed root-cert.pem abandons the reload; with it, one root set must contain
-    the other (pemBundleHasSubsetRelation), and the first root must be a CA (trustbundle.go verifyTrustAnchor).
+    the other, as istiod `version` compares them (agent.istio_version.reload_rule: up to 1.29 the file's bytes,
+    `bytes.Contains` either way; from 1.30 sets of DER certificates, pemBundleHasSubsetRelation; unknown: 1.30's),
+    and the first root must be a CA (trustbundle.go verifyTrustAnchor).
     """
     old, new = previous.get("root-cert.pem", b""), files.get("root-cert.pem", b"")
     if old != new:
         if not multiroot:
             return ("root-cert.pem changed and ISTIO_MULTIROOT_MESH is off: istiod logs \"Multi root is disabled, "
                     "updating new ROOT-CA not supported\" and keeps the old CA until it restarts")
-        a, b = _cert_set(old), _cert_set(new)
-        if not a or not b or not (a <= b or b <= a):
-            return ("root-cert.pem changed and neither root set contains the other: istiod logs \"Updating new "
-                    "ROOT-CA not supported\" and keeps the old CA")
+        if reload_rule(version) == "bytes":
+            if not (old in new or new in old):  # Go's bytes.Contains: an empty file is in any other
+                return (f"root-cert.pem changed and neither file holds the other's bytes, which istiod {version} "
+                        "wants (up to 1.29 it compares the files byte for byte): istiod logs \"Updating new ROOT-CA "
+                        "not supported\" and keeps the old CA; keep the old bytes and append the new root")
+        else:
+            a, b = _cert_set(old), _cert_set(new)
+            if not a or not b or not (a <= b or b <= a):
+                return ("root-cert.pem changed and neither root set contains the other: istiod logs \"Updating new "
+                        "ROOT-CA not supported\" and keeps the old CA")
     if multiroot:
         from agent.validate.pem import decode
 

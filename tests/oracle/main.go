@@ -120,6 +120,19 @@ func main() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			res := result{Dir: r.Dir, Kind: r.Kind}
+			// istiod and pilot-agent do not recover: a panic (GODEBUG=fips140=only panics on SHA-1, e.g. checking a
+			// SHA-1 CRL) ends their start, so it is the verdict of every path not yet taken
+			defer func() {
+				if e := recover(); e != nil {
+					v := verdict{Step: "panic", Error: fmt.Sprint(e)}
+					if r.Kind == "istio-ca" {
+						res.Startup, res.Reload, res.Serving = &v, &v, nil
+					} else {
+						res.Gateway = &v
+					}
+					results[i] = res
+				}
+			}()
 			switch r.Kind {
 			case "istio-ca":
 				s, sv := istiodStartup(r.Dir)

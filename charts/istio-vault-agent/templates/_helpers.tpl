@@ -158,8 +158,44 @@ toYaml so values never need YAML quoting by hand.
   "init" (dict "timeout" .Values.init.timeout)
   "health" (dict "listen" .Values.health.listen)
   "sidecar" (dict "poll_interval" .Values.sidecar.pollInterval) }}
+{{- $istio := include "istio-vault-agent.istio" . | fromYaml }}
+{{- if $istio }}
+{{- $_ := set $config "istio" $istio }}
+{{- end }}
 {{- $config = mustMergeOverwrite $config (deepCopy (.Values.extraConfig | default dict)) }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+The agent's `istio:` section (docs/istio-versions.md), only the keys that are set. istio.version defaults to
+global.tag when that is a release tag (1.29.6, 1.29.6-distroless): this chart does not see the image of the
+istiod release it sits beside, so the tag is known only when the same values (global.tag) are given to both.
+*/}}
+{{- define "istio-vault-agent.istio" -}}
+{{- $values := .Values.istio | default dict }}
+{{- $out := dict }}
+{{- $version := $values.version }}
+{{- if or (kindIs "float64" $version) (kindIs "int64" $version) (kindIs "int" $version) }}
+{{- fail (printf "istio.version must be quoted, such as \"1.30.3\": YAML reads the unquoted %v as a number, in which 1.30 is 1.3" $version) }}
+{{- end }}
+{{- $version = toString ($version | default "") }}
+{{- if and $version (not (regexMatch "^v?1[.][0-9]+([.][0-9]+)?$" $version)) }}
+{{- fail (printf "istio.version must be an Istio version such as 1.29 or 1.29.6 (MAJOR.MINOR[.PATCH]), not %q" $version) }}
+{{- end }}
+{{- if not $version }}
+{{- $tag := toString ((.Values.global | default dict).tag | default "") }}
+{{- $version = regexFind "^1[.][0-9]+([.][0-9]+)?" (trimPrefix "v" $tag) }}
+{{- end }}
+{{- if $version }}
+{{- $_ := set $out "version" $version }}
+{{- end }}
+{{- if $values.ambient }}
+{{- $_ := set $out "ambient" true }}
+{{- end }}
+{{- with $values.compliancePolicy }}
+{{- $_ := set $out "compliance_policy" . }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}
 
 {{/*
