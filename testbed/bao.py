@@ -106,13 +106,18 @@ class BaoServer:
         tls: bool = False,
         binary: str | None = None,
         log_level: str = "warn",
+        own_group: bool = False,
     ) -> None:
-        """Prepare a server (not started). `tls=True` uses `-dev-tls`: a new CA on every start (`ca_file`)."""
+        """Prepare a server (not started). `tls=True` uses `-dev-tls`: a new CA on every start (`ca_file`).
+
+        `own_group=True` starts it in a process group of its own: a terminal's Ctrl-C then reaches only the owner,
+        which stops the server itself (the demo, so that nothing it started prints on the way out)."""
         self.binary = binary or find_bao()
         self.port = port or free_port()
         self.root_token = root_token or f"root-{secrets.token_hex(8)}"
         self.tls = tls
         self.log_level = log_level
+        self.own_group = own_group
         self.unseal_key = None
         self._seeders: list[Seeder] = []
         self._proc: subprocess.Popen[bytes] | None = None
@@ -193,7 +198,8 @@ class BaoServer:
         self.unseal_key = None
         with self.log_file.open("wb") as log:
             self._proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.home
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.home,
+                process_group=0 if self.own_group else None,
             )
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, BaoServer._cleanup, [self._proc], self._tmp)

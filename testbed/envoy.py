@@ -340,8 +340,11 @@ class Envoy:
         binary: str | None = None,
         log_level: str = "info",
         component_log_level: str = "connection:debug",
+        own_group: bool = False,
     ) -> None:
         """Prepare (not start) an Envoy; `workdir` is created and holds the bootstrap, SDS files and log.
+
+        `own_group=True` starts it in a process group of its own (a terminal's Ctrl-C reaches only the owner).
 
         Raises:
             EnvoyNotFound: without `binary`, if no `envoy` is installed.
@@ -357,6 +360,7 @@ class Envoy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_level = log_level
         self.component_log_level = component_log_level
+        self.own_group = own_group
         self.bootstrap_file = self.workdir / "bootstrap.yaml"
         self.log_file = self.workdir / "envoy.log"
         self._admin_path = self.workdir / "admin-address.txt"
@@ -569,7 +573,7 @@ class Envoy:
         env["HOME"] = str(self.workdir)
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, cwd=self.workdir)
+                                          env=env, cwd=self.workdir, process_group=0 if self.own_group else None)
         self._box[0] = self._proc
         try:
             self._wait_ready(timeout)

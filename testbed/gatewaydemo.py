@@ -2,34 +2,29 @@
 
 The README's Gateways layout (KV v1 `kubernetes-cluster1-secrets/istio-ingressgateway/certs` with tls.key, tls.crt,
 ca.crt; role `istio-ingressgateway` bound to istio-ingress/istio-ingressgateway), the agent in sidecar mode, and
-Envoy reading the bundle through file SDS; then one rotation in OpenBao while a client handshakes continuously.
+Envoy reading the bundle through file SDS once this run's agent says it published the certificate the demo wrote;
+then one rotation in OpenBao while a client handshakes continuously.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from testbed import pki
-from testbed.bao import free_port, start_bao
+from testbed.demo import DemoFailed, Session, show_dir, shown, start_openbao, write_config
 from testbed.envoy import ClientResult, Envoy, EnvoyNotFound, ServerTls, client_context, find_envoy, tls_get
-from testbed.kubeapi import KubeAPI
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
 
 if TYPE_CHECKING:
     import hvac
 
-__all__ = ["run_gateway_demo"]
+__all__ = ["gateway_demo"]
 
 KV_MOUNT = "kubernetes-cluster1-secrets"
 SECRET = "istio-ingressgateway/certs"
@@ -69,11 +64,11 @@ def _openssl_serial(port: int, ca_file: Path) -> None:
     hello = subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-CAfile", str(ca_file),
          "-verify_return_error"],
-        input="", capture_output=True, text=True, timeout=10, check=False,
+        input="", capture_output=True, text=True, timeout=10, check=False, process_group=0,
     )
     verified = [line.strip() for line in hello.stdout.splitlines() if line.strip().startswith("Verify return code")]
     serial = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=hello.stdout, capture_output=True,
-                            text=True, timeout=10, check=False)
+                            text=True, timeout=10, check=False, process_group=0)
     print(f"    {serial.stdout.strip() or serial.stderr.strip()}   ({verified[0] if verified else 'no verify result'})")
 
 
@@ -103,80 +98,60 @@ def _write(client: hvac.Client, files: dict[str, bytes]) -> None:
     client.write_data(f"{KV_MOUNT}/{SECRET}", data={k: v.decode() for k, v in files.items()})
 
 
-def run_gateway_demo(out: Path, work: Path, agent: Callable[..., subprocess.Popen[str]], root: Path) -> int:
-    """Run the gateway demo into `out` (the bundle dir), with scratch files in `work`; returns the exit code.
-
-    `agent(*args)` starts `istio-vault-agent` with those arguments.
-    """
+def gateway_demo(session: Session, *, sidecar: bool) -> int:
+    """Run the gateway demo below `session.out` (the bundle in ingress-cert/, Envoy's files in envoy/); returns the
+    exit code. With `sidecar`, the agent and Envoy keep running after the tour until Ctrl-C."""
     try:
         envoy_binary = find_envoy()
     except EnvoyNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    _say("Starting OpenBao (bao server -dev) and a Kubernetes TokenReview stand-in on 127.0.0.1")
-    bao = start_bao(root_token="root")
-    code = 1
-    with KubeAPI() as kube:
-        print(f"    OpenBao: {bao.address}   Kubernetes API stand-in: {kube.url}")
-        _say(f"Seeding kv v1 {KV_MOUNT}/{SECRET} (tls.key, tls.crt, ca.crt), policy {POLICY},"
-             f" auth/kubernetes-cluster1 role {ROLE} bound to {NAMESPACE}/{ROLE}")
-        ca = pki.root_ca(cn="demo ingress CA")
-        first = pki.leaf_cert(ca)
-        client = bao.client()
-        ensure_secrets_engine(client, KV_MOUNT, kv_version=1)
-        _write(client, pki.tls_files(first, ca))
-        client.sys.create_or_update_policy(
-            name=POLICY, policy=f'path "{KV_MOUNT}/{SECRET}" {{ capabilities = ["read"] }}\n')
-        configure_kubernetes_auth(client, kube, mount="kubernetes-cluster1", role=ROLE, namespace=NAMESPACE,
-                                  service_account=ROLE, policies=[POLICY], audience="vault")
-        token_file = work / "gateway-token"
-        token_file.write_text(kube.mint_token(NAMESPACE, ROLE, audience="vault"))
-        health = free_port()
-        config = {
-            "vault": {"address": bao.address},
-            "auth": {"method": "kubernetes", "mount": "kubernetes-cluster1", "role": ROLE,
-                     "token_path": str(token_file)},
-            "bundles": [{"name": "ingress-cert", "type": "tls", "source": {"kv": f"{KV_MOUNT}/{SECRET}"},
-                         "dir": str(out)}],
-            "init": {"timeout": "30s"},
-            "health": {"listen": f"127.0.0.1:{health}"},
-            "sidecar": {"poll_interval": "1s"},
-            "log": {"format": "console"},
-        }
-        config_file = work / "agent-gateway.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        _say(f"istio-vault-agent run --config {config_file.relative_to(root)} --mode sidecar")
-        proc = agent("run", "--config", str(config_file), "--mode", "sidecar")
-        envoy = Envoy(work / "envoy", binary=envoy_binary, listeners=[ServerTls("ingress", out)])
-        try:
-            code = _tour(proc, envoy, client, ca, out)
-        finally:
-            envoy.close()
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            agent_code = proc.wait(timeout=10)
-            code = code or agent_code
-    bao.close()
+        raise DemoFailed(str(exc)) from None
+    bao, kube = start_openbao(session)
+    _say(f"Seeding kv v1 {KV_MOUNT}/{SECRET} (tls.key, tls.crt, ca.crt), policy {POLICY},"
+         f" auth/kubernetes-cluster1 role {ROLE} bound to {NAMESPACE}/{ROLE}")
+    ca = pki.root_ca(cn="demo ingress CA")
+    first = pki.leaf_cert(ca)
+    client = bao.client()
+    ensure_secrets_engine(client, KV_MOUNT, kv_version=1)
+    _write(client, pki.tls_files(first, ca))
+    client.sys.create_or_update_policy(
+        name=POLICY, policy=f'path "{KV_MOUNT}/{SECRET}" {{ capabilities = ["read"] }}\n')
+    configure_kubernetes_auth(client, kube, mount="kubernetes-cluster1", role=ROLE, namespace=NAMESPACE,
+                              service_account=ROLE, policies=[POLICY], audience="vault")
+    token_file = session.out / "token"
+    token_file.write_text(kube.mint_token(NAMESPACE, ROLE, audience="vault"))
+    out = session.out / "ingress-cert"
+    config = write_config(
+        session, "agent-gateway.yaml", bao.address,
+        {"mount": "kubernetes-cluster1", "role": ROLE, "token_path": str(token_file)},
+        [{"name": "ingress-cert", "type": "tls", "source": {"kv": f"{KV_MOUNT}/{SECRET}"}, "dir": str(out)}],
+        poll="1s",
+    )
+    proc = session.agent(config, "sidecar")
+    took = session.wait_published(proc, {"ingress-cert": int(first.cert.serial_number)})
+    show_dir(session, out, f" ({took:.1f} s after the agent started; tls.crt serial {first.cert.serial_number:x},"
+                           " the one just written to OpenBao)")
+    envoy = Envoy(session.out / "envoy", binary=envoy_binary, listeners=[ServerTls("ingress", out)], own_group=True)
+    session.stack.callback(envoy.close)
+    session.started.append("Envoy")
+    envoy.start()
+    code = _tour(session, envoy, client, ca, out)
+    if sidecar:
+        port = envoy.port("ingress")
+        return session.keep_running(
+            proc, f"The agent and Envoy keep running: `openssl s_client -connect 127.0.0.1:{port} -servername"
+                  f" localhost -CAfile {shown(out / 'ca.crt')}` is served the current certificate; the agent reads"
+                  f" {KV_MOUNT}/{SECRET} every 1 s (poll_interval).")
     return code
 
 
-def _tour(proc: subprocess.Popen[str], envoy: Envoy, client: hvac.Client, ca: pki.CertKey, out: Path) -> int:
+def _tour(session: Session, envoy: Envoy, client: hvac.Client, ca: pki.CertKey, out: Path) -> int:
     """Envoy on the published bundle, one rotation under traffic; 0 when the new serial is served with no failure."""
-    if not _wait(lambda: proc.poll() is not None or (out / "tls.crt").exists(), 30) or proc.poll() is not None:
-        print("error: the agent did not publish the gateway bundle", file=sys.stderr)
-        return 1
-    _say(f"Published into {out}")
-    for p in sorted(out.iterdir(), key=lambda p: p.name):
-        target = f" -> {os.readlink(p)}" if p.is_symlink() else ""
-        mode = oct(p.stat().st_mode & 0o777) if p.exists() else "-"
-        print(f"    {p.name:<10} {mode}{target}")
-    envoy.start()
     port = envoy.port("ingress")
     ca_file = out / "ca.crt"
-    _say(f"Envoy {envoy.binary} serves it on 127.0.0.1:{port} (file SDS, watched_directory {out})")
+    _say(f"Envoy {envoy.binary} serves it on 127.0.0.1:{port} (file SDS, watched_directory {shown(out)})")
     _openssl_serial(port, ca_file)
     before = _serial(tls_get(port, cafile=ca_file))
-    print(f"    Python ssl client: serial {before} (verified against ca.crt)")
+    print(f"    Python ssl client: serial {before} (verified against ca.crt)", flush=True)
     traffic = _Client(port, ca_file)
     traffic.start()
     _say("Rotating the certificate in OpenBao; the agent publishes it with one ..data swap, Envoy reloads it")
@@ -194,5 +169,5 @@ def _tour(proc: subprocess.Popen[str], envoy: Envoy, client: hvac.Client, ca: pk
           f" ({took:.1f} s after the write, poll_interval 1 s)")
     print(f"    handshakes while rotating: {handshakes}, failed: {failed}")
     print(f"    Envoy: ssl_context_update_by_sds={envoy.ssl_context_updates('ingress')}"
-          f" key_rotation_failed={envoy.key_rotation_failures('ingress')}")
+          f" key_rotation_failed={envoy.key_rotation_failures('ingress')}", flush=True)
     return 0 if seen and failed == 0 else 1
