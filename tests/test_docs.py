@@ -108,6 +108,16 @@ class TestConfigurationReference:
 
 
 def _user_errors() -> set[str]:
+    """Every AgentError subclass in agent/, whatever the tests before this one imported (every module is imported
+    first, so the set does not depend on the order the tests run in)."""
+    import importlib
+    import pkgutil
+
+    import agent
+
+    for info in pkgutil.walk_packages(agent.__path__, "agent."):
+        if info.name != "agent.__main__":
+            importlib.import_module(info.name)
     found, todo = set(), [AgentError]
     while todo:
         cls = todo.pop()
