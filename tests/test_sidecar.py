@@ -310,14 +310,26 @@ class TestVaultOutage:
         assert len(agent.events("vault_login")) >= 2
 
 
+def _login_accessors(client: hvac.Client, mount: str) -> list[str]:
+    """The accessors of the tokens logins on `mount` made; tokens of other tests on the shared server come and go
+    while this looks (an accessor listed may be gone by its lookup)."""
+    mine = []
+    for accessor in client.auth.token.list_accessors()["data"]["keys"]:
+        try:
+            path = client.auth.token.lookup_accessor(accessor)["data"].get("path")
+        except hvac.exceptions.InvalidRequest:
+            continue
+        if path == f"auth/{mount}/login":
+            mine.append(accessor)
+    return mine
+
+
 class TestToken:
     def test_revoked_token_logs_in_again(self, world):
         """When the agent's Vault token is revoked, it logs in again and keeps publishing rotations."""
         agent = world.agent("500ms")
         client = world.client
-        accessors = client.auth.token.list_accessors()["data"]["keys"]
-        mine = [a for a in accessors
-                if client.auth.token.lookup_accessor(a)["data"].get("path") == f"auth/{world.layout.auth_mount}/login"]
+        mine = _login_accessors(client, world.layout.auth_mount)
         assert len(mine) == 1, mine
         client.auth.token.revoke_accessor(mine[0])
         new = world.rotate()
@@ -354,10 +366,8 @@ class TestToken:
         assert len(agent.events("vault_login")) == 1, "a login per token-file rotation"
         assert len(world.kube.tokenreviews()) == reviews
         client = world.client
-        login_path = f"auth/{world.layout.auth_mount}/login"
-        for accessor in client.auth.token.list_accessors()["data"]["keys"]:
-            if client.auth.token.lookup_accessor(accessor)["data"].get("path") == login_path:
-                client.auth.token.revoke_accessor(accessor)
+        for accessor in _login_accessors(client, world.layout.auth_mount):
+            client.auth.token.revoke_accessor(accessor)
         again = world.rotate()
         assert world.published(again, timeout=5), agent.stderr[-3000:]
         reviewed = [r.body.get("spec", {}).get("token") for r in world.kube.tokenreviews()]
