@@ -73,11 +73,16 @@ class TestTable:
         """MAJOR.MINOR[.PATCH], a leading v allowed; without a patch, the first patch."""
         assert parse_version(text) == want
 
-    @pytest.mark.parametrize("text", ["1", "1.x", "2.0", "1.29.6-distroless", "latest", "", "1.2.3.4"])
+    @pytest.mark.parametrize("text", ["1", "1.x", "2.0", "1.29.6-distroless", "latest", "", "1.2.3.4",
+                                      "1.30.0-rc.1", "1.30.0+build", "01.030", "1.030", "1.29.06", "1.1000",
+                                      "1.\uff13\uff10", "\u0661.\u0662\u0669"])
     def test_bad_versions_say_the_form(self, text: str) -> None:
-        """Anything else is one sentence naming the expected form."""
-        with pytest.raises(ValueError, match=r"MAJOR\.MINOR\[\.PATCH\]"):
+        """Anything else is one sentence naming the expected form: pre-releases and build metadata, leading
+        zeros (01.030 is not obviously 1.30, and 1.03 would be 1.3), more than three digits (the chart refuses
+        them too) and digits other than ASCII ones (fullwidth, Arabic-Indic: Python's \\d takes them)."""
+        with pytest.raises(ValueError, match=r"MAJOR\.MINOR\[\.PATCH\]") as err:
             parse_version(text)
+        assert "\n" not in str(err.value)
 
     @pytest.mark.parametrize(("version", "broken"), [
         ("1.23.9", True), ("1.24", True), ("1.24.3", True), ("1.24.4", False), ("1.24.6", False),
@@ -461,9 +466,11 @@ class TestChart:
         a tag like latest, or no tag, leaves the version unknown and the section out (today's config)."""
         assert self._istio({"global": {"tag": "1.30.3-distroless"}}) == {"version": "1.30.3"}
         assert self._istio({"global": {"tag": "latest"}}) is None
+        assert self._istio({"global": {"tag": "1.1000"}}) is None  # not a version the agent would load
 
     @pytest.mark.parametrize(("version", "message"), [
         (1.3, "istio.version must be quoted"), ("1.x", "istio.version must be an Istio version such as 1.29"),
+        ("1.1000", "istio.version must be an Istio version"), ("01.30", "istio.version must be an Istio version"),
     ])
     def test_bad_versions_fail_the_render(self, version: object, message: str) -> None:
         """A number or a non-version fails `helm template` with the key to fix."""
