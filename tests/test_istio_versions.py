@@ -212,6 +212,32 @@ class TestZtunnelRoots:
         assert _verdict(files, _ambient("1.24.3")) == "ok"
         assert _verdict(files, None) == "ok"
 
+    def test_every_block_of_root_cert_is_a_certificate_on_1_24_4(self) -> None:
+        """1.24.4 and 1.25.1 send each PEM block of root-cert.pem as its own element (PemCertBytestoString) and
+        that ztunnel parses every element as a certificate (WorkloadCertificate::new, parse_cert): a CRL block
+        between the roots leaves ambient workloads without certificates, though the last block is the anchor."""
+        a, b = c.root("Root A"), c.root("Root B")
+        files = c.files(c.inter(a), roots=[b, a])
+        files["root-cert.pem"] = b.pem + rc.crl(b, []).pem + a.pem
+        assert _verdict(files, None) == "ok"
+        assert _verdict(files, _ambient("1.24.4")) == f"b:{ZTUNNEL_ROOTS}"
+        assert _verdict(files, _ambient("1.25.1")) == f"b:{ZTUNNEL_ROOTS}"
+        with pytest.raises(BundleError, match="X509 CRL"):
+            validate("istio-ca", files, mesh=_ambient("1.24.4"))
+
+    def test_every_block_of_cert_chain_is_a_certificate_from_1_24_4(self) -> None:
+        """From 1.24.4 and 1.25.1 istiod sends each PEM block of cert-chain.pem as its own element, and ztunnel
+        parses each as a certificate: a CRL block in cert-chain.pem, which istiod itself skips, leaves ambient
+        workloads without certificates; before (one element, its first certificate read) it does not matter."""
+        r = c.root()
+        files = c.files(c.inter(r))
+        files["cert-chain.pem"] += rc.crl(r, []).pem
+        assert _verdict(files, None) == "ok"
+        for version in ("1.24.4", "1.24.6", "1.25.2", "1.26.0", "1.30.3"):
+            assert _verdict(files, _ambient(version)) == f"b:{ZTUNNEL_ROOTS}", version
+        assert _verdict(files, _ambient("1.24.3")) == "ok"
+        assert _verdict(files, Mesh(_v("1.26.0"))) == "ok"
+
     def test_a_root_webpki_drops(self) -> None:
         """A v2 root Go trusts but webpki does not take as an anchor: dropped silently by ztunnel, so a warning
         when it is an extra root and a refusal when ca-cert.pem chains to it."""

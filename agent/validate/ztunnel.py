@@ -41,6 +41,21 @@ def _anchor_problem(c: Certificate) -> str | None:
     return None
 
 
+def _each_block_a_certificate(p: Parsed, name: str, v: Version) -> str | None:
+    """Why ztunnel `v` cannot load `name` when istiod sends each of its PEM blocks as an element of its own
+    (util.PemCertBytestoString) and ztunnel parses every element as a certificate (WorkloadCertificate::new,
+    parse_cert: rustls-pemfile's first item must be a certificate that x509-parser parses); None: it can."""
+    blocks = p.blocks(name)
+    for i, b in enumerate(blocks):
+        if b.label != b"CERTIFICATE":
+            return (f"{p.nth(name, i, len(blocks))} is a {shown(b.type)} block, and istiod {v} sends each PEM block "
+                    f"of {name} on its own, which ztunnel {v} must parse as a certificate")
+        if not isinstance(p.cert(b.der), Certificate):
+            return (f"{p.nth(name, i, len(blocks))} is a CERTIFICATE block that does not parse, and istiod {v} sends "
+                    f"each PEM block of {name} on its own, which ztunnel {v} must parse as a certificate")
+    return None
+
+
 def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[str], str | None]:
     """(the roots ztunnel `v` trusts, with their index among root-cert.pem's blocks; why each other root is not
     trusted; why ztunnel cannot load the certificate at all, or None)."""
@@ -48,6 +63,8 @@ def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[s
     blocks = p.blocks(name)
     items = [(i, b) for i, b in enumerate(blocks) if b.label in _RUSTLS_ITEMS]
     mode = ztunnel_roots(v)
+    if mode == "last" and (fatal := _each_block_a_certificate(p, name, v)) is not None:
+        return [], [], fatal
     if mode != "all":
         # one PEM item read (rustls_pemfile::read_one): the first of the file, or of the last element istiod sent,
         # which 1.24.4 and 1.25.1 cut at every PEM block of root-cert.pem (util.PemCertBytestoString)
@@ -97,6 +114,10 @@ def ztunnel_checks(p: Parsed, ca: Certificate, path: list[Certificate], v: Versi
             raise refuse_b(f"{lead}: ztunnel {v} sends its peers only the first certificate of cert-chain.pem "
                            f"(istio/ztunnel#1061, fixed in 1.24.4 and 1.25.1), and {why}, so no peer can build "
                            "a path to the root; use root -> ca-cert.pem, or upgrade", THREE_LEVEL)
+    # from 1.24.4 and 1.25.1 istiod splits cert-chain.pem at every PEM block (server.go CreateCertificate)
+    if not three_level_broken(v) and (fatal := _each_block_a_certificate(p, "cert-chain.pem", v)) is not None:
+        raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate; remove the block",
+                       ZTUNNEL_ROOTS)
     trusted, dropped, fatal = _roots(p, v)
     if fatal is not None:
         raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate", ZTUNNEL_ROOTS)
