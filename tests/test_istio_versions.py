@@ -452,6 +452,8 @@ class TestCheckCommand:
         new = run_cli("check", str(d), "--istio-version", "1.26.0", "--ambient")
         assert new.returncode == 0, new.stderr
         assert f"check {THREE_LEVEL}: off" in new.stdout and f"check {ZTUNNEL_ROOTS}: on" in new.stdout
+        # check reads one directory and never sees a root change: it must not claim the reload rule ran
+        assert f"check {RELOAD_RULE}: not run by check (istiod 1.26.0 compares root-cert.pem byte" in new.stdout
         plain = run_cli("check", str(d))
         assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and plain.stdout.startswith("ok: ")
 
@@ -518,13 +520,14 @@ def fixture_kv(bao: Any, unique: str) -> tuple[Any, str]:
     return client, mount
 
 
-def _agent_config(tmp_path: Path, bao: Any, mount: str, istio: dict[str, Any] | None, poll: str = "0.2s") -> Path:
+def _agent_config(tmp_path: Path, bao: Any, mount: str, istio: dict[str, Any] | None, poll: str = "0.2s",
+                  multiroot: bool = False) -> Path:
     token = tmp_path / "token"
     token.write_text(bao.root_token)
     cfg: dict[str, Any] = {
         "vault": {"address": bao.address}, "auth": {"method": "token", "token_path": str(token)},
         "bundles": [{"name": "istiod-cacerts", "type": "istio-ca", "dir": str(tmp_path / "out"),
-                     "source": {"kv": f"{mount}/ca"}}],
+                     "source": {"kv": f"{mount}/ca"}, "multiroot": multiroot}],
         "init": {"timeout": "10s"}, "health": {"listen": "127.0.0.1:0"}, "sidecar": {"poll_interval": poll},
     }
     if istio is not None:
@@ -544,7 +547,8 @@ class TestAgent:
         it skipped."""
         client, mount = kv
         _store(client, mount, c.files(c.inter(c.root())))
-        proc = AgentProc(_agent_config(tmp_path, bao, mount, {"ambient": True}), env=cli_env()).start()
+        proc = AgentProc(_agent_config(tmp_path, bao, mount, {"ambient": True}, multiroot=True),
+                         env=cli_env()).start()
         try:
             proc.wait_event("sidecar_ready")
             time.sleep(1.2)  # six more polls at 0.2 s
@@ -553,6 +557,21 @@ class TestAgent:
         lines = proc.events("istio_checks_skipped")
         assert len(lines) == 1, proc.tail()
         assert set(lines[0]["checks"]) == {THREE_LEVEL, ZTUNNEL_ROOTS, RELOAD_RULE}
+
+    def test_no_line_when_nothing_was_skipped(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
+        """The reload rule only matters with multiroot: true (without it every root change is refused whatever
+        the version), so the default config (no istio:, multiroot: false) logs no istio_checks_skipped line, and a
+        multiroot bundle's line names the rule."""
+        client, mount = kv
+        _store(client, mount, c.files(c.inter(c.root())))
+        plain = run_cli("run", "--config", str(_agent_config(tmp_path, bao, mount, None)), "--mode", "init")
+        assert plain.returncode == 0, plain.stderr
+        assert "istio_checks_skipped" not in plain.stderr
+        multi = run_cli("run", "--config", str(_agent_config(tmp_path, bao, mount, None, multiroot=True)), "--mode",
+                        "init")
+        assert multi.returncode == 0, multi.stderr
+        (line,) = [json.loads(ln) for ln in multi.stderr.splitlines() if "istio_checks_skipped" in ln]
+        assert line["checks"] == [RELOAD_RULE]
 
     def test_known_version_changes_the_verdict(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
         """istio.version 1.24.3 with ambient refuses a three-level chain at init; 1.26.0 publishes it."""
