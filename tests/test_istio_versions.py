@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from agent import config as agent_config
 from agent.errors import BundleError, ConfigError
 from agent.istio_version import (
+    COMPLIANCE_POLICIES,
     FIPS_CHECK,
     RELOAD_RULE,
     THREE_LEVEL,
@@ -247,8 +248,8 @@ class TestZtunnelRoots:
         assert _verdict(extra, _ambient("1.26.0")) == "ok"
         assert any("V2 Root" in w and "version 2" in w for w in _warnings(extra, _ambient("1.26.0")))
         anchored = c.files(c.inter(v2), roots=[good, v2])
-        if _verdict(anchored, None) == "ok":  # Go and the Envoy model accept a v2 anchor
-            assert _verdict(anchored, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
+        assert _verdict(anchored, None) == "ok"  # Go and the Envoy model accept a v2 anchor
+        assert _verdict(anchored, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
 
 
 # ------------------------------------------------------------------------------------------------- FIPS 140-3
@@ -504,6 +505,16 @@ class TestChart:
         """A number or a non-version fails `helm template` with the key to fix."""
         with pytest.raises(Exception, match=message):
             self._istio({"istio": {"version": version}})
+
+    def test_an_unknown_compliance_policy_fails_the_render(self) -> None:
+        """A misspelt policy (fips140-3) fails `helm template`, not the agent's start in every istiod pod."""
+        with pytest.raises(Exception, match="compliancePolicy"):
+            self._istio({"istio": {"compliancePolicy": "fips140-3"}})
+        assert self._istio({"istio": {"compliancePolicy": ""}}) is None
+        from tests.test_chart import CHART
+
+        schema = json.loads((Path(CHART) / "values.schema.json").read_text())
+        assert schema["properties"]["istio"]["properties"]["compliancePolicy"]["enum"] == list(COMPLIANCE_POLICIES)
 
 
 # ------------------------------------------------------------------------------------------------- the agent
