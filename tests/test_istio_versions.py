@@ -250,6 +250,11 @@ class TestZtunnelRoots:
         anchored = c.files(c.inter(v2), roots=[good, v2])
         assert _verdict(anchored, None) == "ok"  # Go and the Envoy model accept a v2 anchor
         assert _verdict(anchored, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
+        # older ztunnel reads one root and hands it to the same add_parsable_certificates (certificate.rs)
+        alone = c.files(c.inter(v2), roots=[v2])
+        assert _verdict(alone, None) == "ok"
+        for version in ("1.24.3", "1.24.4", "1.25.2"):
+            assert _verdict(alone, _ambient(version)) == f"b:{ZTUNNEL_ROOTS}", version
 
 
 # ------------------------------------------------------------------------------------------------- FIPS 140-3
