@@ -80,11 +80,11 @@ def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[s
             return [], [], f"{p.nth(name, i, len(blocks))}, the root ztunnel {v} reads, is not a certificate it parses"
         others = [p.at(name, j, len(blocks), o) for j, bb in enumerate(blocks) if j != i and bb.label == b"CERTIFICATE"
                   and isinstance(o := p.cert(bb.der), Certificate) and not _same(o, c)]
-        dropped = [f"{o} (ztunnel {v} trusts only the {mode} root)" for o in others]
+        left_out = [f"{o} (ztunnel {v} trusts only the {mode} root)" for o in others]
         # that one root goes through add_parsable_certificates too (certificate.rs WorkloadCertificate::new)
         if (why := _anchor_problem(c)) is not None:
-            return [], [f"{p.at(name, i, len(blocks), c)} ({why}; ztunnel drops it silently)", *dropped], None
-        return [(i, c)], dropped, None
+            return [], [f"{p.at(name, i, len(blocks), c)} ({why}; ztunnel drops it silently)", *left_out], None
+        return [(i, c)], left_out, None
     trusted: list[tuple[int, Certificate]] = []
     dropped: list[str] = []
     for i, b in items:
@@ -119,16 +119,16 @@ def ztunnel_checks(p: Parsed, ca: Certificate, path: list[Certificate], v: Versi
                            f"(istio/ztunnel#1061, fixed in 1.24.4 and 1.25.1), and {why}, so no peer can build "
                            "a path to the root; use root -> ca-cert.pem, or upgrade", THREE_LEVEL)
     # from 1.24.4 and 1.25.1 istiod splits cert-chain.pem at every PEM block (server.go CreateCertificate)
-    if not three_level_broken(v) and (fatal := _each_block_a_certificate(p, "cert-chain.pem", v)) is not None:
-        raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate; remove the block",
+    if not three_level_broken(v) and (split := _each_block_a_certificate(p, "cert-chain.pem", v)) is not None:
+        raise refuse_b(f"{lead}: {split}, so no ambient workload gets a certificate; remove the block",
                        ZTUNNEL_ROOTS)
     trusted, dropped, fatal = _roots(p, v)
     if fatal is not None:
         raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate", ZTUNNEL_ROOTS)
     anchor = path[-1]
-    if not any(_same(c, anchor) for _, c in trusted) and (why := _anchor_problem(anchor)) is not None:
+    if not any(_same(c, anchor) for _, c in trusted) and (webpki := _anchor_problem(anchor)) is not None:
         raise refuse_b(f"{lead}: ca-cert.pem chains to {p.where(anchor)}, which ztunnel {v} drops from its roots "
-                       f"({why}); reissue that root", ZTUNNEL_ROOTS)
+                       f"({webpki}); reissue that root", ZTUNNEL_ROOTS)
     if not any(_same(c, anchor) for _, c in trusted):
         mode = ztunnel_roots(v)
         fix = ("or upgrade to 1.24.6, 1.25.3 or 1.26" if mode == "all" else
