@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent import config as agent_config
@@ -588,6 +589,25 @@ class TestAgent:
         assert multi.returncode == 0, multi.stderr
         (line,) = [json.loads(ln) for ln in multi.stderr.splitlines() if "istio_checks_skipped" in ln]
         assert line["checks"] == [RELOAD_RULE]
+
+    def test_no_line_for_a_tls_bundle(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
+        """The version-aware checks are istio-ca checks: a tls bundle next to an istio-ca one logs no line of its
+        own, whatever istio: says."""
+        client, mount = kv
+        _store(client, mount, c.files(c.inter(c.root())))
+        (case,) = c.build({"tls-ok"})
+        client.secrets.kv.v2.create_or_update_secret(path="gw", secret={k: v.decode() for k, v in case.files.items()},
+                                                     mount_point=mount)
+        path = _agent_config(tmp_path, bao, mount, {"ambient": True}, multiroot=True)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["bundles"].append({"name": "gw", "type": "tls", "dir": str(tmp_path / "gw"),
+                               "source": {"kv": f"{mount}/gw"}})
+        write_config(path, cfg)
+        proc = run_cli("run", "--config", str(path), "--mode", "init")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "gw" / "tls.crt").exists()
+        lines = [json.loads(ln) for ln in proc.stderr.splitlines() if "istio_checks_skipped" in ln]
+        assert [ln["bundle"] for ln in lines] == ["istiod-cacerts"]
 
     def test_known_version_changes_the_verdict(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
         """istio.version 1.24.3 with ambient refuses a three-level chain at init; 1.26.0 publishes it."""
