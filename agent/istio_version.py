@@ -43,7 +43,10 @@ CHECKS = (THREE_LEVEL, ZTUNNEL_ROOTS, FIPS_CHECK, RELOAD_RULE)
 FIPS_140_3 = "fips-140-3"
 COMPLIANCE_POLICIES = ("", "fips-140-2", FIPS_140_3, "pqc")
 
-_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?")
+#: ASCII digits only (\d would take fullwidth and other Unicode digits), no leading zero, at most three digits;
+#: the chart's _helpers.tpl istio-vault-agent.istio uses the same pattern
+_NUMBER = r"(0|[1-9][0-9]{0,2})"
+_VERSION = re.compile(rf"{_NUMBER}\.{_NUMBER}(?:\.{_NUMBER})?")
 
 
 @dataclass(frozen=True, order=True)
@@ -69,7 +72,7 @@ class Version:
 
 
 def parse_version(text: str) -> Version:
-    """`1.29` or `1.29.6` (a leading v is allowed) as a Version.
+    """`1.29` or `1.29.6` (a leading v is allowed) as a Version; no pre-release or build suffix, no leading zeros.
 
     Raises:
         ValueError: one sentence saying what form is expected.

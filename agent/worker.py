@@ -159,13 +159,16 @@ class BundleWorker:
 
     def _say_skipped_checks(self) -> None:
         """One log line per istio-ca bundle, once, naming the version-aware checks an unknown Istio version skips
-        (docs/istio-versions.md); the verdicts stay what they were without them."""
-        from agent.istio_version import Mesh, skipped
+        (docs/istio-versions.md); the verdicts stay what they were without them. The reload rule is named only for
+        a multiroot bundle: without multiroot every root change is refused, whatever the version."""
+        from agent.config import IstioCaBundle
+        from agent.istio_version import RELOAD_RULE, Mesh, skipped
 
         if self.kind.name != "istio-ca" or self._skipped_said:
             return
         self._skipped_said = True
-        names = skipped(self.mesh or Mesh())
+        multiroot = isinstance(self.cfg, IstioCaBundle) and self.cfg.multiroot
+        names = [n for n in skipped(self.mesh or Mesh()) if n != RELOAD_RULE or multiroot]
         if names:
             self._log.info("istio_checks_skipped", checks=list(names),
                            reason="istio.version is not set; set it (and istio.ambient) to turn them on")

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent import config as agent_config
 from agent.errors import BundleError, ConfigError
 from agent.istio_version import (
+    COMPLIANCE_POLICIES,
     FIPS_CHECK,
     RELOAD_RULE,
     THREE_LEVEL,
@@ -73,11 +75,16 @@ class TestTable:
         """MAJOR.MINOR[.PATCH], a leading v allowed; without a patch, the first patch."""
         assert parse_version(text) == want
 
-    @pytest.mark.parametrize("text", ["1", "1.x", "2.0", "1.29.6-distroless", "latest", "", "1.2.3.4"])
+    @pytest.mark.parametrize("text", ["1", "1.x", "2.0", "1.29.6-distroless", "latest", "", "1.2.3.4",
+                                      "1.30.0-rc.1", "1.30.0+build", "01.030", "1.030", "1.29.06", "1.1000",
+                                      "1.\uff13\uff10", "\u0661.\u0662\u0669"])
     def test_bad_versions_say_the_form(self, text: str) -> None:
-        """Anything else is one sentence naming the expected form."""
-        with pytest.raises(ValueError, match=r"MAJOR\.MINOR\[\.PATCH\]"):
+        """Anything else is one sentence naming the expected form: pre-releases and build metadata, leading
+        zeros (01.030 is not obviously 1.30, and 1.03 would be 1.3), more than three digits (the chart refuses
+        them too) and digits other than ASCII ones (fullwidth, Arabic-Indic: Python's \\d takes them)."""
+        with pytest.raises(ValueError, match=r"MAJOR\.MINOR\[\.PATCH\]") as err:
             parse_version(text)
+        assert "\n" not in str(err.value)
 
     @pytest.mark.parametrize(("version", "broken"), [
         ("1.23.9", True), ("1.24", True), ("1.24.3", True), ("1.24.4", False), ("1.24.6", False),
@@ -207,6 +214,32 @@ class TestZtunnelRoots:
         assert _verdict(files, _ambient("1.24.3")) == "ok"
         assert _verdict(files, None) == "ok"
 
+    def test_every_block_of_root_cert_is_a_certificate_on_1_24_4(self) -> None:
+        """1.24.4 and 1.25.1 send each PEM block of root-cert.pem as its own element (PemCertBytestoString) and
+        that ztunnel parses every element as a certificate (WorkloadCertificate::new, parse_cert): a CRL block
+        between the roots leaves ambient workloads without certificates, though the last block is the anchor."""
+        a, b = c.root("Root A"), c.root("Root B")
+        files = c.files(c.inter(a), roots=[b, a])
+        files["root-cert.pem"] = b.pem + rc.crl(b, []).pem + a.pem
+        assert _verdict(files, None) == "ok"
+        assert _verdict(files, _ambient("1.24.4")) == f"b:{ZTUNNEL_ROOTS}"
+        assert _verdict(files, _ambient("1.25.1")) == f"b:{ZTUNNEL_ROOTS}"
+        with pytest.raises(BundleError, match="X509 CRL"):
+            validate("istio-ca", files, mesh=_ambient("1.24.4"))
+
+    def test_every_block_of_cert_chain_is_a_certificate_from_1_24_4(self) -> None:
+        """From 1.24.4 and 1.25.1 istiod sends each PEM block of cert-chain.pem as its own element, and ztunnel
+        parses each as a certificate: a CRL block in cert-chain.pem, which istiod itself skips, leaves ambient
+        workloads without certificates; before (one element, its first certificate read) it does not matter."""
+        r = c.root()
+        files = c.files(c.inter(r))
+        files["cert-chain.pem"] += rc.crl(r, []).pem
+        assert _verdict(files, None) == "ok"
+        for version in ("1.24.4", "1.24.6", "1.25.2", "1.26.0", "1.30.3"):
+            assert _verdict(files, _ambient(version)) == f"b:{ZTUNNEL_ROOTS}", version
+        assert _verdict(files, _ambient("1.24.3")) == "ok"
+        assert _verdict(files, Mesh(_v("1.26.0"))) == "ok"
+
     def test_a_root_webpki_drops(self) -> None:
         """A v2 root Go trusts but webpki does not take as an anchor: dropped silently by ztunnel, so a warning
         when it is an extra root and a refusal when ca-cert.pem chains to it."""
@@ -216,8 +249,13 @@ class TestZtunnelRoots:
         assert _verdict(extra, _ambient("1.26.0")) == "ok"
         assert any("V2 Root" in w and "version 2" in w for w in _warnings(extra, _ambient("1.26.0")))
         anchored = c.files(c.inter(v2), roots=[good, v2])
-        if _verdict(anchored, None) == "ok":  # Go and the Envoy model accept a v2 anchor
-            assert _verdict(anchored, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
+        assert _verdict(anchored, None) == "ok"  # Go and the Envoy model accept a v2 anchor
+        assert _verdict(anchored, _ambient("1.26.0")) == f"b:{ZTUNNEL_ROOTS}"
+        # older ztunnel reads one root and hands it to the same add_parsable_certificates (certificate.rs)
+        alone = c.files(c.inter(v2), roots=[v2])
+        assert _verdict(alone, None) == "ok"
+        for version in ("1.24.3", "1.24.4", "1.25.2"):
+            assert _verdict(alone, _ambient(version)) == f"b:{ZTUNNEL_ROOTS}", version
 
 
 # ------------------------------------------------------------------------------------------------- FIPS 140-3
@@ -421,6 +459,8 @@ class TestCheckCommand:
         new = run_cli("check", str(d), "--istio-version", "1.26.0", "--ambient")
         assert new.returncode == 0, new.stderr
         assert f"check {THREE_LEVEL}: off" in new.stdout and f"check {ZTUNNEL_ROOTS}: on" in new.stdout
+        # check reads one directory and never sees a root change: it must not claim the reload rule ran
+        assert f"check {RELOAD_RULE}: not run by check (istiod 1.26.0 compares root-cert.pem byte" in new.stdout
         plain = run_cli("check", str(d))
         assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and plain.stdout.startswith("ok: ")
 
@@ -461,14 +501,26 @@ class TestChart:
         a tag like latest, or no tag, leaves the version unknown and the section out (today's config)."""
         assert self._istio({"global": {"tag": "1.30.3-distroless"}}) == {"version": "1.30.3"}
         assert self._istio({"global": {"tag": "latest"}}) is None
+        assert self._istio({"global": {"tag": "1.1000"}}) is None  # not a version the agent would load
 
     @pytest.mark.parametrize(("version", "message"), [
         (1.3, "istio.version must be quoted"), ("1.x", "istio.version must be an Istio version such as 1.29"),
+        ("1.1000", "istio.version must be an Istio version"), ("01.30", "istio.version must be an Istio version"),
     ])
     def test_bad_versions_fail_the_render(self, version: object, message: str) -> None:
         """A number or a non-version fails `helm template` with the key to fix."""
         with pytest.raises(Exception, match=message):
             self._istio({"istio": {"version": version}})
+
+    def test_an_unknown_compliance_policy_fails_the_render(self) -> None:
+        """A misspelt policy (fips140-3) fails `helm template`, not the agent's start in every istiod pod."""
+        with pytest.raises(Exception, match="compliancePolicy"):
+            self._istio({"istio": {"compliancePolicy": "fips140-3"}})
+        assert self._istio({"istio": {"compliancePolicy": ""}}) is None
+        from tests.test_chart import CHART
+
+        schema = json.loads((Path(CHART) / "values.schema.json").read_text())
+        assert schema["properties"]["istio"]["properties"]["compliancePolicy"]["enum"] == list(COMPLIANCE_POLICIES)
 
 
 # ------------------------------------------------------------------------------------------------- the agent
@@ -485,13 +537,14 @@ def fixture_kv(bao: Any, unique: str) -> tuple[Any, str]:
     return client, mount
 
 
-def _agent_config(tmp_path: Path, bao: Any, mount: str, istio: dict[str, Any] | None, poll: str = "0.2s") -> Path:
+def _agent_config(tmp_path: Path, bao: Any, mount: str, istio: dict[str, Any] | None, poll: str = "0.2s",
+                  multiroot: bool = False) -> Path:
     token = tmp_path / "token"
     token.write_text(bao.root_token)
     cfg: dict[str, Any] = {
         "vault": {"address": bao.address}, "auth": {"method": "token", "token_path": str(token)},
         "bundles": [{"name": "istiod-cacerts", "type": "istio-ca", "dir": str(tmp_path / "out"),
-                     "source": {"kv": f"{mount}/ca"}}],
+                     "source": {"kv": f"{mount}/ca"}, "multiroot": multiroot}],
         "init": {"timeout": "10s"}, "health": {"listen": "127.0.0.1:0"}, "sidecar": {"poll_interval": poll},
     }
     if istio is not None:
@@ -511,7 +564,8 @@ class TestAgent:
         it skipped."""
         client, mount = kv
         _store(client, mount, c.files(c.inter(c.root())))
-        proc = AgentProc(_agent_config(tmp_path, bao, mount, {"ambient": True}), env=cli_env()).start()
+        proc = AgentProc(_agent_config(tmp_path, bao, mount, {"ambient": True}, multiroot=True),
+                         env=cli_env()).start()
         try:
             proc.wait_event("sidecar_ready")
             time.sleep(1.2)  # six more polls at 0.2 s
@@ -520,6 +574,40 @@ class TestAgent:
         lines = proc.events("istio_checks_skipped")
         assert len(lines) == 1, proc.tail()
         assert set(lines[0]["checks"]) == {THREE_LEVEL, ZTUNNEL_ROOTS, RELOAD_RULE}
+
+    def test_no_line_when_nothing_was_skipped(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
+        """The reload rule only matters with multiroot: true (without it every root change is refused whatever
+        the version), so the default config (no istio:, multiroot: false) logs no istio_checks_skipped line, and a
+        multiroot bundle's line names the rule."""
+        client, mount = kv
+        _store(client, mount, c.files(c.inter(c.root())))
+        plain = run_cli("run", "--config", str(_agent_config(tmp_path, bao, mount, None)), "--mode", "init")
+        assert plain.returncode == 0, plain.stderr
+        assert "istio_checks_skipped" not in plain.stderr
+        multi = run_cli("run", "--config", str(_agent_config(tmp_path, bao, mount, None, multiroot=True)), "--mode",
+                        "init")
+        assert multi.returncode == 0, multi.stderr
+        (line,) = [json.loads(ln) for ln in multi.stderr.splitlines() if "istio_checks_skipped" in ln]
+        assert line["checks"] == [RELOAD_RULE]
+
+    def test_no_line_for_a_tls_bundle(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
+        """The version-aware checks are istio-ca checks: a tls bundle next to an istio-ca one logs no line of its
+        own, whatever istio: says."""
+        client, mount = kv
+        _store(client, mount, c.files(c.inter(c.root())))
+        (case,) = c.build({"tls-ok"})
+        client.secrets.kv.v2.create_or_update_secret(path="gw", secret={k: v.decode() for k, v in case.files.items()},
+                                                     mount_point=mount)
+        path = _agent_config(tmp_path, bao, mount, {"ambient": True}, multiroot=True)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["bundles"].append({"name": "gw", "type": "tls", "dir": str(tmp_path / "gw"),
+                               "source": {"kv": f"{mount}/gw"}})
+        write_config(path, cfg)
+        proc = run_cli("run", "--config", str(path), "--mode", "init")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "gw" / "tls.crt").exists()
+        lines = [json.loads(ln) for ln in proc.stderr.splitlines() if "istio_checks_skipped" in ln]
+        assert [ln["bundle"] for ln in lines] == ["istiod-cacerts"]
 
     def test_known_version_changes_the_verdict(self, tmp_path: Path, bao: Any, kv: tuple[Any, str]) -> None:
         """istio.version 1.24.3 with ambient refuses a three-level chain at init; 1.26.0 publishes it."""

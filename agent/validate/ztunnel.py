@@ -41,6 +41,21 @@ def _anchor_problem(c: Certificate) -> str | None:
     return None
 
 
+def _each_block_a_certificate(p: Parsed, name: str, v: Version) -> str | None:
+    """Why ztunnel `v` cannot load `name` when istiod sends each of its PEM blocks as an element of its own
+    (util.PemCertBytestoString) and ztunnel parses every element as a certificate (WorkloadCertificate::new,
+    parse_cert: rustls-pemfile's first item must be a certificate that x509-parser parses); None: it can."""
+    blocks = p.blocks(name)
+    for i, b in enumerate(blocks):
+        if b.label != b"CERTIFICATE":
+            return (f"{p.nth(name, i, len(blocks))} is a {shown(b.type)} block, and istiod {v} sends each PEM block "
+                    f"of {name} on its own, which ztunnel {v} must parse as a certificate")
+        if not isinstance(p.cert(b.der), Certificate):
+            return (f"{p.nth(name, i, len(blocks))} is a CERTIFICATE block that does not parse, and istiod {v} sends "
+                    f"each PEM block of {name} on its own, which ztunnel {v} must parse as a certificate")
+    return None
+
+
 def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[str], str | None]:
     """(the roots ztunnel `v` trusts, with their index among root-cert.pem's blocks; why each other root is not
     trusted; why ztunnel cannot load the certificate at all, or None)."""
@@ -48,6 +63,8 @@ def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[s
     blocks = p.blocks(name)
     items = [(i, b) for i, b in enumerate(blocks) if b.label in _RUSTLS_ITEMS]
     mode = ztunnel_roots(v)
+    if mode == "last" and (fatal := _each_block_a_certificate(p, name, v)) is not None:
+        return [], [], fatal
     if mode != "all":
         # one PEM item read (rustls_pemfile::read_one): the first of the file, or of the last element istiod sent,
         # which 1.24.4 and 1.25.1 cut at every PEM block of root-cert.pem (util.PemCertBytestoString)
@@ -63,7 +80,11 @@ def _roots(p: Parsed, v: Version) -> tuple[list[tuple[int, Certificate]], list[s
             return [], [], f"{p.nth(name, i, len(blocks))}, the root ztunnel {v} reads, is not a certificate it parses"
         others = [p.at(name, j, len(blocks), o) for j, bb in enumerate(blocks) if j != i and bb.label == b"CERTIFICATE"
                   and isinstance(o := p.cert(bb.der), Certificate) and not _same(o, c)]
-        return [(i, c)], [f"{o} (ztunnel {v} trusts only the {mode} root)" for o in others], None
+        left_out = [f"{o} (ztunnel {v} trusts only the {mode} root)" for o in others]
+        # that one root goes through add_parsable_certificates too (certificate.rs WorkloadCertificate::new)
+        if (why := _anchor_problem(c)) is not None:
+            return [], [f"{p.at(name, i, len(blocks), c)} ({why}; ztunnel drops it silently)", *left_out], None
+        return [(i, c)], left_out, None
     trusted: list[tuple[int, Certificate]] = []
     dropped: list[str] = []
     for i, b in items:
@@ -97,10 +118,17 @@ def ztunnel_checks(p: Parsed, ca: Certificate, path: list[Certificate], v: Versi
             raise refuse_b(f"{lead}: ztunnel {v} sends its peers only the first certificate of cert-chain.pem "
                            f"(istio/ztunnel#1061, fixed in 1.24.4 and 1.25.1), and {why}, so no peer can build "
                            "a path to the root; use root -> ca-cert.pem, or upgrade", THREE_LEVEL)
+    # from 1.24.4 and 1.25.1 istiod splits cert-chain.pem at every PEM block (server.go CreateCertificate)
+    if not three_level_broken(v) and (split := _each_block_a_certificate(p, "cert-chain.pem", v)) is not None:
+        raise refuse_b(f"{lead}: {split}, so no ambient workload gets a certificate; remove the block",
+                       ZTUNNEL_ROOTS)
     trusted, dropped, fatal = _roots(p, v)
     if fatal is not None:
         raise refuse_b(f"{lead}: {fatal}, so no ambient workload gets a certificate", ZTUNNEL_ROOTS)
     anchor = path[-1]
+    if not any(_same(c, anchor) for _, c in trusted) and (webpki := _anchor_problem(anchor)) is not None:
+        raise refuse_b(f"{lead}: ca-cert.pem chains to {p.where(anchor)}, which ztunnel {v} drops from its roots "
+                       f"({webpki}); reissue that root", ZTUNNEL_ROOTS)
     if not any(_same(c, anchor) for _, c in trusted):
         mode = ztunnel_roots(v)
         fix = ("or upgrade to 1.24.6, 1.25.3 or 1.26" if mode == "all" else

@@ -187,12 +187,16 @@ istiod release it sits beside, so the tag is known only when the same values (gl
 {{- fail (printf "istio.version must be quoted, such as \"1.30.3\": YAML reads the unquoted %v as a number, in which 1.30 is 1.3" $version) }}
 {{- end }}
 {{- $version = toString ($version | default "") }}
-{{- if and $version (not (regexMatch "^v?1[.][0-9]+([.][0-9]+)?$" $version)) }}
+{{- $form := "^v?1[.](0|[1-9][0-9]{0,2})([.](0|[1-9][0-9]{0,2}))?$" }}
+{{- if and $version (not (regexMatch $form $version)) }}
 {{- fail (printf "istio.version must be an Istio version such as 1.29 or 1.29.6 (MAJOR.MINOR[.PATCH]), not %q" $version) }}
 {{- end }}
 {{- if not $version }}
 {{- $tag := toString ((.Values.global | default dict).tag | default "") }}
 {{- $version = regexFind "^1[.][0-9]+([.][0-9]+)?" (trimPrefix "v" $tag) }}
+{{- if not (regexMatch $form $version) }}
+{{- $version = "" }}
+{{- end }}
 {{- end }}
 {{- if $version }}
 {{- $_ := set $out "version" $version }}
