@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import hvac
 import pytest
@@ -33,6 +34,31 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HOME"] = home
     for var in [v for v in os.environ if v.startswith(("VAULT_", "BAO_", "ISTIO_VAULT_AGENT_"))]:
         del os.environ[var]
+
+
+#: test files that share one xdist worker (and so one session fixture): the raft cluster takes ~20 s to form and
+#: two forming at once on 2 cores time each other out
+_SHARED_WORKER = {"test_ha": "raft", "test_testbed_raft": "raft"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of `_SHARED_WORKER` run first: under pytest-xdist they are the longest unit of work, and started
+    last they would leave one core idle at the end."""
+    items.sort(key=lambda item: item.path.stem not in _SHARED_WORKER)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist (`scripts/test`): each test file is one unit of work on one worker, as `--dist loadfile` (its
+    module fixtures set up once), except the files of `_SHARED_WORKER`, which are one unit together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _Files(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return _SHARED_WORKER.get(Path(module).stem, module)
+
+    return _Files(config, log)
 
 
 BaoFactory = Callable[..., BaoServer]
