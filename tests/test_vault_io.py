@@ -207,14 +207,17 @@ class TestSlowAnswers:
             lab.proxy.mutate = lambda m, p, s, b: slow if p.startswith(lab.data_path) else None
             lab.layout.write(admin, lab.bundles[1])  # the slow bundle now reads (and trickles) at every poll
             time.sleep(1)
-            renewed = len(agent.events("token_renewed"))
+            renewed, logins = len(agent.events("token_renewed")), len(agent.events("vault_login"))
             other.write(admin, lab.bundles[2])
             start = time.monotonic()
             assert wait_until(lambda: live_files(lab.tmp / "b") == lab.bundles[2], timeout=10), agent.tail()
             took = time.monotonic() - start
-            time.sleep(max(0.0, 4.5 - took))
+            # three renewal periods (2/3 of the 3 s TTL): a renewal held up behind a 4 s trickled read would let the
+            # token expire and cost a login
+            time.sleep(max(0.0, 6.5 - took))
             assert took < 2.0, f"the other bundle waited {took:.1f}s behind the slow one"
             assert len(agent.events("token_renewed")) >= renewed + 2, "the token renewal was held up"
+            assert len(agent.events("vault_login")) == logins, "the token expired while a renewal waited"
             assert live_files(lab.tmp / "a") == lab.bundles[0]
             assert agent.proc is not None and agent.proc.poll() is None
         finally:
