@@ -19,6 +19,7 @@ import pytest
 from bench.fleet import (
     NAMES,
     Settings,
+    _latencies,
     chart_poll_interval,
     classify,
     kubelet_write,
@@ -406,6 +407,34 @@ class TestFleetMode:
         s = spread(times, start=0.0, end=10.0)
         assert s["busiest"] == 10 and s["busiest_at"] == 5 and s["mean"] == pytest.approx(1.2)
         assert s["ratio"] == pytest.approx(10 / 1.2)
+
+    def test_a_rotation_counts_until_the_agent_held_it_or_a_later_one(self) -> None:
+        """Rotation k's latency is from its write to the first time the agent held version k or a newer one (an
+        agent that slept through k and took k+1 counts then); an agent that held neither is left out."""
+        writes = [100.0, 150.0, 400.0]
+        got = {"a": {1: 120.0, 2: 160.0, 3: 410.0}, "b": {2: 300.0, 3: 500.0}, "c": {1: 110.0}}
+        assert _latencies(got, ["a", "b", "c"], writes, 0) == [20.0, 200.0, 10.0]
+        assert _latencies(got, ["a", "b", "c"], writes, 1) == [10.0, 150.0]
+        assert _latencies(got, ["a", "b", "c"], writes, 2) == [10.0, 100.0]
+
+    def test_eight_rotations_add_their_own_targets_and_rows(self) -> None:
+        """With --rotations 8 the report adds each rotation's time to all N and the pooled per-agent p99, each
+        compared with bao agent's; one rotation adds nothing."""
+        result = _fleet_result()
+        assert not [t for t in result["targets"] if "rotations" in t["target"] or "N x" in t["target"]]
+        for tool, (to_all, pooled) in {"ours": (290.0, 299.0), "bao": (210.0, 260.0)}.items():
+            result["tools"][tool]["rotations_to_all"] = {"mean": to_all, "p99": to_all, "p50": to_all,
+                                                         "max": to_all, "reached": 8, "rotations": 8}
+            result["tools"][tool]["rotations_pooled"] = {"p50": pooled / 2, "p99": pooled, "max": pooled}
+        result["timeline"]["rotation_writes_after_first"] = [0.0, 200.0, 410.0, 600.0, 700.0, 900.0, 1100.0, 1300.0]
+        result["targets"] = fleet_targets(result)
+        added = {t["target"]: t["met"] for t in result["targets"] if "8" in t["target"]}
+        assert added == {"rotation to all N, mean of 8 rotations <= bao agent's": False,
+                         "rotation to all N, p99 of 8 rotations <= bao agent's": False,
+                         "one agent's rotation latency, p99 of N x 8 <= bao agent's": False}
+        text = fleet_markdown(result)
+        assert "8 new versions (written at +0, +200, +410" in text
+        assert "| one agent's latency over N x 8 rotations, p99 | 299.0 s | 260.0 s | 1.15 |" in text
 
     def test_a_read_of_files_from_two_bundles_is_mixed(self) -> None:
         """root-cert.pem is the same in both bundles; a key of one with a chain of the other is mixed, bytes
