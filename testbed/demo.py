@@ -339,7 +339,8 @@ def claim(out: Path) -> int:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
+    # no abbreviations: scripts/demo picks what to install from the exact flags (`--gate` would get no Envoy)
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo",
                         help="the demo's output directory, emptied at the start (default out/demo)")
