@@ -355,16 +355,28 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; returns its exit code (0 also after Ctrl-C)."""
-    args = _parse(argv)
+def main(argv: Sequence[str] | None = None, *, early: Sequence[int] = ()) -> int:
+    """Run the demo; returns its exit code (0 also after Ctrl-C).
+
+    `early`: the signals that came while Python imported this module (scripts/demo records them from its first
+    line of Python, as importing OpenBao's, Kubernetes' and the PKI helpers takes a while): the demo then starts
+    nothing and says so in one line.
+    """
+    try:
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        if early:
+            raise KeyboardInterrupt
+        args = _parse(argv)
+    except KeyboardInterrupt:
+        _State.interrupted = _State.interrupted or ("SIGTERM" if signal.SIGTERM in early else "Ctrl-C")
+        print(f"\n==> {_State.interrupted}: nothing was running yet", flush=True)
+        return 0
     if args.pki and args.gateway:
         print("error: --pki and --gateway are two separate demos; run `scripts/demo --pki` or"
               " `scripts/demo --gateway`", file=sys.stderr)
         return 2
     out = (ROOT / args.out).resolve()
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     session: Session | None = None
     lock = -1
     code = 1

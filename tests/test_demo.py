@@ -344,3 +344,22 @@ def test_ctrl_c_while_installing_is_one_line_and_exit_0(tmp_path):
     assert "error:" not in rest, rest
     assert [line for line in out.splitlines() if line.strip()] == [
         f"==> Ctrl-C: stopped installing into {venv}; scripts/demo installs what is missing when you run it again"]
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45])
+def test_ctrl_c_while_the_demo_starts_is_one_line_and_exit_0(tmp_path, delay):
+    """Ctrl-C in the first moments of `scripts/demo` (Python importing the demo, OpenBao and the Kubernetes
+    stand-in, before anything runs): exit 0 and one `==> Ctrl-C:` line, not a KeyboardInterrupt traceback and
+    exit 130."""
+    mark = uuid.uuid4().hex
+    env = clean_env(HOME=str(tmp_path), DEMO_VENV=sys.prefix, DEMO_TEST_MARK=mark)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo"), "--sidecar", "--out", str(tmp_path / "out")],
+                            cwd="/", env=env, text=True, process_group=0, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    threading.Event().wait(delay)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, out + err
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines and re.fullmatch(r"==> Ctrl-C: (stopped .*|nothing was running yet)", lines[-1]), out + err
+    assert _survivors(mark) == []
