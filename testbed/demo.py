@@ -525,7 +525,10 @@ def _pki_demo(session: Session, *, sidecar: bool) -> int:
         session, "agent-pki.yaml",
         bao.address, {"mount": "kubernetes-cluster1", "role": "istiod", "token_path": str(token_file)},
         [
+            # workload_cert_ttl 5m: the 1 h intermediate, renewed with 20 min left, covers workload certificates
+            # of that lifetime twice (with istiod's default 24 h the agent warns, rightly: intermediate_lead_time_short)
             {"name": "istiod-cacerts", "type": "istio-ca", "dir": str(istiod), "ready_min_remaining": "5m",
+             "workload_cert_ttl": "5m",
              "source": {"pki_intermediate": {"mount": "pki", "path": "root/sign-intermediate",
                                              "cluster": "cluster1", "key_type": "ec-p256", "ttl": "1h",
                                              "renew_before": 0.33}}},
