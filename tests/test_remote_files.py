@@ -428,6 +428,20 @@ class TestEndToEnd:
         assert "cluster-c names cluster cluster-b in its current context" in proc.stderr
 
 
+    def test_init_refuses_a_symlinked_dir_in_one_sentence(self, remote, mesh):
+        """dir is a symlink (istiod would read no cluster through it): init exits 1 with the one sentence naming the
+        real directory, no traceback, and nothing is published there."""
+        real = remote.tmp / "real-kubeconfigs"
+        real.mkdir()
+        mesh.directory.symlink_to(real)
+        mesh.put({"cluster-b": remote.kubeconfig("cluster-b")})
+        proc = remote.init(mesh.bundle())
+        assert proc.returncode == 1, proc.stderr
+        assert "is a symlink" in proc.stderr and str(real) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert list(real.iterdir()) == []
+
+
 class TestRacingReader:
     def test_a_reader_racing_publishes_only_ever_sees_whole_files_of_either_set(self, oracle, tmp_path, ca_pem):
         """istiod's reader walking the directory while the agent swaps between two sets, thousands of times: every
