@@ -30,7 +30,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "PublishResult",
     "check_dirs",
-    "internal",
+    "is_generation",
     "publish",
     "read_current",
     "repair_needed",
@@ -240,10 +240,10 @@ def _make_dirs(dir: Path) -> None:
             os.chmod(path, 0o755 | inherited)  # noqa: S103 - istiod often runs as another user and must read it
 
 
-def internal(name: str) -> bool:
-    """Whether `name`, an entry of a published directory, is the publisher's own: ``..data``, a generation
-    ``..<timestamp>``, or a temporary link of a publish."""
-    return name in (DATA, _DATA_TMP) or name.startswith(_LINK_TMP_PREFIX) or bool(_GENERATION.match(name))
+def is_generation(name: str) -> bool:
+    """Whether `name`, an entry of a published directory, has the name of a generation ``..<timestamp>`` (the live
+    one, or one that the next publish removes)."""
+    return bool(_GENERATION.match(name))
 
 
 def check_dirs(dirs: Sequence[tuple[str, str]]) -> None:

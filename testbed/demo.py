@@ -339,7 +339,8 @@ def claim(out: Path) -> int:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
+    # no abbreviations: scripts/demo picks what to install from the exact flags (`--gate` would get no Envoy)
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo",
                         help="the demo's output directory, emptied at the start (default out/demo)")
@@ -354,16 +355,28 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; returns its exit code (0 also after Ctrl-C)."""
-    args = _parse(argv)
+def main(argv: Sequence[str] | None = None, *, early: Sequence[int] = ()) -> int:
+    """Run the demo; returns its exit code (0 also after Ctrl-C).
+
+    `early`: the signals that came while Python imported this module (scripts/demo records them from its first
+    line of Python, as importing OpenBao's, Kubernetes' and the PKI helpers takes a while): the demo then starts
+    nothing and says so in one line.
+    """
+    try:
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        if early:
+            raise KeyboardInterrupt
+        args = _parse(argv)
+    except KeyboardInterrupt:
+        _State.interrupted = _State.interrupted or ("SIGTERM" if signal.SIGTERM in early else "Ctrl-C")
+        print(f"\n==> {_State.interrupted}: nothing was running yet", flush=True)
+        return 0
     if args.pki and args.gateway:
         print("error: --pki and --gateway are two separate demos; run `scripts/demo --pki` or"
               " `scripts/demo --gateway`", file=sys.stderr)
         return 2
     out = (ROOT / args.out).resolve()
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     session: Session | None = None
     lock = -1
     code = 1
@@ -512,7 +525,10 @@ def _pki_demo(session: Session, *, sidecar: bool) -> int:
         session, "agent-pki.yaml",
         bao.address, {"mount": "kubernetes-cluster1", "role": "istiod", "token_path": str(token_file)},
         [
+            # workload_cert_ttl 5m: the 1 h intermediate, renewed with 20 min left, covers workload certificates
+            # of that lifetime twice (with istiod's default 24 h the agent warns, rightly: intermediate_lead_time_short)
             {"name": "istiod-cacerts", "type": "istio-ca", "dir": str(istiod), "ready_min_remaining": "5m",
+             "workload_cert_ttl": "5m",
              "source": {"pki_intermediate": {"mount": "pki", "path": "root/sign-intermediate",
                                              "cluster": "cluster1", "key_type": "ec-p256", "ttl": "1h",
                                              "renew_before": 0.33}}},

