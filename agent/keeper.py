@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MIN_RENEW_INTERVAL", "TINY_LEASE", "TokenKeeper"]
 
-# A token this close to its lease end is not handed out; a new login is cheaper than a 403 mid-cycle.
+# A token this close to its lease end is not handed out; a new login is cheaper than a 403 mid-cycle. For short
+# leases the margin is a sixth of the lease, so that it starts after the renewal at 2/3 and its round trip: a worker
+# asking for a token while that renewal is on its way keeps the token in hand instead of logging in.
 _EXPIRY_MARGIN = 1.0
 # After a failed re-login in the renewal loop, wait this long before trying again (workers retry on their own).
 _RELOGIN_RETRY = 5.0
@@ -74,7 +76,7 @@ class TokenKeeper:
         """
         async with self._lock:
             current = self.login
-            if current is None or time.time() >= current.expires_at - min(_EXPIRY_MARGIN, current.ttl / 3):
+            if current is None or time.time() >= current.expires_at - min(_EXPIRY_MARGIN, current.ttl / 6):
                 await self._login_locked()
             return self.generation
 
