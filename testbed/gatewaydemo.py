@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from testbed import pki
-from testbed.demo import DemoFailed, Session, show_dir, shown, start_openbao, write_config
+from testbed.demokit import DemoFailed, Session, show_dir, shown, start_openbao, write_config
 from testbed.envoy import ClientResult, Envoy, EnvoyNotFound, ServerTls, client_context, find_envoy, tls_get
 from testbed.vaultsetup import configure_kubernetes_auth, ensure_secrets_engine
 
@@ -33,7 +33,7 @@ ROLE = "istio-ingressgateway"
 NAMESPACE = "istio-ingress"
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
@@ -106,7 +106,7 @@ def gateway_demo(session: Session, *, sidecar: bool) -> int:
     except EnvoyNotFound as exc:
         raise DemoFailed(str(exc)) from None
     bao, kube = start_openbao(session)
-    _say(f"Seeding kv v1 {KV_MOUNT}/{SECRET} (tls.key, tls.crt, ca.crt), policy {POLICY},"
+    say(f"Seeding kv v1 {KV_MOUNT}/{SECRET} (tls.key, tls.crt, ca.crt), policy {POLICY},"
          f" auth/kubernetes-cluster1 role {ROLE} bound to {NAMESPACE}/{ROLE}")
     ca = pki.root_ca(cn="demo ingress CA")
     first = pki.leaf_cert(ca)
@@ -148,13 +148,13 @@ def _tour(session: Session, envoy: Envoy, client: hvac.Client, ca: pki.CertKey, 
     """Envoy on the published bundle, one rotation under traffic; 0 when the new serial is served with no failure."""
     port = envoy.port("ingress")
     ca_file = out / "ca.crt"
-    _say(f"Envoy {envoy.binary} serves it on 127.0.0.1:{port} (file SDS, watched_directory {shown(out)})")
+    say(f"Envoy {envoy.binary} serves it on 127.0.0.1:{port} (file SDS, watched_directory {shown(out)})")
     _openssl_serial(port, ca_file)
     before = _serial(tls_get(port, cafile=ca_file))
     print(f"    Python ssl client: serial {before} (verified against ca.crt)", flush=True)
     traffic = _Client(port, ca_file)
     traffic.start()
-    _say("Rotating the certificate in OpenBao; the agent publishes it with one ..data swap, Envoy reloads it")
+    say("Rotating the certificate in OpenBao; the agent publishes it with one ..data swap, Envoy reloads it")
     second = pki.leaf_cert(ca)
     new = format(second.cert.serial_number, "x")
     started = time.monotonic()
