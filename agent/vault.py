@@ -653,6 +653,11 @@ class Vault:
             return VaultUnavailable(
                 f"cannot reach {self._where} while {action}: it closed the connection; is it running and reachable?"
             )
+        if isinstance(exc, aiohttp.ClientOSError):  # reset or broken on the way, as a Vault going down does
+            cause = os.strerror(exc.errno) if isinstance(exc.errno, int) else "the connection failed"
+            return VaultUnavailable(
+                f"cannot reach {self._where} while {action}: {shown(cause, 80).lower()}; is it running and reachable?"
+            )
         if isinstance(exc, aiohttp.ClientResponseError):
             return VaultUnavailable(
                 f"{self._where} answered with something that is not a Vault response while {action}"

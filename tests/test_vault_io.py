@@ -501,6 +501,47 @@ class TestVaultSession:
         assert [h.get("x-vault-token") for h in sent] == ["first-token", "second-token", None]
         assert all(h["x-vault-namespace"] == "team-a" and h["x-vault-request"] == "true" for h in sent)
 
+    def test_a_connection_reset_says_vault_cannot_be_reached(self):
+        """A Vault going down resets the connections it had (ClientOSError in aiohttp): the sentence says Vault
+        cannot be reached and why, in the system's words, not the name of a library class."""
+        import asyncio
+        import socket
+        import struct
+        import threading
+
+        from agent.errors import VaultUnavailable
+
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def reset_each() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # an RST, not a FIN
+
+        threading.Thread(target=reset_each, daemon=True).start()
+
+        async def main() -> str:
+            vault = _session(f"http://127.0.0.1:{listener.getsockname()[1]}")
+            try:
+                await vault.request("GET", "secret/a", action="reading a")
+            except VaultUnavailable as exc:
+                return str(exc)
+            finally:
+                await vault.close()
+            return ""
+
+        try:
+            message = asyncio.run(main())
+        finally:
+            listener.close()
+        assert message.startswith("cannot reach Vault at http://127.0.0.1:") and "while reading a" in message
+        assert "connection reset by peer" in message and "Error" not in message, message
+
     def test_same_origin_redirects_stop_after_three_hops(self, front):
         """A redirect loop on Vault's own address is followed 3 times, then one error says so."""
         import asyncio
