@@ -155,11 +155,13 @@ class TestSidecarKeepsGoing:
             agent.wait_event("sidecar_ready")
             for name, reshape in cases:
                 world.proxy.mutate = lambda m, p, s, b, r=reshape: r(b) if p.startswith(DATA_PATH) else None
-                before = len(agent.events())
-                # a new version whose content differs from the live one: the agent must read it, and acts on it
+                failed = len(agent.events("sync_failed"))
+                # a new version whose content differs from the live one: the agent must read it, and acts on it:
+                # the reshaped answer is refused (sync_failed) or harmless (the new version published)
                 other = next(b for b in world.bundles if b != live_files(world.out))
                 LAYOUT.write(admin, other)
-                assert wait_until(lambda: len(agent.events()) > before, timeout=10), f"{name}: no cycle"
+                assert wait_until(lambda: len(agent.events("sync_failed")) > failed or live_files(world.out) == other,
+                                  timeout=10), f"{name}: no cycle"
                 assert agent.proc is not None and agent.proc.poll() is None, f"{name}: {agent.tail()}"
                 assert agent.get("/healthz")[0] == 200, name
                 assert live_files(world.out) in world.bundles, f"{name} published something never written"
