@@ -183,10 +183,16 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 15, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (returns the last value)."""
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (returns the last value).
+
+    A FileNotFoundError counts as "not yet": a poll of a published directory can resolve ..data to a generation that
+    the next swap removes before the read (a reader retries, as istiod's watcher does)."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except FileNotFoundError:
+            value = None
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
