@@ -21,10 +21,11 @@ import urllib.request
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hvac
 
-__all__ = ["BaoNotFound", "BaoServer", "find_bao", "free_port", "start_bao"]
+__all__ = ["BaoNotFound", "BaoServer", "find_bao", "free_port", "start_bao", "stop_process"]
 
 Seeder = Callable[[hvac.Client], object]
 
@@ -75,15 +76,17 @@ def free_port() -> int:
     raise RuntimeError("Could not find two adjacent free loopback ports for `bao server -dev`.")
 
 
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
+    """SIGTERM, SIGKILL after `timeout` seconds, and reap; the exit code (the testbed's servers, Envoy, the demo's
+    agent)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return int(proc.returncode)
 
 
 class BaoServer:
@@ -132,7 +135,7 @@ class BaoServer:
     def _cleanup(proc_box: list[subprocess.Popen[bytes] | None], tmp: tempfile.TemporaryDirectory[str]) -> None:
         proc = proc_box[0]
         if proc is not None:
-            _stop_process(proc, 5)
+            stop_process(proc, 5)
         tmp.cleanup()
 
     # ----------------------------------------------------------------- properties
@@ -251,7 +254,7 @@ class BaoServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after `timeout`); all its data is lost."""
         if self._proc is not None:
-            _stop_process(self._proc, timeout)
+            stop_process(self._proc, timeout)
             self._proc = None
 
     def kill(self) -> None:

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import yaml
 
-from testbed.bao import BaoServer, free_port
+from testbed.bao import BaoServer, free_port, stop_process
 from testbed.kubeapi import KubeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,17 +117,6 @@ def sweep() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _reap(pid, 5)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-    return int(proc.returncode)
 
 
 def _relay(stream: IO[str], to: IO[str]) -> None:

@@ -75,6 +75,8 @@ from typing import Any, Literal
 
 import yaml
 
+from testbed.bao import stop_process
+
 __all__ = [
     "ClientResult",
     "Envoy",
@@ -309,17 +311,6 @@ def _free_base_id() -> int:
     return 100_000 + secrets.randbelow(800_000)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-    return proc.returncode
-
-
 class Envoy:
     """One Envoy process with a generated bootstrap, its SDS files and its log under `workdir`.
 
@@ -375,7 +366,7 @@ class Envoy:
     @staticmethod
     def _cleanup(box: list[subprocess.Popen[bytes] | None]) -> None:
         if box[0] is not None:
-            _stop(box[0], 5)
+            stop_process(box[0], 5)
 
     # ----------------------------------------------------------------- configuration
 
@@ -643,7 +634,7 @@ class Envoy:
         """SIGTERM (SIGKILL after `timeout`) and reap; returns the exit code (None if it never started)."""
         if self._proc is None:
             return None
-        code = _stop(self._proc, timeout)
+        code = stop_process(self._proc, timeout)
         self._box[0] = None
         return code
 
